@@ -101,8 +101,6 @@ class StoreWriter:
             )
         if force or mismatch:
             _clear(path)
-        for stale in glob.glob(os.path.join(path, f"*{TMP_SUFFIX}*")):
-            os.remove(stale)  # left by a killed writer: never part of a finished store
         _write_json_atomic(os.path.join(path, STORE_FILE),
                            {"kind": kind, "fingerprint": fp, "meta": meta, "shards": shards})
         return cls(path)
@@ -112,6 +110,8 @@ class StoreWriter:
 
     def write_shard(self, name: str, result: ShardResult) -> None:
         final = os.path.join(self.path, name)
+        for stale in glob.glob(f"{final}{TMP_SUFFIX}*"):
+            os.remove(stale)  # this shard's writer was killed before: only we write it now
         tmp = f"{final}{TMP_SUFFIX}.{os.getpid()}"
         expected = set(self.shards[name])
         got = {utt for utt, _, _ in result.items} | {s["id"] for s in result.skipped}
@@ -127,12 +127,15 @@ class StoreWriter:
                     ds.attrs[k] = v
         os.replace(tmp, final)
 
-    def finish(self) -> list[dict]:
-        """Writes ``skipped.jsonl`` once every shard exists; returns the skipped utterances."""
+    def finish(self, extra_skipped: list[dict] = ()) -> list[dict]:
+        """Writes ``skipped.jsonl`` once every shard exists; returns the skipped utterances.
+
+        ``extra_skipped`` are utterances left out before sharding (bad manifest entries).
+        """
         missing = self.pending()
         if missing:
             raise StoreError(f"{self.path}: {len(missing)} shard(s) still missing: {missing[:3]}")
-        skipped = []
+        skipped = list(extra_skipped)
         for name in self.shards:
             with h5py.File(os.path.join(self.path, name), "r") as f:
                 skipped += json.loads(f.attrs["skipped"])
@@ -141,6 +144,8 @@ class StoreWriter:
                 fh.write(json.dumps(s) + "\n")
         os.replace(os.path.join(self.path, SKIPPED_FILE) + TMP_SUFFIX,
                    os.path.join(self.path, SKIPPED_FILE))
+        for stale in glob.glob(os.path.join(self.path, f"*{TMP_SUFFIX}*")):
+            os.remove(stale)  # left by a killed writer: never part of a finished store
         return skipped
 
 

@@ -1,0 +1,87 @@
+"""The backend interface: what a model must provide for every lalmtool stage.
+
+A backend wraps one LALM family. ``extract`` needs ``encode`` and ``frame_rate``; ``finetune``
+and ``decode`` need ``loss``, ``generate`` and ``default_lora_targets``. Features always travel
+as a list of float tensors ``[T_i, D]`` (one per utterance; compressed or not).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+
+class Backend(ABC):
+    name: str = ""
+    sample_rate: int = 16000
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model_path, self.device, self.dtype = model_path, torch.device(device), dtype
+
+    # -- encoder side (extract) ------------------------------------------------------------
+    @property
+    @abstractmethod
+    def frame_rate(self) -> float:
+        """Frames per second of audio that ``encode`` returns."""
+
+    @abstractmethod
+    def encode(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono float waveforms → encoder frames ``[T_i, D]`` covering each waveform."""
+
+    def identity(self) -> dict:
+        """What identifies the encoder's output, for store fingerprints."""
+        return {"backend": self.name, "model": model_identity(self.model_path)}
+
+    # -- decoder side (finetune, decode) ---------------------------------------------------
+    #: The torch module that ``loss``/``generate`` run and that peft wraps with LoRA adapters.
+    model: torch.nn.Module
+    #: peft ``target_modules`` (a list of names or a full-match regex) for LoRA by default.
+    default_lora_targets: str | list[str] = ""
+
+    @abstractmethod
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Mean token cross-entropy of ``texts`` given ``feats``, and the number of tokens."""
+
+    @abstractmethod
+    def generate(self, feats: list[torch.Tensor], beam: int = 1,
+                 max_new_tokens: int = 200) -> list[str]:
+        """Transcripts (or translations) for a batch of feature sequences."""
+
+
+def model_identity(name_or_path: str) -> dict:
+    """A cheap, content-based identity of a checkpoint directory (or the hub id as given).
+
+    Hashes config files whole and each weight file's size plus its first and last MiB: enough
+    to tell checkpoints apart without reading gigabytes.
+    """
+    if not os.path.isdir(name_or_path):
+        return {"hub_id": name_or_path}
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(name_or_path, "*.json")))
+    weights = sorted(f for ext in ("safetensors", "bin", "pt", "gguf")
+                     for f in glob.glob(os.path.join(name_or_path, f"*.{ext}")))
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + fh.read())
+    for f in weights:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return {"dir": os.path.basename(os.path.normpath(name_or_path)), "sha256": h.hexdigest()}
+
+
+def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads ``[T_i, D]`` tensors to ``[B, T_max, D]``; returns it and a bool mask [B, T_max]."""
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    out = feats[0].new_zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+    for i, f in enumerate(feats):
+        out[i, : f.shape[0]] = f
+    mask = torch.arange(out.shape[1])[None, :] < lengths[:, None]
+    return out, mask

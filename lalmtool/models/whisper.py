@@ -1,0 +1,144 @@
+"""Whisper encoder–decoder (transformers ``WhisperForConditionalGeneration``).
+
+The encoder runs on 30 s windows (transformers insists on 3000 mel frames); ``encode`` keeps
+the frames that cover real audio (50 per second) unless ``trim=False``, and encodes audio longer
+than 30 s window by window. The decoder cross-attends to any number of (compressed) frames;
+batches of unequal length are padded and the padding is masked out of cross-attention.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import numpy as np
+import torch
+from transformers import (WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                          WhisperTokenizer)
+from transformers.modeling_outputs import BaseModelOutput
+
+from .base import Backend, pad_features
+
+WINDOW_SECONDS = 30
+HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
+
+
+class WhisperBackend(Backend):
+    name = "whisper"
+    default_lora_targets = (r".*decoder\.layers\.\d+\."
+                            r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)")
+
+    def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 trim: bool = True, language: str | None = "en", task: str = "transcribe"):
+        super().__init__(model_path, device, dtype)
+        self.trim = trim
+        self.model = WhisperForConditionalGeneration.from_pretrained(
+            model_path, dtype=dtype).to(self.device).eval()
+        self.features = WhisperFeatureExtractor.from_pretrained(model_path)
+        multilingual = bool(getattr(self.model.generation_config, "is_multilingual", False))
+        self.language = language if multilingual else None
+        self.task = task if multilingual else None
+
+    @functools.cached_property
+    def tokenizer(self) -> WhisperTokenizer:
+        """Loaded on first use: extracting features needs no tokenizer."""
+        tok = WhisperTokenizer.from_pretrained(self.model_path)
+        tok.set_prefix_tokens(language=self.language, task=self.task, predict_timestamps=False)
+        return tok
+
+    @property
+    def frame_rate(self) -> float:
+        return self.features.sampling_rate / HOP / 2
+
+    def identity(self) -> dict:
+        return {**super().identity(), "tap": "encoder.last_hidden_state", "trim": self.trim}
+
+    # -- encoder -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
+        window = WINDOW_SECONDS * self.sample_rate
+        pieces = []  # (utterance index, samples) per 30 s window
+        for i, w in enumerate(waves):
+            for start in range(0, max(len(w), 1), window):
+                pieces.append((i, w[start : start + window]))
+        out: list[list[torch.Tensor]] = [[] for _ in waves]
+        for b in range(0, len(pieces), batch_size):
+            chunk = pieces[b : b + batch_size]
+            mel = self.features([p for _, p in chunk], sampling_rate=self.sample_rate,
+                                return_tensors="pt").input_features
+            hidden = self.model.model.encoder(
+                mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
+            for (i, samples), h in zip(chunk, hidden):
+                keep = math.ceil(len(samples) / (2 * HOP)) if self.trim else h.shape[0]
+                out[i].append(h[:keep])
+        return [torch.cat(parts) for parts in out]
+
+    # -- decoder -------------------------------------------------------------------------
+    def _memory(self, feats: list[torch.Tensor]) -> tuple[BaseModelOutput, torch.Tensor]:
+        padded, mask = pad_features([f.to(self.device, self.model.dtype) for f in feats])
+        return BaseModelOutput(last_hidden_state=padded), mask.to(self.device)
+
+    def _token_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder inputs (prefix + text) and labels (text + end-of-text, prefix masked)."""
+        prefix, eot = self.tokenizer.prefix_tokens, self.tokenizer.eos_token_id
+        seqs = [prefix + self.tokenizer.encode(" " + t.strip(), add_special_tokens=False)
+                + [eot] for t in texts]
+        n = max(len(s) for s in seqs) - 1
+        inputs = torch.full((len(seqs), n), eot, dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+            labels[i, len(prefix) - 1 : len(s) - 1] = torch.tensor(s[len(prefix):])
+        return inputs.to(self.device), labels.to(self.device)
+
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        memory, mask = self._memory(feats)
+        inputs, labels = self._token_batch(texts)
+        with cross_attention_mask(self.model, mask):
+            logits = self.model(encoder_outputs=memory, decoder_input_ids=inputs).logits
+        n = int((labels != -100).sum())
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=-100, reduction="sum") / max(n, 1)
+        return loss, n
+
+    @torch.inference_mode()
+    def generate(self, feats: list[torch.Tensor], beam: int = 1,
+                 max_new_tokens: int = 200) -> list[str]:
+        memory, mask = self._memory(feats)
+        kwargs = {"language": self.language, "task": self.task} if self.language else {}
+        with cross_attention_mask(self.model, mask):
+            ids = self.model.generate(encoder_outputs=memory, num_beams=beam, do_sample=False,
+                                      max_new_tokens=max_new_tokens, return_timestamps=False,
+                                      **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def cross_attention_mask(model: torch.nn.Module, mask: torch.Tensor):
+    """Masks padded encoder frames out of every decoder cross-attention inside the block.
+
+    transformers' Whisper decoder passes no encoder mask to cross-attention, so padded frames
+    would be attended to; this adds an additive mask ``[B, 1, 1, S]`` (repeated for beams).
+    """
+    if bool(mask.all()):
+        yield
+        return
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    bias = bias.masked_fill(~mask, torch.finfo(torch.float32).min)[:, None, None, :]
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b = bias.to(hidden.dtype)
+        if hidden.shape[0] != b.shape[0]:  # beam search expands each item num_beams times
+            b = b.repeat_interleave(hidden.shape[0] // b.shape[0], dim=0)
+        kwargs["attention_mask"] = b
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for name, m in model.named_modules() if name.endswith("encoder_attn")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

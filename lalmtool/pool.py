@@ -1,0 +1,87 @@
+"""Stage 3, ``lalmtool pool``: frames + boundaries → one vector per segment.
+
+``reduce="mean"`` averages the frames of each segment (uniform boundaries every k frames give
+uniform average pooling; the last, shorter segment is the mean of the frames it has, which is
+``avg_pool1d(..., ceil_mode=True)``); ``reduce="pick"`` keeps the first frame of each segment
+(uniform boundaries give uniform downsampling, ``z[::k]``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from .parallel import run_sharded
+from .segment import for_utterance, summarize
+from .store import ShardResult, Store, StoreError, fingerprint
+
+STAGE_VERSION = 1
+REDUCERS = ("mean", "pick")
+
+
+def check_boundaries(starts: np.ndarray, n_frames: int) -> None:
+    """Raises ValueError unless ``starts`` begins at 0, increases strictly and stays < T."""
+    if starts.ndim != 1 or len(starts) == 0:
+        raise ValueError("boundaries must be a non-empty 1-D array")
+    if starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= n_frames:
+        raise ValueError(f"boundaries must start at 0, increase strictly and stay below "
+                         f"T={n_frames}; got {starts[:8].tolist()}...")
+
+
+def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
+    """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts."""
+    check_boundaries(starts, len(z))
+    if reduce == "pick":
+        return np.asarray(z[starts], dtype=np.float32)
+    if reduce != "mean":
+        raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
+    sums = np.add.reduceat(np.asarray(z, dtype=np.float32), starts, axis=0)
+    lengths = np.diff(np.append(starts, len(z)))
+    return sums / lengths[:, None].astype(np.float32)
+
+
+def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
+               force: bool = False) -> dict:
+    """Writes the pooled features of every utterance of ``segments`` to the store ``out``."""
+    src, seg = Store(feats), Store(segments)
+    if reduce not in REDUCERS:
+        raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
+    if seg.meta.get("source_fingerprint") != src.fingerprint:
+        raise StoreError(f"{segments} was segmented from {seg.meta.get('source')}, whose "
+                         f"content differs from {feats}; rerun `lalmtool segment` on {feats}.")
+    rate = float(src.meta["frame_rate"])
+    fp = fingerprint({"stage": "pool", "version": STAGE_VERSION, "source": src.fingerprint,
+                      "segments": seg.fingerprint, "reduce": reduce})
+    tokens = sum(len(seg.dataset(u)) for u in seg.ids)
+    seconds = sum(float(seg.attrs(u)["duration"]) for u in seg.ids)
+    meta = {"stage": "pool", "method": seg.meta["method"], "params": seg.meta["params"],
+            "reduce": reduce, "frame_rate": tokens / seconds if seconds else 0.0,
+            "source_frame_rate": float(src.meta.get("source_frame_rate", rate)),
+            "source": os.path.abspath(feats), "segments": os.path.abspath(segments),
+            "source_meta": src.meta}
+    shards = {name.replace("seg.", "pooled.", 1): ids for name, ids in seg.shards.items()}
+    shards = {name: [u for u in ids if u in seg] for name, ids in shards.items()}
+    factory = functools.partial(_worker, feats, segments, reduce)
+    stats, skipped = run_sharded(out, "pooled", fp, meta, shards, factory, nj=nj, force=force,
+                                 desc=f"pool {reduce}")
+    return summarize(stats, rate, out, skipped)
+
+
+def _worker(feats: str, segments: str, reduce: str):
+    src, seg = Store(feats), Store(segments)
+
+    def run(name: str, ids: list[str]) -> tuple[ShardResult, dict]:
+        result = ShardResult()
+        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        for utt in ids:
+            z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
+            pooled = for_utterance(utt, pool, z, starts, reduce).astype(np.float16)
+            result.items.append((utt, pooled, {"duration": attrs["duration"], "frames": len(z)}))
+            stats["utterances"] += 1
+            stats["frames"] += len(z)
+            stats["tokens"] += len(pooled)
+            stats["audio_seconds"] += float(attrs["duration"])
+        return result, stats
+
+    return run

@@ -1,0 +1,207 @@
+"""Stage 2, ``lalmtool segment``: encoder frames → segment boundaries (one function per method).
+
+Every compressor is a set of segment boundaries plus a reducer (``pool.py``). Boundaries are
+the int32 start frames of the segments: the first is 0, they increase strictly, all are < T.
+A boundary after frame t (a new segment starting at t + 1) comes from a peak of the
+dissimilarity curve ``d_t = 1 - cos(z_t, z_{t+1})``, t = 0 .. T-2.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+from scipy.signal import find_peaks
+
+from .parallel import run_sharded
+from .store import ShardResult, Store, fingerprint
+
+log = logging.getLogger("lalmtool")
+STAGE_VERSION = 1
+METHODS = ("peaks", "scpc", "prominence", "uniform")
+THRESHOLD_METHODS = ("scpc", "prominence")
+
+
+def dissimilarity(z: np.ndarray) -> np.ndarray:
+    """``1 - cos(z_t, z_{t+1})`` for t = 0 .. T-2 (all-zero frames count as orthogonal)."""
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2:
+        raise ValueError(f"features must be [T, D], got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise ValueError("features contain NaN or Inf values")
+    norm = np.sqrt(np.einsum("td,td->t", z, z))
+    unit = z / np.maximum(norm, 1e-12)[:, None]
+    return 1.0 - np.einsum("td,td->t", unit[:-1], unit[1:])
+
+
+def _starts(peak_index: np.ndarray) -> np.ndarray:
+    """Segment starts from the indices t of peaks of d (a boundary between t and t + 1)."""
+    return np.concatenate([[0], np.asarray(peak_index) + 1]).astype(np.int32)
+
+
+def peaks(z: np.ndarray) -> np.ndarray:
+    """The paper's detector: a boundary wherever d_t is a strict local maximum."""
+    d = dissimilarity(z)
+    inner = (d[1:-1] > d[:-2]) & (d[1:-1] > d[2:])
+    return _starts(np.flatnonzero(inner) + 1)
+
+
+def scpc_peakiness(d: np.ndarray) -> np.ndarray:
+    """SCPC's peakiness of each d_t: max of the first- and second-order peak heights.
+
+    p1_t = min(max(d_t - d_{t-1}, 0), max(d_t - d_{t+1}, 0)) and
+    p2_t = min(max(d_t - d_{t-2}, 0), max(d_t - d_{t+2}, 0)); p2 is 0 where t±2 falls outside
+    the curve and both are 0 at the two ends (no peak at an edge, as in ``find_peaks``).
+    """
+    p = np.zeros_like(d)
+    if len(d) >= 3:
+        p[1:-1] = np.minimum(np.maximum(d[1:-1] - d[:-2], 0), np.maximum(d[1:-1] - d[2:], 0))
+    if len(d) >= 5:
+        p2 = np.minimum(np.maximum(d[2:-2] - d[:-4], 0), np.maximum(d[2:-2] - d[4:], 0))
+        p[2:-2] = np.maximum(p[2:-2], p2)
+    return p
+
+
+def scpc(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """Segmental CPC's detector: a boundary wherever the peakiness of d_t exceeds ``threshold``."""
+    return _starts(np.flatnonzero(scpc_peakiness(dissimilarity(z)) > threshold))
+
+
+def prominence(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """``scipy.signal.find_peaks(d, prominence=threshold)``: peaks at least that prominent."""
+    idx, _ = find_peaks(dissimilarity(z), prominence=threshold)
+    return _starts(idx)
+
+
+def uniform(z: np.ndarray, k: int) -> np.ndarray:
+    """A boundary every ``k`` frames; the last segment holds the T mod k remaining frames."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return np.arange(0, len(z), k, dtype=np.int32)
+
+
+def boundaries(z: np.ndarray, method: str, k: int | None = None,
+               threshold: float | None = None) -> np.ndarray:
+    """Dispatches to the detector ``method`` with its parameter."""
+    if method == "peaks":
+        return peaks(z)
+    if method == "scpc":
+        return scpc(z, threshold or 0.0)
+    if method == "prominence":
+        return prominence(z, threshold or 0.0)
+    if method == "uniform":
+        return uniform(z, int(k) if k else 0)
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
+    """The threshold of ``method`` whose token rate over the whole set is closest to the target.
+
+    A detector keeps the peaks whose score (SCPC peakiness, or prominence) passes the threshold,
+    so the token count is 1 per utterance plus the number of scores above it: sorting all scores
+    once gives the exact threshold, no search needed.
+    """
+    scores, seconds = [], 0.0
+    for utt, z, attrs in store.items():
+        d = for_utterance(utt, dissimilarity, z)
+        if method == "scpc":
+            s = scpc_peakiness(d)
+            scores.append(s[s > 0])
+        else:
+            scores.append(find_peaks(d, prominence=0.0)[1]["prominences"])
+        seconds += _duration(store, attrs, z)
+    s = np.sort(np.concatenate(scores))[::-1] if scores else np.zeros(0)
+    want = int(round(target_rate * seconds)) - len(store)  # peaks to keep
+    if want <= 0:
+        return float(s[0]) + 1.0 if len(s) else 0.0  # keep no peak at all
+    if want >= len(s):
+        return 0.0
+    # midway between the last score kept and the first dropped (scpc keeps scores above the
+    # threshold, find_peaks prominences at or above it: both keep exactly the `want` highest)
+    return float(s[want - 1] + s[want]) / 2
+
+
+def segment(feats: str, method: str, out: str, k: int | None = None,
+            threshold: float | None = None, target_rate: float | None = None, nj: int = 1,
+            force: bool = False, on_error: str = "fail") -> dict:
+    """Writes the boundaries of every utterance in the feature store ``feats`` to ``out``."""
+    src = Store(feats)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    rate = float(src.meta["frame_rate"])
+    if target_rate is not None:
+        if method == "uniform":
+            k = max(1, int(round(rate / target_rate)))
+        elif method in THRESHOLD_METHODS:
+            threshold = threshold_for_rate(src, method, target_rate)
+        else:
+            raise ValueError(f"--target-rate needs a method with a threshold "
+                             f"({', '.join(THRESHOLD_METHODS)}) or uniform; {method} has none")
+    if method == "uniform" and not k:
+        raise ValueError("method uniform needs --k (or --target-rate)")
+    params = {"k": k} if method == "uniform" else (
+        {"threshold": threshold or 0.0} if method in THRESHOLD_METHODS else {})
+    if target_rate is not None:
+        params["target_rate"] = target_rate
+    fp = fingerprint({"stage": "segment", "version": STAGE_VERSION, "source": src.fingerprint,
+                      "method": method, "params": params})
+    meta = {"stage": "segment", "method": method, "params": params, "frame_rate": rate,
+            "source": os.path.abspath(feats), "source_fingerprint": src.fingerprint,
+            "source_meta": src.meta}
+    shards = {name.replace("feats.", "seg.", 1): [u for u in ids if u in src]
+              for name, ids in src.shards.items()}
+    factory = functools.partial(_worker, feats, method, k, threshold, on_error)
+    stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, nj=nj, force=force,
+                                 desc=f"segment {method}")
+    return summarize(stats, rate, out, skipped)
+
+
+def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:
+    """Frames, tokens, tokens/s and compression ratio of what a stage wrote now."""
+    frames, tokens = stats.get("frames", 0), stats.get("tokens", 0)
+    seconds = stats.get("audio_seconds", 0.0) or frames / rate
+    summary = {"store": out, "utterances": stats.get("utterances", 0), "frames": frames,
+               "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
+               "frames_per_s": frames / seconds if seconds else 0.0,
+               "compression": frames / tokens if tokens else 0.0, "skipped": len(skipped)}
+    log.info("%s", summary)
+    return summary
+
+
+def _duration(store: Store, attrs: dict, z: np.ndarray) -> float:
+    return float(attrs.get("duration", len(z) / float(store.meta["frame_rate"])))
+
+
+def for_utterance(utt: str, fn, *args):
+    """Calls ``fn(*args)``; a ValueError it raises names the utterance."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"utterance {utt!r}: {e}") from e
+
+
+def _worker(feats: str, method: str, k, threshold, on_error: str):
+    src = Store(feats)
+
+    def run(name: str, ids: list[str]) -> tuple[ShardResult, dict]:
+        result = ShardResult()
+        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        for utt in ids:
+            z = src[utt]
+            try:
+                b = for_utterance(utt, boundaries, z, method, k, threshold)
+            except ValueError as e:
+                if on_error == "fail":
+                    raise
+                result.skipped.append({"id": utt, "error": str(e)})
+                continue
+            dur = _duration(src, src.attrs(utt), z)
+            result.items.append((utt, b, {"duration": dur, "frames": len(z)}))
+            stats["utterances"] += 1
+            stats["frames"] += len(z)
+            stats["tokens"] += len(b)
+            stats["audio_seconds"] += dur
+        return result, stats
+
+    return run

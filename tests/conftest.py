@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models (mechanics only) and synthetic audio."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def tone(seconds: float, sr: int = 16000, freq: float = 220.0, seed: int = 0) -> np.ndarray:
+    """A tone with a little noise: real-valued, non-silent test audio."""
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> str:
+    """A randomly initialised 1-layer Whisper (d=16) with a real feature extractor; no tokenizer."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-whisper"))
+    cfg = WhisperConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperForConditionalGeneration(cfg).save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return path
+
+
+def write_manifest(path, rows: list[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def audio_set(tmp_path):
+    """Five short 16 kHz clips of different lengths and their manifest."""
+    rows = []
+    for i, sec in enumerate([1.0, 2.5, 0.7, 3.2, 1.9]):
+        wav = tmp_path / f"u{i}.wav"
+        sf.write(wav, tone(sec, freq=200 + 40 * i, seed=i), 16000)
+        rows.append({"id": f"utt{i}", "audio": os.path.basename(wav), "text": f"sentence {i}"})
+    return write_manifest(tmp_path / "manifest.jsonl", rows)

@@ -1,0 +1,172 @@
+"""extract → segment → pool mechanics on a tiny random Whisper and synthetic audio."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import tone, write_manifest
+from lalmtool.extract import extract
+from lalmtool.manifest import ManifestError
+from lalmtool.pool import pool_store
+from lalmtool.segment import segment
+from lalmtool.store import Store, StoreError
+
+
+def read_all(path):
+    st = Store(path)
+    return {u: st[u] for u in st.ids}
+
+
+def test_extract_layout_and_frames(tiny_whisper, audio_set, tmp_path):
+    out = str(tmp_path / "feats")
+    s = extract(audio_set, tiny_whisper, out, shard_size=2, batch_size=3)
+    assert s["utterances"] == 5 and s["skipped"] == 0
+    files = sorted(os.listdir(out))
+    assert files == ["feats.00000.h5", "feats.00001.h5", "feats.00002.h5", "skipped.jsonl",
+                     "store.json"]
+    with h5py.File(os.path.join(out, "feats.00000.h5")) as f:
+        assert sorted(f.keys()) == ["utt0", "utt1"]
+        meta = json.loads(f.attrs["meta"])
+        assert meta["frame_rate"] == 50 and f.attrs["fingerprint"]
+        ds = f["utt1"]
+        assert ds.dtype == np.float16 and ds.shape == (125, 16)  # 2.5 s at 50 Hz
+        assert ds.attrs["duration"] == pytest.approx(2.5)
+    st = Store(out)
+    assert st.ids == [f"utt{i}" for i in range(5)]
+    assert st["utt2"].shape[0] == 35  # ceil(0.7 * 50)
+
+
+def test_batching_does_not_change_features(tiny_whisper, audio_set, tmp_path):
+    a = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "a"), batch_size=1)["store"])
+    b = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "b"), batch_size=5)["store"])
+    for u in a:
+        np.testing.assert_allclose(a[u].astype(np.float32), b[u].astype(np.float32), atol=2e-3)
+
+
+def test_long_audio_is_encoded_window_by_window(tiny_whisper, tmp_path):
+    sf.write(tmp_path / "long.wav", tone(65.0), 16000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"id": "long", "audio": "long.wav", "text": "x"}])
+    st = Store(extract(m, tiny_whisper, str(tmp_path / "f"))["store"])
+    assert st["long"].shape[0] == 3250  # 1500 + 1500 + 250
+
+
+def test_no_trim_keeps_whole_windows(tiny_whisper, audio_set, tmp_path):
+    st = Store(extract(audio_set, tiny_whisper, str(tmp_path / "f"), trim=False)["store"])
+    assert all(st[u].shape[0] == 1500 for u in st.ids)
+
+
+def test_rerun_skips_and_fingerprint_mismatch_refuses(tiny_whisper, audio_set, tmp_path):
+    out = str(tmp_path / "feats")
+    extract(audio_set, tiny_whisper, out, shard_size=2)
+    mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".h5")}
+    assert extract(audio_set, tiny_whisper, out, shard_size=2)["utterances"] == 0
+    assert mtimes == {f: os.path.getmtime(os.path.join(out, f)) for f in mtimes}
+    with pytest.raises(StoreError, match="--force"):
+        extract(audio_set, tiny_whisper, out, shard_size=2, trim=False)
+    assert extract(audio_set, tiny_whisper, out, shard_size=2, trim=False, force=True)["utterances"] == 5
+
+
+def test_missing_shard_is_redone_identically(tiny_whisper, audio_set, tmp_path):
+    out = str(tmp_path / "feats")
+    extract(audio_set, tiny_whisper, out, shard_size=2)
+    before = read_all(out)
+    os.remove(os.path.join(out, "feats.00001.h5"))
+    with open(os.path.join(out, "feats.00002.h5.tmp.999"), "w") as fh:
+        fh.write("half-written")
+    with pytest.raises(StoreError, match="incomplete"):
+        Store(out)
+    assert extract(audio_set, tiny_whisper, out, shard_size=2)["utterances"] == 2
+    after = read_all(out)
+    assert before.keys() == after.keys()
+    for u in before:
+        np.testing.assert_array_equal(before[u], after[u])
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_parallel_workers_write_the_same_store(tiny_whisper, audio_set, tmp_path):
+    a = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "a"), shard_size=2)["store"])
+    b = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "b"), shard_size=2, nj=2)["store"])
+    assert a.keys() == b.keys()
+    for u in a:
+        np.testing.assert_array_equal(a[u], b[u])
+
+
+def test_segment_and_pool_stores(tiny_whisper, audio_set, tmp_path):
+    feats = extract(audio_set, tiny_whisper, str(tmp_path / "feats"), shard_size=2)["store"]
+    s = segment(feats, "uniform", str(tmp_path / "seg"), k=3)
+    assert s["tokens"] == sum(-(-Store(feats)[u].shape[0] // 3) for u in Store(feats).ids)
+    p = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))
+    assert p["tokens"] == s["tokens"] and p["compression"] == pytest.approx(s["compression"])
+    pooled, seg = Store(str(tmp_path / "pooled")), Store(str(tmp_path / "seg"))
+    assert pooled.meta["method"] == "uniform" and pooled.meta["params"] == {"k": 3}
+    assert pooled.meta["frame_rate"] == pytest.approx(s["tokens_per_s"])
+    assert seg["utt1"].dtype == np.int32 and seg["utt1"].tolist() == list(range(0, 125, 3))
+    z = Store(feats)["utt1"].astype(np.float32)
+    np.testing.assert_allclose(pooled["utt1"][0].astype(np.float32), z[:3].mean(0), atol=1e-3)
+    # pooling with boundaries of another store is refused
+    other = extract(audio_set, tiny_whisper, str(tmp_path / "other"), trim=False)["store"]
+    with pytest.raises(StoreError, match="segmented from"):
+        pool_store(other, str(tmp_path / "seg"), "mean", str(tmp_path / "p2"))
+
+
+def test_target_rate_hits_the_requested_rate(tiny_whisper, audio_set, tmp_path):
+    feats = extract(audio_set, tiny_whisper, str(tmp_path / "feats"))["store"]
+    for method in ("scpc", "prominence"):
+        s = segment(feats, method, str(tmp_path / method), target_rate=10.0)
+        assert s["tokens_per_s"] == pytest.approx(10.0, abs=0.2), method
+    with pytest.raises(ValueError, match="threshold"):
+        segment(feats, "peaks", str(tmp_path / "p"), target_rate=10.0)
+    s = segment(feats, "uniform", str(tmp_path / "u"), target_rate=25.0)
+    assert Store(str(tmp_path / "u")).meta["params"]["k"] == 2
+
+
+BAD = {
+    "missing": lambda d: "nowhere.wav",
+    "corrupt": lambda d: (open(d / "bad.wav", "wb").write(b"RIFF\x00\x00garbage"), "bad.wav")[1],
+    "empty": lambda d: (sf.write(d / "empty.wav", np.zeros(0, np.float32), 16000), "empty.wav")[1],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_audio_fails_naming_the_utterance_or_is_skipped(kind, tiny_whisper, audio_set, tmp_path):
+    rows = [json.loads(l) for l in open(audio_set)]
+    rows.append({"id": "bad1", "audio": BAD[kind](tmp_path), "text": "oops"})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "feats"
+    with pytest.raises(ManifestError, match="bad1"):
+        extract(m, tiny_whisper, str(out))
+    assert not out.exists() or not list(out.glob("*.h5"))
+    s = extract(m, tiny_whisper, str(out), on_error="skip")
+    assert s["utterances"] == 5 and s["skipped"] == 1
+    skipped = [json.loads(l) for l in open(out / "skipped.jsonl")]
+    assert [x["id"] for x in skipped] == ["bad1"]
+    assert "bad1" not in Store(str(out))
+
+
+def test_manifest_problems_reported_all_at_once(tiny_whisper, tmp_path):
+    sf.write(tmp_path / "a.wav", tone(1.0), 16000)
+    lines = [json.dumps({"id": "a", "audio": "a.wav", "text": "ok"}),
+             json.dumps({"id": "a", "audio": "a.wav", "text": "dup"}),
+             json.dumps({"id": "b", "audio": "a.wav", "text": "  "}),
+             json.dumps({"id": "c/d", "audio": "a.wav", "text": "slash"})]
+    with open(tmp_path / "m.jsonl", "wb") as fh:
+        fh.write(("\n".join(lines) + "\n").encode())
+        fh.write(b'{"id": "e", "audio": "a.wav", "text": "caf\xe9"}\n')
+    with pytest.raises(ManifestError) as e:
+        extract(str(tmp_path / "m.jsonl"), tiny_whisper, str(tmp_path / "f"))
+    msg = str(e.value)
+    for needle in ("duplicate id", "empty text", "path separator", "line 5", "UTF-8"):
+        assert needle in msg
+
+
+def test_stereo_44k_and_8k_are_resampled(tiny_whisper, tmp_path):
+    sf.write(tmp_path / "st.wav", np.stack([tone(2.0, 44100), tone(2.0, 44100, 330)], 1), 44100)
+    sf.write(tmp_path / "n8.flac", tone(1.5, 8000), 8000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"id": "st", "audio": "st.wav", "text": "a"},
+                                              {"id": "n8", "audio": "n8.flac", "text": "b"}])
+    st = Store(extract(m, tiny_whisper, str(tmp_path / "f"))["store"])
+    assert st["st"].shape[0] == 100 and st["n8"].shape[0] == 75
+    assert st.attrs("st")["duration"] == pytest.approx(2.0)

@@ -1,0 +1,314 @@
+"""Report: one table and one plot over every scored run of an experiment directory.
+
+``report(exp_dir)`` collects each ``results.json`` written by ``lalmtool score`` under
+``exp_dir`` (recursively; the report's own top-level ``results.json`` is left out) into one row:
+set, method, condition, parameters, LoRA yes/no, audio tokens/s fed to the decoder, compression
+ratio, WER (%) or BLEU/chrF, decode speed (utt/s), and where the numbers come from (hyp file,
+feature store, model, adapter). It writes
+
+  * ``RESULTS.md``: markdown tables (sorted by set, then tokens/s descending), scoring noted;
+  * ``results.json``: the rows as a list;
+  * ``results.png``: error rate (WER %, or BLEU) against tokens/s, one subplot per set, one line
+    per method (the same method at different rates joined), solid with LoRA, dashed without.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+from .score import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- collecting rows
+
+def find_results(exp_dir: str, exclude: list[str] = ()) -> list[str]:
+    """Every results.json under ``exp_dir`` (sorted), except the paths in ``exclude``."""
+    skip = {os.path.abspath(p) for p in exclude}
+    found = []
+    for root, dirs, files in os.walk(exp_dir):
+        dirs.sort()
+        if "results.json" in files:
+            path = os.path.abspath(os.path.join(root, "results.json"))
+            if path not in skip:
+                found.append(path)
+    return sorted(found)
+
+
+def load_result(path: str) -> dict | None:
+    """A score stage's results.json, or None (with a warning) when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            res = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("skipping %s: not readable JSON (%s)", path, e)
+        return None
+    if not isinstance(res, dict):  # e.g. another report's list of rows
+        log.warning("skipping %s: not a score result (a JSON object is expected)", path)
+        return None
+    if res.get("wer") is None and res.get("bleu") is None:
+        log.warning("skipping %s: it has neither 'wer' nor 'bleu'; re-run lalmtool score", path)
+        return None
+    return res
+
+
+def method_key(res: dict) -> str:
+    """The method a result belongs to, for grouping: decode.json's ``method`` plus
+    ``params.reduce`` when present (``uniform`` + ``mean`` → ``uniform-mean``)."""
+    method = res.get("method") or res.get("condition") or "unknown"
+    params = res.get("params") if isinstance(res.get("params"), dict) else {}
+    reduce = params.get("reduce")
+    if reduce and not str(method).endswith(f"-{reduce}"):
+        method = f"{method}-{reduce}"
+    return str(method)
+
+
+def format_params(params) -> str:
+    """``{"k": 3, "reduce": "mean"}`` → ``k=3, reduce=mean``."""
+    if not params:
+        return ""
+    if not isinstance(params, dict):
+        return str(params)
+    return ", ".join(f"{k}={v if not isinstance(v, (dict, list)) else json.dumps(v)}"
+                     for k, v in sorted(params.items()))
+
+
+def make_row(path: str, res: dict) -> dict:
+    """One report row from a results.json (``path``) and its content."""
+    metric = res.get("metric") or ("wer" if res.get("wer") is not None else "bleu")
+    wer_pct = res.get("wer_pct")
+    if wer_pct is None and res.get("wer") is not None:
+        wer_pct = 100 * res["wer"]
+    return {
+        "set": str(res.get("set") or os.path.basename(os.path.dirname(path))),
+        "method": method_key(res),
+        "condition": res.get("condition"),
+        "params": format_params(res.get("params")),
+        "lora": bool(res.get("lora") if res.get("lora") is not None else res.get("adapter")),
+        "tokens_per_s": _num(res.get("tokens_per_s")),
+        "compression_ratio": _num(res.get("compression_ratio")),
+        "metric": metric,
+        "wer_pct": _num(wer_pct) if metric == "wer" else None,
+        "bleu": _num(res.get("bleu")) if metric == "bleu" else None,
+        "chrf": _num(res.get("chrf")) if metric == "bleu" else None,
+        "utt_per_s": _num(res.get("utt_per_s")),
+        "sentences": res.get("sentences", res.get("utterances")),
+        "normalizer": res.get("normalizer") if metric == "wer" else None,
+        "bleu_signature": res.get("bleu_signature"),
+        "chrf_signature": res.get("chrf_signature"),
+        "model": res.get("model"),
+        "backend": res.get("backend"),
+        "feats": res.get("feats"),
+        "adapter": res.get("adapter"),
+        "hyp": res.get("hyp"),
+        "results": path,
+    }
+
+
+def _num(v) -> float | None:
+    """A finite number or None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """By set, then tokens/s descending (unknown last), then method, LoRA after no-LoRA."""
+    return sorted(rows, key=lambda r: (r["set"], r["tokens_per_s"] is None,
+                                       -(r["tokens_per_s"] or 0.0), r["method"], r["lora"]))
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _fmt(v, digits: int = 2, suffix: str = "") -> str:
+    """A number with ``digits`` decimals, or an en dash when unknown."""
+    return "–" if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def _rel(path: str | None, base: str) -> str:
+    """``path`` relative to ``base`` when it lies under it, else as recorded; '–' when None."""
+    if not path:
+        return "–"
+    ab = os.path.abspath(path)
+    if ab.startswith(os.path.abspath(base) + os.sep):
+        return os.path.relpath(ab, base)
+    return path
+
+
+def _md_cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ") or "–"
+
+
+def to_markdown(rows: list[dict], exp_dir: str) -> str:
+    """RESULTS.md: a header saying what each column is, the results table, scoring notes, paths."""
+    has_wer = any(r["metric"] == "wer" for r in rows)
+    has_bleu = any(r["metric"] == "bleu" for r in rows)
+    sigs: list[str] = []
+    for r in rows:
+        if r["metric"] == "bleu" and _signature(r) not in sigs:
+            sigs.append(_signature(r))
+
+    lines = [
+        "# Results", "",
+        f"{len(rows)} scored run(s) under `{exp_dir}`, collected by `lalmtool report`; sorted by "
+        "set, then tokens/s (descending).", "",
+        "Columns: **#** row (paths in the second table); **set** evaluation set; **method** "
+        "compression method (`frames` = uncompressed encoder frames, `uniform-mean` = average "
+        "pooling, `uniform-pick` = downsampling, `peaks` = segmentation at cosine-distance peaks); "
+        "**condition** the decode stage's label; **params** compression parameters; **LoRA** "
+        "whether the decoder ran with a LoRA adapter; **tokens/s** audio tokens per second of "
+        "audio fed to the decoder; **ratio** compression ratio (encoder frame rate / tokens/s); "
+        + ("**WER %** word error rate in percent, lower is better, after the normalizer named "
+           "in **scoring**; " if has_wer else "")
+        + ("**BLEU**, **chrF** sacrebleu corpus scores, higher is better, signatures below; "
+           if has_bleu else "")
+        + "**utt/s** decode speed in utterances per second; **utts** utterances scored.",
+        "",
+    ]
+    head = ["#", "set", "method", "condition", "params", "LoRA", "tokens/s", "ratio"]
+    head += ["WER %"] if has_wer else []
+    head += ["BLEU", "chrF"] if has_bleu else []
+    head += ["utt/s", "utts", "scoring"]
+    lines += ["| " + " | ".join(head) + " |",
+              "|" + "|".join("---:" if h in ("#", "tokens/s", "ratio", "WER %", "BLEU", "chrF",
+                                              "utt/s", "utts") else "---" for h in head) + "|"]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), r["set"], r["method"], r["condition"] or "–", r["params"] or "–",
+                 "yes" if r["lora"] else "no", _fmt(r["tokens_per_s"], 1),
+                 _fmt(r["compression_ratio"], 2, "×")]
+        if has_wer:
+            cells.append(_fmt(r["wer_pct"]))
+        if has_bleu:
+            cells += [_fmt(r["bleu"]), _fmt(r["chrf"])]
+        if r["metric"] == "wer":
+            scoring = f"WER, normalizer `{r['normalizer'] or 'unknown'}`"
+        else:
+            scoring = f"sacrebleu [{_sig_index(r, sigs)}]"
+        cells += [_fmt(r["utt_per_s"], 3), str(r["sentences"] if r["sentences"] is not None else "–"),
+                  scoring]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    if sigs:
+        lines += ["", "Signatures:", ""] + [f"- [{k}] {s}" for k, s in enumerate(sigs, 1)]
+    lines += ["", "## Where each row comes from", "",
+              "| # | hyp | feature store | model | adapter |", "|---:|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), _rel(r["hyp"], exp_dir), _rel(r["feats"], exp_dir),
+                 r["model"] or "–", _rel(r["adapter"], exp_dir)]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _signature(row: dict) -> str:
+    """A BLEU row's sacrebleu signatures, as noted under the table."""
+    return f"BLEU `{row['bleu_signature']}`, chrF `{row['chrf_signature']}`"
+
+
+def _sig_index(row: dict, sigs: list[str]) -> int:
+    """1-based number of a BLEU row's signature pair in the notes under the table."""
+    return sigs.index(_signature(row)) + 1
+
+
+# --------------------------------------------------------------------------- plot
+
+def plot_rows(rows: list[dict], path: str) -> bool:
+    """Error rate (WER %, or BLEU) against tokens/s; one subplot per set (and metric), one line
+    per method, solid with LoRA, dashed without. Returns False when no row can be plotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["tokens_per_s"] is not None and _value(r) is not None]
+    if not points:
+        return False
+    panels: dict[tuple[str, str], list[dict]] = {}
+    for r in points:
+        panels.setdefault((r["set"], r["metric"]), []).append(r)
+    methods = sorted({r["method"] for r in points})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.2 * nrow), squeeze=False)
+    for ax, ((set_name, metric), prs) in zip(axes.flat, sorted(panels.items())):
+        _plot_panel(ax, set_name, metric, prs, colours)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def _value(row: dict) -> float | None:
+    """The plotted number: WER % or BLEU."""
+    return row["wer_pct"] if row["metric"] == "wer" else row["bleu"]
+
+
+def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict) -> None:
+    """One set's lines: a line per (method, LoRA) (per model too when the set has several)."""
+    several_models = len({r["model"] for r in rows}) > 1
+    lines: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["method"], r["lora"], r["model"] if several_models else None)
+        lines.setdefault(key, []).append(r)
+    for (method, lora, model), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        pts = sorted(pts, key=lambda r: r["tokens_per_s"])
+        label = f"{method} ({'LoRA' if lora else 'no LoRA'})" + (f" {model}" if model else "")
+        ax.plot([r["tokens_per_s"] for r in pts], [_value(r) for r in pts],
+                linestyle="-" if lora else "--", marker="o", color=colours[method], label=label)
+    xs = [r["tokens_per_s"] for r in rows]
+    if min(xs) > 0 and max(xs) / min(xs) > 8:
+        ax.set_xscale("log")
+    ax.set_title(f"{set_name} ({'WER' if metric == 'wer' else 'BLEU'})")
+    ax.set_xlabel("audio tokens/s fed to the decoder")
+    ax.set_ylabel("WER (%)" if metric == "wer" else "BLEU")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+# --------------------------------------------------------------------------- entry point
+
+def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
+           plot: str | None = None) -> list[dict]:
+    """Collects every results.json under ``exp_dir`` into RESULTS.md, results.json and a PNG plot
+    (defaults: ``exp_dir/RESULTS.md``, ``exp_dir/results.json``, ``exp_dir/results.png``).
+
+    Returns the rows (sorted). With no results found it writes a RESULTS.md saying so and an
+    empty results.json, writes no plot, and returns an empty list.
+    """
+    if not os.path.isdir(exp_dir):
+        raise FileNotFoundError(f"experiment directory not found: {exp_dir}")
+    out_md = out_md or os.path.join(exp_dir, "RESULTS.md")
+    out_json = out_json or os.path.join(exp_dir, "results.json")
+    plot = plot or os.path.join(exp_dir, "results.png")
+
+    rows = []
+    for path in find_results(exp_dir, exclude=[os.path.join(exp_dir, "results.json"), out_json]):
+        res = load_result(path)
+        if res is not None:
+            rows.append(make_row(path, res))
+    rows = sort_rows(rows)
+
+    if not rows:
+        msg = (f"No scored runs under {exp_dir}: no results.json from `lalmtool score` was found. "
+               "Run the decode and score stages first.")
+        log.warning(msg)
+        write_atomic(out_md, "# Results\n\n" + msg + "\n")
+        write_atomic(out_json, "[]\n")
+        return []
+    write_atomic(out_md, to_markdown(rows, exp_dir))
+    write_atomic(out_json, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    if not plot_rows(rows, plot):
+        log.warning("no plot written: no run has both tokens/s and a score")
+    return rows

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -177,6 +178,93 @@ def pool(feats, segments, reduce, out, nj, force) -> None:
     s = _run(pool_store, feats, segments, reduce, out, nj=nj, force=force)
     _print_table([s], ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
                        "compression"])
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--feats", required=True, help="Training feature store (frames or pooled).")
+@click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
+@click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
+@click.option("--out", required=True, help="Output directory (adapter, checkpoints, logs).")
+@click.option("--config", "config_path", help="YAML training configuration.")
+@click.option("--valid-feats", help="Validation feature store.")
+@click.option("--valid-manifest", help="Validation manifest.")
+@click.option("--init-adapter", help="Start from this adapter instead of a fresh LoRA.")
+@click.pass_context
+def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
+             init_adapter) -> None:
+    """Train LoRA adapters on the decoder from stored features.
+
+    Any training option can be given as --key=value (e.g. --lr=3e-4 --max_steps=400
+    --lora_r=8); see lalmtool.finetune.TrainConfig. A rerun resumes from the last checkpoint.
+    """
+    from .finetune import TrainConfig, finetune as run, parse_overrides
+
+    if bool(valid_feats) != bool(valid_manifest):
+        raise click.UsageError("--valid-feats and --valid-manifest go together")
+    cfg = _run(TrainConfig.load, config_path, _run(parse_overrides, ctx.args))
+    s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
+             valid_manifest=valid_manifest, init_adapter=init_adapter)
+    if s:
+        click.echo(json.dumps(s, indent=1))
+
+
+@main.command()
+@click.option("--feats", required=True, help="Feature store to decode (frames or pooled).")
+@click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
+@click.option("--adapter", help="LoRA adapter directory from `lalmtool finetune`.")
+@click.option("--out", required=True, help="Output directory (hyp.jsonl, decode.json).")
+@click.option("--manifest", "manifest_path", help="Manifest: references go into hyp.jsonl.")
+@click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
+@click.option("--backend", default="whisper", show_default=True)
+@click.option("--beam", default=1, show_default=True, help="Beam size (1: greedy).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--max-new-tokens", default=200, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Decode again even if done.")
+def decode(feats, model, adapter, out, manifest_path, set_name, backend, beam, batch_size,
+           max_new_tokens, device, force) -> None:
+    """Generate transcripts (or translations) from stored features."""
+    from .decode import decode as run
+
+    s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
+             batch_size=batch_size, max_new_tokens=max_new_tokens, manifest=manifest_path,
+             set_name=set_name, device=device, force=force)
+    if s:
+        _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",
+                           "compression_ratio", "utt_per_s"])
+
+
+@main.command()
+@click.option("--hyp", required=True, help="hyp.jsonl from `lalmtool decode`.")
+@click.option("--ref", required=True, help="Reference manifest.")
+@click.option("--metric", type=click.Choice(["wer", "bleu"]), default="wer", show_default=True)
+@click.option("--normalizer", type=click.Choice(["auto", "whisper_english", "basic", "none"]),
+              default="auto", show_default=True)
+@click.option("--out", help="Output directory (default: beside the hypotheses).")
+@click.option("--missing", type=click.Choice(["fail", "empty"]), default="fail",
+              show_default=True, help="References without a hypothesis: error, or count empty.")
+def score(hyp, ref, metric, normalizer, out, missing) -> None:
+    """Score hypotheses: WER (jiwer) or BLEU/chrF (sacrebleu); writes result.txt, results.json."""
+    from .score import score as run
+
+    r = _run(run, hyp, ref, metric=metric, out_dir=out, normalizer=normalizer,
+             on_missing=missing)
+    out_dir = out or os.path.dirname(os.path.abspath(hyp))
+    click.echo(open(os.path.join(out_dir, "result.txt"), encoding="utf-8").read().rstrip())
+    return r
+
+
+@main.command()
+@click.argument("exp_dir")
+def report(exp_dir) -> None:
+    """Collect every scored condition under EXP_DIR into RESULTS.md, results.json, results.png."""
+    from .report import report as run
+
+    rows = _run(run, exp_dir)
+    if not rows:
+        click.echo(f"no scored results under {exp_dir}")
+        return
+    click.echo(open(os.path.join(exp_dir, "RESULTS.md"), encoding="utf-8").read().rstrip())
 
 
 @main.command("info")

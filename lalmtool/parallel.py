@@ -30,7 +30,7 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
 
@@ -68,7 +68,7 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
     rank, world = dist_info()
     if rank == 0:
         StoreWriter.create(out, kind, fp, meta, shards, force=force)
-    _barrier(world)
+    barrier(world)
     writer = StoreWriter(out)
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     todo = [s for s in mine if s in set(writer.pending())]
@@ -96,6 +96,6 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     bar.close()
-    _barrier(world)
+    barrier(world)
     skipped = writer.finish(skipped_before) if rank == 0 else []
     return dict(totals), skipped

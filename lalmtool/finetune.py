@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,10 +80,16 @@ class TrainConfig:
             with open(path, encoding="utf-8") as fh:
                 values = yaml.safe_load(fh) or {}
         values.update(overrides or {})
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(hints)}")
+        for key, value in values.items():  # YAML reads 3e-4 as a string
+            if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"training option {key} must be a number, not {value!r}")
         return cls(**values)
 
     def to_yaml(self) -> str:
@@ -237,7 +244,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             with _autocast(cfg, device):
                 loss, n = be.loss(feats_b, texts)
             (loss / cfg.grad_accum).backward()
-            step_loss += float(loss) / cfg.grad_accum
+            step_loss += float(loss.detach()) / cfg.grad_accum
             step_tokens += n
         state["position"] = position
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip else None

@@ -14,7 +14,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
 from .store import ShardResult, StoreWriter
@@ -42,9 +41,12 @@ def barrier(world: int) -> None:
 _worker: Worker | None = None
 
 
-def _init_worker(factory: Callable[[], Worker], threads: int) -> None:
+def _init_worker(factory: Callable[[], Worker], threads: int | None) -> None:
     global _worker
-    torch.set_num_threads(threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     _worker = factory()
 
 
@@ -79,7 +81,7 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
     bar = tqdm(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
                disable=not todo or None)
     if nj <= 1:
-        _init_worker(factory, torch.get_num_threads())
+        _init_worker(factory, None)
         for name in todo:
             totals.update(_do_shard(out, name))
             bar.update(len(shards[name]))

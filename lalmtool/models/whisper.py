@@ -75,7 +75,7 @@ class WhisperBackend(Backend):
 
     # -- decoder -------------------------------------------------------------------------
     def _memory(self, feats: list[torch.Tensor]) -> tuple[BaseModelOutput, torch.Tensor]:
-        padded, mask = pad_features([f.to(self.device, self.model.dtype) for f in feats])
+        padded, mask = pad_features([f.to(self.device, self.dtype) for f in feats])
         return BaseModelOutput(last_hidden_state=padded), mask.to(self.device)
 
     def _token_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# recipes/mini: the paper's effect, offline, on this CPU, with real Whisper tiny.en weights.
+#
+# Audio tokens are compressed after the encoder (segmentation, uniform average pooling,
+# uniform downsampling); the decoder is re-aligned with LoRA; everything is decoded and scored.
+#
+# Stages (each can be rerun; finished work is skipped by the tools themselves):
+#   0  data/{train,dev,test,librivox}/manifest.jsonl: synthetic TTS speech (espeak-ng, flite)
+#      and the 5 real LibriVox clips of pocketsphinx-testdata; fetches whisper-tiny.en
+#   1  extract   → $exp/feats/{frames,native}/<set>     encoder frames (HDF5, fp16)
+#   2  segment   → $exp/seg/<method>/<set>              segment boundaries
+#   3  pool      → $exp/pooled/<condition>/<set>        compressed features
+#   4  finetune  → $exp/lora/<condition>/adapter        LoRA on the decoder, one per condition
+#   5  decode    → $exp/decode/<condition>[-lora]/<set>/hyp.jsonl
+#   6  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
+#
+# Usage: bash recipes/mini/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
+#                                 [--n_train N] [--steps N]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=6
+exp=exp
+data=data
+nj=2
+n_train=1000
+n_test=100
+steps=300
+model_name=whisper-tiny.en
+conditions="frames peaks uniform-mean-k2 uniform-mean-k3 uniform-pick-k2 uniform-pick-k3"
+test_sets="test librivox"
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stage) stage=$2; shift 2 ;;
+    --stop_stage|--stop-stage) stop_stage=$2; shift 2 ;;
+    --exp) exp=$2; shift 2 ;;
+    --data) data=$2; shift 2 ;;
+    --nj) nj=$2; shift 2 ;;
+    --n_train|--n-train) n_train=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --conditions) conditions=$2; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 1 ;;
+  esac
+done
+mkdir -p "$exp"
+timings="$exp/timings.tsv"
+log() { echo "$(date '+%H:%M:%S') [mini] $*"; }
+run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
+  [ "$1" -ge "$stage" ] && [ "$1" -le "$stop_stage" ] || return 1
+  log "stage $1: $2"; stage_start=$(date +%s)
+}
+end_stage() { echo -e "$1\t$2\t$(( $(date +%s) - stage_start ))" >> "$timings"; }
+
+if run_stage 0 "data preparation and model"; then
+  python3 local/prepare_data.py --out "$data" --n-train "$n_train" --n-test "$n_test" --nj "$nj"
+  lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
+  end_stage 0 prepare
+fi
+model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name" | tail -n 1)
+
+if run_stage 1 "extract encoder frames"; then
+  for set in train dev $test_sets; do
+    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
+      --out "$exp/feats/frames/$set" --nj "$nj" --batch-size 4
+  done
+  # the native Whisper baseline: all 1500 frames of each padded 30 s window
+  for set in $test_sets; do
+    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
+      --out "$exp/feats/native/$set" --no-trim --batch-size 4
+  done
+  end_stage 1 extract
+fi
+
+# condition name → segment method and options, and pooling reducer
+seg_of() { case "$1" in peaks) echo "peaks";; *-k*) echo "uniform-k${1##*-k}";; esac; }
+seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--method uniform --k ${1#uniform-k}";; esac; }
+reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
+feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
+
+if run_stage 2 "segment"; then
+  for cond in $conditions; do
+    [ "$cond" = frames ] && continue
+    seg=$(seg_of "$cond")
+    for set in train dev $test_sets; do
+      lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+    done
+  done
+  end_stage 2 segment
+fi
+
+if run_stage 3 "pool"; then
+  for cond in $conditions; do
+    [ "$cond" = frames ] && continue
+    for set in train dev $test_sets; do
+      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
+        --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
+    done
+  done
+  end_stage 3 pool
+fi
+
+if run_stage 4 "LoRA fine-tuning"; then
+  for cond in $conditions; do
+    lalmtool finetune --feats "$(feats_of "$cond" train)" --manifest "$data/train/manifest.jsonl" \
+      --valid-feats "$(feats_of "$cond" dev)" --valid-manifest "$data/dev/manifest.jsonl" \
+      --model "$model" --out "$exp/lora/$cond" --config conf/lora.yaml --max_steps="$steps"
+  done
+  end_stage 4 finetune
+fi
+
+if run_stage 5 "decode"; then
+  for set in $test_sets; do
+    lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
+      --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
+    for cond in $conditions; do
+      feats=$(feats_of "$cond" "$set")
+      lalmtool decode --feats "$feats" --model "$model" --set "$set" --max-new-tokens 120 \
+        --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond/$set"
+      lalmtool decode --feats "$feats" --model "$model" --set "$set" --max-new-tokens 120 \
+        --adapter "$exp/lora/$cond/adapter" --manifest "$data/$set/manifest.jsonl" \
+        --out "$exp/decode/$cond-lora/$set"
+    done
+  done
+  end_stage 5 decode
+fi
+
+if run_stage 6 "score and report"; then
+  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
+    set=$(basename "$(dirname "$hyp")")
+    lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric wer > /dev/null
+  done
+  lalmtool report "$exp"
+  end_stage 6 report
+fi
+[ -f "$timings" ] && { log "stage timings (seconds):"; cat "$timings"; }

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -48,6 +49,10 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    if not verbose:  # keep third-party chatter (generation defaults, deprecations) out of logs
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 # -- assets --------------------------------------------------------------------------------

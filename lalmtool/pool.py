@@ -11,6 +11,7 @@ import functools
 import os
 
 import numpy as np
+import torch
 
 from .parallel import run_sharded
 from .segment import for_utterance, summarize
@@ -32,13 +33,15 @@ def check_boundaries(starts: np.ndarray, n_frames: int) -> None:
 def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
     """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts."""
     check_boundaries(starts, len(z))
+    x = torch.from_numpy(np.ascontiguousarray(z))
     if reduce == "pick":
-        return np.asarray(z[starts], dtype=np.float32)
+        return x[torch.from_numpy(starts.astype(np.int64))].float().numpy()
     if reduce != "mean":
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
-    sums = np.add.reduceat(np.asarray(z, dtype=np.float32), starts, axis=0)
-    lengths = np.diff(np.append(starts, len(z)))
-    return sums / lengths[:, None].astype(np.float32)
+    lengths = torch.from_numpy(np.diff(np.append(starts, len(z))).astype(np.int64))
+    segment_of_frame = torch.repeat_interleave(torch.arange(len(starts)), lengths)
+    sums = torch.zeros(len(starts), x.shape[1]).index_add_(0, segment_of_frame, x.float())
+    return (sums / lengths[:, None]).numpy()
 
 
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,

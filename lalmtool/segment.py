@@ -12,6 +12,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 from scipy.signal import find_peaks
 
 from .parallel import run_sharded
@@ -25,14 +26,17 @@ THRESHOLD_METHODS = ("scpc", "prominence")
 
 def dissimilarity(z: np.ndarray) -> np.ndarray:
     """``1 - cos(z_t, z_{t+1})`` for t = 0 .. T-2 (all-zero frames count as orthogonal)."""
-    z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2:
         raise ValueError(f"features must be [T, D], got shape {z.shape}")
-    if not np.isfinite(z).all():
-        raise ValueError("features contain NaN or Inf values")
-    norm = np.sqrt(np.einsum("td,td->t", z, z))
-    unit = z / np.maximum(norm, 1e-12)[:, None]
-    return 1.0 - np.einsum("td,td->t", unit[:-1], unit[1:])
+    x = torch.from_numpy(np.ascontiguousarray(z)).float()  # torch casts float16 fast
+    sq = (x * x).sum(1)
+    if not torch.isfinite(sq).all():
+        if not torch.isfinite(x).all():
+            raise ValueError("features contain NaN or Inf values")
+        x, sq = x.double(), (x.double() ** 2).sum(1)  # finite but too large for float32 squares
+    dots = (x[:-1] * x[1:]).sum(1)
+    d = 1.0 - dots / torch.sqrt(torch.clamp(sq[:-1] * sq[1:], min=1e-24))
+    return d.float().numpy()
 
 
 def _starts(peak_index: np.ndarray) -> np.ndarray:

@@ -170,3 +170,59 @@ def test_stereo_44k_and_8k_are_resampled(tiny_whisper, tmp_path):
     st = Store(extract(m, tiny_whisper, str(tmp_path / "f"))["store"])
     assert st["st"].shape[0] == 100 and st["n8"].shape[0] == 75
     assert st.attrs("st")["duration"] == pytest.approx(2.0)
+
+
+def test_sigkill_during_extract_then_rerun_gives_the_same_store(tiny_whisper, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = []
+    for i in range(16):
+        sf.write(tmp_path / f"{i}.wav", tone(1.0 + 0.2 * i, seed=i), 16000)
+        rows.append({"id": f"k{i:02d}", "audio": f"{i}.wav", "text": "t"})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    ref = read_all(extract(m, tiny_whisper, str(tmp_path / "ref"), shard_size=1)["store"])
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lalmtool.cli", "extract", "--manifest", m, "--model",
+           tiny_whisper, "--out", str(out), "--shard-size", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(list(out.glob("feats.*.h5"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+    assert len(list(out.glob("feats.*.h5"))) < 16
+    subprocess.run(cmd, check=True, capture_output=True)
+    again = read_all(str(out))
+    assert again.keys() == ref.keys()
+    for u in ref:
+        np.testing.assert_array_equal(again[u], ref[u])
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
+
+
+def test_cli_pipeline_and_clear_errors(tiny_whisper, audio_set, tmp_path):
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    r = CliRunner()
+    feats, seg, pooled = (str(tmp_path / n) for n in ("feats", "seg", "pooled"))
+    res = r.invoke(main, ["extract", "--manifest", audio_set, "--model", tiny_whisper, "--out", feats])
+    assert res.exit_code == 0, res.output
+    assert "utterances" in res.output
+    res = r.invoke(main, ["segment", "--feats", feats, "--method", "peaks", "--out", seg])
+    assert res.exit_code == 0 and "tokens_per_s" in res.output
+    res = r.invoke(main, ["pool", "--feats", feats, "--segments", seg, "--out", pooled])
+    assert res.exit_code == 0 and "compression" in res.output
+    res = r.invoke(main, ["info", pooled])
+    assert json.loads(res.output)["kind"] == "pooled"
+    res = r.invoke(main, ["segment", "--feats", str(tmp_path / "nope"), "--method", "peaks",
+                          "--out", seg])
+    assert res.exit_code == 1 and "not a lalmtool store" in res.output
+    res = r.invoke(main, ["segment", "--feats", feats, "--method", "uniform", "--out", seg])
+    assert res.exit_code == 1 and "--k" in res.output

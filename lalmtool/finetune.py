@@ -212,7 +212,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     else:
         be.model = get_peft_model(be.model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules or be.default_lora_targets))
+            target_modules=cfg.target_modules or be.default_lora_targets,
+            modules_to_save=be.modules_to_save or None))
     peft_model = be.model
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -41,6 +41,8 @@ class Backend(ABC):
     model: torch.nn.Module
     #: peft ``target_modules`` (a list of names or a full-match regex) for LoRA by default.
     default_lora_targets: str | list[str] = ""
+    #: Modules trained in full next to the adapters (e.g. a projector); saved with the adapter.
+    modules_to_save: list[str] = []
 
     @abstractmethod
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:

@@ -7,6 +7,7 @@ from .base import Backend
 
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",
+    "qwen2-audio": "lalmtool.models.qwen2_audio:Qwen2AudioBackend",
 }
 
 

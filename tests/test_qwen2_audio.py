@@ -1,0 +1,255 @@
+"""qwen2-audio backend on a tiny random Qwen2-Audio: the splice path equals the model's own path.
+
+The checkpoint (1-layer audio tower, 2-layer Qwen2 decoder, a byte-level BPE tokenizer with
+Qwen2-Audio's special tokens, a Whisper feature extractor with 80 mel bins) is built offline.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import tone, write_manifest
+from lalmtool.models import load_backend
+from lalmtool.models.qwen2_audio import Qwen2AudioBackend
+from lalmtool.pool import pool
+from lalmtool.segment import uniform
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
+            "<|audio_eos|>"]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_audio(tmp_path_factory) -> str:
+    """A random tiny Qwen2-Audio checkpoint with its processor, saved to disk."""
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, WhisperFeatureExtractor)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}  # the 256 byte symbols
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=SPECIALS[1:])
+    ids = dict(zip(SPECIALS, tok.convert_tokens_to_ids(SPECIALS)))
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                        tokenizer=tok).save_pretrained(path)
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=16, encoder_layers=1,
+                          encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=80,
+                          max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096,
+                         eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=None),
+        audio_token_index=ids["<|AUDIO|>"])
+    torch.manual_seed(0)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    with torch.no_grad():  # make the audio matter to a random decoder
+        model.model.multi_modal_projector.linear.weight.normal_(0, 1.0)
+    model.generation_config.eos_token_id = ids["<|endoftext|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen2_audio):
+    """The model's own path: transformers' processor and model on raw audio."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    return (AutoProcessor.from_pretrained(tiny_qwen2_audio),
+            Qwen2AudioForConditionalGeneration.from_pretrained(tiny_qwen2_audio).eval())
+
+
+WAVES = [tone(1.0, seed=1), tone(2.3, freq=330, seed=2), tone(0.6, freq=150, seed=3)]
+TEXTS = ["the hen", "in the end it is", "then"]
+
+
+def end_token(be):
+    return "<|im_end|>" if be.prompt_style == "chat" else "<|endoftext|>"
+
+
+@pytest.mark.parametrize("opts", [{}, {"prompt_style": "chat"},
+                                  {"task": "translate", "target_language": "de"}],
+                         ids=["base-asr", "chat", "translate"])
+def test_identity_logits_equal_the_models_forward(opts, tiny_qwen2_audio, reference):
+    proc, model = reference
+    be = Qwen2AudioBackend(tiny_qwen2_audio, **opts)
+    feats = be.encode(WAVES)
+    batch = be.build_inputs(feats, TEXTS)
+    with torch.no_grad():
+        ours = be.model(**batch.model_inputs()).logits
+    worst = 0.0
+    for i, (w, t) in enumerate(zip(WAVES, TEXTS)):
+        ref = proc(text=[be.prompt + t + end_token(be)], audio=[w], return_tensors="pt")
+        n = ref.input_ids.shape[1]
+        assert batch.attention_mask[i].sum() == n  # right-padded: item i fills [0, n)
+        assert torch.equal(batch.ids[i, :n], ref.input_ids[0])  # same prompt, same placeholders
+        with torch.no_grad():
+            theirs = model(**ref).logits[0]
+        worst = max(worst, float((ours[i, :n] - theirs).abs().max()))
+    assert worst <= 1e-4
+    print(f"max abs logit difference ({be.prompt_style}, {be.task}): {worst:.2e}")
+
+
+def test_encoder_frames_cover_the_audio_like_the_processor(tiny_qwen2_audio, reference):
+    proc, _ = reference
+    be = load_backend("qwen2-audio", tiny_qwen2_audio)
+    assert be.frame_rate == 25
+    feats = be.encode(WAVES)
+    for w, f in zip(WAVES, feats):
+        ref = proc(text=[be.prompt], audio=[w], return_tensors="pt")
+        assert f.shape == ((ref.input_ids == be.model.config.audio_token_id).sum(), 16)
+    one_by_one = [be.encode([w])[0] for w in WAVES]
+    for a, b in zip(feats, one_by_one):  # the padded windows are masked: batching changes nothing
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_equals_the_models_generate(tiny_qwen2_audio, reference):
+    proc, model = reference
+    be = Qwen2AudioBackend(tiny_qwen2_audio)
+    feats = be.encode(WAVES)
+    batched = be.generate_ids(feats, max_new_tokens=12)  # left-padded batch
+    outputs = set()
+    for i, (w, f) in enumerate(zip(WAVES, feats)):
+        ref = proc(text=[be.prompt], audio=[w], return_tensors="pt")
+        theirs = model.generate(**ref, do_sample=False, max_new_tokens=12)[0, ref.input_ids.shape[1]:]
+        ours = be.generate_ids([f], max_new_tokens=12)[0]
+        assert ours.tolist() == theirs.tolist()
+        assert batched[i, : len(ours)].tolist() == ours.tolist()
+        outputs.add(tuple(ours.tolist()))
+    assert len(outputs) > 1, "the audio should change what a random decoder says"
+    texts = be.generate(feats, max_new_tokens=12)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_compressed_features_fill_exactly_their_placeholders(tiny_qwen2_audio):
+    be = Qwen2AudioBackend(tiny_qwen2_audio)
+    frames = [f.numpy() for f in be.encode(WAVES)]
+    pooled = [torch.from_numpy(pool(z, uniform(z, 2))) for z in frames]
+    audio_id = be.model.config.audio_token_id
+    for side in ("left", "right"):
+        batch = be.build_inputs(pooled, TEXTS, padding_side=side)
+        assert (batch.ids == audio_id).sum(1).tolist() == [len(p) for p in pooled]
+        assert [len(p) for p in pooled] == [-(-len(z) // 2) for z in frames]
+        spliced = batch.inputs_embeds[batch.ids == audio_id]
+        torch.testing.assert_close(spliced, be.project(pooled))
+    loss, n = be.loss(pooled, TEXTS)
+    tok = be.tokenizer
+    assert n == sum(len(tok.encode(t, add_special_tokens=False)) + 1 for t in TEXTS)
+    singles = [be.loss([p], [t]) for p, t in zip(pooled, TEXTS)]  # padding changes nothing
+    expected = sum(float(l.detach()) * k for l, k in singles) / sum(k for _, k in singles)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert [len(g) for g in be.generate([pooled[0]], max_new_tokens=3)]
+
+
+def test_prepool_tap_pooled_by_the_compressor_reproduces_the_model(tiny_qwen2_audio):
+    pooled_be = Qwen2AudioBackend(tiny_qwen2_audio)
+    pre_be = Qwen2AudioBackend(tiny_qwen2_audio, tap="prepool")
+    assert pre_be.frame_rate == 50 and pre_be.identity()["tap"] == "prepool"
+    w = WAVES[0]  # 1 s: 50 frames at 50 Hz, an even number
+    z = pre_be.encode([w])[0]
+    assert z.shape == (50, 16)
+    halved = torch.from_numpy(pool(z.numpy(), uniform(z.numpy(), 2)))
+    with torch.no_grad():
+        a = pre_be.model(**pre_be.build_inputs([halved], ["the"]).model_inputs()).logits
+        b = pooled_be.model(**pooled_be.build_inputs(pooled_be.encode([w]), ["the"]).model_inputs()).logits
+    assert float((a - b).abs().max()) <= 1e-4
+
+
+def test_long_audio_is_encoded_window_by_window(tiny_qwen2_audio):
+    long = tone(65.0)
+    assert Qwen2AudioBackend(tiny_qwen2_audio).encode([long])[0].shape[0] == 750 + 750 + 125
+    assert Qwen2AudioBackend(tiny_qwen2_audio, trim=False).encode([long])[0].shape[0] == 3 * 750
+    assert Qwen2AudioBackend(tiny_qwen2_audio, tap="prepool").encode([long])[0].shape[0] == 3250
+
+
+def test_lora_targets_the_language_model_and_projector_on_request(tiny_qwen2_audio):
+    from peft import LoraConfig, get_peft_model
+
+    be = Qwen2AudioBackend(tiny_qwen2_audio, train_projector=True)
+    assert be.modules_to_save == ["multi_modal_projector"]
+    be.model.requires_grad_(False)
+    be.model = get_peft_model(be.model, LoraConfig(
+        r=4, target_modules=be.default_lora_targets, modules_to_save=be.modules_to_save))
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in be.model.named_modules() if n.endswith("lora_A")}
+    assert len(lora) == 2 * 7 and all(".language_model.layers." in n for n in lora)
+    assert {n.rsplit(".", 1)[1] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                   "gate_proj", "up_proj", "down_proj"}
+    trainable = [n for n, p in be.model.named_parameters() if p.requires_grad]
+    assert any("multi_modal_projector" in n for n in trainable)
+    assert not any("audio_tower" in n or "embed_tokens" in n for n in trainable)
+    feats = be.encode(WAVES[:2])
+    loss, _ = be.loss(feats, TEXTS[:2])  # the splice runs through the peft wrapper
+    loss.backward()
+    assert all(p.grad is not None for n, p in be.model.named_parameters() if p.requires_grad)
+    assert Qwen2AudioBackend(tiny_qwen2_audio).modules_to_save == []
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen2_audio):
+    plain, ckpt = (Qwen2AudioBackend(tiny_qwen2_audio, gradient_checkpointing=g) for g in (False, True))
+    feats = plain.encode(WAVES[:2])
+    grads = []
+    for be in (plain, ckpt):
+        be.model.train()
+        loss, _ = be.loss(feats, TEXTS[:2])
+        loss.backward()
+        grads.append((float(loss), be.model.model.language_model.layers[0].self_attn.q_proj.weight.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_clear_errors(tiny_qwen2_audio):
+    with pytest.raises(ValueError, match="tap"):
+        Qwen2AudioBackend(tiny_qwen2_audio, tap="middle")
+    with pytest.raises(ValueError, match="target_language"):
+        Qwen2AudioBackend(tiny_qwen2_audio, task="translate")
+    be = Qwen2AudioBackend(tiny_qwen2_audio, instruction="and again: <|AUDIO|>")
+    with pytest.raises(ValueError, match="exactly one"):
+        be.build_inputs([torch.zeros(3, 16)])
+    be = Qwen2AudioBackend(tiny_qwen2_audio)
+    with pytest.raises(ValueError, match="texts"):
+        be.loss([torch.zeros(3, 16)], ["a", "b"])
+    with pytest.raises(ValueError, match="3 audio frames"):
+        be.loss([torch.zeros(3, 16)], ["a text holding <|AUDIO|>"])
+    with pytest.raises(ValueError, match="padding_side"):
+        be.build_inputs([torch.zeros(3, 16)], padding_side="middle")
+
+
+def test_pipeline_extract_pool_finetune_decode_score(tiny_qwen2_audio, tmp_path):
+    from lalmtool.decode import decode
+    from lalmtool.extract import extract
+    from lalmtool.finetune import TrainConfig, finetune
+    from lalmtool.pool import pool_store
+    from lalmtool.score import score
+    from lalmtool.segment import segment
+    from lalmtool.store import Store
+
+    rows = []
+    for i, sec in enumerate([0.8, 1.3, 0.5, 1.1]):
+        sf.write(tmp_path / f"{i}.wav", tone(sec, freq=180 + 60 * i, seed=i), 16000)
+        rows.append({"id": f"q{i}", "audio": f"{i}.wav", "text": TEXTS[i % 3]})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    feats = extract(m, tiny_qwen2_audio, str(tmp_path / "feats"), backend="qwen2-audio")["store"]
+    assert Store(feats).meta["frame_rate"] == 25 and Store(feats)["q1"].shape == (32, 16)
+    segment(feats, "uniform", str(tmp_path / "seg"), k=2)
+    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))["store"]
+    cfg = TrainConfig(backend="qwen2-audio", max_steps=8, batch_size=2, lr=1e-2, warmup_steps=0,
+                      lora_r=4, lora_dropout=0.0, save_every=8, log_every=1,
+                      extra={"train_projector": True})
+    summary = finetune(pooled, m, tiny_qwen2_audio, str(tmp_path / "lora"), cfg)
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "lora" / "log.jsonl")]
+    assert summary["steps"] == 8 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    info = decode(pooled, tiny_qwen2_audio, str(tmp_path / "dec"), adapter=summary["adapter"],
+                  backend="qwen2-audio", manifest=m, max_new_tokens=8, batch_size=3)
+    assert info["utterances"] == 4
+    assert info["audio_tokens"] == sum(Store(pooled).dataset(u).shape[0] for u in Store(pooled).ids)
+    assert info["compression_ratio"] == pytest.approx(2.0, rel=0.1)
+    res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m)
+    assert res["wer"] >= 0 and os.path.exists(tmp_path / "dec" / "results.json")

@@ -116,6 +116,17 @@ _common = [
 ]
 
 
+BACKEND_OPT = click.option(
+    "--backend-opt", multiple=True, metavar="KEY=VALUE",
+    help="Backend option, repeatable (e.g. tap=prepool, task=translate, language=de).")
+
+
+def _backend_opts(items) -> dict:
+    from .finetune import parse_overrides
+
+    return _run(parse_overrides, list(items))
+
+
 def common(fn):
     for opt in reversed(_common):
         fn = opt(fn)
@@ -136,15 +147,16 @@ def common(fn):
               default="float32", show_default=True, help="Encoder compute dtype.")
 @click.option("--trim/--no-trim", default=True, show_default=True,
               help="Keep only the frames covering real audio (else the whole padded window).")
+@BACKEND_OPT
 @common
 def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size, device,
-            dtype, trim, nj, force) -> None:
+            dtype, trim, backend_opt, nj, force) -> None:
     """Encode the audio of a manifest into a feature store (HDF5, float16)."""
     from .extract import extract as run
 
     s = _run(run, manifest_path, model, out, backend=backend, nj=nj, batch_size=batch_size,
              on_error=on_error, shard_size=shard_size, force=force, device=device,
-             dtype=dtype, trim=trim)
+             dtype=dtype, trim=trim, backend_opts=_backend_opts(backend_opt))
     _print_table([s], ["utterances", "audio_hours", "frames", "seconds", "rtf", "skipped"])
 
 
@@ -225,15 +237,20 @@ def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, va
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--max-new-tokens", default=200, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@BACKEND_OPT
 @click.option("--force", is_flag=True, help="Decode again even if done.")
 def decode(feats, model, adapter, out, manifest_path, set_name, backend, beam, batch_size,
-           max_new_tokens, device, force) -> None:
-    """Generate transcripts (or translations) from stored features."""
+           max_new_tokens, device, backend_opt, force) -> None:
+    """Generate transcripts (or translations) from stored features.
+
+    Backend options default to those the adapter was trained with (its run's config.yaml).
+    """
     from .decode import decode as run
 
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
              batch_size=batch_size, max_new_tokens=max_new_tokens, manifest=manifest_path,
-             set_name=set_name, device=device, force=force)
+             set_name=set_name, device=device, force=force,
+             backend_opts=_backend_opts(backend_opt) if backend_opt else None)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",
                            "compression_ratio", "utt_per_s"])

@@ -44,14 +44,20 @@ def condition_of(store: Store) -> tuple[str, dict, str]:
 def decode(feats: str, model: str, out: str, adapter: str | None = None,
            backend: str = "whisper", beam: int = 1, batch_size: int = 16,
            max_new_tokens: int = 200, manifest: str | None = None, set_name: str | None = None,
-           device: str = "cpu", force: bool = False) -> dict:
-    """Decodes every utterance of the store ``feats``; returns decode.json's content."""
+           device: str = "cpu", force: bool = False, backend_opts: dict | None = None) -> dict:
+    """Decodes every utterance of the store ``feats``; returns decode.json's content.
+
+    ``backend_opts`` (prompt, task, language, ...) default to those the adapter was trained with.
+    """
     rank, world = dist_info()
+    if backend_opts is None:
+        backend_opts = _training_opts(adapter)
     store = Store(feats)
     method, params, label = condition_of(store)
     fp = fingerprint({"feats": store.fingerprint, "model": model_identity(model),
                       "adapter": model_identity(adapter) if adapter else None, "beam": beam,
-                      "max_new_tokens": max_new_tokens, "backend": backend})
+                      "max_new_tokens": max_new_tokens, "backend": backend,
+                      "backend_opts": backend_opts})
     os.makedirs(out, exist_ok=True)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
     if os.path.exists(info_path) and os.path.exists(hyp_path):
@@ -75,7 +81,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     done = _read_part(part)
     todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
     if todo:
-        be = load_backend(backend, model, device=device)
+        be = load_backend(backend, model, device=device, **backend_opts)
         if adapter:
             from peft import PeftModel
 
@@ -113,7 +119,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         "set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
         "params": params, "condition": label, "feats": os.path.abspath(feats), "model": model,
         "adapter": os.path.abspath(adapter) if adapter else None, "lora": bool(adapter),
-        "backend": backend, "beam": beam, "max_new_tokens": max_new_tokens,
+        "backend": backend, "backend_opts": backend_opts, "beam": beam, "max_new_tokens": max_new_tokens,
         "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
         "compression_ratio": src_rate * audio_s / tokens if tokens else None,
@@ -125,6 +131,17 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
+
+
+def _training_opts(adapter: str | None) -> dict:
+    """The backend options (``extra``) of the finetune run that wrote ``adapter``, if known."""
+    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml") if adapter else ""
+    if not os.path.exists(cfg):
+        return {}
+    import yaml
+
+    with open(cfg, encoding="utf-8") as fh:
+        return dict((yaml.safe_load(fh) or {}).get("extra") or {})
 
 
 def _clear_stale(out: str, fp: str, force: bool) -> None:

@@ -23,22 +23,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: int = 1,
             batch_size: int = 8, on_error: str = "fail", shard_size: int = 100,
             force: bool = False, device: str = "cpu", dtype: str = "float32",
-            trim: bool = True) -> dict:
+            trim: bool = True, backend_opts: dict | None = None) -> dict:
     """Encodes every utterance of ``manifest`` with ``model`` into the store ``out``.
 
     Returns a summary: utterances, audio hours, frames, wall seconds, real-time factor, skipped.
     """
     utts, skipped = load_manifest(manifest, on_error=on_error)
-    opts = {"device": device, "dtype": DTYPES[dtype], "trim": trim}
+    opts = {"device": device, "dtype": DTYPES[dtype], "trim": trim, **(backend_opts or {})}
     enc = load_backend(backend, model, **opts)
     fp = fingerprint({
         "stage": "extract", "version": STAGE_VERSION, "encoder": enc.identity(), "dtype": dtype,
+        "backend_opts": backend_opts or {},
         "stored": "float16", "shard_size": shard_size,
         "inputs": [(u.id, os.path.abspath(u.audio), os.path.getsize(u.audio)) for u in utts],
     })
     meta = {"stage": "extract", "frame_rate": enc.frame_rate, "backend": backend,
             "model": model, "manifest": os.path.abspath(manifest), "trim": trim,
-            "compute_dtype": dtype, "source_frame_rate": enc.frame_rate}
+            "compute_dtype": dtype, "source_frame_rate": enc.frame_rate,
+            "backend_opts": backend_opts or {}}
     by_id = {u.id: u for u in utts}
     if nj <= 1:
         factory = functools.partial(_bound_worker, enc, by_id, batch_size, on_error)

@@ -8,6 +8,7 @@ from .base import Backend
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",
     "qwen2-audio": "lalmtool.models.qwen2_audio:Qwen2AudioBackend",
+    "speechllm": "lalmtool.models.speechllm:SpeechLLMBackend",
 }
 
 

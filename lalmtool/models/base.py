@@ -54,6 +54,24 @@ class Backend(ABC):
         """Transcripts (or translations) for a batch of feature sequences."""
 
 
+def encode_in_windows(waves: list[np.ndarray], window: int, batch_size: int,
+                      encode_pieces) -> list[torch.Tensor]:
+    """Encodes waveforms of any length with an encoder that takes at most ``window`` samples.
+
+    Each waveform is cut into windows; windows of all utterances are batched together
+    (``batch_size`` per call of ``encode_pieces``, which maps a list of ≤ window-sample pieces
+    to their frames ``[T_j, D]``), and each utterance's frames are joined in order.
+    """
+    pieces = [(i, w[start : start + window])
+              for i, w in enumerate(waves) for start in range(0, max(len(w), 1), window)]
+    out: list[list[torch.Tensor]] = [[] for _ in waves]
+    for b in range(0, len(pieces), batch_size):
+        chunk = pieces[b : b + batch_size]
+        for (i, _), frames in zip(chunk, encode_pieces([p for _, p in chunk])):
+            out[i].append(frames)
+    return [torch.cat(parts) for parts in out]
+
+
 def model_identity(name_or_path: str) -> dict:
     """A cheap, content-based identity of a checkpoint directory (or the hub id as given).
 

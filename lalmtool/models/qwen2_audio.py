@@ -94,7 +94,7 @@ from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig,
                           Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor)
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import Backend
+from .base import Backend, encode_in_windows
 
 WINDOW_SECONDS = 30
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
@@ -174,21 +174,13 @@ class Qwen2AudioBackend(Backend):
     # -- encoder -------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
-        window = WINDOW_SECONDS * self.sample_rate
-        pieces = []  # (utterance index, samples) per 30 s window
-        for i, w in enumerate(waves):
-            for start in range(0, max(len(w), 1), window):
-                pieces.append((i, w[start : start + window]))
-        out: list[list[torch.Tensor]] = [[] for _ in waves]
-        for b in range(0, len(pieces), batch_size):
-            chunk = pieces[b : b + batch_size]
-            frames, lengths = self._encode_windows([p for _, p in chunk])
-            for (i, _), h, n in zip(chunk, frames, lengths):
-                keep = int(n) if self.trim else h.shape[0]
-                if not out[i]:  # a very short utterance still gets one frame
-                    keep = max(keep, 1)
-                out[i].append(h[:keep])
-        return [torch.cat(parts) for parts in out]
+        return encode_in_windows(waves, WINDOW_SECONDS * self.sample_rate, batch_size,
+                                 self._kept_frames)
+
+    def _kept_frames(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:
+        """Frames of ≤30 s pieces: those covering the audio (at least one), or all untrimmed."""
+        frames, lengths = self._encode_windows(pieces)
+        return [h[: max(int(n), 1)] if self.trim else h for h, n in zip(frames, lengths)]
 
     def _encode_windows(self, pieces: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio tower frames ``[B, T, D]`` of ≤30 s pieces and the number that cover audio.

@@ -17,7 +17,7 @@ from transformers import (WhisperFeatureExtractor, WhisperForConditionalGenerati
                           WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 
-from .base import Backend, pad_features
+from .base import Backend, encode_in_windows, pad_features
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -56,22 +56,17 @@ class WhisperBackend(Backend):
     # -- encoder -------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
-        window = WINDOW_SECONDS * self.sample_rate
-        pieces = []  # (utterance index, samples) per 30 s window
-        for i, w in enumerate(waves):
-            for start in range(0, max(len(w), 1), window):
-                pieces.append((i, w[start : start + window]))
-        out: list[list[torch.Tensor]] = [[] for _ in waves]
-        for b in range(0, len(pieces), batch_size):
-            chunk = pieces[b : b + batch_size]
-            mel = self.features([p for _, p in chunk], sampling_rate=self.sample_rate,
-                                return_tensors="pt").input_features
-            hidden = self.model.model.encoder(
-                mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
-            for (i, samples), h in zip(chunk, hidden):
-                keep = math.ceil(len(samples) / (2 * HOP)) if self.trim else h.shape[0]
-                out[i].append(h[:keep])
-        return [torch.cat(parts) for parts in out]
+        return encode_in_windows(waves, WINDOW_SECONDS * self.sample_rate, batch_size,
+                                 self._encode_windows)
+
+    def _encode_windows(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:
+        """Frames of ≤30 s pieces: those covering the audio (50 Hz), or all 1500 untrimmed."""
+        mel = self.features(pieces, sampling_rate=self.sample_rate,
+                            return_tensors="pt").input_features
+        hidden = self.model.model.encoder(
+            mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
+        return [h[: math.ceil(len(p) / (2 * HOP))] if self.trim else h
+                for p, h in zip(pieces, hidden)]
 
     # -- decoder -------------------------------------------------------------------------
     def _memory(self, feats: list[torch.Tensor]) -> tuple[BaseModelOutput, torch.Tensor]:

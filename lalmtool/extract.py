@@ -69,7 +69,7 @@ def _bound_worker(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
 
 
 def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: str,
-                  name: str, ids: list[str]) -> tuple[ShardResult, dict]:
+                  name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
     result, waves = ShardResult(), {}
     for utt in ids:
         try:
@@ -78,6 +78,7 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
             if on_error == "fail":
                 raise RuntimeError(f"utterance {utt!r}: {e}") from e
             result.skipped.append({"id": utt, "error": str(e)})
+            tick(1)
     order = sorted(waves, key=lambda u: len(waves[u]))  # similar lengths batch together
     frames = 0
     for b in range(0, len(order), batch_size):
@@ -93,6 +94,7 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
             duration = len(waves[utt]) / enc.sample_rate
             result.items.append((utt, arr, {"duration": duration}))
             frames += arr.shape[0]
+        tick(len(batch))
     stats = {"utterances": len(result.items), "frames": frames,
              "audio_seconds": sum(a["duration"] for _, _, a in result.items)}
     return result, stats

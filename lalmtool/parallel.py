@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Callable
 
@@ -20,8 +20,9 @@ from .store import ShardResult, StoreWriter
 
 log = logging.getLogger("lalmtool")
 
-# A worker maps (shard name, utterance ids) to the shard's content and summed statistics.
-Worker = Callable[[str, list[str]], tuple[ShardResult, dict]]
+# A worker maps (shard name, utterance ids, tick) to the shard's content and summed statistics;
+# it calls tick(n) as it finishes n utterances, for the progress bar.
+Worker = Callable[[str, list[str], Callable[[int], None]], tuple[ShardResult, dict]]
 
 
 def dist_info() -> tuple[int, int]:
@@ -39,20 +40,25 @@ def barrier(world: int) -> None:
 
 
 _worker: Worker | None = None
+_tick: Callable[[int], None] = lambda n: None
 
 
-def _init_worker(factory: Callable[[], Worker], threads: int | None) -> None:
-    global _worker
+def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=None) -> None:
+    global _worker, _tick
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if counter is not None:
+        def _tick(n: int) -> None:
+            with counter.get_lock():
+                counter.value += n
     _worker = factory()
 
 
 def _do_shard(path: str, name: str) -> dict:
     writer = StoreWriter(path)
-    result, stats = _worker(name, writer.shards[name])
+    result, stats = _worker(name, writer.shards[name], _tick)
     writer.write_shard(name, result)
     return stats
 
@@ -67,6 +73,7 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
     and, on rank 0, the utterances skipped in the whole store (``skipped_before`` included: those
     left out before sharding).
     """
+    global _tick
     rank, world = dist_info()
     if rank == 0:
         StoreWriter.create(out, kind, fp, meta, shards, force=force)
@@ -82,18 +89,22 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
                disable=not todo or None)
     if nj <= 1:
         _init_worker(factory, None)
+        _tick = bar.update
         for name in todo:
             totals.update(_do_shard(out, name))
-            bar.update(len(shards[name]))
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // nj)
-        with ProcessPoolExecutor(nj, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(factory, threads)) as pool:
-            futures = {pool.submit(_do_shard, out, name): name for name in todo}
+        ctx = get_context("spawn")
+        counter = ctx.Value("q", 0)
+        with ProcessPoolExecutor(nj, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(factory, threads, counter)) as pool:
+            pending = {pool.submit(_do_shard, out, name) for name in todo}
             try:
-                for fut in as_completed(futures):
-                    totals.update(fut.result())
-                    bar.update(len(shards[futures[fut]]))
+                while pending:
+                    done_now, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in done_now:
+                        totals.update(fut.result())
+                    bar.update(counter.value - bar.n)
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

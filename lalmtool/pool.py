@@ -74,10 +74,11 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
 def _worker(feats: str, segments: str, reduce: str):
     src, seg = Store(feats), Store(segments)
 
-    def run(name: str, ids: list[str]) -> tuple[ShardResult, dict]:
+    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
         stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
         for utt in ids:
+            tick(1)
             z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
             pooled = for_utterance(utt, pool, z, starts, reduce).astype(np.float16)
             result.items.append((utt, pooled, {"duration": attrs["duration"], "frames": len(z)}))

@@ -188,10 +188,11 @@ def for_utterance(utt: str, fn, *args):
 def _worker(feats: str, method: str, k, threshold, on_error: str):
     src = Store(feats)
 
-    def run(name: str, ids: list[str]) -> tuple[ShardResult, dict]:
+    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
         stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
         for utt in ids:
+            tick(1)
             z = src[utt]
             try:
                 b = for_utterance(utt, boundaries, z, method, k, threshold)

@@ -231,7 +231,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     writer = _tensorboard(out) if cfg.tensorboard and rank == 0 else None
     stream = data_stream(train, cfg, tuple(state["position"]))
     bar = tqdm(total=total, initial=state["step"], desc="finetune", unit="step",
-               disable=rank != 0 or None)
+               disable=rank != 0)
     peft_model.train()
     t0, seen_tokens, last = time.perf_counter(), 0, {}
     while state["step"] < total:

@@ -86,7 +86,7 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
         log.info("%s: %d of %d shard(s) already complete, skipped", out, done, len(mine))
     totals: Counter = Counter()
     bar = tqdm(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
-               disable=not todo or None)
+               disable=not todo)
     if nj <= 1:
         _init_worker(factory, None)
         _tick = bar.update

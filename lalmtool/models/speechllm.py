@@ -60,6 +60,7 @@ reuses.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -145,10 +146,19 @@ class SpeechLLM(nn.Module):
         projected = self.projector(audio.to(weight.device, weight.dtype)).to(embeds.dtype)
         return embeds.masked_scatter(audio_mask[..., None], projected)
 
-    def forward(self, input_ids, audio_mask, audio, attention_mask, position_ids, **kwargs):
+    def forward(self, input_ids, audio_mask, audio, attention_mask, position_ids,
+                logits_to_keep: torch.Tensor | None = None, **kwargs):
+        """The LLM's output; ``logits_to_keep`` (bool ``[B, L]``) limits the logits to those
+        positions (flattened to ``[N, V]``) when the LLM supports it, else all come back."""
         embeds = self.embed(input_ids, audio_mask, audio)
+        if logits_to_keep is not None and self._keeps_logits:
+            kwargs["logits_to_keep"] = logits_to_keep
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                         position_ids=position_ids, **kwargs)
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.llm.forward).parameters
 
 
 @dataclass
@@ -232,11 +242,11 @@ def _from_spec_path(value: str, folder: str) -> str:
 
 def portable_name(path: str) -> str:
     """An asset's cache directory → the asset name (portable); other paths made absolute."""
-    from ..assets import ASSETS, _asset_dir
+    from ..assets import list_assets
 
-    for name in ASSETS:
-        if os.path.abspath(path) == os.path.abspath(_asset_dir(name)):
-            return name
+    for asset in list_assets():
+        if os.path.abspath(path) == os.path.abspath(asset["path"]):
+            return asset["name"]
     return os.path.abspath(path) if os.path.exists(path) else path
 
 
@@ -250,10 +260,10 @@ class SpeechLLMBackend(Backend):
                  dtype: torch.dtype | str | None = None, encoder: str | None = None,
                  projector: str | None = None, stack: int | None = None,
                  hidden: int | None = None, prompt: str | None = None, seed: int = 0,
-                 train_projector: bool = True, trim: bool = True):
+                 train_projector: bool = True, trim: bool = True, llm: str | None = None):
         super().__init__(model_path, device, _resolve_dtype(dtype))
         self.spec = read_spec(model_path, encoder=encoder, projector=projector, stack=stack,
-                              hidden=hidden, prompt=prompt)
+                              hidden=hidden, prompt=prompt, llm=llm)
         self.stack, self.prompt = self.spec["stack"], self.spec["prompt"]
         self.seed, self.trim = seed, trim
         self.modules_to_save = ["projector"] if train_projector else []
@@ -308,7 +318,7 @@ class SpeechLLMBackend(Backend):
             torch.manual_seed(self.seed)
             projector = Projector(self.feature_dim * self.stack, llm.config.hidden_size,
                                   self.spec["projector"], self.spec["hidden"])
-        model = SpeechLLM(projector.to(self.dtype), llm, portable_name(self.model_path))
+        model = SpeechLLM(projector.to(self.dtype), llm, self.model_path)
         weights = self.spec["weights"]
         if weights:
             from safetensors.torch import load_file
@@ -434,13 +444,19 @@ class SpeechLLMBackend(Backend):
 
     # -- decoder -------------------------------------------------------------------------
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Token-mean cross-entropy of the transcripts and end tokens (logits computed only
+        where a target token is predicted)."""
         batch = self.build_inputs(feats, texts, padding_side="right")
-        logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        targets = batch.labels[:, 1:]
-        keep = targets != -100
-        n = int(keep.sum())
+        predicts = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+        predicts[:, :-1] = batch.labels[:, 1:] != -100  # the next token is a target
+        targets = batch.labels[:, 1:][predicts[:, :-1]]
+        logits = self.model(**batch.model_inputs(), use_cache=False,
+                            logits_to_keep=predicts).logits
+        if logits.ndim == 3:  # an LLM without logits_to_keep returned every position
+            logits = logits[predicts]
+        n = int(targets.numel())
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1][keep].float(), targets[keep], reduction="sum") / max(n, 1)
+            logits.float(), targets, reduction="sum") / max(n, 1)
         return loss, n
 
     @torch.inference_mode()

@@ -289,6 +289,18 @@ def report(exp_dir) -> None:
     click.echo(open(os.path.join(exp_dir, "RESULTS.md"), encoding="utf-8").read().rstrip())
 
 
+@main.command("export-speechllm")
+@click.option("--adapter", required=True, help="adapter/ of a speechllm finetune run.")
+@click.option("--out", required=True, help="Directory to write (loads with --model alone).")
+@click.option("--model", help="The LLM (default: the base model the adapter records).")
+@BACKEND_OPT
+def export_speechllm(adapter, out, model, backend_opt) -> None:
+    """Save a trained speechllm (encoder and LLM names, projector, LoRA) as one directory."""
+    from .models.speechllm import export_speechllm as run
+
+    click.echo(_run(run, adapter, out, model, _backend_opts(backend_opt)))
+
+
 @main.command("info")
 @click.argument("store")
 def info(store: str) -> None:

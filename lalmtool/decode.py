@@ -96,7 +96,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
                 hyps = be.generate(feats_b, beam=beam, max_new_tokens=max_new_tokens)
                 per_utt = (time.perf_counter() - t0) / len(ids)
                 for u, f, h in zip(ids, feats_b, hyps):
-                    rec = {"id": u, "hyp": h, "tokens": int(f.shape[0]),
+                    rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),
                            "duration": float(store.attrs(u).get("duration", 0.0)),
                            "seconds": per_utt}
                     if u in refs:

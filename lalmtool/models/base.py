@@ -44,6 +44,10 @@ class Backend(ABC):
     #: Modules trained in full next to the adapters (e.g. a projector); saved with the adapter.
     modules_to_save: list[str] = []
 
+    def num_audio_tokens(self, feat: torch.Tensor) -> int:
+        """Decoder input positions that ``[T, D]`` features occupy (T unless the backend stacks)."""
+        return int(feat.shape[0])
+
     @abstractmethod
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
         """Mean token cross-entropy of ``texts`` given ``feats``, and the number of tokens."""

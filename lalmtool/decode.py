@@ -16,12 +16,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .manifest import read_manifest
 from .models import load_backend
 from .models.base import model_identity
-from .parallel import barrier, dist_info
+from .parallel import barrier, dist_info, progress
 from .store import Store, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -88,7 +87,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
             be.model = PeftModel.from_pretrained(be.model, adapter).merge_and_unload()
         be.model.eval()
         with open(part, "a", encoding="utf-8") as fh, \
-                tqdm(total=len(todo), desc="decode", unit="utt", disable=rank != 0) as bar:
+                progress(total=len(todo), desc="decode", unit="utt", disable=rank != 0) as bar:
             for b in range(0, len(todo), batch_size):
                 ids = todo[b : b + batch_size]
                 feats_b = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]

@@ -32,10 +32,10 @@ import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from tqdm import tqdm
 
 from .manifest import load_manifest
 from .models import load_backend
+from .parallel import progress
 from .store import Store
 
 log = logging.getLogger("lalmtool")
@@ -230,7 +230,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
 
     writer = _tensorboard(out) if cfg.tensorboard and rank == 0 else None
     stream = data_stream(train, cfg, tuple(state["position"]))
-    bar = tqdm(total=total, initial=state["step"], desc="finetune", unit="step",
+    bar = progress(total=total, initial=state["step"], desc="finetune", unit="step",
                disable=rank != 0)
     peft_model.train()
     t0, seen_tokens, last = time.perf_counter(), 0, {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -23,6 +24,11 @@ log = logging.getLogger("lalmtool")
 # A worker maps (shard name, utterance ids, tick) to the shard's content and summed statistics;
 # it calls tick(n) as it finishes n utterances, for the progress bar.
 Worker = Callable[[str, list[str], Callable[[int], None]], tuple[ShardResult, dict]]
+
+
+def progress(**kwargs) -> tqdm:
+    """A tqdm bar; in a log file (not a terminal) it writes a line every 10 s at most."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 10.0, **kwargs)
 
 
 def dist_info() -> tuple[int, int]:
@@ -85,7 +91,7 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
     if done:
         log.info("%s: %d of %d shard(s) already complete, skipped", out, done, len(mine))
     totals: Counter = Counter()
-    bar = tqdm(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
+    bar = progress(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
                disable=not todo)
     if nj <= 1:
         _init_worker(factory, None)

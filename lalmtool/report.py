@@ -257,6 +257,8 @@ def _value(row: dict) -> float | None:
 
 def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict) -> None:
     """One set's lines: a line per (method, LoRA) (per model too when the set has several)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     several_models = len({r["model"] for r in rows}) > 1
     lines: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -270,6 +272,13 @@ def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict)
     xs = [r["tokens_per_s"] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 8:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ys = [_value(r) for r in rows if _value(r) is not None and _value(r) > 0]
+    if metric == "wer" and ys and max(ys) / min(ys) > 20:  # broken decoders next to good ones
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(f"{set_name} ({'WER' if metric == 'wer' else 'BLEU'})")
     ax.set_xlabel("audio tokens/s fed to the decoder")
     ax.set_ylabel("WER (%)" if metric == "wer" else "BLEU")

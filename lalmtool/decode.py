@@ -21,7 +21,7 @@ from .manifest import read_manifest
 from .models import load_backend
 from .models.base import model_identity
 from .parallel import barrier, dist_info, progress
-from .store import Store, fingerprint
+from .store import Store, fingerprint, write_atomic
 
 log = logging.getLogger("lalmtool")
 
@@ -125,8 +125,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
         "fingerprint": fp,
     }
-    _write_atomic(hyp_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(info_path, json.dumps(info, indent=1))
+    write_atomic(hyp_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(info_path, json.dumps(info, indent=1))
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
@@ -152,7 +152,7 @@ def _clear_stale(out: str, fp: str, force: bool) -> None:
                 os.path.join(out, "hyp.jsonl"), os.path.join(out, "decode.json")]:
             if os.path.exists(p):
                 os.remove(p)
-    _write_atomic(marker, fp)
+    write_atomic(marker, fp)
 
 
 def _read_part(path: str) -> dict[str, dict]:
@@ -167,9 +167,3 @@ def _read_part(path: str) -> dict[str, dict]:
         with open(path, "w", encoding="utf-8") as fh:  # drop a cut last line before appending
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out.values())
     return out
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)

@@ -36,7 +36,7 @@ from peft.utils import get_peft_model_state_dict
 from .manifest import load_manifest
 from .models import load_backend
 from .parallel import progress
-from .store import Store
+from .store import Store, write_atomic
 
 log = logging.getLogger("lalmtool")
 
@@ -392,9 +392,7 @@ def _check_config(out: str, cfg: TrainConfig) -> None:
                 raise ValueError(f"{out} holds a run with another configuration ({path}); "
                                  "use another --out or remove it")
     if int(os.environ.get("RANK", 0)) == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, text)
 
 
 def _log(out: str, rec: dict, writer, rank: int) -> None:
@@ -415,9 +413,7 @@ def _truncate_log(out: str, step: int) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            fh.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(keep))
 
 
 def _tensorboard(out: str):

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 
-from .score import write_atomic
+from .store import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable
 
+from .store import write_atomic
+
 METRICS = ("wer", "bleu")
 NORMALIZERS = ("auto", "whisper_english", "basic", "none")
 ENGLISH_LANGS = {"en", "eng", "english"}
@@ -376,20 +378,6 @@ def _total(recs: list[dict], key: str) -> float | None:
 
 
 # --------------------------------------------------------------------------- output
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def format_result(res: dict) -> str:
     """result.txt: the score and the facts every number carries, for a person."""

@@ -76,7 +76,8 @@ class StoreWriter:
     """Writes the shards of one store; each shard atomically, by one process.
 
     ``StoreWriter.create`` (one process: the parent of ``--nj`` workers, or rank 0) checks the
-    fingerprint, clears what is stale and records the shard plan; workers then ``open`` it.
+    fingerprint, clears what is stale and records the shard plan; workers then construct a
+    ``StoreWriter(path)`` on it.
     """
 
     def __init__(self, path: str):
@@ -101,8 +102,8 @@ class StoreWriter:
             )
         if force or mismatch:
             _clear(path)
-        _write_json_atomic(os.path.join(path, STORE_FILE),
-                           {"kind": kind, "fingerprint": fp, "meta": meta, "shards": shards})
+        write_atomic(os.path.join(path, STORE_FILE), json.dumps(
+            {"kind": kind, "fingerprint": fp, "meta": meta, "shards": shards}, indent=1))
         return cls(path)
 
     def pending(self) -> list[str]:
@@ -139,11 +140,8 @@ class StoreWriter:
         for name in self.shards:
             with h5py.File(os.path.join(self.path, name), "r") as f:
                 skipped += json.loads(f.attrs["skipped"])
-        with open(os.path.join(self.path, SKIPPED_FILE) + TMP_SUFFIX, "w") as fh:
-            for s in skipped:
-                fh.write(json.dumps(s) + "\n")
-        os.replace(os.path.join(self.path, SKIPPED_FILE) + TMP_SUFFIX,
-                   os.path.join(self.path, SKIPPED_FILE))
+        write_atomic(os.path.join(self.path, SKIPPED_FILE),
+                     "".join(json.dumps(s) + "\n" for s in skipped))
         for stale in glob.glob(os.path.join(self.path, f"*{TMP_SUFFIX}*")):
             os.remove(stale)  # left by a killed writer: never part of a finished store
         return skipped
@@ -227,11 +225,18 @@ def _read_json(path: str):
         return json.load(fh)
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}{TMP_SUFFIX}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _clear(path: str) -> None:

@@ -46,13 +46,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$exp"
-timings="$exp/timings.tsv"
-log() { echo "$(date '+%H:%M:%S') [mini] $*"; }
-run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
-  [ "$1" -ge "$stage" ] && [ "$1" -le "$stop_stage" ] || return 1
-  log "stage $1: $2"; stage_start=$(date +%s)
-}
-end_stage() { echo -e "$1\t$2\t$(( $(date +%s) - stage_start ))" >> "$timings"; }
+recipe=mini
+source ../utils/stages.sh
 
 if run_stage 0 "data preparation and model"; then
   python3 local/prepare_data.py --out "$data" --n-train "$n_train" --n-test "$n_test" --nj "$nj"
@@ -74,11 +69,6 @@ if run_stage 1 "extract encoder frames"; then
   end_stage 1 extract
 fi
 
-# condition name → segment method and options, and pooling reducer
-seg_of() { case "$1" in peaks) echo "peaks";; *-k*) echo "uniform-k${1##*-k}";; esac; }
-seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--method uniform --k ${1#uniform-k}";; esac; }
-reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
-feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
 
 if run_stage 2 "segment"; then
   for cond in $conditions; do
@@ -135,4 +125,4 @@ if run_stage 6 "score and report"; then
   lalmtool report "$exp"
   end_stage 6 report
 fi
-[ -f "$timings" ] && { log "stage timings (seconds):"; cat "$timings"; }
+[ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

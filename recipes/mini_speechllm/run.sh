@@ -81,13 +81,8 @@ case " $conditions " in *" frames "*) ;; *)
   exit 1 ;;
 esac
 mkdir -p "$exp"
-timings="$exp/timings.tsv"
-log() { echo "$(date '+%H:%M:%S') [mini_speechllm] $*"; }
-run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
-  [ "$1" -ge "$stage" ] && [ "$1" -le "$stop_stage" ] || return 1
-  log "stage $1: $2"; stage_start=$(date +%s)
-}
-end_stage() { echo -e "$1\t$2\t$(( $(date +%s) - stage_start ))" >> "$timings"; }
+recipe=mini_speechllm
+source ../utils/stages.sh
 speechllm_opts=(--backend speechllm --model "$llm")
 
 if run_stage 0 "data preparation and models"; then
@@ -106,11 +101,6 @@ if run_stage 1 "extract encoder frames"; then
   end_stage 1 extract
 fi
 
-# condition name → segment method and options, and pooling reducer (as in recipes/mini)
-seg_of() { case "$1" in peaks) echo "peaks";; *-k*) echo "uniform-k${1##*-k}";; esac; }
-seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--method uniform --k ${1#uniform-k}";; esac; }
-reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
-feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
 
 if run_stage 2 "segment"; then
   for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
@@ -188,4 +178,4 @@ if run_stage 6 "score and report"; then
 EOF
   end_stage 6 report
 fi
-[ -f "$timings" ] && { log "stage timings (seconds):"; cat "$timings"; }
+[ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

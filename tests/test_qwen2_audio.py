@@ -13,49 +13,14 @@ import torch
 
 from conftest import tone, write_manifest
 from lalmtool.models import load_backend
-from lalmtool.models.qwen2_audio import Qwen2AudioBackend
+from lalmtool.models.qwen2_audio import Qwen2AudioBackend, write_random_checkpoint
 from lalmtool.pool import pool
 from lalmtool.segment import uniform
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
-            "<|audio_eos|>"]
-
 
 @pytest.fixture(scope="module")
 def tiny_qwen2_audio(tmp_path_factory) -> str:
     """A random tiny Qwen2-Audio checkpoint with its processor, saved to disk."""
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration,
-                              Qwen2AudioProcessor, WhisperFeatureExtractor)
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
-
-    path = str(tmp_path_factory.mktemp("tiny-qwen2-audio"))
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}  # the 256 byte symbols
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n"), ("i", "n")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=SPECIALS[1:])
-    ids = dict(zip(SPECIALS, tok.convert_tokens_to_ids(SPECIALS)))
-    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
-                        tokenizer=tok).save_pretrained(path)
-    cfg = Qwen2AudioConfig(
-        audio_config=dict(model_type="qwen2_audio_encoder", d_model=16, encoder_layers=1,
-                          encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=80,
-                          max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-                         bos_token_id=None),
-        audio_token_index=ids["<|AUDIO|>"])
-    torch.manual_seed(0)
-    model = Qwen2AudioForConditionalGeneration(cfg)
-    with torch.no_grad():  # make the audio matter to a random decoder
-        model.model.multi_modal_projector.linear.weight.normal_(0, 1.0)
-    model.generation_config.eos_token_id = ids["<|endoftext|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(path)
-    return path
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen2-audio")))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +106,11 @@ def test_compressed_features_fill_exactly_their_placeholders(tiny_qwen2_audio):
         spliced = batch.inputs_embeds[batch.ids == audio_id]
         torch.testing.assert_close(spliced, be.project(pooled))
     loss, n = be.loss(pooled, TEXTS)
+    with torch.no_grad():  # the model's own logits at every position give the same loss
+        logits = be.model(**batch.model_inputs()).logits[:, :-1]
+    targets = batch.labels[:, 1:]
+    full = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100])
+    assert float(loss.detach()) == pytest.approx(float(full), rel=1e-5)
     tok = be.tokenizer
     assert n == sum(len(tok.encode(t, add_special_tokens=False)) + 1 for t in TEXTS)
     singles = [be.loss([p], [t]) for p, t in zip(pooled, TEXTS)]  # padding changes nothing

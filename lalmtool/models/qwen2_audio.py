@@ -85,6 +85,7 @@ checkpoints the chat template is used automatically (``prompt_style: chat``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -333,13 +334,16 @@ class Qwen2AudioBackend(Backend):
 
     # -- decoder -------------------------------------------------------------------------
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
         batch = self.build_inputs(feats, texts, padding_side="right")
-        logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        targets = batch.labels[:, 1:]
-        keep = targets != -100
-        n = int(keep.sum())
+        predicts = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+        predicts[:, :-1] = batch.labels[:, 1:] != -100  # the next token is a target
+        targets = batch.labels[:, 1:][predicts[:, :-1]]
+        with _logits_only(self._core().lm_head, lambda h: h[predicts]):
+            logits = self.model(**batch.model_inputs(), use_cache=False).logits
+        n = int(targets.numel())
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1][keep].float(), targets[keep], reduction="sum") / max(n, 1)
+            logits.float(), targets, reduction="sum") / max(n, 1)
         return loss, n
 
     @torch.inference_mode()
@@ -351,13 +355,29 @@ class Qwen2AudioBackend(Backend):
             self.model, torch.nn.parallel.DistributedDataParallel) else self.model
         config = GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
                                   eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
-        return model.generate(inputs_embeds=batch.inputs_embeds,
-                              attention_mask=batch.attention_mask, generation_config=config)
+        with _logits_only(self._core().lm_head, lambda h: h[:, -1:]):  # the prefill's last
+            return model.generate(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask, generation_config=config)
 
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
         ids = self.generate_ids(feats, beam, max_new_tokens)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def _logits_only(lm_head: torch.nn.Module, select):
+    """Within the block ``lm_head`` maps ``select(hidden_states)`` only.
+
+    ``Qwen2AudioForConditionalGeneration.forward`` takes no ``logits_to_keep`` and would compute
+    logits at every position: [B, L, vocab], 4.7 GB in bf16 for 10 min of audio with the 7B's
+    156k-word vocabulary, where the loss needs the target positions and generation the last one.
+    """
+    handle = lm_head.register_forward_pre_hook(lambda _module, args: (select(args[0]),))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -378,3 +398,52 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
 
 def _language_name(code: str) -> str:
     return LANGUAGE_NAMES.get(code.lower(), code) if code else code
+
+
+#: The special tokens of Qwen2-Audio's tokenizer (``<|endoftext|>`` first: eos and padding).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN, "<|audio_bos|>",
+                  "<|audio_eos|>"]
+
+
+def write_random_checkpoint(path: str, hidden: int = 32, layers: int = 2, heads: int = 4,
+                            kv_heads: int = 2, intermediate: int = 64, audio_dim: int = 16,
+                            max_positions: int = 4096, seed: int = 0) -> str:
+    """Writes a randomly initialised Qwen2-Audio checkpoint (model, tokenizer, processor) to
+    ``path``: for mechanics tests and cost benchmarks, never for accuracy.
+
+    The tokenizer is byte-level BPE (the 256 byte symbols and a few merges) with Qwen2-Audio's
+    special tokens; the audio tower has one layer of width ``audio_dim`` over 80 mel bins; the
+    Qwen2 decoder has the given sizes. The projector's weights are drawn with unit variance so
+    that a random decoder's output depends on the audio.
+    """
+    from transformers import Qwen2AudioConfig, Qwen2AudioProcessor
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=SPECIAL_TOKENS[1:])
+    ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS)))
+    Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                        tokenizer=tok).save_pretrained(path)
+    eos = ids["<|endoftext|>"]
+    cfg = Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=audio_dim, encoder_layers=1,
+                          encoder_attention_heads=2, encoder_ffn_dim=2 * audio_dim,
+                          num_mel_bins=80, max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=hidden,
+                         intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, eos_token_id=eos,
+                         pad_token_id=eos, bos_token_id=None),
+        audio_token_index=ids[AUDIO_TOKEN])
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear.weight.normal_(0, 1.0)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
+    model.save_pretrained(path)
+    return path
+

@@ -44,17 +44,17 @@ stop_stage=6
 exp=exp
 data=data
 nj=2
-n_train=1600
+n_train=1000
 n_dev=100
 n_test=100
-frame_steps=400
-realign_steps=60
+frame_steps=200
+realign_steps=30
 batch_size=8
 max_new_tokens=60
 llm=smollm2-135m-instruct
 encoder=whisper-tiny.en   # must match extra.encoder in conf/speechllm.yaml
 config=conf/speechllm.yaml
-conditions="frames peaks uniform-mean-k2 uniform-mean-k3 uniform-pick-k2 uniform-pick-k3"
+conditions="frames uniform-mean-k3 uniform-pick-k3 peaks"
 test_sets="test librivox"
 
 while [ $# -gt 0 ]; do

@@ -16,7 +16,8 @@ before its first token). It prints
   ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the process's peak resident
   set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; large blocks are returned to
   the system on free, so each run's peak is its own),
-* FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and attention),
+* FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix products and attention
+  (the attention counted as the full L x L square, as that counter does, causal or not),
 
 each also as a ratio to frame level, next to the *ideal* ratio: the ratio of audio tokens
 (0.5 for 2x compression). Costs that grow linearly with the sequence land near the ideal; the
@@ -56,6 +57,7 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
 import numpy as np
 import soundfile as sf
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from lalmtool.models import load_backend
@@ -63,6 +65,9 @@ from lalmtool.pool import pool
 from lalmtool.segment import peaks, uniform
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_counter.flop_registry:  # the CPU kernel of SDPA: count it like the others
+    flop_counter.register_flop_formula(_CPU_SDPA, get_raw=True)(flop_counter.sdpa_flop)
 CONDITIONS = ("frames", "uniform-k2", "uniform-k3", "peaks")
 
 

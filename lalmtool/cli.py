@@ -232,6 +232,8 @@ def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, va
 @click.option("--out", required=True, help="Output directory (hyp.jsonl, decode.json).")
 @click.option("--manifest", "manifest_path", help="Manifest: references go into hyp.jsonl.")
 @click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
+@click.option("--condition", "label",
+              help="Name of the condition in reports (default: the store's, e.g. uniform-mean-k3).")
 @click.option("--backend", default="whisper", show_default=True)
 @click.option("--beam", default=1, show_default=True, help="Beam size (1: greedy).")
 @click.option("--batch-size", default=16, show_default=True)
@@ -239,7 +241,7 @@ def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, va
 @click.option("--device", default="cpu", show_default=True)
 @BACKEND_OPT
 @click.option("--force", is_flag=True, help="Decode again even if done.")
-def decode(feats, model, adapter, out, manifest_path, set_name, backend, beam, batch_size,
+def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
            max_new_tokens, device, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
@@ -249,7 +251,7 @@ def decode(feats, model, adapter, out, manifest_path, set_name, backend, beam, b
 
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
              batch_size=batch_size, max_new_tokens=max_new_tokens, manifest=manifest_path,
-             set_name=set_name, device=device, force=force,
+             set_name=set_name, device=device, force=force, label=label,
              backend_opts=_backend_opts(backend_opt) if backend_opt else None)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",

@@ -43,16 +43,21 @@ def condition_of(store: Store) -> tuple[str, dict, str]:
 def decode(feats: str, model: str, out: str, adapter: str | None = None,
            backend: str = "whisper", beam: int = 1, batch_size: int = 16,
            max_new_tokens: int = 200, manifest: str | None = None, set_name: str | None = None,
-           device: str = "cpu", force: bool = False, backend_opts: dict | None = None) -> dict:
+           device: str = "cpu", force: bool = False, backend_opts: dict | None = None,
+           label: str | None = None) -> dict:
     """Decodes every utterance of the store ``feats``; returns decode.json's content.
 
     ``backend_opts`` (prompt, task, language, ...) default to those the adapter was trained with.
+    ``label`` names the condition in reports (default: the store's compression, e.g.
+    ``uniform-mean-k3``); it is not part of the fingerprint, so relabelling decodes nothing.
+    ``adapter_condition`` records the condition the adapter was trained on when it differs.
     """
     rank, world = dist_info()
     if backend_opts is None:
         backend_opts = _training_opts(adapter)
     store = Store(feats)
-    method, params, label = condition_of(store)
+    method, params, default_label = condition_of(store)
+    label = label or default_label
     fp = fingerprint({"feats": store.fingerprint, "model": model_identity(model),
                       "adapter": model_identity(adapter) if adapter else None, "beam": beam,
                       "max_new_tokens": max_new_tokens, "backend": backend,
@@ -64,6 +69,11 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
             info = json.load(fh)
         if info.get("fingerprint") == fp and not force:
             log.info("%s: already decoded with these inputs, skipped", out)
+            labels = {"condition": label,  # not in the fingerprint: updated in place
+                      "adapter_condition": _adapter_condition(adapter, default_label)}
+            if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
+                info.update(labels)
+                write_atomic(info_path, json.dumps(info, indent=1))
             return info
     barrier(world)  # every rank has read the old decode.json before anything is removed
     if rank == 0:
@@ -118,6 +128,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         "set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
         "params": params, "condition": label, "feats": os.path.abspath(feats), "model": model,
         "adapter": os.path.abspath(adapter) if adapter else None, "lora": bool(adapter),
+        "adapter_condition": _adapter_condition(adapter, default_label),
         "backend": backend, "backend_opts": backend_opts, "beam": beam, "max_new_tokens": max_new_tokens,
         "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
@@ -130,6 +141,17 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
+
+
+def _adapter_condition(adapter: str | None, condition: str) -> str | None:
+    """The condition the adapter was trained on when it is not ``condition`` (e.g. a frame-level
+    adapter decoding compressed features: not re-aligned), from its run's summary.json."""
+    path = os.path.join(os.path.dirname(os.path.abspath(adapter)), "summary.json") if adapter else ""
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        trained_on = json.load(fh).get("condition")
+    return trained_on if trained_on != condition else None
 
 
 def _training_opts(adapter: str | None) -> dict:

@@ -33,6 +33,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
+from .decode import condition_of
 from .manifest import load_manifest
 from .models import load_backend
 from .parallel import progress
@@ -280,7 +281,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     if world > 1:
         torch.distributed.barrier()
     summary = {"out": out, "steps": state["step"], "last": last, "best_valid_loss": state["best"],
-               "best_step": state["best_step"], "adapter": os.path.join(out, "adapter")}
+               "best_step": state["best_step"], "adapter": os.path.join(out, "adapter"),
+               "feats": os.path.abspath(feats), "condition": condition_of(Store(feats))[2]}
     if rank == 0:
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)

@@ -88,6 +88,7 @@ def make_row(path: str, res: dict) -> dict:
         "condition": res.get("condition"),
         "params": format_params(res.get("params")),
         "lora": bool(res.get("lora") if res.get("lora") is not None else res.get("adapter")),
+        "adapter_condition": res.get("adapter_condition"),
         "tokens_per_s": _num(res.get("tokens_per_s")),
         "compression_ratio": _num(res.get("compression_ratio")),
         "metric": metric,
@@ -113,6 +114,14 @@ def _num(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
+
+
+def lora_text(row: dict) -> str:
+    """``no``, ``yes`` (an adapter trained on these features' condition) or ``<condition>
+    adapter`` (trained on another condition's features: not re-aligned to these)."""
+    if not row["lora"]:
+        return "no"
+    return f"{row['adapter_condition']} adapter" if row.get("adapter_condition") else "yes"
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
@@ -160,7 +169,8 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
         "compression method (`frames` = uncompressed encoder frames, `uniform-mean` = average "
         "pooling, `uniform-pick` = downsampling, `peaks` = segmentation at cosine-distance peaks); "
         "**condition** the decode stage's label; **params** compression parameters; **LoRA** "
-        "whether the decoder ran with a LoRA adapter; **tokens/s** audio tokens per second of "
+        "whether the decoder ran with a LoRA adapter (`<condition> adapter`: one trained on "
+        "another condition's features, i.e. not re-aligned to these); **tokens/s** audio tokens per second of "
         "audio fed to the decoder; **ratio** compression ratio (encoder frame rate / tokens/s); "
         + ("**WER %** word error rate in percent, lower is better, after the normalizer named "
            "in **scoring**; " if has_wer else "")
@@ -178,7 +188,7 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
                                               "utt/s", "utts") else "---" for h in head) + "|"]
     for i, r in enumerate(rows, 1):
         cells = [str(i), r["set"], r["method"], r["condition"] or "–", r["params"] or "–",
-                 "yes" if r["lora"] else "no", _fmt(r["tokens_per_s"], 1),
+                 lora_text(r), _fmt(r["tokens_per_s"], 1),
                  _fmt(r["compression_ratio"], 2, "×")]
         if has_wer:
             cells.append(_fmt(r["wer_pct"]))
@@ -262,13 +272,15 @@ def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict)
     several_models = len({r["model"] for r in rows}) > 1
     lines: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["method"], r["lora"], r["model"] if several_models else None)
+        key = (r["method"], lora_text(r), r["model"] if several_models else None)
         lines.setdefault(key, []).append(r)
     for (method, lora, model), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
         pts = sorted(pts, key=lambda r: r["tokens_per_s"])
-        label = f"{method} ({'LoRA' if lora else 'no LoRA'})" + (f" {model}" if model else "")
+        kind = {"yes": "LoRA", "no": "no LoRA"}.get(lora, f"LoRA: {lora}")
+        label = f"{method} ({kind})" + (f" {model}" if model else "")
         ax.plot([r["tokens_per_s"] for r in pts], [_value(r) for r in pts],
-                linestyle="-" if lora else "--", marker="o", color=colours[method], label=label)
+                linestyle={"yes": "-", "no": "--"}.get(lora, ":"), marker="o",
+                color=colours[method], label=label)
     xs = [r["tokens_per_s"] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 8:
         ax.set_xscale("log")

@@ -86,6 +86,11 @@ def test_resume_from_partial_hypotheses(stores, tiny_en, tmp_path):
     assert not list(out.glob("hyp.part*"))
     # a finished decode with the same inputs is skipped; other settings redo it
     assert decode(stores["pooled"], tiny_en, str(out), max_new_tokens=30)["fingerprint"] == full["fingerprint"]
+    # a label names the condition in reports; relabelling a finished decode decodes nothing
+    before = os.path.getmtime(out / "hyp.jsonl")
+    relabelled = decode(stores["pooled"], tiny_en, str(out), max_new_tokens=30, label="peaks-other")
+    assert relabelled["condition"] == json.load(open(out / "decode.json"))["condition"] == "peaks-other"
+    assert os.path.getmtime(out / "hyp.jsonl") == before and full["condition"] == "peaks-mean"
     assert decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31)["fingerprint"] != full["fingerprint"]
 
 

@@ -221,5 +221,9 @@ def test_pipeline_extract_pool_finetune_decode_score(tiny_qwen2_audio, tmp_path)
     assert info["utterances"] == 4
     assert info["audio_tokens"] == sum(Store(pooled).dataset(u).shape[0] for u in Store(pooled).ids)
     assert info["compression_ratio"] == pytest.approx(2.0, rel=0.1)
+    assert summary["condition"] == "uniform-mean-k2" and info["adapter_condition"] is None
+    unaligned = decode(feats, tiny_qwen2_audio, str(tmp_path / "dec-frames"), max_new_tokens=2,
+                       adapter=summary["adapter"], backend="qwen2-audio")
+    assert unaligned["adapter_condition"] == "uniform-mean-k2"  # not trained on frames
     res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m)
     assert res["wer"] >= 0 and os.path.exists(tmp_path / "dec" / "results.json")

@@ -7,7 +7,7 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lalmtool.report import _plot_panel, make_row, method_key, report  # noqa: E402
+from lalmtool.report import _plot_panel, lora_text, make_row, method_key, report  # noqa: E402
 from lalmtool.score import score  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -147,13 +147,17 @@ def test_row_tolerates_sparse_results():
 
 def test_plot_lines_solid_with_lora_dashed_without():
     rows = [make_row("/r.json", wer_result("t", "uniform", {"k": k, "reduce": "mean"}, 50.0 / k, lora, w))
-            for k, lora, w in [(2, True, 0.05), (3, True, 0.06), (3, False, 2.8)]]
+            for k, lora, w in [(2, True, 0.05), (3, True, 0.06), (3, False, 2.8), (3, True, 0.9)]]
+    rows[-1]["adapter_condition"] = "frames"  # the frame-level adapter, not re-aligned
     fig, ax = plt.subplots()
     _plot_panel(ax, "t", "wer", rows, {"uniform-mean": "C0"})
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {"uniform-mean (LoRA)", "uniform-mean (no LoRA)"}
+    assert set(lines) == {"uniform-mean (LoRA)", "uniform-mean (no LoRA)",
+                          "uniform-mean (LoRA: frames adapter)"}
     assert lines["uniform-mean (LoRA)"].get_linestyle() == "-"
     assert lines["uniform-mean (no LoRA)"].get_linestyle() == "--"
+    assert lines["uniform-mean (LoRA: frames adapter)"].get_linestyle() == ":"
+    assert [lora_text(r) for r in rows] == ["yes", "yes", "no", "frames adapter"]
     assert list(lines["uniform-mean (LoRA)"].get_xdata()) == pytest.approx([50 / 3, 25.0])
     assert ax.get_xlabel() and ax.get_ylabel() == "WER (%)"
     plt.close(fig)

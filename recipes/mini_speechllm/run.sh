@@ -170,9 +170,9 @@ if run_stage 6 "score and report"; then
   (conf/speechllm.yaml); trained on $n_train synthetic utterances: frame level $frame_steps steps
   from scratch, each compressed condition re-aligned $realign_steps steps from the frame-level
   adapter; batch $batch_size.
-- Every row ran with an adapter (LoRA = yes). Rows whose adapter is \`lora/frames/adapter\` but
-  whose method is not \`frames\` decode compressed tokens with the frame-level model, without
-  re-alignment (decode dirs \`<condition>-frameslora\`).
+- Every row ran with an adapter. LoRA \`yes\`: the condition's own adapter (re-aligned to its
+  features); LoRA \`frames adapter\`: the frame-level model reading compressed features as they
+  are (decode dirs \`<condition>-frameslora\`), i.e. what compression costs without re-alignment.
 - tokens/s and the ratio count the positions the LLM reads: ceil(stored tokens / 4) per
   utterance (stack 4), so frame level is ~12.5 tokens/s, a ratio of 4 to the 50 Hz encoder.
 EOF

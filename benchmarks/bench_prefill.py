@@ -36,8 +36,7 @@ Backends:
   ``write_random_checkpoint``: 8 decoder layers of width 512, 8 heads, MLP width 1376 = the 7B's
   ratio) — or a real checkpoint with ``--qwen-model``. Its frame level is the tower's 25 Hz
   output; here that is the tiny.en frames averaged in pairs, as the tower's own pooler does, and
-  every compressor runs on those 25 Hz frames. Like the model's own ``generate``, its prefill
-  computes logits at every position (the checkpoint's forward takes no ``logits_to_keep``).
+  every compressor runs on those 25 Hz frames.
 """
 from __future__ import annotations
 
@@ -128,8 +127,11 @@ def prefill_fn(be, feats: torch.Tensor):
             return core.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
     else:
+        from lalmtool.models.qwen2_audio import logits_only
+
         def run():
-            return be.model(**batch.model_inputs(), use_cache=True)
+            with logits_only(be._core().lm_head, lambda h: h[:, -1:]):
+                return be.model(**batch.model_inputs(), use_cache=True)
     return run, be.num_audio_tokens(feats), int(batch.attention_mask.sum())
 
 
@@ -193,6 +195,7 @@ def main() -> None:
     ap.add_argument("--qwen-model", help="a Qwen2-Audio checkpoint instead of the random one")
     ap.add_argument("--json", help="also write the rows (with ratios) here")
     args = ap.parse_args()
+    args.conditions = ["frames"] + [c for c in args.conditions if c != "frames"]  # the reference
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = real_frames(args.encoder)  # 50 Hz

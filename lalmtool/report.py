@@ -170,8 +170,8 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
         "pooling, `uniform-pick` = downsampling, `peaks` = segmentation at cosine-distance peaks); "
         "**condition** the decode stage's label; **params** compression parameters; **LoRA** "
         "whether the decoder ran with a LoRA adapter (`<condition> adapter`: one trained on "
-        "another condition's features, i.e. not re-aligned to these); **tokens/s** audio tokens per second of "
-        "audio fed to the decoder; **ratio** compression ratio (encoder frame rate / tokens/s); "
+        "another condition's features, i.e. not re-aligned to these); **tokens/s** audio tokens "
+        "per second of audio fed to the decoder; **ratio** compression ratio (encoder frame rate / tokens/s); "
         + ("**WER %** word error rate in percent, lower is better, after the normalizer named "
            "in **scoring**; " if has_wer else "")
         + ("**BLEU**, **chrF** sacrebleu corpus scores, higher is better, signatures below; "

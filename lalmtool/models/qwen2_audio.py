@@ -339,7 +339,7 @@ class Qwen2AudioBackend(Backend):
         predicts = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
         predicts[:, :-1] = batch.labels[:, 1:] != -100  # the next token is a target
         targets = batch.labels[:, 1:][predicts[:, :-1]]
-        with _logits_only(self._core().lm_head, lambda h: h[predicts]):
+        with logits_only(self._core().lm_head, lambda h: h[predicts]):
             logits = self.model(**batch.model_inputs(), use_cache=False).logits
         n = int(targets.numel())
         loss = torch.nn.functional.cross_entropy(
@@ -355,7 +355,7 @@ class Qwen2AudioBackend(Backend):
             self.model, torch.nn.parallel.DistributedDataParallel) else self.model
         config = GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
                                   eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
-        with _logits_only(self._core().lm_head, lambda h: h[:, -1:]):  # the prefill's last
+        with logits_only(self._core().lm_head, lambda h: h[:, -1:]):  # the prefill's last
             return model.generate(inputs_embeds=batch.inputs_embeds,
                                   attention_mask=batch.attention_mask, generation_config=config)
 
@@ -366,7 +366,7 @@ class Qwen2AudioBackend(Backend):
 
 
 @contextlib.contextmanager
-def _logits_only(lm_head: torch.nn.Module, select):
+def logits_only(lm_head: torch.nn.Module, select):
     """Within the block ``lm_head`` maps ``select(hidden_states)`` only.
 
     ``Qwen2AudioForConditionalGeneration.forward`` takes no ``logits_to_keep`` and would compute
@@ -446,4 +446,3 @@ def write_random_checkpoint(path: str, hidden: int = 32, layers: int = 2, heads:
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
     model.save_pretrained(path)
     return path
-

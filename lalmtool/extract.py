@@ -7,17 +7,16 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from .audio import load_audio
 from .manifest import Utterance, load_manifest
 from .models import load_backend
+from .models.base import DTYPES
 from .parallel import run_sharded
 from .store import ShardResult, fingerprint, plan_shards
 
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: int = 1,

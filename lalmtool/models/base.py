@@ -109,3 +109,53 @@ def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         out[i, : f.shape[0]] = f
     mask = torch.arange(out.shape[1])[None, :] < lengths[:, None]
     return out, mask
+
+
+# -- shared by the backends ------------------------------------------------------------------
+#: ``--dtype`` names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_choice(what: str, value, choices) -> None:
+    """Raises ValueError naming ``what`` and the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, auto: torch.dtype) -> torch.dtype:
+    """A torch dtype from a dtype, a name of ``DTYPES``, or ``None``/``"auto"`` (→ ``auto``)."""
+    if dtype is None or dtype == "auto":
+        return auto
+    if isinstance(dtype, str):
+        check_choice("dtype", dtype, ("auto", *DTYPES))
+        return DTYPES[dtype]
+    return dtype
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and peft wrappers (LoRA layers stay injected)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a causal LM's ``labels`` ``[B, L]`` (-100 = no target): the bool mask of positions
+    whose next token is a target, and those target tokens in the mask's order."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    return predicts, labels[:, 1:][predicts[:, :-1]]
+
+
+def token_mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of logits ``[N, V]`` against ``targets`` ``[N]``, averaged over the N tokens
+    (computed in float32), and N."""
+    n = int(targets.numel())
+    return torch.nn.functional.cross_entropy(
+        logits.float(), targets, reduction="sum") / max(n, 1), n
+
+
+def batch_texts(tokenizer, ids: torch.Tensor) -> list[str]:
+    """Generated token ids ``[B, N]`` → stripped texts without special tokens."""
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+

@@ -95,14 +95,14 @@ from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig,
                           Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor)
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import Backend, encode_in_windows
+from .base import (Backend, batch_texts, check_choice, encode_in_windows,
+                   next_token_targets, resolve_dtype, token_mean_loss, unwrap)
 
 WINDOW_SECONDS = 30
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 TAPS = ("pooled", "prepool")
 TASKS = ("transcribe", "translate")
 PROMPT_STYLES = ("auto", "base", "chat")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Names for the instruction text of translation and chat prompts (CoVoST 2 / Common Voice codes).
 LANGUAGE_NAMES = {
     "en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
@@ -140,12 +140,14 @@ class Qwen2AudioBackend(Backend):
                  task: str = "transcribe", language: str = "en", target_language: str | None = None,
                  prompt_style: str = "auto", instruction: str | None = None,
                  train_projector: bool = False, gradient_checkpointing: bool = False):
-        _check_choice("tap", tap, TAPS)
-        _check_choice("task", task, TASKS)
-        _check_choice("prompt_style", prompt_style, PROMPT_STYLES)
+        check_choice("tap", tap, TAPS)
+        check_choice("task", task, TASKS)
+        check_choice("prompt_style", prompt_style, PROMPT_STYLES)
         if task == "translate" and not target_language and instruction is None:
             raise ValueError("task 'translate' needs target_language (e.g. 'de') or an instruction")
-        super().__init__(model_path, device, _resolve_dtype(dtype, device))
+        on_gpu = str(device).startswith("cuda")  # auto: bfloat16 on CUDA, float32 elsewhere
+        super().__init__(model_path, device,
+                         resolve_dtype(dtype, torch.bfloat16 if on_gpu else torch.float32))
         self.trim, self.tap, self.task = trim, tap, task
         self.language, self.target_language = language, target_language
         self.instruction = instruction
@@ -271,9 +273,7 @@ class Qwen2AudioBackend(Backend):
     # -- splice --------------------------------------------------------------------------
     def _core(self) -> Qwen2AudioForConditionalGeneration:
         """The transformers model inside DDP and peft wrappers (LoRA layers stay injected)."""
-        model = self.model.module if isinstance(
-            self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return unwrap(self.model)
 
     def project(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Frames of all utterances → LLM embeddings ``[sum T_i, H]`` (utterances concatenated).
@@ -298,7 +298,7 @@ class Qwen2AudioBackend(Backend):
         if any(f.ndim != 2 or f.shape[0] == 0 for f in feats):
             shapes = [tuple(f.shape) for f in feats]
             raise ValueError(f"features must be non-empty [T, D] tensors; got {shapes}")
-        _check_choice("padding_side", padding_side, ("left", "right"))
+        check_choice("padding_side", padding_side, ("left", "right"))
         core = self._core()
         audio_id, pad_id = core.config.audio_token_id, self._pad_id()
         before, after = self._prompt_ids
@@ -336,33 +336,27 @@ class Qwen2AudioBackend(Backend):
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
         """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
         batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-        predicts[:, :-1] = batch.labels[:, 1:] != -100  # the next token is a target
-        targets = batch.labels[:, 1:][predicts[:, :-1]]
+        predicts, targets = next_token_targets(batch.labels)
         with logits_only(self._core().lm_head, lambda h: h[predicts]):
             logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        n = int(targets.numel())
-        loss = torch.nn.functional.cross_entropy(
-            logits.float(), targets, reduction="sum") / max(n, 1)
-        return loss, n
+        return token_mean_loss(logits, targets)
 
     @torch.inference_mode()
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
                      max_new_tokens: int = 200) -> torch.Tensor:
         """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
         batch = self.build_inputs(feats, padding_side="left")
-        model = self.model.module if isinstance(
-            self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        core = self._core()
         config = GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
                                   eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
-        with logits_only(self._core().lm_head, lambda h: h[:, -1:]):  # the prefill's last
-            return model.generate(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask, generation_config=config)
+        with logits_only(core.lm_head, lambda h: h[:, -1:]):  # the prefill's last
+            return core.generate(inputs_embeds=batch.inputs_embeds,
+                                 attention_mask=batch.attention_mask, generation_config=config)
 
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
         ids = self.generate_ids(feats, beam, max_new_tokens)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return batch_texts(self.tokenizer, ids)
 
 
 @contextlib.contextmanager
@@ -378,22 +372,6 @@ def logits_only(lm_head: torch.nn.Module, select):
         yield
     finally:
         handle.remove()
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
-    """``None``/``"auto"``: bfloat16 on CUDA, float32 elsewhere; names as in ``--dtype``."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 def _language_name(code: str) -> str:

@@ -73,7 +73,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .base import Backend, model_identity
+from .base import (Backend, batch_texts, check_choice, model_identity, next_token_targets,
+                   resolve_dtype, token_mean_loss, unwrap)
 
 log = logging.getLogger("lalmtool")
 
@@ -85,7 +86,6 @@ DEFAULT_PROMPT = "Transcribe the audio."
 DEFAULTS = {"projector": "mlp", "stack": 4, "hidden": 1024, "prompt": DEFAULT_PROMPT}
 #: Options that fix the projector's shape: a speechllm directory's JSON decides them.
 STRUCTURAL = ("encoder", "projector", "stack", "hidden")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _AUDIO = "\x00AUDIO\x00"  # stands for the audio inside the rendered prompt text
 _REPLY = "\x00REPLY\x00"  # stands for the assistant's answer when finding the turn-end token
 
@@ -110,7 +110,7 @@ class Projector(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int = 1024):
         super().__init__()
-        _check_choice("projector", kind, PROJECTORS)
+        check_choice("projector", kind, PROJECTORS)
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
         else:
@@ -214,7 +214,7 @@ def read_spec(model_path: str, **options) -> dict:
             spec["prompt"] = options["prompt"]
         has_weights = os.path.exists(os.path.join(folder, PROJECTOR_FILE))
         spec["weights"] = folder if has_weights else None
-    _check_choice("projector", spec["projector"], PROJECTORS)
+    check_choice("projector", spec["projector"], PROJECTORS)
     if not isinstance(spec["stack"], int) or spec["stack"] < 1:
         raise ValueError(f"speechllm: stack must be a positive integer, not {spec['stack']!r}")
     if not isinstance(spec["hidden"], int) or spec["hidden"] < 1:
@@ -261,7 +261,7 @@ class SpeechLLMBackend(Backend):
                  projector: str | None = None, stack: int | None = None,
                  hidden: int | None = None, prompt: str | None = None, seed: int = 0,
                  train_projector: bool = True, trim: bool = True, llm: str | None = None):
-        super().__init__(model_path, device, _resolve_dtype(dtype))
+        super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
         self.spec = read_spec(model_path, encoder=encoder, projector=projector, stack=stack,
                               hidden=hidden, prompt=prompt, llm=llm)
         self.stack, self.prompt = self.spec["stack"], self.spec["prompt"]
@@ -401,9 +401,7 @@ class SpeechLLMBackend(Backend):
     # -- splice --------------------------------------------------------------------------
     def _core(self) -> SpeechLLM:
         """The ``SpeechLLM`` inside DDP and peft wrappers (LoRA layers stay injected)."""
-        model = self.model.module if isinstance(
-            self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return unwrap(self.model)
 
     def build_inputs(self, feats: list[torch.Tensor], texts: list[str] | None = None,
                      padding_side: str = "right") -> SpeechBatch:
@@ -416,7 +414,7 @@ class SpeechLLMBackend(Backend):
             shapes = [tuple(f.shape) for f in feats]
             raise ValueError(f"features must be non-empty [T, {self.feature_dim}] tensors (the "
                              f"encoder's width); got {shapes}")
-        _check_choice("padding_side", padding_side, ("left", "right"))
+        check_choice("padding_side", padding_side, ("left", "right"))
         audio = [stack_frames(f.float(), self.stack) for f in feats]
         before, after = self._prompt_ids
         pad = self._pad_id()
@@ -447,17 +445,12 @@ class SpeechLLMBackend(Backend):
         """Token-mean cross-entropy of the transcripts and end tokens (logits computed only
         where a target token is predicted)."""
         batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
-        predicts[:, :-1] = batch.labels[:, 1:] != -100  # the next token is a target
-        targets = batch.labels[:, 1:][predicts[:, :-1]]
+        predicts, targets = next_token_targets(batch.labels)
         logits = self.model(**batch.model_inputs(), use_cache=False,
                             logits_to_keep=predicts).logits
         if logits.ndim == 3:  # an LLM without logits_to_keep returned every position
             logits = logits[predicts]
-        n = int(targets.numel())
-        loss = torch.nn.functional.cross_entropy(
-            logits.float(), targets, reduction="sum") / max(n, 1)
-        return loss, n
+        return token_mean_loss(logits, targets)
 
     @torch.inference_mode()
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
@@ -474,7 +467,7 @@ class SpeechLLMBackend(Backend):
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
         ids = self.generate_ids(feats, beam, max_new_tokens)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return batch_texts(self.tokenizer, ids)
 
 
 # -- one directory for the trained model ---------------------------------------------------
@@ -537,18 +530,3 @@ def _training_options(adapter: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as fh:
         return dict((yaml.safe_load(fh) or {}).get("extra") or {})
-
-
-def _check_choice(what: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """``None``/``"auto"``: float32; names as in ``--dtype``."""
-    if dtype is None or dtype == "auto":
-        return torch.float32
-    if isinstance(dtype, str):
-        _check_choice("dtype", dtype, tuple(DTYPES))
-        return DTYPES[dtype]
-    return dtype

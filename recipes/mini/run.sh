@@ -15,7 +15,8 @@
 #   6  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #
 # Usage: bash recipes/mini/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
-#                                 [--n_train N] [--steps N]
+#                                 [--n_train N] [--steps N] [--conditions "frames peaks ..."]
+# (every variable set at the top of this script is an option: --name value)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,20 +32,7 @@ model_name=whisper-tiny.en
 conditions="frames peaks uniform-mean-k2 uniform-mean-k3 uniform-pick-k2 uniform-pick-k3"
 test_sets="test librivox"
 
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop_stage|--stop-stage) stop_stage=$2; shift 2 ;;
-    --exp) exp=$2; shift 2 ;;
-    --data) data=$2; shift 2 ;;
-    --nj) nj=$2; shift 2 ;;
-    --n_train|--n-train) n_train=$2; shift 2 ;;
-    --steps) steps=$2; shift 2 ;;
-    --conditions) conditions=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "unknown option $1" >&2; exit 1 ;;
-  esac
-done
+source ../utils/parse_options.sh
 mkdir -p "$exp"
 recipe=mini
 source ../utils/stages.sh
@@ -69,26 +57,13 @@ if run_stage 1 "extract encoder frames"; then
   end_stage 1 extract
 fi
 
-
 if run_stage 2 "segment"; then
-  for cond in $conditions; do
-    [ "$cond" = frames ] && continue
-    seg=$(seg_of "$cond")
-    for set in train dev $test_sets; do
-      lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
-    done
-  done
+  segment_sets train dev $test_sets
   end_stage 2 segment
 fi
 
 if run_stage 3 "pool"; then
-  for cond in $conditions; do
-    [ "$cond" = frames ] && continue
-    for set in train dev $test_sets; do
-      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
-        --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
-    done
-  done
+  pool_sets train dev $test_sets
   end_stage 3 pool
 fi
 
@@ -118,10 +93,7 @@ if run_stage 5 "decode"; then
 fi
 
 if run_stage 6 "score and report"; then
-  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
-    set=$(basename "$(dirname "$hyp")")
-    lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric wer > /dev/null
-  done
+  score_decodes
   lalmtool report "$exp"
   end_stage 6 report
 fi

@@ -39,6 +39,7 @@
 # Usage: bash recipes/mini_speechllm/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #          [--n_train N] [--n_dev N] [--n_test N] [--frame_steps N] [--realign_steps N] [--batch_size N]
 #          [--conditions "frames peaks ..."] [--max_new_tokens N]
+#          (every variable set at the top of this script is an option: --name value)
 # Defaults are sized for ~30 min on 2 CPU cores; a smoke run:
 #   bash run.sh --exp exp_smoke --data data_smoke --n_train 16 --n_dev 2 --n_test 4 \
 #     --frame_steps 3 --realign_steps 2 --batch_size 4 --max_new_tokens 12 \
@@ -64,25 +65,7 @@ config=conf/speechllm.yaml
 conditions="frames uniform-mean-k3 uniform-pick-k3 peaks"
 test_sets="test librivox"
 
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --stage) stage=$2; shift 2 ;;
-    --stop_stage|--stop-stage) stop_stage=$2; shift 2 ;;
-    --exp) exp=$2; shift 2 ;;
-    --data) data=$2; shift 2 ;;
-    --nj) nj=$2; shift 2 ;;
-    --n_train|--n-train) n_train=$2; shift 2 ;;
-    --n_dev|--n-dev) n_dev=$2; shift 2 ;;
-    --n_test|--n-test) n_test=$2; shift 2 ;;
-    --frame_steps|--frame-steps) frame_steps=$2; shift 2 ;;
-    --realign_steps|--realign-steps) realign_steps=$2; shift 2 ;;
-    --batch_size|--batch-size) batch_size=$2; shift 2 ;;
-    --max_new_tokens|--max-new-tokens) max_new_tokens=$2; shift 2 ;;
-    --conditions) conditions=$2; shift 2 ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
-    *) echo "unknown option $1" >&2; exit 1 ;;
-  esac
-done
+source ../utils/parse_options.sh
 case " $conditions " in *" frames "*) ;; *)
   echo "--conditions must include frames: every other condition starts from its adapter" >&2
   exit 1 ;;
@@ -108,24 +91,13 @@ if run_stage 1 "extract encoder frames"; then
   end_stage 1 extract
 fi
 
-
 if run_stage 2 "segment"; then
-  for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
-    for set in train $test_sets; do
-      lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
-    done
-  done
+  segment_sets train $test_sets
   end_stage 2 segment
 fi
 
 if run_stage 3 "pool"; then
-  for cond in $conditions; do
-    [ "$cond" = frames ] && continue
-    for set in train $test_sets; do
-      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
-        --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
-    done
-  done
+  pool_sets train $test_sets
   end_stage 3 pool
 fi
 
@@ -164,10 +136,7 @@ if run_stage 5 "decode"; then
 fi
 
 if run_stage 6 "score and report"; then
-  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
-    set=$(basename "$(dirname "$hyp")")
-    lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric wer > /dev/null
-  done
+  score_decodes
   lalmtool report "$exp"
   cat >> "$exp/RESULTS.md" <<EOF
 

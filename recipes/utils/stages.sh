@@ -1,5 +1,6 @@
-# Shared by the recipes (source it after setting $recipe, $stage, $stop_stage and $exp):
-# stage gating and timing, and the names of compression conditions.
+# Shared by the recipes (source it after setting $recipe, $stage, $stop_stage, $exp, $data and
+# $conditions): stage gating and timing, the names of compression conditions, and the segment,
+# pool and score loops.
 
 log() { echo "$(date '+%H:%M:%S') [$recipe] $*"; }
 run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
@@ -14,3 +15,34 @@ seg_of() { case "$1" in peaks) echo "peaks";; *-k*) echo "uniform-k${1##*-k}";; 
 seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--method uniform --k ${1#uniform-k}";; esac; }
 reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
 feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
+
+# stage 2: each distinct segmentation of $conditions on the frames of every set given
+segment_sets() {
+  local seg set
+  for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
+    for set in "$@"; do
+      lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+    done
+  done
+}
+
+# stage 3: every condition of $conditions but frames, pooled for every set given
+pool_sets() {
+  local cond set
+  for cond in $conditions; do
+    [ "$cond" = frames ] && continue
+    for set in "$@"; do
+      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
+        --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
+    done
+  done
+}
+
+# stage 6: WER of every decode under $exp/decode/<name>/<set> against $data/<set>'s manifest
+score_decodes() {
+  local hyp set
+  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
+    set=$(basename "$(dirname "$hyp")")
+    lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric wer > /dev/null
+  done
+}

@@ -201,6 +201,22 @@ def _qkv(prefix: str) -> list[str]:
     return [f"{prefix}.{p}_proj" for p in ("q", "k", "v")]
 
 
+def _layer(sd: dict, v: dict, s: str, d: str, cross_attention: bool = False) -> None:
+    """One Transformer layer ``s`` → ``d``: self-attention, (cross-attention,) feed-forward."""
+    _norm(sd, v, f"{s}/self_attention/layer_norm", f"{d}.self_attn_layer_norm")
+    _split_linear(sd, v, f"{s}/self_attention/linear_0", _qkv(f"{d}.self_attn"))
+    _linear(sd, v, f"{s}/self_attention/linear_1", f"{d}.self_attn.out_proj")
+    if cross_attention:
+        _norm(sd, v, f"{s}/attention/layer_norm", f"{d}.encoder_attn_layer_norm")
+        _linear(sd, v, f"{s}/attention/linear_0", f"{d}.encoder_attn.q_proj")
+        _split_linear(sd, v, f"{s}/attention/linear_1",
+                      [f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"])
+        _linear(sd, v, f"{s}/attention/linear_2", f"{d}.encoder_attn.out_proj")
+    _norm(sd, v, f"{s}/ffn/layer_norm", f"{d}.final_layer_norm")
+    _linear(sd, v, f"{s}/ffn/linear_0", f"{d}.fc1")
+    _linear(sd, v, f"{s}/ffn/linear_1", f"{d}.fc2")
+
+
 def _state_dict(v: dict[str, np.ndarray], n_enc: int, n_dec: int) -> dict[str, torch.Tensor]:
     """Maps CTranslate2 variable names onto ``WhisperForConditionalGeneration`` parameter names."""
     for key, arr in v.items():
@@ -215,29 +231,13 @@ def _state_dict(v: dict[str, np.ndarray], n_enc: int, n_dec: int) -> dict[str, t
     sd["model.encoder.embed_positions.weight"] = _t(v["encoder/position_encodings/encodings"])
     _norm(sd, v, "encoder/layer_norm", "model.encoder.layer_norm")
     for i in range(n_enc):
-        s, d = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        _norm(sd, v, f"{s}/self_attention/layer_norm", f"{d}.self_attn_layer_norm")
-        _split_linear(sd, v, f"{s}/self_attention/linear_0", _qkv(f"{d}.self_attn"))
-        _linear(sd, v, f"{s}/self_attention/linear_1", f"{d}.self_attn.out_proj")
-        _norm(sd, v, f"{s}/ffn/layer_norm", f"{d}.final_layer_norm")
-        _linear(sd, v, f"{s}/ffn/linear_0", f"{d}.fc1")
-        _linear(sd, v, f"{s}/ffn/linear_1", f"{d}.fc2")
+        _layer(sd, v, f"encoder/layer_{i}", f"model.encoder.layers.{i}")
 
     sd["model.decoder.embed_tokens.weight"] = _t(v["decoder/embeddings/weight"])
     sd["model.decoder.embed_positions.weight"] = _t(v["decoder/position_encodings/encodings"])
     _norm(sd, v, "decoder/layer_norm", "model.decoder.layer_norm")
     for i in range(n_dec):
-        s, d = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        _norm(sd, v, f"{s}/self_attention/layer_norm", f"{d}.self_attn_layer_norm")
-        _split_linear(sd, v, f"{s}/self_attention/linear_0", _qkv(f"{d}.self_attn"))
-        _linear(sd, v, f"{s}/self_attention/linear_1", f"{d}.self_attn.out_proj")
-        _norm(sd, v, f"{s}/attention/layer_norm", f"{d}.encoder_attn_layer_norm")
-        _linear(sd, v, f"{s}/attention/linear_0", f"{d}.encoder_attn.q_proj")
-        _split_linear(sd, v, f"{s}/attention/linear_1", [f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"])
-        _linear(sd, v, f"{s}/attention/linear_2", f"{d}.encoder_attn.out_proj")
-        _norm(sd, v, f"{s}/ffn/layer_norm", f"{d}.final_layer_norm")
-        _linear(sd, v, f"{s}/ffn/linear_0", f"{d}.fc1")
-        _linear(sd, v, f"{s}/ffn/linear_1", f"{d}.fc2")
+        _layer(sd, v, f"decoder/layer_{i}", f"model.decoder.layers.{i}", cross_attention=True)
     if not _projection_is_tied(v):
         sd["proj_out.weight"] = _t(v["decoder/projection/weight"])
     return sd

@@ -21,23 +21,9 @@ from .manifest import read_manifest
 from .models import load_backend
 from .models.base import model_identity
 from .parallel import barrier, dist_info, progress
-from .store import Store, fingerprint, write_atomic
+from .store import Store, condition_of, fingerprint, write_atomic
 
 log = logging.getLogger("lalmtool")
-
-
-def condition_of(store: Store) -> tuple[str, dict, str]:
-    """(method, parameters, short label) of the compression a store holds."""
-    meta = store.meta
-    if store.kind == "feats":
-        method = "frames" if meta.get("trim", True) else "native"
-        return method, {}, method
-    method, params = meta["method"], dict(meta.get("params", {}))
-    params["reduce"] = meta.get("reduce", "mean")
-    label = "-".join([method, params["reduce"]] + [
-        f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
-        for k, v in params.items() if k not in ("reduce", "target_rate")])
-    return method, params, label
 
 
 def decode(feats: str, model: str, out: str, adapter: str | None = None,

@@ -33,11 +33,10 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
-from .decode import condition_of
 from .manifest import load_manifest
 from .models import load_backend
 from .parallel import progress
-from .store import Store, write_atomic
+from .store import Store, condition_of, write_atomic
 
 log = logging.getLogger("lalmtool")
 

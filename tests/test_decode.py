@@ -4,11 +4,11 @@ import os
 
 import pytest
 
-from lalmtool.decode import condition_of, decode
+from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.segment import segment
-from lalmtool.store import Store
+from lalmtool.store import Store, condition_of
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 
 class Backend(ABC):
@@ -56,6 +57,47 @@ class Backend(ABC):
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
         """Transcripts (or translations) for a batch of feature sequences."""
+
+
+class DecoderOnlyBackend(Backend):
+    """What the decoder-only backends share: the audio goes into a causal LM's prompt, targets
+    end with ``end_token_id``, generation stops there or at any of the LM's eos tokens."""
+
+    tokenizer: object  # the LM's tokenizer
+    end_token_id: int  # the token that closes a target
+
+    def _core(self) -> torch.nn.Module:
+        """The model inside DDP and peft wrappers (LoRA layers stay injected)."""
+        return unwrap(self.model)
+
+    def _llm(self) -> torch.nn.Module:
+        """The causal LM whose ``generation_config`` names the eos tokens."""
+        return self._core()
+
+    def _stop_ids(self) -> list[int]:
+        """Tokens that end generation: the target's end token and the LM's eos tokens."""
+        eos = self._llm().generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ids = [self.end_token_id, self.tokenizer.eos_token_id, *eos]
+        return [t for t in dict.fromkeys(ids) if t is not None]
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_token_id
+
+    def generation_config(self, beam: int, max_new_tokens: int) -> GenerationConfig:
+        """Greedy (``beam`` 1) or beam search, stopping at ``_stop_ids``."""
+        return GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
+                                eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
+
+    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
+                     max_new_tokens: int = 200) -> torch.Tensor:
+        """New token ids ``[B, N]`` for a batch of feature sequences."""
+        raise NotImplementedError
+
+    def generate(self, feats: list[torch.Tensor], beam: int = 1,
+                 max_new_tokens: int = 200) -> list[str]:
+        return batch_texts(self.tokenizer, self.generate_ids(feats, beam, max_new_tokens))
 
 
 def encode_in_windows(waves: list[np.ndarray], window: int, batch_size: int,

@@ -91,12 +91,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig,
-                          Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor)
+from transformers import (AutoProcessor, AutoTokenizer, Qwen2AudioForConditionalGeneration,
+                          WhisperFeatureExtractor)
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import (Backend, batch_texts, check_choice, encode_in_windows,
-                   next_token_targets, resolve_dtype, token_mean_loss, unwrap)
+from .base import (DecoderOnlyBackend, check_choice, encode_in_windows,
+                   next_token_targets, resolve_dtype, token_mean_loss)
 
 WINDOW_SECONDS = 30
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
@@ -128,7 +128,7 @@ class SplicedBatch:
                 "position_ids": self.position_ids}
 
 
-class Qwen2AudioBackend(Backend):
+class Qwen2AudioBackend(DecoderOnlyBackend):
     name = "qwen2-audio"
     #: q/k/v/o and gate/up/down of every decoder layer; the audio tower's layers never match.
     default_lora_targets = (r".*language_model\.layers\.\d+\."
@@ -263,18 +263,7 @@ class Qwen2AudioBackend(Backend):
             raise ValueError(f"{self.model_path}: tokenizer has no end-of-text token")
         return self.tokenizer.eos_token_id
 
-    def _stop_ids(self) -> list[int]:
-        """Tokens that end generation: the target's end token and the checkpoint's eos tokens."""
-        eos = self._core().generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        ids = [self.end_token_id, self.tokenizer.eos_token_id, *eos]
-        return [t for t in dict.fromkeys(ids) if t is not None]
-
     # -- splice --------------------------------------------------------------------------
-    def _core(self) -> Qwen2AudioForConditionalGeneration:
-        """The transformers model inside DDP and peft wrappers (LoRA layers stay injected)."""
-        return unwrap(self.model)
-
     def project(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Frames of all utterances → LLM embeddings ``[sum T_i, H]`` (utterances concatenated).
 
@@ -328,10 +317,6 @@ class Qwen2AudioBackend(Backend):
         return SplicedBatch(ids, embeds, mask, positions,
                             labels.to(self.device) if texts is not None else None)
 
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.end_token_id
-
     # -- decoder -------------------------------------------------------------------------
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
         """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
@@ -347,16 +332,10 @@ class Qwen2AudioBackend(Backend):
         """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
         batch = self.build_inputs(feats, padding_side="left")
         core = self._core()
-        config = GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
-                                  eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
+        config = self.generation_config(beam, max_new_tokens)
         with logits_only(core.lm_head, lambda h: h[:, -1:]):  # the prefill's last
             return core.generate(inputs_embeds=batch.inputs_embeds,
                                  attention_mask=batch.attention_mask, generation_config=config)
-
-    def generate(self, feats: list[torch.Tensor], beam: int = 1,
-                 max_new_tokens: int = 200) -> list[str]:
-        ids = self.generate_ids(feats, beam, max_new_tokens)
-        return batch_texts(self.tokenizer, ids)
 
 
 @contextlib.contextmanager

@@ -71,10 +71,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .base import (Backend, batch_texts, check_choice, model_identity, next_token_targets,
-                   resolve_dtype, token_mean_loss, unwrap)
+from .base import (DecoderOnlyBackend, check_choice, model_identity, next_token_targets,
+                   resolve_dtype, token_mean_loss)
 
 log = logging.getLogger("lalmtool")
 
@@ -251,7 +251,7 @@ def portable_name(path: str) -> str:
 
 
 # -- the backend ---------------------------------------------------------------------------
-class SpeechLLMBackend(Backend):
+class SpeechLLMBackend(DecoderOnlyBackend):
     name = "speechllm"
     #: q/k/v/o of every attention layer inside the LLM (the projector never matches).
     default_lora_targets = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj)"
@@ -387,21 +387,9 @@ class SpeechLLMBackend(Backend):
             raise ValueError(f"{self.llm_path}: the tokenizer has no end-of-sequence token")
         return tok.eos_token_id
 
-    def _stop_ids(self) -> list[int]:
-        """Tokens that end generation: the target's end token and the LLM's eos tokens."""
-        eos = self._core().llm.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        ids = [self.end_token_id, self.tokenizer.eos_token_id, *eos]
-        return [t for t in dict.fromkeys(ids) if t is not None]
-
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.end_token_id
-
     # -- splice --------------------------------------------------------------------------
-    def _core(self) -> SpeechLLM:
-        """The ``SpeechLLM`` inside DDP and peft wrappers (LoRA layers stay injected)."""
-        return unwrap(self.model)
+    def _llm(self) -> nn.Module:
+        return self._core().llm
 
     def build_inputs(self, feats: list[torch.Tensor], texts: list[str] | None = None,
                      padding_side: str = "right") -> SpeechBatch:
@@ -459,15 +447,9 @@ class SpeechLLMBackend(Backend):
         batch = self.build_inputs(feats, padding_side="left")
         core = self._core()
         embeds = core.embed(batch.input_ids, batch.audio_mask, batch.audio)
-        config = GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
-                                  eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
+        config = self.generation_config(beam, max_new_tokens)
         return core.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                  generation_config=config)
-
-    def generate(self, feats: list[torch.Tensor], beam: int = 1,
-                 max_new_tokens: int = 200) -> list[str]:
-        ids = self.generate_ids(feats, beam, max_new_tokens)
-        return batch_texts(self.tokenizer, ids)
 
 
 # -- one directory for the trained model ---------------------------------------------------

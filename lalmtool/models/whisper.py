@@ -17,7 +17,7 @@ from transformers import (WhisperFeatureExtractor, WhisperForConditionalGenerati
                           WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 
-from .base import Backend, encode_in_windows, pad_features
+from .base import Backend, batch_texts, encode_in_windows, pad_features
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -106,7 +106,7 @@ class WhisperBackend(Backend):
             ids = self.model.generate(encoder_outputs=memory, num_beams=beam, do_sample=False,
                                       max_new_tokens=max_new_tokens, return_timestamps=False,
                                       **kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return batch_texts(self.tokenizer, ids)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,18 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def resolve_device(device: str) -> str:
+    """The device this process should use: ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun.
+
+    An explicit index (``cuda:1``) and every other device (``cpu``, ``mps``) are kept as given;
+    without ``LOCAL_RANK`` in the environment ``cuda`` stays ``cuda`` (the current device).
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local_rank is not None:
+        return f"cuda:{int(local_rank)}"
+    return device
+
+
 def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist

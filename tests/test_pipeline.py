@@ -226,3 +226,15 @@ def test_cli_pipeline_and_clear_errors(tiny_whisper, audio_set, tmp_path):
     assert res.exit_code == 1 and "not a lalmtool store" in res.output
     res = r.invoke(main, ["segment", "--feats", feats, "--method", "uniform", "--out", seg])
     assert res.exit_code == 1 and "--k" in res.output
+
+
+@pytest.mark.parametrize("device,local_rank,expected", [
+    ("cuda", "3", "cuda:3"), ("cuda", None, "cuda"), ("cuda:1", "3", "cuda:1"),
+    ("cpu", "3", "cpu")])
+def test_resolve_device_maps_cuda_to_the_local_rank(device, local_rank, expected, monkeypatch):
+    from lalmtool.parallel import resolve_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert resolve_device(device) == expected

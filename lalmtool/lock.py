@@ -5,7 +5,9 @@ The lock is an ``fcntl.flock`` on that file, so the kernel releases it when its 
 any way (SIGKILL included); the file records the holder's host, pid and start time, for the
 message another run gets. A lock file left by a process that is gone is taken over with a log
 message. The lock is re-entrant within a process, and worker processes forked while it is held
-share it (they inherit the open file), so ``--nj`` workers never lock each other out.
+share it (they inherit the open file), so ``--nj`` workers never lock each other out. Under
+``torchrun`` (``WORLD_SIZE`` > 1) only rank 0 takes the lock: the other ranks of the same job
+write alongside it, and they wait at the stage's barrier for rank 0, which fails on a held lock.
 """
 from __future__ import annotations
 
@@ -76,6 +78,9 @@ def output_lock(out_dir: str) -> Iterator[str]:
     """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.realpath(os.path.join(out_dir, LOCK_FILE))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) != 0:
+        yield path  # a torchrun rank other than 0: its job's rank 0 holds the lock
+        return
     if path in _held:  # re-entrant: an outer caller in this process holds it already
         fd, depth = _held[path]
         _held[path] = (fd, depth + 1)

@@ -84,3 +84,15 @@ def test_forked_worker_shares_the_parents_lock(tmp_path):
                 os._exit(3)
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_only_rank_0_of_a_torchrun_job_locks(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with output_lock(out):
+        monkeypatch.setenv("RANK", "1")
+        with output_lock(out):  # another rank of the same job: no lock of its own
+            assert json.loads(open(os.path.join(out, LOCK_FILE)).read())["pid"] == os.getpid()
+        monkeypatch.setenv("RANK", "0")
+    assert not os.path.exists(os.path.join(out, LOCK_FILE))

@@ -13,10 +13,13 @@ feature store, model, adapter). It writes
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import os
+import platform
+import subprocess
 
 from .store import write_atomic
 
@@ -162,7 +165,7 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
             sigs.append(_signature(r))
 
     lines = [
-        "# Results", "",
+        "# Results", "", *environment_lines(exp_dir), "",
         f"{len(rows)} scored run(s) under `{exp_dir}`, collected by `lalmtool report`; sorted by "
         "set, then tokens/s (descending).", "",
         "Columns: **#** row (paths in the second table); **set** evaluation set; **method** "
@@ -210,6 +213,47 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
                  r["model"] or "–", _rel(r["adapter"], exp_dir)]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    """What produced the results: versions, git commit of the code, date and machine."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("lalmtool", "torch", "transformers", "peft", "jiwer", "sacrebleu"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            machine += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return {"versions": versions, "git_commit": commit or "unknown",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine}
+
+
+def environment_lines(exp_dir: str) -> list[str]:
+    """RESULTS.md's environment block."""
+    env = environment()
+    return ["## Environment", "",
+            "- date: " + env["date"],
+            "- git commit: `" + env["git_commit"] + "`",
+            "- machine: " + env["machine"],
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+            f"- experiment directory: `{exp_dir}`",
+            "", "## Table"]
 
 
 def _signature(row: dict) -> str:
@@ -265,6 +309,10 @@ def _value(row: dict) -> float | None:
     return row["wer_pct"] if row["metric"] == "wer" else row["bleu"]
 
 
+# line style, marker and marker fill for LoRA ("yes"), no LoRA ("no"), another condition's adapter
+LORA_STYLE = {"yes": ("-", "o", "full"), "no": ("--", "x", "full"), "other": (":", "s", "none")}
+
+
 def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict) -> None:
     """One set's lines: a line per (method, LoRA) (per model too when the set has several)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -278,8 +326,9 @@ def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict)
         pts = sorted(pts, key=lambda r: r["tokens_per_s"])
         kind = {"yes": "LoRA", "no": "no LoRA"}.get(lora, f"LoRA: {lora}")
         label = f"{method} ({kind})" + (f" {model}" if model else "")
+        linestyle, marker, fill = LORA_STYLE.get(lora, LORA_STYLE["other"])
         ax.plot([r["tokens_per_s"] for r in pts], [_value(r) for r in pts],
-                linestyle={"yes": "-", "no": "--"}.get(lora, ":"), marker="o",
+                linestyle=linestyle, marker=marker, fillstyle=fill, markersize=7,
                 color=colours[method], label=label)
     xs = [r["tokens_per_s"] for r in rows]
     if min(xs) > 0 and max(xs) / min(xs) > 8:

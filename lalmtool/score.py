@@ -129,7 +129,7 @@ def pair_up(hyps: dict[str, dict], refs: dict[str, str], hyp_path: str, ref_path
     if missing and on_missing == "fail":
         raise ValueError(f"{hyp_path}: {len(missing)} utterance(s) of {ref_path} have no "
                          f"hypothesis: {_some(missing)}; finish the decode stage, or pass "
-                         "on_missing='empty' (--on-missing empty) to count them as empty "
+                         "on_missing='empty' (`lalmtool score --missing empty`) to count them as empty "
                          "hypotheses (all deletions)")
     return list(refs), missing
 

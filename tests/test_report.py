@@ -157,7 +157,28 @@ def test_plot_lines_solid_with_lora_dashed_without():
     assert lines["uniform-mean (LoRA)"].get_linestyle() == "-"
     assert lines["uniform-mean (no LoRA)"].get_linestyle() == "--"
     assert lines["uniform-mean (LoRA: frames adapter)"].get_linestyle() == ":"
+    # a single point is told apart by its marker too, not only by the line style
+    assert [(lines[k].get_marker(), lines[k].get_fillstyle()) for k in
+            ("uniform-mean (LoRA)", "uniform-mean (no LoRA)", "uniform-mean (LoRA: frames adapter)")
+            ] == [("o", "full"), ("x", "full"), ("s", "none")]
     assert [lora_text(r) for r in rows] == ["yes", "yes", "no", "frames adapter"]
     assert list(lines["uniform-mean (LoRA)"].get_xdata()) == pytest.approx([50 / 3, 25.0])
     assert ax.get_xlabel() and ax.get_ylabel() == "WER (%)"
     plt.close(fig)
+
+
+def test_results_md_starts_with_the_environment(exp):
+    import platform
+    import subprocess
+
+    from importlib import metadata
+
+    report(str(exp))
+    md = (exp / "RESULTS.md").read_text()
+    head = md.split("## Table")[0]
+    assert f"torch {metadata.version('torch')}," in head
+    assert f"python {platform.python_version()}" in head
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True, cwd=str(__import__("pathlib").Path(__file__).parent)).stdout.strip()
+    assert f"- git commit: `{commit}`" in head
+    assert "- date: 20" in head and " CPU cores" in head

@@ -112,7 +112,7 @@ def test_missing_hypotheses_fail_or_count_as_empty(tmp_path):
     hyp, ref = make(tmp_path, {"u1": {"text": "a b"}, "u2": {"text": "c d e"}}, {"u1": "a b"})
     with pytest.raises(ValueError, match="u2") as e:
         score(hyp, ref)
-    assert "no hypothesis" in str(e.value) and "on_missing" in str(e.value)
+    assert "no hypothesis" in str(e.value) and "--missing empty" in str(e.value)
     res = score(hyp, ref, on_missing="empty", normalizer="none")
     assert (res["sub"], res["del"], res["ins"], res["ref_words"]) == (0, 3, 0, 5)
     assert res["missing_hyps"] == 1

@@ -22,6 +22,8 @@ def _print_table(rows: list[dict], keys: list[str]) -> None:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
     return "" if v is None else str(v)

@@ -1,0 +1,19 @@
+"""Tests of the command line's own presentation (tables, messages)."""
+from click.testing import CliRunner
+
+from lalmtool.cli import _fmt, main
+
+
+def test_table_cells_say_yes_no_and_round_floats():
+    assert [_fmt(True), _fmt(False), _fmt(0.123456789), _fmt(None), _fmt(3)] == \
+        ["yes", "no", "0.1235", "", "3"]
+
+
+def test_assets_list_says_yes_or_no(monkeypatch):
+    import lalmtool.assets as assets
+
+    monkeypatch.setattr(assets, "list_assets", lambda: [
+        {"name": "a", "fetched": True, "path": "/p/a", "description": "A"},
+        {"name": "b", "fetched": False, "path": "/p/b", "description": "B"}])
+    out = CliRunner().invoke(main, ["assets", "list"]).output.splitlines()
+    assert [line.split()[:2] for line in out] == [["name", "fetched"], ["a", "yes"], ["b", "no"]]

@@ -40,17 +40,32 @@ def _run(fn, *args, **kwargs):
         raise click.ClickException(str(e)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+class _Group(click.Group):
+    """The top-level group: ``-v`` may stand anywhere before ``--`` (``lalmtool extract ... -v``)."""
+
+    def parse_args(self, ctx, args):
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in VERBOSE_FLAGS]
+        rest = [a for a in args[:end] if a not in VERBOSE_FLAGS] + args[end:]
+        return super().parse_args(ctx, flags[:1] + rest)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging of lalmtool's own steps (may follow the subcommand).")
 @click.version_option(package_name="lalmtool")
 def main(verbose: bool) -> None:
     """Audio-token compression for large audio language models.
 
     Stages: extract → segment → pool → finetune → decode → score → report.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    # -v opens lalmtool's own debug lines; libraries (h5py, matplotlib, urllib3…) stay at INFO
+    logging.getLogger("lalmtool").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:  # keep third-party chatter (generation defaults, deprecations) out of logs
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -208,9 +223,11 @@ def pool(feats, segments, reduce, out, nj, force) -> None:
 @click.option("--valid-feats", help="Validation feature store.")
 @click.option("--valid-manifest", help="Validation manifest.")
 @click.option("--init-adapter", help="Start from this adapter instead of a fresh LoRA.")
+@click.option("--init-projector", help="speechllm: start the projector from `lalmtool align`'s "
+              "output (sets extra.init_projector).")
 @click.pass_context
 def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
-             init_adapter) -> None:
+             init_adapter, init_projector) -> None:
     """Train LoRA adapters on the decoder from stored features.
 
     Any training option can be given as --key=value (e.g. --lr=3e-4 --max_steps=400
@@ -221,10 +238,45 @@ def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, va
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
     cfg = _run(TrainConfig.load, config_path, _run(parse_overrides, ctx.args))
+    if init_projector:
+        cfg.extra = {**cfg.extra, "init_projector": os.path.abspath(init_projector)}
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
              valid_manifest=valid_manifest, init_adapter=init_adapter)
     if s:
         click.echo(json.dumps(s, indent=1))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--feats", required=True, help="Training feature store (frames or pooled).")
+@click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
+@click.option("--model", required=True, help="The LLM (or a speechllm directory).")
+@click.option("--out", required=True, help="Output directory (projector, checkpoints, logs).")
+@click.option("--config", "config_path", help="YAML options (finetune's config serves too).")
+@click.option("--valid-feats", help="Validation feature store (CTC-greedy WER in the log).")
+@click.option("--valid-manifest", help="Validation manifest.")
+@click.option("--init", "init", help="Start from an earlier alignment's output directory.")
+@click.option("--force", is_flag=True, help="Start over, discarding an earlier run in --out.")
+@BACKEND_OPT
+@click.pass_context
+def align(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid_manifest, init,
+          force, backend_opt) -> None:
+    """Align a speechllm projector to the LLM's token embeddings with CTC (before finetune).
+
+    Options as --key=value (e.g. --max_steps=300 --lr=1e-3 --patience=2); see
+    lalmtool.align.AlignConfig. A rerun resumes; pass the result to finetune's
+    --init-projector.
+    """
+    from .align import AlignConfig, align as run
+    from .finetune import parse_overrides
+
+    if bool(valid_feats) != bool(valid_manifest):
+        raise click.UsageError("--valid-feats and --valid-manifest go together")
+    cfg = _run(AlignConfig.load, config_path, _run(parse_overrides, ctx.args))
+    cfg.extra = {**cfg.extra, **_backend_opts(backend_opt)}
+    s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
+             valid_manifest=valid_manifest, init=init, force=force)
+    s.pop("skipped_why", None)
+    click.echo(json.dumps(s, indent=1))
 
 
 @main.command()

@@ -26,9 +26,11 @@ Options (``--backend-opt KEY=VALUE``, finetune's ``extra``): ``encoder`` (Whispe
 directory, asset name or hub id; required unless ``--model`` is a speechllm directory),
 ``projector`` (``mlp`` | ``linear``, default ``mlp``), ``stack`` (default 4), ``hidden`` (MLP
 width, default 1024), ``prompt`` (the user's instruction, default "Transcribe the audio."),
-``seed`` (projector initialisation, default 0), ``train_projector`` (default true: the
-projector is a ``modules_to_save`` module), ``trim`` (extract: keep the frames that cover the
-audio), ``dtype``. With a speechllm directory, ``encoder``/``projector``/``stack``/``hidden``
+``seed`` (projector initialisation, default 0), ``init_projector`` (start the projector from
+these weights instead: ``lalmtool align``'s output directory, see ``lalmtool.align``),
+``norm`` (``none`` | ``embedding``: rescale each projected row to the mean norm of the LLM's
+input embeddings), ``train_projector`` (default true: the projector is a ``modules_to_save``
+module), ``trim`` (extract: keep the frames that cover the audio), ``dtype``. With a speechllm directory, ``encoder``/``projector``/``stack``/``hidden``
 may only repeat what its JSON says (they fix the projector's shape); ``prompt`` may change.
 There is deliberately no ``llm`` option: the LLM is ``--model``.
 
@@ -82,10 +84,15 @@ SPEC_FILE = "speechllm.json"
 PROJECTOR_FILE = "projector.safetensors"
 LORA_DIR = "lora"
 PROJECTORS = ("mlp", "linear")
+#: ``none``: the projector's output as it is; ``embedding``: each output row rescaled to the
+#: mean norm of the LLM's input-embedding rows (a projector aligned by cosine to those rows,
+#: ``lalmtool align``, then hands the LLM vectors of the size it was trained on).
+NORMS = ("none", "embedding")
 DEFAULT_PROMPT = "Transcribe the audio."
-DEFAULTS = {"projector": "mlp", "stack": 4, "hidden": 1024, "prompt": DEFAULT_PROMPT}
-#: Options that fix the projector's shape: a speechllm directory's JSON decides them.
-STRUCTURAL = ("encoder", "projector", "stack", "hidden")
+DEFAULTS = {"projector": "mlp", "stack": 4, "hidden": 1024, "norm": "none",
+            "prompt": DEFAULT_PROMPT}
+#: Options that fix the projector (its shape and output): a speechllm directory's JSON decides.
+STRUCTURAL = ("encoder", "projector", "stack", "hidden", "norm")
 _AUDIO = "\x00AUDIO\x00"  # stands for the audio inside the rendered prompt text
 _REPLY = "\x00REPLY\x00"  # stands for the assistant's answer when finding the turn-end token
 
@@ -106,11 +113,16 @@ def stack_frames(x: torch.Tensor, stack: int) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """Stacked encoder frames ``[N, D*s]`` → LLM input embeddings ``[N, H]``."""
+    """Stacked encoder frames ``[N, D*s]`` → LLM input embeddings ``[N, H]``.
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int = 1024):
+    ``out_norm`` (a number, not a parameter): every output row is rescaled to this L2 norm.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int = 1024,
+                 out_norm: float | None = None):
         super().__init__()
         check_choice("projector", kind, PROJECTORS)
+        self.out_norm = out_norm
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
         else:
@@ -118,7 +130,22 @@ class Projector(nn.Module):
                                      nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        y = self.net(x)
+        if self.out_norm:
+            y = nn.functional.normalize(y, dim=-1) * self.out_norm
+        return y
+
+
+def load_projector_weights(path: str) -> dict[str, torch.Tensor]:
+    """A projector's state dict from ``projector.safetensors``, or a directory holding one
+    (``lalmtool align``'s output, or a speechllm directory)."""
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, PROJECTOR_FILE) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"init_projector: {file} not found (give the output directory "
+                                "of `lalmtool align` or a projector.safetensors file)")
+    return load_file(file)
 
 
 class SpeechLLM(nn.Module):
@@ -205,9 +232,10 @@ def read_spec(model_path: str, **options) -> dict:
         for key in ("encoder", "llm"):
             stored[key] = _from_spec_path(stored[key], folder)
         for key in STRUCTURAL:
-            if key in options and key in stored and options[key] != stored[key]:
+            fixed = stored.get(key, DEFAULTS.get(key))
+            if key in options and options[key] != fixed:
                 raise ValueError(f"speechllm: option {key}={options[key]!r} contradicts "
-                                 f"{spec_file} ({key}={stored[key]!r}), which fixes the model")
+                                 f"{spec_file} ({key}={fixed!r}), which fixes the model")
         spec = {**DEFAULTS, **{k: stored[k] for k in (*STRUCTURAL, "llm", "prompt")
                                if k in stored}}
         if "prompt" in options:
@@ -215,6 +243,7 @@ def read_spec(model_path: str, **options) -> dict:
         has_weights = os.path.exists(os.path.join(folder, PROJECTOR_FILE))
         spec["weights"] = folder if has_weights else None
     check_choice("projector", spec["projector"], PROJECTORS)
+    check_choice("norm", spec["norm"], NORMS)
     if not isinstance(spec["stack"], int) or spec["stack"] < 1:
         raise ValueError(f"speechllm: stack must be a positive integer, not {spec['stack']!r}")
     if not isinstance(spec["hidden"], int) or spec["hidden"] < 1:
@@ -260,10 +289,15 @@ class SpeechLLMBackend(DecoderOnlyBackend):
                  dtype: torch.dtype | str | None = None, encoder: str | None = None,
                  projector: str | None = None, stack: int | None = None,
                  hidden: int | None = None, prompt: str | None = None, seed: int = 0,
-                 train_projector: bool = True, trim: bool = True, llm: str | None = None):
+                 train_projector: bool = True, trim: bool = True, llm: str | None = None,
+                 norm: str | None = None, init_projector: str | None = None):
         super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
         self.spec = read_spec(model_path, encoder=encoder, projector=projector, stack=stack,
-                              hidden=hidden, prompt=prompt, llm=llm)
+                              hidden=hidden, prompt=prompt, llm=llm, norm=norm)
+        if init_projector and self.spec["weights"]:
+            raise ValueError(f"speechllm: init_projector starts a fresh model's projector, but "
+                             f"--model {model_path} already holds a trained one")
+        self.init_projector = init_projector
         self.stack, self.prompt = self.spec["stack"], self.spec["prompt"]
         self.seed, self.trim = seed, trim
         self.modules_to_save = ["projector"] if train_projector else []
@@ -314,10 +348,23 @@ class SpeechLLMBackend(DecoderOnlyBackend):
     def _build_model(self) -> SpeechLLM:
         """The LLM, a seeded projector, and the trained weights of a speechllm directory."""
         llm = AutoModelForCausalLM.from_pretrained(self.llm_path, dtype=self.dtype)
+        out_norm = None
+        if self.spec["norm"] == "embedding":
+            rows = llm.get_input_embeddings().weight.detach().float()
+            out_norm = float(rows.norm(dim=-1).mean())
         with torch.random.fork_rng(devices=[]):  # seeded, leaves the global RNG untouched
             torch.manual_seed(self.seed)
             projector = Projector(self.feature_dim * self.stack, llm.config.hidden_size,
-                                  self.spec["projector"], self.spec["hidden"])
+                                  self.spec["projector"], self.spec["hidden"], out_norm)
+        if self.init_projector:
+            state = load_projector_weights(self.init_projector)
+            try:
+                projector.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"init_projector {self.init_projector} does not fit this "
+                                 f"model's projector ({self.spec['projector']}, stack "
+                                 f"{self.stack}, hidden {self.spec['hidden']}): "
+                                 f"{str(e).splitlines()[0]}") from None
         model = SpeechLLM(projector.to(self.dtype), llm, self.model_path)
         weights = self.spec["weights"]
         if weights:
@@ -471,7 +518,7 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     if not model:
         raise ValueError(f"{adapter} does not record its base model; pass model=")
     opts = {**_training_options(adapter), **(options or {})}
-    for key in ("dtype", "trim", "seed", "train_projector"):
+    for key in ("dtype", "trim", "seed", "train_projector", "init_projector"):
         opts.pop(key, None)
     from ..assets import resolve_model
 
@@ -495,7 +542,7 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     with open(os.path.join(tmp, LORA_DIR, "adapter_config.json"), "w", encoding="utf-8") as fh:
         json.dump(adapter_config, fh, indent=1)
     stored = {"encoder": portable_name(spec["encoder"]), "llm": portable_name(spec["llm"]),
-              **{k: spec[k] for k in ("projector", "stack", "hidden", "prompt")}}
+              **{k: spec[k] for k in ("projector", "stack", "hidden", "norm", "prompt")}}
     with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as fh:
         json.dump(stored, fh, indent=1)
     shutil.rmtree(out, ignore_errors=True)

@@ -17,3 +17,17 @@ def test_assets_list_says_yes_or_no(monkeypatch):
         {"name": "b", "fetched": False, "path": "/p/b", "description": "B"}])
     out = CliRunner().invoke(main, ["assets", "list"]).output.splitlines()
     assert [line.split()[:2] for line in out] == [["name", "fetched"], ["a", "yes"], ["b", "no"]]
+
+
+def test_verbose_after_the_subcommand_opens_only_lalmtool_debug_lines(tmp_path):
+    import logging
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "audio": "/nonexistent.wav", "duration": 1.0, "text": "x"}\n')
+    for args in (["manifest", "validate", str(manifest), "-v"], ["-v", "manifest", "validate", str(manifest)]):
+        logging.getLogger("lalmtool").setLevel(logging.NOTSET)
+        CliRunner().invoke(main, args)
+        assert logging.getLogger("lalmtool").level == logging.DEBUG, args
+        assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.INFO
+    CliRunner().invoke(main, ["manifest", "validate", str(manifest)])
+    assert logging.getLogger("lalmtool").level == logging.INFO

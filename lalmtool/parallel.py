@@ -98,7 +98,8 @@ def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list
     barrier(world)
     writer = StoreWriter(out)
     mine = [s for i, s in enumerate(shards) if i % world == rank]
-    todo = [s for s in mine if s in set(writer.pending())]
+    pending = set(writer.pending())  # verifies the shards present: once, not per shard
+    todo = [s for s in mine if s in pending]
     done = len(mine) - len(todo)
     if done:
         log.info("%s: %d of %d shard(s) already complete, skipped", out, done, len(mine))

@@ -7,8 +7,11 @@ Layout (the public contract, also in README.md)::
     STORE/skipped.jsonl     utterances skipped under --on-error skip (id, error)
 
 Every shard file carries the attributes ``fingerprint`` and ``meta`` (JSON) and ``skipped``
-(JSON list). A shard is written under a temporary name by a single writer and renamed when
-complete, so a shard file that exists is whole; a rerun redoes only missing shards. The shard
+(JSON list). Datasets are chunked with HDF5's fletcher32 checksum filter, so bytes damaged after
+writing fail to read instead of being read as features (plain h5py verifies it on every read).
+A shard is written under a temporary name by a single writer and renamed when complete; a rerun
+redoes the shards that are missing or fail verification (unreadable, truncated, a checksum
+error, another fingerprint than store.json's, other utterances than planned). The shard
 plan (which utterances go in which file) depends only on the input, never on ``--nj`` or the
 number of ranks, so an interrupted and resumed run writes exactly the same store.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,6 +32,9 @@ import numpy as np
 STORE_FILE = "store.json"
 SKIPPED_FILE = "skipped.jsonl"
 TMP_SUFFIX = ".tmp"
+MAX_OPEN = 64  # shard files a Store keeps open at once (least recently used closed first)
+CHUNK_BYTES = 1 << 20  # rows per checksummed chunk: about this many bytes
+log = logging.getLogger("lalmtool")
 
 
 class StoreError(RuntimeError):
@@ -64,6 +72,38 @@ def plan_shards(ids: list[str], shard_size: int, prefix: str) -> dict[str, list[
     }
 
 
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def shard_problem(path: str, fp: str, ids: list[str]) -> str | None:
+    """Why the shard file ``path`` is not a whole shard of a store with fingerprint ``fp`` and
+    these planned ``ids`` (reading every dataset, which verifies its checksum), or None."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("fingerprint") != fp:
+                return ("was written with other inputs or settings (its fingerprint "
+                        f"{str(f.attrs.get('fingerprint'))[:12]} differs from store.json's)")
+            done = set(f.keys()) | {s["id"] for s in json.loads(f.attrs["skipped"])}
+            if done != set(ids):
+                return f"holds other utterances than planned ({sorted(done ^ set(ids))[:3]})"
+            for utt in f:
+                f[utt][()]
+    except Exception as e:  # h5py raises OSError, KeyError, RuntimeError... for damaged files
+        return f"is damaged ({_short(e)})"
+    return None
+
+
+def _create_dataset(f: h5py.File, utt: str, arr: np.ndarray) -> h5py.Dataset:
+    """A dataset for ``arr``, checksummed (fletcher32) in chunks of about CHUNK_BYTES."""
+    arr = np.asarray(arr)
+    if arr.size == 0 or arr.ndim == 0:
+        return f.create_dataset(utt, data=arr)
+    rows = max(1, min(arr.shape[0], CHUNK_BYTES // max(1, arr[0].nbytes)))
+    return f.create_dataset(utt, data=arr, chunks=(rows, *arr.shape[1:]), fletcher32=True)
+
+
 @dataclass
 class ShardResult:
     """What a worker produced for one shard: arrays with per-utterance attributes, and skips."""
@@ -81,17 +121,22 @@ class StoreWriter:
     """
 
     def __init__(self, path: str):
-        info = _read_json(os.path.join(path, STORE_FILE))
+        info = _read_store_json(path)
         if info is None:
             raise StoreError(f"{path}: no {STORE_FILE}; create the store first")
         self.path, self.kind = path, info["kind"]
         self.fp, self.meta, self.shards = info["fingerprint"], info["meta"], info["shards"]
+        self._verified: dict[str, tuple] = {}  # shard -> (inode, size, mtime) found whole
 
     @classmethod
     def create(cls, path: str, kind: str, fp: str, meta: dict, shards: dict[str, list[str]],
                force: bool = False) -> "StoreWriter":
         os.makedirs(path, exist_ok=True)
-        existing = _read_json(os.path.join(path, STORE_FILE))
+        try:
+            existing = _read_store_json(path)
+        except StoreError as e:  # unreadable: rewritten; shards are checked by their own attrs
+            log.warning("%s; writing it again (each shard's fingerprint is checked)", e)
+            existing = None
         mismatch = existing is not None and (
             existing["fingerprint"] != fp or existing["shards"] != shards)
         if mismatch and not force:
@@ -107,7 +152,25 @@ class StoreWriter:
         return cls(path)
 
     def pending(self) -> list[str]:
-        return [s for s in self.shards if not os.path.exists(os.path.join(self.path, s))]
+        """Shards still to write: missing, or present but failing ``shard_problem`` (logged)."""
+        todo = []
+        for name, ids in self.shards.items():
+            file = os.path.join(self.path, name)
+            try:
+                st = os.stat(file)
+            except FileNotFoundError:
+                todo.append(name)
+                continue
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._verified.get(name) == key:
+                continue
+            why = shard_problem(file, self.fp, ids)
+            if why:
+                log.warning("%s %s: it will be written again", file, why)
+                todo.append(name)
+            else:
+                self._verified[name] = key
+        return todo
 
     def write_shard(self, name: str, result: ShardResult) -> None:
         final = os.path.join(self.path, name)
@@ -118,22 +181,30 @@ class StoreWriter:
         got = {utt for utt, _, _ in result.items} | {s["id"] for s in result.skipped}
         if got != expected:
             raise StoreError(f"shard {name}: produced {sorted(got ^ expected)[:5]} unexpectedly")
-        with h5py.File(tmp, "w") as f:
-            f.attrs["fingerprint"] = self.fp
-            f.attrs["meta"] = json.dumps(self.meta)
-            f.attrs["skipped"] = json.dumps(result.skipped)
-            for utt, arr, attrs in result.items:
-                ds = f.create_dataset(utt, data=arr)
-                for k, v in attrs.items():
-                    ds.attrs[k] = v
-        os.replace(tmp, final)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["fingerprint"] = self.fp
+                f.attrs["meta"] = json.dumps(self.meta)
+                f.attrs["skipped"] = json.dumps(result.skipped)
+                for utt, arr, attrs in result.items:
+                    ds = _create_dataset(f, utt, arr)
+                    for k, v in attrs.items():
+                        ds.attrs[k] = v
+            os.replace(tmp, final)
+        except OSError as e:  # full disk, read-only or vanished directory: nothing half-written
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise StoreError(f"cannot write {final}: {_short(e)}. Free space or choose a "
+                             "writable --out, then rerun: finished shards are kept") from e
+        st = os.stat(final)
+        self._verified[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def finish(self, extra_skipped: list[dict] = ()) -> list[dict]:
         """Writes ``skipped.jsonl`` once every shard exists; returns the skipped utterances.
 
         ``extra_skipped`` are utterances left out before sharding (bad manifest entries).
         """
-        missing = self.pending()
+        missing = [s for s in self.shards if not os.path.exists(os.path.join(self.path, s))]
         if missing:
             raise StoreError(f"{self.path}: {len(missing)} shard(s) still missing: {missing[:3]}")
         skipped = list(extra_skipped)
@@ -150,8 +221,8 @@ class StoreWriter:
 class Store:
     """Read access to a finished store. HDF5 files are opened lazily, per process."""
 
-    def __init__(self, path: str):
-        info = _read_json(os.path.join(path, STORE_FILE))
+    def __init__(self, path: str, max_open: int = MAX_OPEN):
+        info = _read_store_json(path)
         if info is None:
             raise StoreError(f"{path} is not a lalmtool store (no {STORE_FILE}); "
                              "make it with `lalmtool extract`, `segment` or `pool`.")
@@ -162,22 +233,47 @@ class Store:
         if missing:
             raise StoreError(f"{path} is incomplete: {len(missing)} of {len(self.shards)} shards "
                              f"missing ({missing[0]}, ...). Rerun the stage that writes it.")
-        self._files: dict[str, h5py.File] = {}
+        self.max_open = max(1, max_open)
+        self._files: OrderedDict[str, h5py.File] = OrderedDict()
         self._pid = os.getpid()
         self._where: dict[str, str] = {}
         for name, ids in self.shards.items():
-            present = set(self._file(name).keys())
+            f = self._file(name)
+            if f.attrs.get("fingerprint") != self.fingerprint:
+                raise StoreError(self._damaged(name, "was written with other inputs or settings "
+                                               "than store.json records"))
+            present = set(self._guard(name, f.keys))
             for utt in ids:
                 if utt in present:
                     self._where[utt] = name
         self.ids = list(self._where)
 
+    def _damaged(self, name: str, why: str) -> str:
+        stage = self.meta.get("stage", "the stage") if isinstance(self.meta, dict) else "the stage"
+        return (f"{os.path.join(self.path, name)} {why}; rerun `lalmtool {stage}` with the same "
+                f"--out ({self.path}) to redo it")
+
+    def _guard(self, name: str, fn, *args, utt: str | None = None):
+        """``fn(*args)``; an HDF5 failure (damaged file, checksum error) names the shard."""
+        try:
+            return fn(*args)
+        except StoreError:
+            raise
+        except Exception as e:
+            where = f" (utterance {utt!r})" if utt else ""
+            raise StoreError(self._damaged(name, f"is damaged{where}: {_short(e)}")) from e
+
     def _file(self, name: str) -> h5py.File:
         if self._pid != os.getpid():  # forked: never share HDF5 handles across processes
-            self._files, self._pid = {}, os.getpid()
-        if name not in self._files:
-            self._files[name] = h5py.File(os.path.join(self.path, name), "r")
-        return self._files[name]
+            self._files, self._pid = OrderedDict(), os.getpid()
+        if name in self._files:
+            self._files.move_to_end(name)
+            return self._files[name]
+        f = self._guard(name, h5py.File, os.path.join(self.path, name), "r")
+        self._files[name] = f
+        while len(self._files) > self.max_open:  # keep few handles open (ulimit -n)
+            self._files.popitem(last=False)[1].close()
+        return f
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -186,26 +282,28 @@ class Store:
         return utt in self._where
 
     def __getitem__(self, utt: str) -> np.ndarray:
-        return self.dataset(utt)[()]
+        ds = self.dataset(utt)
+        return self._guard(self._where[utt], ds.__getitem__, (), utt=utt)
 
     def dataset(self, utt: str) -> h5py.Dataset:
+        """The h5py dataset of ``utt``: use it at once (its file may be closed later on)."""
         if utt not in self._where:
             raise StoreError(f"utterance {utt!r} is not in store {self.path}")
-        return self._file(self._where[utt])[utt]
+        name = self._where[utt]
+        return self._guard(name, self._file(name).__getitem__, utt, utt=utt)
 
     def attrs(self, utt: str) -> dict:
-        return dict(self.dataset(utt).attrs)
+        return self._guard(self._where.get(utt, ""), dict, self.dataset(utt).attrs, utt=utt)
 
     def skipped(self) -> list[dict]:
         out = []
         for name in self.shards:
-            out += json.loads(self._file(name).attrs["skipped"])
+            out += self._guard(name, lambda: json.loads(self._file(name).attrs["skipped"]))
         return out
 
     def items(self) -> Iterator[tuple[str, np.ndarray, dict]]:
         for utt in self.ids:
-            ds = self.dataset(utt)
-            yield utt, ds[()], dict(ds.attrs)
+            yield utt, self[utt], self.attrs(utt)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -216,6 +314,39 @@ class Store:
         state = dict(self.__dict__)
         state["_files"] = {}
         return state
+
+
+def verify_store(path: str) -> tuple[int, list[tuple[str, str]]]:
+    """Checks every shard of the store at ``path`` (reading all data, which verifies the
+    checksums); returns (shards checked, [(shard file, problem)])."""
+    info = _read_store_json(path)
+    if info is None:
+        raise StoreError(f"{path} is not a lalmtool store (no {STORE_FILE})")
+    problems = []
+    for name, ids in info["shards"].items():
+        file = os.path.join(path, name)
+        why = "is missing" if not os.path.exists(file) else shard_problem(
+            file, info["fingerprint"], ids)
+        if why:
+            problems.append((file, why))
+    return len(info["shards"]), problems
+
+
+def _read_store_json(path: str) -> dict | None:
+    """store.json of the store at ``path``, None when absent; StoreError when unusable."""
+    file = os.path.join(path, STORE_FILE)
+    if os.path.isfile(path):
+        raise StoreError(f"{path} is a file, not a store directory")
+    try:
+        info = _read_json(file)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{file} is damaged ({e}); rerun the stage that wrote {path} with the "
+                         "same options to write it again") from e
+    if info is not None and not (isinstance(info, dict) and {"kind", "fingerprint", "meta",
+                                                            "shards"} <= set(info)):
+        raise StoreError(f"{file} lacks kind/fingerprint/meta/shards; rerun the stage that "
+                         f"wrote {path} with the same options to write it again")
+    return info
 
 
 def _read_json(path: str):

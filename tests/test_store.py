@@ -1,0 +1,171 @@
+"""Store detection and faults: checksums, damaged and stale shards, few open handles, full disk."""
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from lalmtool import store as store_mod
+from lalmtool.store import (ShardResult, Store, StoreError, StoreWriter, plan_shards,
+                            shard_problem, verify_store)
+
+FP = "f" * 64
+
+
+def _arr(utt: str) -> np.ndarray:
+    seed = int(utt[1:])
+    return np.random.default_rng(seed).standard_normal((7 + seed, 4)).astype(np.float16)
+
+
+def make_store(path, n: int = 6, shard_size: int = 2, fp: str = FP) -> StoreWriter:
+    ids = [f"u{i}" for i in range(n)]
+    w = StoreWriter.create(str(path), "feats", fp, {"stage": "extract", "frame_rate": 50.0},
+                           plan_shards(ids, shard_size, "feats"))
+    for name in w.pending():
+        w.write_shard(name, ShardResult(items=[(u, _arr(u), {"duration": 1.0})
+                                               for u in w.shards[name]]))
+    w.finish()
+    return w
+
+
+def _flip_byte_in_data(file: str, utt: str) -> None:
+    with h5py.File(file, "r") as f:
+        offset = f[utt].id.get_chunk_info(0).byte_offset
+    with open(file, "r+b") as fh:
+        fh.seek(offset + 3)
+        b = fh.read(1)
+        fh.seek(offset + 3)
+        fh.write(bytes([b[0] ^ 0x10]))
+
+
+def test_datasets_are_checksummed_and_plain_h5py_reads_them(tmp_path):
+    make_store(tmp_path / "s")
+    with h5py.File(tmp_path / "s" / "feats.00001.h5", "r") as f:
+        assert f["u2"].fletcher32 is True
+        np.testing.assert_array_equal(f["u2"][()], _arr("u2"))
+    assert verify_store(str(tmp_path / "s")) == (3, [])
+
+
+def test_bit_flip_is_detected_on_read_and_redone_by_a_rerun(tmp_path):
+    w = make_store(tmp_path / "s")
+    shard = str(tmp_path / "s" / "feats.00001.h5")
+    _flip_byte_in_data(shard, "u3")
+    st = Store(str(tmp_path / "s"))
+    np.testing.assert_array_equal(st["u2"], _arr("u2"))  # the rest of the shard still reads
+    with pytest.raises(StoreError) as e:
+        st["u3"]
+    assert str(e.value).startswith(f"{shard} is damaged (utterance 'u3'): OSError: ")
+    assert str(e.value).endswith(f"rerun `lalmtool extract` with the same --out "
+                                 f"({tmp_path / 's'}) to redo it")
+    n, problems = verify_store(str(tmp_path / "s"))
+    assert (n, [p[0] for p in problems]) == (3, [shard])
+    assert problems[0][1].startswith("is damaged (OSError")
+    rerun = StoreWriter(str(tmp_path / "s"))
+    assert rerun.pending() == ["feats.00001.h5"]
+    make_store(tmp_path / "s")  # the stage's rerun
+    np.testing.assert_array_equal(Store(str(tmp_path / "s"))["u3"], _arr("u3"))
+
+
+def test_truncated_shard_named_and_redone(tmp_path):
+    make_store(tmp_path / "s")
+    shard = tmp_path / "s" / "feats.00002.h5"
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(StoreError) as e:
+        Store(str(tmp_path / "s"))
+    assert str(e.value).startswith(f"{shard} is damaged: OSError: Unable to")
+    assert StoreWriter(str(tmp_path / "s")).pending() == ["feats.00002.h5"]
+    make_store(tmp_path / "s")
+    assert Store(str(tmp_path / "s")).ids == [f"u{i}" for i in range(6)]
+
+
+def test_overwritten_header_named(tmp_path):
+    make_store(tmp_path / "s")
+    shard = tmp_path / "s" / "feats.00000.h5"
+    with open(shard, "r+b") as fh:
+        fh.write(b"\0" * 64)
+    with pytest.raises(StoreError, match=r"feats\.00000\.h5 is damaged: OSError"):
+        Store(str(tmp_path / "s"))
+    assert StoreWriter(str(tmp_path / "s")).pending() == ["feats.00000.h5"]
+
+
+def test_shard_of_another_fingerprint_is_redone_after_store_json_is_lost(tmp_path):
+    make_store(tmp_path / "s", fp="a" * 64)
+    os.remove(tmp_path / "s" / "store.json")
+    w = StoreWriter.create(str(tmp_path / "s"), "feats", "b" * 64, {"stage": "extract"},
+                           plan_shards([f"u{i}" for i in range(6)], 2, "feats"))
+    assert w.pending() == ["feats.00000.h5", "feats.00001.h5", "feats.00002.h5"]
+    with pytest.raises(StoreError, match=r"feats\.00000\.h5 was written with other inputs"):
+        Store(str(tmp_path / "s"))
+
+
+def test_damaged_store_json_is_named_and_rewritten(tmp_path):
+    make_store(tmp_path / "s")
+    (tmp_path / "s" / "store.json").write_text('{"kind": "fe')
+    with pytest.raises(StoreError, match=r"store\.json is damaged \(Unterminated string"):
+        Store(str(tmp_path / "s"))
+    make_store(tmp_path / "s")  # a rerun writes it again and keeps the shards
+    assert len(Store(str(tmp_path / "s"))) == 6
+
+
+def test_old_store_without_checksums_reads(tmp_path):
+    w = StoreWriter.create(str(tmp_path / "s"), "feats", FP, {"stage": "extract"},
+                           {"feats.00000.h5": ["u1"]})
+    with h5py.File(tmp_path / "s" / "feats.00000.h5", "w") as f:  # as written before checksums
+        f.attrs.update({"fingerprint": FP, "meta": "{}", "skipped": "[]"})
+        f.create_dataset("u1", data=_arr("u1"))
+    w.finish()
+    np.testing.assert_array_equal(Store(str(tmp_path / "s"))["u1"], _arr("u1"))
+    assert verify_store(str(tmp_path / "s")) == (1, [])
+
+
+def test_store_keeps_at_most_max_open_files(tmp_path):
+    make_store(tmp_path / "s", n=10, shard_size=1)
+    st = Store(str(tmp_path / "s"), max_open=3)
+    assert len(st._files) == 3
+    for _ in range(2):
+        for i in range(10):
+            np.testing.assert_array_equal(st[f"u{i}"], _arr(f"u{i}"))
+            assert len(st._files) == min(3, 10)
+    assert list(st._files) == ["feats.00007.h5", "feats.00008.h5", "feats.00009.h5"]
+    st.close()
+    assert st._files == {}
+
+
+def test_full_disk_leaves_no_tmp_and_a_resumable_store(tmp_path, monkeypatch):
+    ids = ["u0", "u1"]
+    w = StoreWriter.create(str(tmp_path / "s"), "feats", FP, {"stage": "extract"},
+                           plan_shards(ids, 1, "feats"))
+    w.write_shard("feats.00000.h5", ShardResult(items=[("u0", _arr("u0"), {})]))
+    real = store_mod._create_dataset
+
+    def full(f, utt, arr):
+        real(f, utt, arr)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_create_dataset", full)
+    with pytest.raises(StoreError) as e:
+        w.write_shard("feats.00001.h5", ShardResult(items=[("u1", _arr("u1"), {})]))
+    final = os.path.join(str(tmp_path / "s"), "feats.00001.h5")
+    assert str(e.value) == (f"cannot write {final}: OSError: [Errno 28] No space left on device."
+                            " Free space or choose a writable --out, then rerun: finished "
+                            "shards are kept")
+    assert glob.glob(str(tmp_path / "s" / "*.tmp*")) == []
+    monkeypatch.setattr(store_mod, "_create_dataset", real)
+    w2 = StoreWriter(str(tmp_path / "s"))
+    assert w2.pending() == ["feats.00001.h5"]
+    w2.write_shard("feats.00001.h5", ShardResult(items=[("u1", _arr("u1"), {})]))
+    w2.finish()
+    assert Store(str(tmp_path / "s")).ids == ids
+
+
+def test_shard_problem_names_unplanned_utterances(tmp_path):
+    make_store(tmp_path / "s")
+    assert shard_problem(str(tmp_path / "s" / "feats.00000.h5"), FP, ["u0", "u9"]) == (
+        "holds other utterances than planned (['u1', 'u9'])")
+    info = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert info["shards"]["feats.00000.h5"] == ["u0", "u1"]

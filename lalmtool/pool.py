@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from .lock import output_lock
 from .parallel import run_sharded
 from .segment import for_utterance, summarize
 from .store import ShardResult, Store, StoreError, fingerprint
@@ -47,9 +48,14 @@ def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                force: bool = False) -> dict:
     """Writes the pooled features of every utterance of ``segments`` to the store ``out``."""
-    src, seg = Store(feats), Store(segments)
     if reduce not in REDUCERS:
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
+    if nj < 1:
+        raise ValueError(f"--nj must be >= 1, got {nj}")
+    src, seg = Store(feats), Store(segments)
+    if seg.kind != "seg":
+        raise StoreError(f"{segments} is a {seg.kind} store, not boundaries: give --segments "
+                         "a store from `lalmtool segment`")
     if seg.meta.get("source_fingerprint") != src.fingerprint:
         raise StoreError(f"{segments} was segmented from {seg.meta.get('source')}, whose "
                          f"content differs from {feats}; rerun `lalmtool segment` on {feats}.")
@@ -66,8 +72,9 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     shards = {name.replace("seg.", "pooled.", 1): ids for name, ids in seg.shards.items()}
     shards = {name: [u for u in ids if u in seg] for name, ids in shards.items()}
     factory = functools.partial(_worker, feats, segments, reduce)
-    stats, skipped = run_sharded(out, "pooled", fp, meta, shards, factory, nj=nj, force=force,
-                                 desc=f"pool {reduce}")
+    with output_lock(out):
+        stats, skipped = run_sharded(out, "pooled", fp, meta, shards, factory, nj=nj,
+                                     force=force, desc=f"pool {reduce}")
     return summarize(stats, rate, out, skipped)
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import numpy as np
 import torch
 from scipy.signal import find_peaks
 
+from .lock import output_lock
 from .parallel import run_sharded
-from .store import ShardResult, Store, fingerprint
+from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
@@ -117,6 +119,11 @@ def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
         seconds += _duration(store, attrs, z)
     s = np.sort(np.concatenate(scores))[::-1] if scores else np.zeros(0)
     want = int(round(target_rate * seconds)) - len(store)  # peaks to keep
+    if seconds and (want <= 0 or want > len(s)):
+        kept = min(max(want, 0), len(s))
+        log.warning("--target-rate %g cannot be reached with %s on this set: the closest is "
+                    "%.3g tokens/s (%s)", target_rate, method, (len(store) + kept) / seconds,
+                    "one token per utterance" if kept == 0 else "every peak kept")
     if want <= 0:
         return float(s[0]) + 1.0 if len(s) else 0.0  # keep no peak at all
     if want >= len(s):
@@ -129,21 +136,24 @@ def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
 def segment(feats: str, method: str, out: str, k: int | None = None,
             threshold: float | None = None, target_rate: float | None = None, nj: int = 1,
             force: bool = False, on_error: str = "fail") -> dict:
-    """Writes the boundaries of every utterance in the feature store ``feats`` to ``out``."""
+    """Writes the boundaries of every utterance in the feature store ``feats`` to ``out``.
+
+    Options are checked before anything is written, so a corrected command is accepted.
+    """
+    check_options(method, k, threshold, target_rate, nj)
     src = Store(feats)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if src.kind == "seg":
+        raise StoreError(f"{feats} is a boundary store; give --feats a feature store "
+                         "(from `lalmtool extract` or `pool`)")
     rate = float(src.meta["frame_rate"])
     if target_rate is not None:
         if method == "uniform":
+            if target_rate > rate:
+                raise ValueError(f"--target-rate {target_rate:g} cannot be reached: {feats} "
+                                 f"has {rate:g} frames/s, the most uniform can keep (--k 1)")
             k = max(1, int(round(rate / target_rate)))
-        elif method in THRESHOLD_METHODS:
-            threshold = threshold_for_rate(src, method, target_rate)
         else:
-            raise ValueError(f"--target-rate needs a method with a threshold "
-                             f"({', '.join(THRESHOLD_METHODS)}) or uniform; {method} has none")
-    if method == "uniform" and not k:
-        raise ValueError("method uniform needs --k (or --target-rate)")
+            threshold = threshold_for_rate(src, method, target_rate)
     params = {"k": k} if method == "uniform" else (
         {"threshold": threshold or 0.0} if method in THRESHOLD_METHODS else {})
     if target_rate is not None:
@@ -156,9 +166,40 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     shards = {name.replace("feats.", "seg.", 1): [u for u in ids if u in src]
               for name, ids in src.shards.items()}
     factory = functools.partial(_worker, feats, method, k, threshold, on_error)
-    stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, nj=nj, force=force,
-                                 desc=f"segment {method}")
+    with output_lock(out):
+        stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, nj=nj, force=force,
+                                     desc=f"segment {method}")
     return summarize(stats, rate, out, skipped)
+
+
+def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
+    """ValueError for options out of range, missing, or ignored by ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if nj < 1:
+        raise ValueError(f"--nj must be >= 1, got {nj}")
+    if k is not None and method != "uniform":
+        raise ValueError(f"--k is the segment length of uniform; {method} does not use it")
+    if threshold is not None and method not in THRESHOLD_METHODS:
+        raise ValueError(f"--threshold is for {' and '.join(THRESHOLD_METHODS)}; "
+                         f"{method} does not use it")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"--threshold must be a finite number >= 0, got {threshold}")
+    if target_rate is not None:
+        if not (math.isfinite(target_rate) and target_rate > 0):
+            raise ValueError(f"--target-rate must be a finite number of tokens/s > 0, "
+                             f"got {target_rate}")
+        if method == "peaks":
+            raise ValueError(f"--target-rate needs a method with a threshold "
+                             f"({', '.join(THRESHOLD_METHODS)}) or uniform; peaks has none")
+        if k is not None or threshold is not None:
+            raise ValueError("give --target-rate or --k/--threshold, not both "
+                             "(the target rate sets them)")
+    if method == "uniform" and target_rate is None:
+        if k is None:
+            raise ValueError("method uniform needs --k (or --target-rate)")
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"--k must be a whole number of frames >= 1, got {k}")
 
 
 def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:

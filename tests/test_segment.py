@@ -116,3 +116,108 @@ def test_pool_mean_of_variable_segments():
 def test_pool_rejects_bad_boundaries(starts):
     with pytest.raises(ValueError, match="boundaries"):
         pool(rand(10), np.array(starts, dtype=np.int32))
+
+
+# -- the segment and pool stages on a small synthetic store: options, invalidation ------------
+import logging  # noqa: E402
+import os  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+from lalmtool.cli import main  # noqa: E402
+from lalmtool.pool import pool_store  # noqa: E402
+from lalmtool.store import ShardResult, Store, StoreError, StoreWriter, plan_shards  # noqa: E402
+
+
+def feats_store(path, n=4, seed=0, fp="a" * 64) -> str:
+    """A frames store of ``n`` random utterances (50 frames/s, 2 per shard)."""
+    ids = [f"u{i}" for i in range(n)]
+    w = StoreWriter.create(str(path), "feats", fp, {"stage": "extract", "frame_rate": 50.0},
+                           plan_shards(ids, 2, "feats"))
+    for name in w.pending():
+        w.write_shard(name, ShardResult(items=[
+            (u, rand(40 + 10 * i, seed=seed + i).astype(np.float16), {"duration": 0.8 + 0.2 * i})
+            for i, u in ((int(u[1:]), u) for u in w.shards[name])]))
+    w.finish()
+    return str(path)
+
+
+@pytest.mark.parametrize("method,opts,message", [
+    ("uniform", {"target_rate": 0.0}, "--target-rate must be a finite number of tokens/s > 0, got 0.0"),
+    ("uniform", {"target_rate": -5.0}, "--target-rate must be a finite number of tokens/s > 0, got -5.0"),
+    ("uniform", {"target_rate": float("inf")}, "--target-rate must be a finite number of tokens/s > 0, got inf"),
+    ("uniform", {"target_rate": float("nan")}, "--target-rate must be a finite number of tokens/s > 0, got nan"),
+    ("uniform", {"k": -2}, "--k must be a whole number of frames >= 1, got -2"),
+    ("uniform", {"k": 0}, "--k must be a whole number of frames >= 1, got 0"),
+    ("uniform", {}, "method uniform needs --k (or --target-rate)"),
+    ("uniform", {"k": 3, "target_rate": 10.0}, "give --target-rate or --k/--threshold, not both (the target rate sets them)"),
+    ("peaks", {"k": 3}, "--k is the segment length of uniform; peaks does not use it"),
+    ("peaks", {"threshold": 0.1}, "--threshold is for scpc and prominence; peaks does not use it"),
+    ("peaks", {"target_rate": 10.0}, "--target-rate needs a method with a threshold (scpc, prominence) or uniform; peaks has none"),
+    ("scpc", {"threshold": -0.1}, "--threshold must be a finite number >= 0, got -0.1"),
+    ("prominence", {"threshold": float("nan")}, "--threshold must be a finite number >= 0, got nan"),
+    ("uniform", {"k": 3, "nj": 0}, "--nj must be >= 1, got 0"),
+    ("uniform", {"target_rate": 60.0}, "--target-rate 60 cannot be reached: {feats} has 50 frames/s, the most uniform can keep (--k 1)"),
+])
+def test_bad_options_refused_before_anything_is_written(tmp_path, method, opts, message):
+    feats = feats_store(tmp_path / "feats")
+    out = tmp_path / "seg"
+    with pytest.raises(ValueError) as e:
+        S.segment(feats, method, str(out), **opts)
+    assert str(e.value) == message.format(feats=feats)
+    assert not (out / "store.json").exists()
+    good = {"k": 3} if method == "uniform" else {}
+    assert S.segment(feats, method, str(out), **good)["utterances"] == 4  # corrected: accepted
+
+
+def test_cli_refuses_k_minus_2_then_accepts_k_3(tmp_path):
+    feats = feats_store(tmp_path / "feats")
+    args = ["segment", "--feats", feats, "--method", "uniform", "--out", str(tmp_path / "seg")]
+    r = CliRunner().invoke(main, args + ["--k", "-2"])
+    assert (r.exit_code, r.output) == (1, "Error: --k must be a whole number of frames >= 1, got -2\n")
+    r = CliRunner().invoke(main, args + ["--k", "3"])
+    assert r.exit_code == 0, r.output
+    assert Store(str(tmp_path / "seg"))["u0"].tolist() == list(range(0, 40, 3))
+
+
+def test_unreachable_target_rate_for_a_threshold_is_reported(tmp_path, caplog):
+    feats = feats_store(tmp_path / "feats")
+    with caplog.at_level(logging.WARNING, logger="lalmtool"):
+        s = S.segment(feats, "prominence", str(tmp_path / "seg"), target_rate=49.0)
+    closest = s["tokens"] / (0.8 + 1.0 + 1.2 + 1.4)
+    assert f"--target-rate 49 cannot be reached with prominence on this set: the closest is " \
+           f"{closest:.3g} tokens/s (every peak kept)" in caplog.text
+
+
+def test_pool_refuses_a_feature_store_as_segments(tmp_path):
+    feats = feats_store(tmp_path / "feats")
+    with pytest.raises(StoreError) as e:
+        pool_store(feats, feats, "mean", str(tmp_path / "pooled"))
+    assert str(e.value) == (f"{feats} is a feats store, not boundaries: give --segments a store "
+                            "from `lalmtool segment`")
+    assert not os.path.exists(tmp_path / "pooled" / "store.json")
+
+
+def test_changed_features_invalidate_exactly_the_stores_downstream(tmp_path):
+    feats = feats_store(tmp_path / "feats", seed=0, fp="a" * 64)
+    S.segment(feats, "peaks", str(tmp_path / "seg"))
+    pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))
+    before = Store(str(tmp_path / "pooled"))["u1"].copy()
+    # the same inputs again: nothing to redo, nothing refused
+    assert S.segment(feats, "peaks", str(tmp_path / "seg"))["utterances"] == 0
+    # new features (another fingerprint) in place of the old ones
+    StoreWriter.create(feats, "feats", "b" * 64, {"stage": "extract", "frame_rate": 50.0},
+                       plan_shards([f"u{i}" for i in range(4)], 2, "feats"), force=True)
+    feats_store(tmp_path / "feats", seed=7, fp="b" * 64)
+    with pytest.raises(StoreError, match=r"seg already holds a seg store made with different inputs"):
+        S.segment(feats, "peaks", str(tmp_path / "seg"))
+    with pytest.raises(StoreError, match=r"seg was segmented from .*feats, whose content differs"):
+        pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))
+    S.segment(feats, "peaks", str(tmp_path / "seg"), force=True)
+    with pytest.raises(StoreError, match=r"pooled already holds a pooled store made with different"):
+        pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))
+    pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"), force=True)
+    after = Store(str(tmp_path / "pooled"))["u1"]
+    z = Store(feats)["u1"]
+    np.testing.assert_allclose(after, pool(z, S.peaks(z)).astype(np.float16))
+    assert after.shape != before.shape or not np.array_equal(after, before)

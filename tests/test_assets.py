@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from lalmtool import assets, ct2_whisper
+from lalmtool import assets
+from lalmtool.assets import ct2_whisper
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 

@@ -7,26 +7,29 @@ Fields: ``id``, ``audio`` (path; relative paths resolve against the manifest's d
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import soundfile as sf
 
+from .audio import header_problem
 from .store import check_dataset_name
+
+
+HINT = ("Fix the manifest (`lalmtool extract --on-error skip` leaves such utterances out and "
+        "lists them in skipped.jsonl).")
 
 
 class ManifestError(ValueError):
     """A manifest with problems; ``problems`` lists every one of them as (utterance, message)."""
 
-    def __init__(self, path: str, problems: list[tuple[str, str]]):
+    def __init__(self, path: str, problems: list[tuple[str, str]], hint: str = HINT):
         self.path, self.problems = path, problems
         lines = [f"  {utt}: {msg}" for utt, msg in problems[:50]]
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(
-            f"{path}: {len(problems)} problem(s):\n" + "\n".join(lines) + more
-            + "\nFix the manifest, or pass --on-error skip to leave these utterances out "
-              "(they are listed in skipped.jsonl)."
-        )
+        super().__init__(f"{path}: {len(problems)} problem(s):\n" + "\n".join(lines) + more
+                         + (f"\n{hint}" if hint else ""))
 
 
 @dataclass
@@ -37,16 +40,46 @@ class Utterance:
     duration: float | None = None
     target: str | None = None
     lang: str | None = None
+    line: int | None = field(default=None, repr=False, compare=False)  # in its manifest
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None},
-                          ensure_ascii=False)
+        return json.dumps({k: v for k, v in asdict(self).items()
+                           if v is not None and k != "line"}, ensure_ascii=False)
+
+
+def _kind(v) -> str:
+    return "null" if v is None else "a list" if isinstance(v, list) else (
+        "an object" if isinstance(v, dict) else repr(v))
+
+
+def _field_problems(rec: dict) -> list[str]:
+    """What is wrong with the fields of one parsed line (its id is known to be usable)."""
+    out = []
+    if not isinstance(rec["audio"], str) or not rec["audio"].strip():
+        out.append(f"'audio' must be a file path, got {_kind(rec['audio'])}")
+    for key in ("text", "target", "lang"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            out.append(f"'{key}' must be a string, got {_kind(rec[key])}")
+    dur = rec.get("duration")
+    if dur is not None:
+        try:
+            if isinstance(dur, bool) or not isinstance(dur, (int, float, str)):
+                raise TypeError
+            sec = float(dur)
+        except (TypeError, ValueError):
+            out.append(f"'duration' must be a number of seconds, got {_kind(dur)}")
+        else:
+            if not (math.isfinite(sec) and sec > 0):
+                out.append(f"'duration' must be a finite number of seconds > 0, got {_kind(dur)}")
+    return out
 
 
 def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
     """Parses a manifest; returns the utterances and the problems found while parsing.
 
-    Every line is read even when earlier lines are bad, so that all problems come at once.
+    Every line is read even when earlier lines are bad, so that all problems come at once. A
+    problem is keyed by the utterance id when the line has a usable one, else by "line N"; its
+    message starts with the line number. A UTF-8 byte order mark and CRLF line ends are fine.
     """
     base = os.path.dirname(os.path.abspath(path))
     utts, problems = [], []
@@ -54,7 +87,7 @@ def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
         for lineno, raw in enumerate(fh, 1):
             where = f"line {lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 problems.append((where, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
                 continue
@@ -65,43 +98,66 @@ def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
             except json.JSONDecodeError as e:
                 problems.append((where, f"not valid JSON ({e.msg})"))
                 continue
-            if not isinstance(rec, dict) or "id" not in rec or "audio" not in rec:
-                problems.append((where, "needs at least the fields 'id' and 'audio'"))
+            if not isinstance(rec, dict):
+                problems.append((where, f"must be a JSON object, got {type(rec).__name__}"))
                 continue
-            audio = str(rec["audio"])
-            if not os.path.isabs(audio):
-                audio = os.path.join(base, audio)
+            missing = [k for k in ("id", "audio") if k not in rec]
+            if missing:
+                problems.append((where, f"missing {' and '.join(repr(k) for k in missing)}"))
+                continue
+            uid = rec["id"]
+            if isinstance(uid, int) and not isinstance(uid, bool):
+                uid = str(uid)
+            if not isinstance(uid, str):
+                problems.append((where, f"'id' must be a string, got {_kind(uid)}"))
+                continue
+            bad = _field_problems(rec)
+            if bad:
+                problems += [(uid, f"{where}: {msg}") for msg in bad]
+                continue
+            audio = rec["audio"] if os.path.isabs(rec["audio"]) else os.path.join(base, rec["audio"])
             dur = rec.get("duration")
             utts.append(Utterance(
-                id=str(rec["id"]), audio=audio, text=rec.get("text", "") or "",
+                id=uid, audio=audio, text=rec.get("text") or "",
                 duration=float(dur) if dur is not None else None,
-                target=rec.get("target"), lang=rec.get("lang"),
+                target=rec.get("target"), lang=rec.get("lang"), line=lineno,
             ))
     return utts, problems
+
+
+def _indexed_problems(utts: list[Utterance], need_text: bool,
+                      check_audio: bool) -> list[tuple[int, str, str]]:
+    """(index in ``utts``, id, message) of every problem; a repeated id is a problem of the
+    later copies only."""
+    problems, first = [], {}
+    for i, u in enumerate(utts):
+        at = f"line {u.line}: " if u.line else ""
+        if u.id in first:
+            problems.append((i, u.id, f"{at}duplicate id (first on line {first[u.id]})"))
+            continue
+        first[u.id] = u.line
+        why = check_dataset_name(u.id)
+        if why:
+            problems.append((i, repr(u.id), f"{at}id unusable as a dataset name: {why}"))
+        if need_text and not u.text.strip():
+            problems.append((i, u.id, f"{at}empty text"))
+        if check_audio:
+            why = audio_problem(u.audio)
+            if why:
+                problems.append((i, u.id, f"{at}{why}"))
+    return problems
 
 
 def validate(utts: list[Utterance], need_text: bool = True,
              check_audio: bool = True) -> list[tuple[str, str]]:
     """Every problem with a list of utterances, as (utterance id, message)."""
-    problems, seen = [], set()
-    for u in utts:
-        if u.id in seen:
-            problems.append((u.id, "duplicate id"))
-        seen.add(u.id)
-        why = check_dataset_name(u.id)
-        if why:
-            problems.append((repr(u.id), f"id unusable as a dataset name: {why}"))
-        if need_text and not u.text.strip():
-            problems.append((u.id, "empty text"))
-        if check_audio:
-            why = audio_problem(u.audio)
-            if why:
-                problems.append((u.id, why))
-    return problems
+    return [(utt, msg) for _, utt, msg in _indexed_problems(utts, need_text, check_audio)]
 
 
 def audio_problem(path: str) -> str | None:
-    """Why an audio file cannot be used (missing, unreadable, empty), or None."""
+    """Why an audio file cannot be used (missing, unreadable, empty, truncated), or None."""
+    if os.path.isdir(path):
+        return f"audio path is a directory: {path}"
     if not os.path.exists(path):
         return f"audio file not found: {path}"
     try:
@@ -110,7 +166,7 @@ def audio_problem(path: str) -> str | None:
         return f"unreadable audio {path}: {e}"
     if info.frames == 0:
         return f"zero-length audio: {path}"
-    return None
+    return header_problem(path)
 
 
 def load_manifest(path: str, on_error: str = "fail", need_text: bool = True,
@@ -118,24 +174,33 @@ def load_manifest(path: str, on_error: str = "fail", need_text: bool = True,
     """Reads and validates a manifest.
 
     ``on_error="fail"`` raises ManifestError listing every problem; ``"skip"`` drops the bad
-    utterances and returns them as ``[{"id", "error"}]``. Durations missing from the manifest
-    are read from the audio headers.
+    utterances (of a repeated id, the later copies) and returns them as ``[{"id", "error"}]``,
+    the id a plain string ("line N" for a line without a usable one). Durations missing from
+    the manifest are read from the audio headers. A manifest without any utterance is an error.
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
+    if os.path.isdir(path):
+        raise ManifestError(path, [("manifest", "is a directory; give a .jsonl file")], hint="")
     if not os.path.exists(path):
         raise FileNotFoundError(f"manifest not found: {path}")
-    utts, problems = read_manifest(path)
-    problems += validate(utts, need_text=need_text, check_audio=check_audio)
+    utts, parse_problems = read_manifest(path)
+    found = _indexed_problems(utts, need_text, check_audio)
+    problems = parse_problems + [(utt, msg) for _, utt, msg in found]
+    if not utts and not problems:
+        raise ManifestError(path, [("manifest", "has no utterances (the file is empty)")],
+                            hint="Give a manifest with one JSON object per line.")
     if problems and on_error == "fail":
         raise ManifestError(path, problems)
-    bad = {p[0] for p in problems}
-    skipped = [{"id": utt, "error": msg} for utt, msg in problems]
-    keep, kept_ids = [], set()
-    for u in utts:
-        if u.id in bad or repr(u.id) in bad or u.id in kept_ids:
+    skipped = [{"id": utt, "error": msg} for utt, msg in parse_problems]
+    bad: dict[int, list[str]] = {}
+    for i, _, msg in found:
+        bad.setdefault(i, []).append(msg)
+    keep = []
+    for i, u in enumerate(utts):
+        if i in bad:
+            skipped.append({"id": u.id, "error": "; ".join(bad[i])})
             continue
-        kept_ids.add(u.id)
         if u.duration is None and check_audio:
             info = sf.info(u.audio)
             u.duration = info.frames / info.samplerate

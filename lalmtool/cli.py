@@ -38,6 +38,20 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ManifestError, StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:  # read-only or full disk, no permission, a file where a dir belongs
+        raise click.ClickException(_os_error(e)) from e
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what could not be done to which path, and what to do."""
+    import errno
+
+    what = f"{e.filename}: {e.strerror}" if e.filename else str(e).strip().splitlines()[0]
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {what}; free some space and rerun (finished work is kept)"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {what}; choose a writable --out (or fix its permissions)"
+    return f"cannot use {what}"
 
 
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -359,10 +373,21 @@ def export_speechllm(adapter, out, model, backend_opt) -> None:
 
 @main.command("info")
 @click.argument("store")
-def info(store: str) -> None:
+@click.option("--verify", is_flag=True,
+              help="Read every shard, checking its checksums, fingerprint and utterances.")
+def info(store: str, verify: bool) -> None:
     """Describe a store: kind, meta, utterances, frames or tokens."""
-    from .store import Store
+    from .store import Store, verify_store
 
+    if verify:
+        n, problems = _run(verify_store, store)
+        if problems:
+            stage = json.load(open(os.path.join(store, "store.json")))["meta"].get("stage", "")
+            raise click.ClickException(
+                f"{store}: {len(problems)} of {n} shard(s) fail verification:\n"
+                + "".join(f"  {f} {why}\n" for f, why in problems)
+                + f"Rerun `lalmtool {stage}` with the same options and --out to redo them.")
+        click.echo(f"{store}: {n} shard(s) verified, no problems", err=True)
     st = _run(Store, store)
     n = sum(st.dataset(u).shape[0] for u in st.ids)
     click.echo(json.dumps({"kind": st.kind, "utterances": len(st), "rows": n,

@@ -1,22 +1,35 @@
-"""Stage 1, ``lalmtool extract``: audio → encoder frames, cached once in a feature store."""
+"""Stage 1, ``lalmtool extract``: audio → encoder frames, cached once in a feature store.
+
+The encoder is loaded only where it runs: in this process with ``nj=1``, in each of the
+``nj`` worker processes otherwise (on one GPU that is ``nj`` copies of the model), and not at
+all when the store is already complete for the same inputs and settings. ``batch_size`` is the
+number of ≤30 s windows per encoder forward. Under ``torchrun`` ``device="cuda"`` is the
+rank's own GPU (``cuda:LOCAL_RANK``).
+"""
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import logging
 import os
 import time
 
 import numpy as np
+import torch
 
-from .audio import load_audio
+from .audio import audio_identity, load_audio
+from .lock import output_lock
 from .manifest import Utterance, load_manifest
-from .models import load_backend
-from .models.base import DTYPES
-from .parallel import run_sharded
-from .store import ShardResult, fingerprint, plan_shards
+from .models import BACKENDS, load_backend
+from .models.base import DTYPES, model_identity
+from .parallel import resolve_device, run_sharded
+from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerprint, plan_shards
 
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
+# Backend constructor arguments that extract sets from its own options, not from --backend-opt.
+_OWN_ARGS = {"self", "model_path", "device", "dtype", "trim"}
 
 
 def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: int = 1,
@@ -27,48 +40,142 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
 
     Returns a summary: utterances, audio hours, frames, wall seconds, real-time factor, skipped.
     """
+    if nj < 1 or batch_size < 1 or shard_size < 1:
+        raise ValueError(f"nj, batch_size and shard_size must be >= 1 (got {nj}, {batch_size}, "
+                         f"{shard_size})")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a file; give a directory for the feature store")
+    check_model_path(model)
+    backend_opts = check_backend_opts(backend, backend_opts or {})
     utts, skipped = load_manifest(manifest, on_error=on_error)
-    opts = {"device": device, "dtype": DTYPES[dtype], "trim": trim, **(backend_opts or {})}
-    enc = load_backend(backend, model, **opts)
-    fp = fingerprint({
-        "stage": "extract", "version": STAGE_VERSION, "encoder": enc.identity(), "dtype": dtype,
-        "backend_opts": backend_opts or {},
-        "stored": "float16", "shard_size": shard_size,
-        "inputs": [(u.id, os.path.abspath(u.audio), os.path.getsize(u.audio)) for u in utts],
-    })
-    meta = {"stage": "extract", "frame_rate": enc.frame_rate, "backend": backend,
-            "model": model, "manifest": os.path.abspath(manifest), "trim": trim,
-            "compute_dtype": dtype, "source_frame_rate": enc.frame_rate,
-            "backend_opts": backend_opts or {}}
     by_id = {u.id: u for u in utts}
-    if nj <= 1:
-        factory = functools.partial(_bound_worker, enc, by_id, batch_size, on_error)
-    else:
-        factory = functools.partial(_new_worker, backend, model, opts, by_id, batch_size, on_error)
+    shards = plan_shards(list(by_id), shard_size, "feats")
+    fixed = {"stage": "extract", "version": STAGE_VERSION, "dtype": dtype,
+             "backend_opts": backend_opts, "stored": "float16", "shard_size": shard_size,
+             "inputs": [(u.id, os.path.abspath(u.audio), audio_identity(u.audio)) for u in utts]}
+    # What determines the store, known without loading the model: a finished store with the
+    # same request is done, and a rerun returns without loading anything.
+    request = fingerprint({**fixed, "backend": backend, "trim": trim,
+                           "model": model_identity(_resolve(model))})
     start = time.perf_counter()
-    stats, skipped = run_sharded(out, "feats", fp, meta, plan_shards(list(by_id), shard_size, "feats"),
-                                 factory, nj=nj, force=force, desc="extract",
-                                 skipped_before=skipped)
-    wall = time.perf_counter() - start
-    audio_s = stats.get("audio_seconds", 0.0)
-    summary = {"store": out, "utterances": stats.get("utterances", 0),
-               "audio_hours": audio_s / 3600, "frames": stats.get("frames", 0),
-               "seconds": wall, "rtf": wall / audio_s if audio_s else None,
-               "skipped": len(skipped)}
+    if not force and _finished(out, request, shards):
+        log.info("%s: complete for these inputs and settings, nothing to do", out)
+        return _summary(out, {}, time.perf_counter() - start, _count_skipped(out))
+    meta = {"stage": "extract", "backend": backend, "model": model,
+            "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
+            "backend_opts": backend_opts, "request": request}
+    opts = {"device": resolve_device(device), "dtype": DTYPES[dtype], "trim": trim,
+            **backend_opts}
+    factory = functools.partial(Encoder, backend, model, opts, by_id, batch_size, on_error)
+    try:
+        with output_lock(out):
+            stats, skipped = run_sharded(out, "feats", None, None, shards, factory, nj=nj,
+                                         force=force, desc="extract", skipped_before=skipped,
+                                         head=functools.partial(_store_head, fixed, meta))
+    except Exception:
+        log.debug("extract failed", exc_info=True)  # -v shows where (workers' tracebacks too)
+        raise
+    summary = _summary(out, stats, time.perf_counter() - start, len(skipped))
     log.info("extract: %s", summary)
     return summary
 
 
-def _new_worker(backend, model, opts, by_id, batch_size, on_error):
-    return _bound_worker(load_backend(backend, model, **opts), by_id, batch_size, on_error)
+class Encoder:
+    """The worker: a backend loaded in the process that uses it, encoding one shard per call."""
+
+    def __init__(self, backend: str, model: str, opts: dict, by_id: dict[str, Utterance],
+                 batch_size: int, on_error: str):
+        self.enc = load_encoder(backend, model, opts)
+        self.by_id, self.batch_size, self.on_error = by_id, batch_size, on_error
+
+    def __call__(self, name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
+        try:
+            return _encode_shard(self.enc, self.by_id, self.batch_size, self.on_error, ids, tick)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"{self.enc.device}: out of memory while encoding shard {name}. Lower "
+                f"--batch-size (now {self.batch_size} windows per forward) or --nj (every "
+                f"worker holds its own copy of the model on the device), or use --dtype "
+                f"bfloat16; rerun to resume ({str(e).splitlines()[0]})") from e
 
 
-def _bound_worker(enc, by_id: dict[str, Utterance], batch_size: int, on_error: str):
-    return functools.partial(_encode_shard, enc, by_id, batch_size, on_error)
+def load_encoder(backend: str, model: str, opts: dict):
+    """``load_backend`` with a clear message when the checkpoint cannot be read."""
+    try:
+        return load_backend(backend, model, **opts)
+    except OSError as e:
+        raise ValueError(f"--model {model}: cannot load it with the {backend} backend "
+                         f"({str(e).splitlines()[0]}); give a checkpoint directory, an asset "
+                         "name (`lalmtool assets list`) or a hub id in the local cache") from e
+
+
+def check_model_path(model: str) -> None:
+    """Refuses ``--model`` values that can only be a mistaken path (not a directory)."""
+    what = ("give a checkpoint directory, an asset name (`lalmtool assets list`) or a hub id "
+            "(org/name)")
+    if os.path.isdir(model):
+        return
+    if os.path.exists(model):
+        raise ValueError(f"--model {model}: is a file, not a model; {what}")
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1:
+        raise ValueError(f"--model {model}: no such directory; {what}")
+
+
+def check_backend_opts(backend: str, opts: dict) -> dict:
+    """``opts`` when every key is a constructor option of ``backend``, else a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    module, cls = BACKENDS[backend].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
+    valid = sorted(p for p, v in params.items() if p not in _OWN_ARGS
+                   and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY))
+    for key in opts:
+        if key in _OWN_ARGS:
+            raise ValueError(f"--backend-opt {key}: set it with --{key.replace('_', '-')} "
+                             "(or --no-trim) instead")
+        if key not in valid:
+            raise ValueError(f"--backend-opt {key}: not an option of the {backend} backend; "
+                             f"valid options: {', '.join(valid)}")
+    return dict(opts)
+
+
+def _resolve(model: str) -> str:
+    from .assets import resolve_model
+
+    return resolve_model(model)
+
+
+def _store_head(fixed: dict, meta: dict, worker: Encoder) -> tuple[str, dict]:
+    """The store's fingerprint and meta, which need the loaded encoder's identity and rate."""
+    enc = worker.enc
+    fp = fingerprint({**fixed, "encoder": enc.identity()})
+    return fp, {**meta, "frame_rate": enc.frame_rate, "source_frame_rate": enc.frame_rate}
+
+
+def _finished(out: str, request: str, shards: dict[str, list[str]]) -> bool:
+    """Whether ``out`` is a finished, whole store made for the same request (no model needed)."""
+    try:
+        writer = StoreWriter(out)
+    except StoreError:
+        return False
+    return (writer.meta.get("request") == request and writer.shards == shards
+            and os.path.exists(os.path.join(out, SKIPPED_FILE)) and not writer.pending())
+
+
+def _count_skipped(out: str) -> int:
+    with open(os.path.join(out, SKIPPED_FILE), encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def _summary(out: str, stats: dict, wall: float, skipped: int) -> dict:
+    audio_s = stats.get("audio_seconds", 0.0)
+    return {"store": out, "utterances": stats.get("utterances", 0),
+            "audio_hours": audio_s / 3600, "frames": stats.get("frames", 0),
+            "seconds": wall, "rtf": wall / audio_s if audio_s else None, "skipped": skipped}
 
 
 def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: str,
-                  name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
+                  ids: list[str], tick) -> tuple[ShardResult, dict]:
     result, waves = ShardResult(), {}
     for utt in ids:
         try:
@@ -81,8 +188,8 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
     order = sorted(waves, key=lambda u: len(waves[u]))  # similar lengths batch together
     frames = 0
     for b in range(0, len(order), batch_size):
-        batch = order[b : b + batch_size]
-        for utt, h in zip(batch, enc.encode([waves[u] for u in batch])):
+        batch = order[b : b + batch_size]  # ≥ batch_size windows, forwarded batch_size at a time
+        for utt, h in zip(batch, enc.encode([waves[u] for u in batch], batch_size=batch_size)):
             arr = h.numpy().astype(np.float16)
             if not np.isfinite(arr).all():
                 msg = "encoder output is not finite (NaN/Inf, or beyond float16 range)"

@@ -61,8 +61,38 @@ _worker: Worker | None = None
 _tick: Callable[[int], None] = lambda n: None
 
 
-def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=None) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ends this worker process when ``parent`` dies (even by SIGKILL), so no worker outlives it.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``);
+    elsewhere a daemon thread checks the parent pid every second.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=None,
+                 parent: int | None = None) -> None:
     global _worker, _tick
+    if parent is not None:
+        die_with_parent(parent)
     if threads:
         import torch
 
@@ -81,53 +111,69 @@ def _do_shard(path: str, name: str) -> dict:
     return stats
 
 
-def run_sharded(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list[str]],
-                factory: Callable[[], Worker], nj: int = 1, force: bool = False,
-                desc: str = "", skipped_before: list[dict] = ()) -> tuple[dict, list[dict]]:
+def _head(head: Callable[[Worker], tuple[str, dict]]) -> tuple[str, dict]:
+    return head(_worker)
+
+
+def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
+                shards: dict[str, list[str]], factory: Callable[[], Worker], nj: int = 1,
+                force: bool = False, desc: str = "", skipped_before: list[dict] = (),
+                head: Callable[[Worker], tuple[str, dict]] | None = None
+                ) -> tuple[dict, list[dict]]:
     """Creates/resumes the store at ``out`` and fills its missing shards.
 
     ``factory`` is called once per worker process (it loads the model, say) and must be
-    picklable when ``nj > 1``. Returns the summed statistics of the shards done now (this rank)
-    and, on rank 0, the utterances skipped in the whole store (``skipped_before`` included: those
-    left out before sharding).
+    picklable when ``nj > 1``; the parent of ``nj > 1`` workers never calls it. When the
+    store's fingerprint and meta depend on what the factory loads, pass ``fp=meta=None`` and
+    ``head``: ``head(worker)`` returns them, computed in a worker. Workers die with the parent;
+    a worker's error stops the run once the shards being written are done (they are kept).
+    Returns the summed statistics of the shards done now (this rank) and, on rank 0, the
+    utterances skipped in the whole store (``skipped_before`` included: those left out before
+    sharding).
     """
     global _tick
     rank, world = dist_info()
-    if rank == 0:
-        StoreWriter.create(out, kind, fp, meta, shards, force=force)
-    barrier(world)
-    writer = StoreWriter(out)
-    mine = [s for i, s in enumerate(shards) if i % world == rank]
-    pending = set(writer.pending())  # verifies the shards present: once, not per shard
-    todo = [s for s in mine if s in pending]
-    done = len(mine) - len(todo)
-    if done:
-        log.info("%s: %d of %d shard(s) already complete, skipped", out, done, len(mine))
-    totals: Counter = Counter()
-    bar = progress(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
-               disable=not todo)
-    if nj <= 1:
-        _init_worker(factory, None)
-        _tick = bar.update
-        for name in todo:
-            totals.update(_do_shard(out, name))
-    elif todo:
-        threads = max(1, (os.cpu_count() or 1) // nj)
+    pool = counter = None
+    if nj > 1:  # started before the store is created when ``head`` needs a loaded worker
         ctx = get_context("spawn")
         counter = ctx.Value("q", 0)
-        with ProcessPoolExecutor(nj, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(factory, threads, counter)) as pool:
-            pending = {pool.submit(_do_shard, out, name) for name in todo}
-            try:
-                while pending:
-                    done_now, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for fut in done_now:
-                        totals.update(fut.result())
-                    bar.update(counter.value - bar.n)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    bar.close()
+        pool = ProcessPoolExecutor(nj, mp_context=ctx, initializer=_init_worker, initargs=(
+            factory, max(1, (os.cpu_count() or 1) // nj), counter, os.getpid()))
+    try:
+        if head is not None:
+            if pool is None:
+                _init_worker(factory, None)
+            fp, meta = pool.submit(_head, head).result() if pool else head(_worker)
+        if rank == 0:
+            StoreWriter.create(out, kind, fp, meta, shards, force=force)
+        barrier(world)
+        writer = StoreWriter(out)
+        mine = [s for i, s in enumerate(shards) if i % world == rank]
+        pending = set(writer.pending())  # verifies the shards present: once, not per shard
+        todo = [s for s in mine if s in pending]
+        done = len(mine) - len(todo)
+        if done:
+            log.info("%s: %d of %d shard(s) already complete, skipped", out, done, len(mine))
+        totals: Counter = Counter()
+        bar = progress(total=sum(len(shards[s]) for s in todo), desc=desc or kind, unit="utt",
+                       disable=not todo)
+        if pool is None:
+            if head is None and todo:  # with ``head``, loaded above already
+                _init_worker(factory, None)
+            _tick = bar.update
+            for name in todo:
+                totals.update(_do_shard(out, name))
+        else:
+            futures = {pool.submit(_do_shard, out, name) for name in todo}
+            while futures:
+                done_now, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    totals.update(fut.result())
+                bar.update(counter.value - bar.n)
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     barrier(world)
     skipped = writer.finish(skipped_before) if rank == 0 else []
     return dict(totals), skipped

@@ -86,8 +86,13 @@ def test_missing_shard_is_redone_identically(tiny_whisper, audio_set, tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
-def test_parallel_workers_write_the_same_store(tiny_whisper, audio_set, tmp_path):
+def _no_model_here(*args, **kwargs):
+    raise AssertionError("this process must not load a model")
+
+
+def test_parallel_workers_write_the_same_store(tiny_whisper, audio_set, tmp_path, monkeypatch):
     a = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "a"), shard_size=2)["store"])
+    monkeypatch.setattr("lalmtool.extract.load_backend", _no_model_here)  # only workers load
     b = read_all(extract(audio_set, tiny_whisper, str(tmp_path / "b"), shard_size=2, nj=2)["store"])
     assert a.keys() == b.keys()
     for u in a:
@@ -238,3 +243,173 @@ def test_resolve_device_maps_cuda_to_the_local_rank(device, local_rank, expected
     if local_rank is not None:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert resolve_device(device) == expected
+
+
+def test_batch_size_is_windows_per_forward(tiny_whisper, tmp_path, monkeypatch):
+    from lalmtool.models.whisper import WhisperBackend
+
+    rows = []
+    for i in range(10):
+        sf.write(tmp_path / f"s{i}.wav", tone(0.5, seed=i), 16000)
+        rows.append({"id": f"s{i}", "audio": f"s{i}.wav", "text": "x"})
+    sf.write(tmp_path / "long.wav", tone(65.0), 16000)  # three windows
+    short = write_manifest(tmp_path / "short.jsonl", rows)
+    long = write_manifest(tmp_path / "long.jsonl", [{"id": "l", "audio": "long.wav", "text": "x"}])
+    sizes, real = [], WhisperBackend._encode_windows
+
+    def counted(self, pieces):
+        sizes.append(len(pieces))
+        return real(self, pieces)
+
+    monkeypatch.setattr(WhisperBackend, "_encode_windows", counted)
+    extract(short, tiny_whisper, str(tmp_path / "a"), batch_size=10)
+    assert sizes == [10]
+    sizes.clear()
+    extract(long, tiny_whisper, str(tmp_path / "b"), batch_size=1)
+    assert sizes == [1, 1, 1]
+
+
+def test_finished_rerun_loads_no_model(tiny_whisper, audio_set, tmp_path, monkeypatch):
+    out = str(tmp_path / "feats")
+    assert extract(audio_set, tiny_whisper, out, shard_size=2)["utterances"] == 5
+    monkeypatch.setattr("lalmtool.extract.load_backend", _no_model_here)
+    s = extract(audio_set, tiny_whisper, out, shard_size=2)
+    assert (s["utterances"], s["frames"], s["skipped"]) == (0, 0, 0)
+    assert s["seconds"] < 5.0
+    os.remove(os.path.join(out, "feats.00001.h5"))  # unfinished: the model is needed again
+    with pytest.raises(AssertionError, match="must not load a model"):
+        extract(audio_set, tiny_whisper, out, shard_size=2)
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """FAULTS #11: kill -9 of an `extract --nj 2` parent must not leave its workers running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    (tmp_path / "slow_worker.py").write_text(
+        "import os, time\n"
+        "def factory():\n"
+        "    return work\n"
+        "def work(name, ids, tick):\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'pid.%d' % os.getpid()), 'w').close()\n"
+        "    time.sleep(600)\n")
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from slow_worker import factory\n"
+        "from lalmtool.parallel import run_sharded\n"
+        f"run_sharded({str(tmp_path / 'store')!r}, 'feats', 'fp', {{}},\n"
+        "            {'a.h5': ['a'], 'b.h5': ['b']}, factory, nj=2)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tmp_path.glob("pid.*"))) < 2:
+        assert parent.poll() is None, "the parent ended early"
+        time.sleep(0.1)
+    workers = sorted(int(p.suffix[1:]) for p in tmp_path.glob("pid.*"))
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.1)
+    still = [p for p in workers if alive(p)]
+    for p in still:
+        os.kill(p, signal.SIGKILL)
+    assert still == []
+
+
+def test_failing_worker_ends_the_run_and_keeps_finished_shards(tmp_path, monkeypatch):
+    import time
+
+    from lalmtool.parallel import run_sharded
+
+    (tmp_path / "flaky_worker.py").write_text(
+        "import time\n"
+        "import numpy as np\n"
+        "from lalmtool.store import ShardResult\n"
+        "def factory():\n"
+        "    return work\n"
+        "def work(name, ids, tick):\n"
+        "    if name == 'b.h5':\n"
+        "        raise ValueError('shard b failed')\n"
+        "    time.sleep(1.0)\n"
+        "    return ShardResult(items=[(ids[0], np.zeros((2, 3), np.float16), {})]), {'n': 1}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from flaky_worker import factory
+
+    out = str(tmp_path / "store")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="shard b failed"):
+        run_sharded(out, "feats", "fp", {}, {"a.h5": ["a"], "b.h5": ["b"], "c.h5": ["c"]},
+                    factory, nj=2)
+    assert time.perf_counter() - start < 60
+    done = sorted(f for f in os.listdir(out) if f.endswith(".h5"))
+    assert done in (["a.h5"], ["a.h5", "c.h5"])  # c may have been queued to a worker already
+
+
+def test_cuda_out_of_memory_says_what_to_lower(tiny_whisper, audio_set, tmp_path, monkeypatch,
+                                               caplog):
+    import logging
+
+    import torch
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+    from lalmtool.models.whisper import WhisperBackend
+
+    def oom(self, pieces):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(WhisperBackend, "_encode_windows", oom)
+    caplog.set_level(logging.DEBUG, logger="lalmtool")
+    res = CliRunner().invoke(main, ["-v", "extract", "--manifest", audio_set, "--model",
+                                    tiny_whisper, "--out", str(tmp_path / "f"),
+                                    "--batch-size", "3"])
+    assert res.exit_code == 1
+    assert ("out of memory while encoding shard feats.00000.h5. Lower --batch-size (now 3 "
+            "windows per forward) or --nj") in res.output
+    assert "Traceback" not in res.output
+    logged = [r for r in caplog.records if r.exc_info]
+    assert [type(r.exc_info[1].__cause__) for r in logged] == [torch.OutOfMemoryError]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--backend-opt", "foo=1"], 1,
+     "--backend-opt foo: not an option of the whisper backend; valid options: "),
+    (["--nj", "0"], 2, "0 is not in the range x>=1"),
+    (["--nj", "-3"], 2, "-3 is not in the range x>=1"),
+    (["--batch-size", "0"], 2, "0 is not in the range x>=1"),
+    (["--model", "/nonexistent"], 1, "--model /nonexistent: no such directory"),
+    (["--model", "{manifest}"], 1, "is a file, not a model"),
+    (["--manifest", "{dir}"], 2, "is a directory"),
+    (["--out", "{manifest}"], 2, "is a file"),
+])
+def test_extract_bad_values_give_one_clear_line(args, code, message, tiny_whisper, audio_set,
+                                                tmp_path):
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    opts = {"--manifest": audio_set, "--model": tiny_whisper, "--out": str(tmp_path / "f")}
+    names = {"manifest": audio_set, "dir": str(tmp_path)}
+    extra = [a.format(**names) for a in args]
+    for i in range(0, len(extra) - 1, 2):
+        opts.pop(extra[i], None)
+    cmd = ["extract"] + [x for kv in opts.items() for x in kv] + extra
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == code, res.output
+    assert message in " ".join(res.output.split()), res.output
+    assert not isinstance(res.exception, (TypeError, OSError, AssertionError))
+    assert not os.path.exists(tmp_path / "f")

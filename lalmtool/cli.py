@@ -142,7 +142,8 @@ def manifest_from_kaldi(data_dir: str, out: str) -> None:
 
 # -- stages --------------------------------------------------------------------------------
 _common = [
-    click.option("--nj", default=1, show_default=True, help="Local worker processes."),
+    click.option("--nj", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Local worker processes."),
     click.option("--force", is_flag=True, help="Recompute a store made with other settings."),
 ]
 
@@ -165,15 +166,21 @@ def common(fn):
 
 
 @main.command()
-@click.option("--manifest", "manifest_path", required=True, help="Input manifest (JSON Lines).")
+@click.option("--manifest", "manifest_path", required=True, help="Input manifest (JSON Lines).",
+              type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
-@click.option("--out", required=True, help="Feature store directory to write.")
+@click.option("--out", required=True, help="Feature store directory to write.",
+              type=click.Path(file_okay=False))
 @click.option("--backend", default="whisper", show_default=True)
-@click.option("--batch-size", default=8, show_default=True, help="30 s windows per forward.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Windows (<= 30 s of audio each) per encoder forward; lower it when the "
+                   "device runs out of memory.")
 @click.option("--on-error", type=ON_ERROR, default="fail", show_default=True,
               help="Stop on a bad utterance, or skip it and list it in skipped.jsonl.")
-@click.option("--shard-size", default=100, show_default=True, help="Utterances per shard.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--shard-size", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Utterances per shard.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (under torchrun: cuda:LOCAL_RANK, the rank's own GPU) or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               default="float32", show_default=True, help="Encoder compute dtype.")
 @click.option("--trim/--no-trim", default=True, show_default=True,
@@ -182,7 +189,13 @@ def common(fn):
 @common
 def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size, device,
             dtype, trim, backend_opt, nj, force) -> None:
-    """Encode the audio of a manifest into a feature store (HDF5, float16)."""
+    """Encode the audio of a manifest into a feature store (HDF5, float16).
+
+    --nj N runs N worker processes, each loading its own copy of the encoder on --device (on
+    one GPU: N copies in its memory; the parent loads none). On GPUs prefer --nj 1 with a
+    larger --batch-size, and one torchrun rank per GPU (torchrun --nproc-per-node G -m
+    lalmtool.cli extract ... --device cuda). A rerun of a finished extract loads no model.
+    """
     from .extract import extract as run
 
     s = _run(run, manifest_path, model, out, backend=backend, nj=nj, batch_size=batch_size,

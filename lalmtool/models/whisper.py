@@ -4,20 +4,34 @@ The encoder runs on 30 s windows (transformers insists on 3000 mel frames); ``en
 the frames that cover real audio (50 per second) unless ``trim=False``, and encodes audio longer
 than 30 s window by window. The decoder cross-attends to any number of (compressed) frames;
 batches of unequal length are padded and the padding is masked out of cross-attention.
+
+Generation runs the plain encoder–decoder ``GenerationMixin.generate`` on the stored frames,
+with Whisper's own prompt (``tokenizer.prefix_tokens``, as in training) and suppression lists.
+``WhisperForConditionalGeneration.generate`` is not used: it takes more than 1,500 encoder
+positions (3,000 mel frames) for long-form audio to be cut into 30 s windows with timestamps,
+and refuses them without timestamps, whereas here the whole (compressed) memory is attended to
+at once. For ≤ 1,500 positions both give the same tokens (tests/test_longform.py). The decoder
+still holds at most ``max_target_positions`` (448) tokens, prompt included.
+
+Whisper learnt to transcribe one 30 s window: given a longer memory, tiny.en transcribes about
+its first 30 s and stops. ``chunk=N`` (``--backend-opt chunk=1500``) decodes each utterance N
+positions at a time and joins the texts: 1500 is one encoder window of frames, 1500/k of a
+uniform pooling by k (e.g. 500 for k=3). ``max_new_tokens`` then applies to each chunk.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 
 import numpy as np
 import torch
-from transformers import (WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                          WhisperTokenizer)
+from transformers import (GenerationMixin, WhisperFeatureExtractor,
+                          WhisperForConditionalGeneration, WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 
-from .base import Backend, batch_texts, encode_in_windows, pad_features
+from .base import Backend, batch_texts, encode_in_windows, pad_features, unwrap
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -29,9 +43,12 @@ class WhisperBackend(Backend):
                             r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)")
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 trim: bool = True, language: str | None = "en", task: str = "transcribe"):
+                 trim: bool = True, language: str | None = "en", task: str = "transcribe",
+                 chunk: int = 0):
         super().__init__(model_path, device, dtype)
-        self.trim = trim
+        if int(chunk) < 0:
+            raise ValueError(f"chunk must be 0 (whole memory) or a number of positions, not {chunk}")
+        self.trim, self.chunk = trim, int(chunk)
         self.model = WhisperForConditionalGeneration.from_pretrained(
             model_path, dtype=dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)
@@ -97,16 +114,41 @@ class WhisperBackend(Backend):
             ignore_index=-100, reduction="sum") / max(n, 1)
         return loss, n
 
-    @torch.inference_mode()
+    def max_new_tokens_limit(self) -> int:
+        """The most tokens the decoder can generate after the prompt."""
+        return unwrap(self.model).config.max_target_positions - len(self.tokenizer.prefix_tokens)
+
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
+        if not self.chunk:
+            return batch_texts(self.tokenizer, self.generate_ids(feats, beam, max_new_tokens))
+        pieces = [(i, f[s : s + self.chunk]) for i, f in enumerate(feats)
+                  for s in range(0, max(len(f), 1), self.chunk)]
+        texts = batch_texts(self.tokenizer, self.generate_ids([p for _, p in pieces], beam,
+                                                              max_new_tokens))
+        joined = [[] for _ in feats]
+        for (i, _), t in zip(pieces, texts):
+            if t:
+                joined[i].append(t)
+        return [" ".join(parts) for parts in joined]
+
+    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
+                     max_new_tokens: int = 200) -> torch.Tensor:
+        """Token ids (prompt included) for any number of encoder positions; see the module doc."""
+        limit = self.max_new_tokens_limit()
+        if max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is more than Whisper's decoder "
+                             f"holds after its prompt ({limit}); lower --max-new-tokens")
+        model = unwrap(self.model)
         memory, mask = self._memory(feats)
-        kwargs = {"language": self.language, "task": self.task} if self.language else {}
-        with cross_attention_mask(self.model, mask):
-            ids = self.model.generate(encoder_outputs=memory, num_beams=beam, do_sample=False,
-                                      max_new_tokens=max_new_tokens, return_timestamps=False,
-                                      **kwargs)
-        return batch_texts(self.tokenizer, ids)
+        config = copy.deepcopy(model.generation_config)
+        prompt = torch.tensor([self.tokenizer.prefix_tokens] * len(feats), device=self.device)
+        config.update(num_beams=beam, do_sample=False, max_new_tokens=max_new_tokens,
+                      max_length=prompt.shape[1] + max_new_tokens, forced_decoder_ids=None,
+                      return_timestamps=False)
+        with torch.inference_mode(), cross_attention_mask(model, mask):
+            return GenerationMixin.generate(model, encoder_outputs=memory,
+                                            decoder_input_ids=prompt, generation_config=config)
 
 
 @contextlib.contextmanager

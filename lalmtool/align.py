@@ -310,10 +310,10 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
         seen += len(batch)
         step = state["step"]
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             el = time.perf_counter() - t0
-            _log(out, {"step": step, "loss": float(loss), "lr": sched.get_last_lr()[0],
+            _log(out, {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
                        "utt_per_s": seen / el if el else None})
         if valid and (step % cfg.valid_every == 0 or step == cfg.max_steps):
             vwer = _validate(al, valid)

@@ -1,0 +1,185 @@
+"""lalmtool align: CTC pre-alignment of the speechllm projector onto frozen token embeddings.
+
+Mechanics on the tiny random Llama (SmolLM2's tokenizer) of test_speechllm and the tiny random
+Whisper of conftest; tones stand in for speech, each with its own transcript.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import tone, write_manifest
+from lalmtool.align import (AlignConfig, align, ctc_greedy, ctc_positions_needed,
+                            train_vocab)
+from lalmtool.cli import main
+from test_speechllm import tiny_llm  # noqa: F401  (module fixture)
+
+TEXTS = {"a": "the cat sat", "b": "hello world", "short": "a much longer sentence than its audio"}
+EXTRA = {"stack": 2, "hidden": 24}
+
+
+def feats_store(path, frames: dict[str, int], dim: int = 16) -> str:
+    """A frames store of random [T, dim] features (distinct in every frame, unlike a tone)."""
+    import numpy as np
+
+    from lalmtool.store import ShardResult, StoreWriter, fingerprint, plan_shards
+
+    ids = list(frames)
+    w = StoreWriter.create(str(path), "feats", fingerprint(frames),
+                           {"stage": "extract", "frame_rate": 50.0}, plan_shards(ids, 2, "feats"))
+    for name in w.pending():
+        w.write_shard(name, ShardResult(items=[
+            (u, np.random.default_rng(ids.index(u)).standard_normal(
+                (frames[u], dim)).astype(np.float16), {"duration": frames[u] / 50})
+            for u in w.shards[name]]))
+    w.finish()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_whisper, tmp_path_factory):
+    d = tmp_path_factory.mktemp("align-data")
+    frames = {"a": 40, "b": 30, "short": 5}  # stack 2: 20, 15 and 3 positions
+    rows = []
+    for uid in frames:
+        sf.write(d / f"{uid}.wav", tone(frames[uid] / 50), 16000)
+        rows.append({"id": uid, "audio": f"{uid}.wav", "text": TEXTS[uid]})
+    m = write_manifest(d / "m.jsonl", rows)
+    valid = write_manifest(d / "valid.jsonl", rows[:2])
+    return {"dir": d, "manifest": m, "feats": feats_store(d / "feats", frames),
+            "valid": valid, "valid_feats": feats_store(d / "valid-feats", {"a": 40, "b": 30}),
+            "extra": {"encoder": tiny_whisper, **EXTRA}}
+
+
+def cfg(data, **kw):
+    base = dict(max_steps=40, batch_size=2, lr=1e-2, warmup_steps=0, scale=16.0, log_every=1,
+                valid_every=20, save_every=20, extra=data["extra"])
+    return AlignConfig(**{**base, **kw})
+
+
+def run(data, out, tiny_llm, **kw):  # noqa: F811
+    return align(data["feats"], data["manifest"], tiny_llm, str(out), cfg(data, **kw),
+                 valid_feats=data["valid_feats"], valid_manifest=data["valid"])
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))
+            if "loss" in r]
+
+
+def test_ctc_greedy_collapses_repeats_and_drops_blanks():
+    path = [0, 3, 3, 0, 3, 5, 5, 0, 0, 2, 2]
+    log_probs = torch.nn.functional.one_hot(torch.tensor(path), 6).float().log_softmax(-1)
+    assert ctc_greedy(log_probs) == [3, 3, 5, 2]
+    assert ctc_greedy(log_probs[:1]) == []
+    assert ctc_positions_needed([3, 3, 5, 2]) == 5  # a blank must separate the two 3s
+    assert ctc_positions_needed([1, 2, 2, 2]) == 6
+
+
+def test_loss_falls_short_utterance_skipped_and_transcripts_learnt(data, tiny_llm,  # noqa: F811
+                                                                   tmp_path):
+    s = run(data, tmp_path / "al", tiny_llm)
+    assert s["skipped"] == 1 and s["skipped_ids"] == ["short"] and s["utterances"] == 2
+    assert "label positions needed" in s["skipped_why"][0]["why"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llm)
+    vocab = train_vocab(tok, list(TEXTS.values()))
+    assert s["vocab_size"] == len(vocab)
+    ctc = load_file(tmp_path / "al" / "ctc.safetensors")
+    assert ctc["vocab"].tolist() == vocab and ctc["blank"].shape == (32,)
+    curve = losses(tmp_path / "al")
+    assert len(curve) == 40 and curve[0] > 10 and curve[-1] < 1.0
+    # the validation WER (CTC-greedy on the two training utterances) reaches zero
+    assert s["initial_valid_wer"] > 0.5 and s["best_valid_wer"] == 0.0
+    records = [json.loads(l) for l in open(tmp_path / "al" / "log.jsonl")]
+    assert [r["step"] for r in records if "valid_wer" in r] == [0, 20, 40]
+
+
+def test_resume_gives_the_same_projector_bit_for_bit(data, tiny_llm, tmp_path):  # noqa: F811
+    run(data, tmp_path / "whole", tiny_llm, max_steps=12, save_every=4, valid_every=6)
+    cut = tmp_path / "cut"
+    run(data, cut, tiny_llm, max_steps=12, save_every=4, valid_every=6)
+    # as if killed after step 8's checkpoint: the later checkpoint and outputs never written
+    shutil.rmtree(cut / "checkpoints" / "step-12")
+    for name in ("projector.safetensors", "ctc.safetensors", "summary.json"):
+        os.remove(cut / name)
+    shutil.rmtree(cut / "last")
+    s = run(data, cut, tiny_llm, max_steps=12, save_every=4, valid_every=6)
+    assert s["steps"] == 12
+    for name in ("projector.safetensors", "ctc.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(cut / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(cut) == losses(tmp_path / "whole")
+
+
+def test_other_options_or_inputs_refuse_and_force_starts_over(data, tiny_llm,  # noqa: F811
+                                                               tmp_path):
+    run(data, tmp_path / "al", tiny_llm, max_steps=2)
+    with pytest.raises(ValueError, match=r"other lr, max_steps; use another --out, or --force"):
+        run(data, tmp_path / "al", tiny_llm, max_steps=3, lr=1e-3)
+    with pytest.raises(ValueError, match=r"other valid_texts"):
+        align(data["feats"], data["manifest"], tiny_llm, str(tmp_path / "al"),
+              cfg(data, max_steps=2), valid_feats=data["valid_feats"],
+              valid_manifest=data["manifest"])
+    s = align(data["feats"], data["manifest"], tiny_llm, str(tmp_path / "al"),
+              cfg(data, max_steps=3, lr=1e-3), force=True)
+    assert s["steps"] == 3 and len(losses(tmp_path / "al")) == 3
+
+
+def test_cli_reports_skips_and_fails_in_one_line(data, tiny_llm, tmp_path):  # noqa: F811
+    common = ["align", "--feats", data["feats"], "--model", tiny_llm,
+              "--backend-opt", f"encoder={data['extra']['encoder']}", "--backend-opt", "stack=2",
+              "--backend-opt", "hidden=24"]
+    r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
+                                           str(tmp_path / "al"), "--max_steps=2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["skipped_ids"] == ["short"]
+    only_short = write_manifest(tmp_path / "short.jsonl", [
+        {"id": u, "audio": str(data["dir"] / f"{u}.wav"), "text": TEXTS["short"] * 3}
+        for u in TEXTS])
+    r = CliRunner().invoke(main, common + ["--manifest", only_short, "--out",
+                                           str(tmp_path / "none")])
+    errors = [l for l in r.output.splitlines() if "Error" in l or "Traceback" in l]
+    assert r.exit_code == 1 and len(errors) == 1
+    assert errors[0].startswith("Error: align: none of the 3 utterances")
+    r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
+                                           str(tmp_path / "x"), "--valid-feats", data["feats"]])
+    assert r.exit_code == 2 and "go together" in r.output
+    r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
+                                           str(tmp_path / "x"), "--vocab=all"])
+    assert r.exit_code == 1 and "vocab must be one of" in r.output
+
+
+def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  # noqa: F811
+    run(data, tmp_path / "al", tiny_llm, max_steps=5)
+    aligned = load_file(tmp_path / "al" / "projector.safetensors")
+    conf = tmp_path / "ft.yaml"
+    conf.write_text(json.dumps({"backend": "speechllm", "extra": data["extra"]}))
+    # lr 1e-30: one step moves no float32 weight, so the adapter holds where the LoRA stage began
+    r = CliRunner().invoke(main, [
+        "finetune", "--feats", data["feats"], "--manifest", data["manifest"], "--model",
+        tiny_llm, "--out", str(tmp_path / "ft"), "--config", str(conf), "--init-projector",
+        str(tmp_path / "al"), "--max_steps=1", "--lr=1e-30", "--warmup_steps=0", "--batch_size=3"])
+    assert r.exit_code == 0, r.output
+    adapter = load_file(tmp_path / "ft" / "adapter" / "adapter_model.safetensors")
+    prefix = "base_model.model.projector."
+    started = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
+    assert started.keys() == aligned.keys()
+    assert all(torch.equal(started[k], aligned[k]) for k in aligned)
+    from lalmtool.decode import _training_opts
+    from lalmtool.models import load_backend
+
+    fresh = load_backend("speechllm", tiny_llm, **data["extra"]).model.projector.state_dict()
+    assert not torch.equal(fresh["net.0.weight"], aligned["net.0.weight"])  # a real hand-over
+    # decode (options from the run's config.yaml) reloads the same projector
+
+    opts = _training_opts(str(tmp_path / "ft" / "adapter"))
+    assert opts["init_projector"] == str(tmp_path / "al")
+    be = load_backend("speechllm", tiny_llm, **opts)
+    assert all(torch.equal(be.model.projector.state_dict()[k], aligned[k]) for k in aligned)

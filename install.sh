@@ -15,4 +15,5 @@ if [ -n "$missing" ]; then
 fi
 
 python3 -m pip install -q --upgrade pip
-python3 -m pip install -q -e ".[test]"
+# exact releases CI tests; without -c, pyproject.toml's ranges keep an installed CUDA torch
+python3 -m pip install -q -c constraints.txt -e ".[test]"

@@ -140,6 +140,64 @@ def manifest_from_kaldi(data_dir: str, out: str) -> None:
     click.echo(f"wrote {len(utts)} utterances to {out}")
 
 
+# -- corpora -------------------------------------------------------------------------------
+@main.group()
+def prepare() -> None:
+    """Turn a corpus in its distributed layout into manifests (OUT/<set>/manifest.jsonl).
+
+    A rerun with the same options reuses the prepared sets; bad corpus input is an error naming
+    file and line, or with --on-error skip a listed skip (OUT/<set>/skipped.jsonl).
+    """
+
+
+def _print_prepared(summaries: list[dict]) -> None:
+    _print_table(summaries, ["set", "utterances", "hours", "skipped", "reused", "manifest"])
+    for s in summaries:
+        if s["skipped"] and not s["reused"]:
+            click.echo(f"{s['set']}: skipped {s['skipped']} utterance(s), listed in "
+                       f"{os.path.join(os.path.dirname(s['manifest']), 'skipped.jsonl')}", err=True)
+
+
+@prepare.command("librispeech")
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="LibriSpeech folder holding <subset>/<speaker>/<chapter>/.")
+@click.option("--subsets", default="dev-clean test-clean", show_default=True,
+              help="Subsets to prepare, space-separated (e.g. train-clean-100 dev-other).")
+@click.option("--out", required=True, help="Data folder: OUT/<subset>/manifest.jsonl.")
+@click.option("--text-case", type=click.Choice(["lower", "keep"]), default="lower",
+              show_default=True, help="Transcripts as training targets and references: lower "
+              "case, or LibriSpeech's upper case kept (scoring normalises both sides anyway).")
+@click.option("--on-error", type=ON_ERROR, default="fail", show_default=True)
+@click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
+def prepare_librispeech(root, subsets, out, text_case, on_error, force) -> None:
+    """LibriSpeech (FLAC + <spk>-<chapter>.trans.txt) → one manifest per subset."""
+    from .corpora.librispeech import prepare_librispeech as run
+
+    _print_prepared(_run(run, root, subsets.split(), out, text_case=text_case,
+                         on_error=on_error, force=force))
+
+
+@prepare.command("covost2")
+@click.option("--cv-root", "--cv_root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Common Voice release of the source language (holds clips/*.mp3).")
+@click.option("--covost-root", "--covost_root", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Folder holding covost_v2.<src>_<tgt>.tsv.")
+@click.option("--src-lang", "--src_lang", required=True, help="Source language code (e.g. es).")
+@click.option("--tgt-lang", "--tgt_lang", required=True, help="Target language code (e.g. en).")
+@click.option("--splits", default="train dev test", show_default=True,
+              help="Splits to prepare, space-separated.")
+@click.option("--out", required=True, help="Data folder: OUT/<split>/manifest.jsonl.")
+@click.option("--on-error", type=ON_ERROR, default="fail", show_default=True)
+@click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
+def prepare_covost2(cv_root, covost_root, src_lang, tgt_lang, splits, out, on_error, force) -> None:
+    """CoVoST 2 (Common Voice clips + covost_v2.<src>_<tgt>.tsv) → one manifest per split."""
+    from .corpora.covost2 import prepare_covost2 as run
+
+    _print_prepared(_run(run, cv_root, covost_root, src_lang, tgt_lang, out,
+                         splits=splits.split(), on_error=on_error, force=force))
+
+
 # -- stages --------------------------------------------------------------------------------
 _common = [
     click.option("--nj", default=1, show_default=True, type=click.IntRange(min=1),
@@ -348,12 +406,14 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
 @click.option("--out", help="Output directory (default: beside the hypotheses).")
 @click.option("--missing", type=click.Choice(["fail", "empty"]), default="fail",
               show_default=True, help="References without a hypothesis: error, or count empty.")
-def score(hyp, ref, metric, normalizer, out, missing) -> None:
+@click.option("--tokenize", help="BLEU: sacrebleu tokeniser for the target language (default "
+              "13a; zh for Chinese, ja-mecab for Japanese, ...).")
+def score(hyp, ref, metric, normalizer, out, missing, tokenize) -> None:
     """Score hypotheses: WER (jiwer) or BLEU/chrF (sacrebleu); writes result.txt, results.json."""
     from .score import score as run
 
     r = _run(run, hyp, ref, metric=metric, out_dir=out, normalizer=normalizer,
-             on_missing=missing)
+             on_missing=missing, tokenize=tokenize)
     out_dir = out or os.path.dirname(os.path.abspath(hyp))
     click.echo(open(os.path.join(out_dir, "result.txt"), encoding="utf-8").read().rstrip())
     return r

@@ -101,6 +101,9 @@ def output_lock(out_dir: str) -> Iterator[str]:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(me).encode())
+    except OSError as e:  # a full disk: name the file
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, path) from e
     except BaseException:
         os.close(fd)
         raise

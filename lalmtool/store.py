@@ -182,7 +182,9 @@ class StoreWriter:
         if got != expected:
             raise StoreError(f"shard {name}: produced {sorted(got ^ expected)[:5]} unexpectedly")
         try:
-            with h5py.File(tmp, "w") as f:
+            # built in memory, then written with plain file I/O: HDF5 cannot close a file whose
+            # write failed (a full disk), and its handle then crashes the interpreter later on
+            with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
                 f.attrs["fingerprint"] = self.fp
                 f.attrs["meta"] = json.dumps(self.meta)
                 f.attrs["skipped"] = json.dumps(result.skipped)
@@ -190,6 +192,11 @@ class StoreWriter:
                     ds = _create_dataset(f, utt, arr)
                     for k, v in attrs.items():
                         ds.attrs[k] = v
+                f.flush()
+                image = f.id.get_file_image()
+            with open(tmp, "wb") as fh:
+                fh.write(image)
+            del image
             os.replace(tmp, final)
         except OSError as e:  # full disk, read-only or vanished directory: nothing half-written
             if os.path.exists(tmp):

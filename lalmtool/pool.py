@@ -15,7 +15,7 @@ import torch
 
 from .lock import output_lock
 from .parallel import run_sharded
-from .segment import for_utterance, summarize
+from .segment import check_out, for_utterance, summarize
 from .store import ShardResult, Store, StoreError, fingerprint
 
 STAGE_VERSION = 1
@@ -52,6 +52,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
+    check_out(out)
     src, seg = Store(feats), Store(segments)
     if seg.kind != "seg":
         raise StoreError(f"{segments} is a {seg.kind} store, not boundaries: give --segments "

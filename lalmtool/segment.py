@@ -141,6 +141,7 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     Options are checked before anything is written, so a corrected command is accepted.
     """
     check_options(method, k, threshold, target_rate, nj)
+    check_out(out)
     src = Store(feats)
     if src.kind == "seg":
         raise StoreError(f"{feats} is a boundary store; give --feats a feature store "
@@ -170,6 +171,12 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
         stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, nj=nj, force=force,
                                      desc=f"segment {method}")
     return summarize(stats, rate, out, skipped)
+
+
+def check_out(out: str) -> None:
+    """ValueError when ``--out`` names an existing file (a store is a directory)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a directory for the store")
 
 
 def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:

@@ -260,6 +260,23 @@ def test_unwritable_out_without_root(stores, tmp_path, monkeypatch):
                                "choose a writable --out (or fix its permissions)\n")
 
 
+@pytest.mark.parametrize("stage", ["segment", "pool"])
+def test_wrong_paths_are_one_line(stores, tmp_path, stage):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    code, text = cli(*stage_args(stage, stores, tmp_path / "a.jsonl"))
+    assert (code, text) == (1, f"Error: --out {tmp_path / 'a.jsonl'} is a file; give a directory "
+                               "for the store\n")
+    args = stage_args(stage, stores, tmp_path / "out")
+    args[args.index("--feats") + 1] = str(tmp_path / "a.jsonl")
+    code, text = cli(*args)
+    assert (code, text) == (1, f"Error: {tmp_path / 'a.jsonl'} is a file, not a store directory\n")
+    args[args.index("--feats") + 1] = str(tmp_path / "nowhere")
+    code, text = cli(*args)
+    assert (code, text) == (1, f"Error: {tmp_path / 'nowhere'} is not a lalmtool store (no "
+                               "store.json); make it with `lalmtool extract`, `segment` or "
+                               "`pool`.\n")
+
+
 # -- fuzzed manifests and audio -------------------------------------------------------------------
 def _wav(d, name, data, sr=16000, **kw):
     sf.write(d / name, data, sr, **kw)

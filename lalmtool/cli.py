@@ -9,6 +9,8 @@ import warnings
 
 import click
 
+from . import score as score_mod
+
 ON_ERROR = click.Choice(["fail", "skip"])
 
 
@@ -299,34 +301,69 @@ def pool(feats, segments, reduce, out, nj, force) -> None:
                        "compression"])
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+class _TrainingCommand(click.Command):
+    """finetune: its own options plus one per training option (``TrainConfig``'s fields, with
+    their help and defaults), added when the command runs so that ``lalmtool --help`` does not
+    import torch. ``--max_steps`` is accepted for ``--max-steps``."""
+
+    def get_params(self, ctx):
+        if not any(p.name == "lr" for p in self.params):
+            import dataclasses
+
+            from .finetune import TrainConfig
+
+            for f in dataclasses.fields(TrainConfig):
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                kind = {"int": "INT", "float": "FLOAT", "float | None": "FLOAT", "dict": "YAML",
+                        "list[str] | str | None": "LIST|REGEX"}.get(str(f.type), "TEXT")
+                self.params.append(click.Option(
+                    [f"--{f.name.replace('_', '-')}", f.name], default=None, metavar=kind,
+                    help=f"{f.metadata['help']}  [default: "
+                         f"{'null' if default is None else default}]"))
+        return super().get_params(ctx)
+
+    def parse_args(self, ctx, args):
+        names = {n for p in self.get_params(ctx) for n in getattr(p, "opts", [])}
+        fixed = []
+        for a in args:
+            key, sep, value = a.partition("=")
+            dashed = key.replace("_", "-")
+            fixed.append(dashed + sep + value if key.startswith("--") and dashed in names else a)
+        return super().parse_args(ctx, fixed)
+
+
+@main.command(cls=_TrainingCommand)
 @click.option("--feats", required=True, help="Training feature store (frames or pooled).")
 @click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
 @click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
 @click.option("--out", required=True, help="Output directory (adapter, checkpoints, logs).")
-@click.option("--config", "config_path", help="YAML training configuration.")
+@click.option("--config", "config_path", help="YAML training configuration (options below "
+              "override it).")
 @click.option("--valid-feats", help="Validation feature store.")
 @click.option("--valid-manifest", help="Validation manifest.")
 @click.option("--init-adapter", help="Start from this adapter instead of a fresh LoRA.")
 @click.option("--init-projector", help="speechllm: start the projector from `lalmtool align`'s "
               "output (sets extra.init_projector).")
-@click.pass_context
-def finetune(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
-             init_adapter, init_projector) -> None:
+@click.option("--force", is_flag=True, help="Start over, discarding an earlier run in --out.")
+def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
+             init_adapter, init_projector, force, **options) -> None:
     """Train LoRA adapters on the decoder from stored features.
 
-    Any training option can be given as --key=value (e.g. --lr=3e-4 --max_steps=400
-    --lora_r=8); see lalmtool.finetune.TrainConfig. A rerun resumes from the last checkpoint.
+    Training options (from --backend on) take a YAML value, as --key value or --key=value
+    (e.g. --lr 3e-4 --max-steps=400 --target-modules '[q_proj, v_proj]'). A rerun resumes
+    from the last checkpoint of the same run; other settings or inputs are refused (--force
+    starts over).
     """
     from .finetune import TrainConfig, finetune as run, parse_overrides
 
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
-    cfg = _run(TrainConfig.load, config_path, _run(parse_overrides, ctx.args))
+    given = [f"{k}={v}" for k, v in options.items() if v is not None]
+    cfg = _run(TrainConfig.load, config_path, _run(parse_overrides, given))
     if init_projector:
         cfg.extra = {**cfg.extra, "init_projector": os.path.abspath(init_projector)}
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
-             valid_manifest=valid_manifest, init_adapter=init_adapter)
+             valid_manifest=valid_manifest, init_adapter=init_adapter, force=force)
     if s:
         click.echo(json.dumps(s, indent=1))
 
@@ -365,26 +402,36 @@ def align(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid
 
 
 @main.command()
-@click.option("--feats", required=True, help="Feature store to decode (frames or pooled).")
+@click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Feature store to decode (frames or pooled).")
 @click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
-@click.option("--adapter", help="LoRA adapter directory from `lalmtool finetune`.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="LoRA adapter directory from `lalmtool finetune`.")
 @click.option("--out", required=True, help="Output directory (hyp.jsonl, decode.json).")
-@click.option("--manifest", "manifest_path", help="Manifest: references go into hyp.jsonl.")
+@click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False),
+              help="Manifest: references go into hyp.jsonl.")
 @click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
 @click.option("--condition", "label",
               help="Name of the condition in reports (default: the store's, e.g. uniform-mean-k3).")
-@click.option("--backend", default="whisper", show_default=True)
-@click.option("--beam", default=1, show_default=True, help="Beam size (1: greedy).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--max-new-tokens", default=200, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", default="whisper", show_default=True,
+              help="whisper, qwen2-audio or speechllm (the one the adapter was trained with).")
+@click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Beam size (1: greedy).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
 @BACKEND_OPT
-@click.option("--force", is_flag=True, help="Decode again even if done.")
+@click.option("--force", is_flag=True,
+              help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")
 def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
            max_new_tokens, device, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
-    Backend options default to those the adapter was trained with (its run's config.yaml).
+    Backend options are those the adapter was trained with (its run's config.yaml), updated by
+    --backend-opt. Whisper on audio > 30 s: --backend-opt chunk=1500 (frames) or 1500/k (pooled
+    by k) decodes one 30 s window at a time. A rerun skips a finished decode of the same inputs
+    and refuses one of other inputs (naming them) without --force.
     """
     from .decode import decode as run
 
@@ -400,8 +447,8 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
 @main.command()
 @click.option("--hyp", required=True, help="hyp.jsonl from `lalmtool decode`.")
 @click.option("--ref", required=True, help="Reference manifest.")
-@click.option("--metric", type=click.Choice(["wer", "bleu"]), default="wer", show_default=True)
-@click.option("--normalizer", type=click.Choice(["auto", "whisper_english", "basic", "none"]),
+@click.option("--metric", type=click.Choice(score_mod.METRICS), default="wer", show_default=True)
+@click.option("--normalizer", type=click.Choice(score_mod.NORMALIZERS),
               default="auto", show_default=True)
 @click.option("--out", help="Output directory (default: beside the hypotheses).")
 @click.option("--missing", type=click.Choice(["fail", "empty"]), default="fail",

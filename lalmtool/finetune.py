@@ -1,29 +1,49 @@
 """Stage 4, ``lalmtool finetune``: LoRA on the decoder, trained from a (compressed) feature store.
 
 Frame-level and pooled stores go through the same code. Killed at any point, a rerun continues
-from the last checkpoint (adapter, optimizer, scheduler, RNG states, data position) and ends with
-the same adapter as an uninterrupted run. Under ``torchrun`` it trains with DDP: every rank takes
-its share of each step's micro-batches.
+from the last checkpoint (adapter, optimizer, scheduler, gradient scaler, RNG states, data
+position) and ends with the same adapter as an uninterrupted run. Under ``torchrun`` it trains
+with DDP: every rank takes its share of each step's micro-batches.
+
+A rerun resumes only the same run: ``OUT/run.json`` records the training configuration and the
+inputs by content (the feature stores' fingerprints, the manifests' sha256, the model's and the
+initial adapter's identity); a rerun with anything else is refused, naming what differs, and
+``force=True`` (``--force``) starts over. One process at a time writes ``OUT`` (``OUT/.lock``).
 
 Output directory::
 
+    OUT/run.json               configuration and inputs of the run (what a rerun must match)
     OUT/config.yaml            the resolved training configuration
     OUT/log.jsonl              step, loss, lr, tokens/s, ... (and valid_loss when validating)
-    OUT/checkpoints/step-N/    resumable checkpoints (the newest two are kept)
-    OUT/adapter/               the final adapter (peft format) or, with validation, the best one
+    OUT/checkpoints/step-N/    resumable checkpoints (the newest ``keep_checkpoints`` are kept)
+    OUT/adapter/               the final adapter (peft format, with a README.md) or, with
+                               validation, the best one
     OUT/last/                  the adapter after the last step
+    OUT/summary.json           steps, losses, condition, paths
+
+The run, step by step (one function each): ``_distributed`` (set-up), ``_data``, ``_model``,
+``_prepare_out`` + ``_resume``, then per step ``_train_step``, ``_validate``,
+``_save_checkpoint``, and at the end ``_export``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import difflib
 import glob
+import hashlib
+import inspect
+import importlib
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -33,44 +53,74 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
+from .lock import output_lock
 from .manifest import load_manifest
-from .models import load_backend
-from .parallel import progress
+from .models import BACKENDS, load_backend
+from .models.base import model_identity
+from .parallel import progress, resolve_device
 from .store import Store, condition_of, write_atomic
 
 log = logging.getLogger("lalmtool")
 
+RUN_FILE = "run.json"
+#: Options that may change between a run and its resumption (they do not change the adapter).
+RESUMABLE = ("keep_checkpoints", "dist_timeout")
+#: What a run writes into OUT (removed when it starts over).
+RUN_OUTPUTS = ("checkpoints", "best", "last", "adapter", "log.jsonl", "summary.json",
+               "config.yaml", RUN_FILE)
+
+
+def _opt(default, help: str):
+    """A training option: its default and one line of help (``lalmtool finetune --help``)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class TrainConfig:
-    backend: str = "whisper"
+    """Every training option; ``lalmtool finetune --help`` lists them with this help text."""
+
+    backend: str = _opt("whisper", f"model family: {', '.join(BACKENDS)}")
     # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | str | None = None  # None: the backend's default
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA scale numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA branch's input")
+    target_modules: list[str] | str | None = _opt(
+        None, "modules that get LoRA: a list of names or a full-match regex (null: the "
+              "backend's default)")
     # optimisation
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "linear"  # linear | cosine | constant (after warm-up)
-    warmup_steps: int = 20
-    max_steps: int = 200  # optimizer steps; ``epochs`` overrides when set
-    epochs: float | None = None
-    batch_size: int = 8  # utterances per micro-batch, unless batch_seconds is set
-    batch_seconds: float | None = None  # or: micro-batches of at most this much audio
-    grad_accum: int = 1
-    clip: float = 1.0
-    seed: int = 0
-    text_field: str = "text"  # manifest field to learn: text (ASR) or target (translation)
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    schedule: str = _opt("linear", "learning rate after warm-up: linear, cosine or constant")
+    warmup_steps: int = _opt(20, "steps of linear warm-up to lr")
+    max_steps: int = _opt(200, "optimizer steps to train (unless epochs is set)")
+    epochs: float | None = _opt(None, "passes over the training data; overrides max_steps")
+    batch_size: int = _opt(8, "utterances per micro-batch (unless batch_seconds is set)")
+    batch_seconds: float | None = _opt(None, "or: micro-batches of at most this much audio (s)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (per rank under torchrun)")
+    clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = _opt(0, "seed of the LoRA initialisation and of the data order")
+    text_field: str = _opt("text", "manifest field to learn: text (ASR) or target (translation)")
     # bookkeeping
-    valid_every: int = 50
-    save_every: int = 50
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
-    tensorboard: bool = False
-    device: str = "auto"
-    extra: dict = field(default_factory=dict)  # backend options (e.g. language)
+    valid_every: int = _opt(50, "validate every N steps (with --valid-feats)")
+    save_every: int = _opt(50, "write a resumable checkpoint every N steps")
+    log_every: int = _opt(10, "write a log.jsonl record every N steps")
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on GPU, off on CPU), bf16, fp16 (with "
+                            "a gradient scaler) or off")
+    device: str = _opt("auto", "auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, "
+                               "cuda or cuda:N")
+    dist_timeout: float = _opt(600.0, "under torchrun: seconds a rank waits for the others "
+                                      "(start, barriers) before it fails")
+    extra: dict = _opt({}, "backend options, a YAML mapping (e.g. {language: de}, "
+                           "{tap: prepool}, {encoder: whisper-tiny.en})")
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        _check_values(self)
 
     @classmethod
     def load(cls, path: str | None, overrides: dict | None = None) -> "TrainConfig":
@@ -79,21 +129,80 @@ class TrainConfig:
         if path:
             with open(path, encoding="utf-8") as fh:
                 values = yaml.safe_load(fh) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: a training configuration is a YAML mapping of "
+                                 "option: value")
         values.update(overrides or {})
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(values) - set(hints))
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(hints)}")
-        for key, value in values.items():  # YAML reads 3e-4 as a string
-            if isinstance(value, str) and float in typing.get_args(hints[key]) + (hints[key],):
-                try:
-                    values[key] = float(value)
-                except ValueError:
-                    raise ValueError(f"training option {key} must be a number, not {value!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise ValueError(f"unknown training option {key!r}{hint}; "
+                                 f"`lalmtool finetune --help` lists them all")
         return cls(**values)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _coerce(key: str, hint, value):
+    """``value`` as the option's type (YAML gives ``3e-4`` as a string); else a clear error."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if number.is_integer():
+                return int(number)
+        elif kind is float and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(number):
+                return number
+        elif kind is str and isinstance(value, str):
+            return value
+        elif typing.get_origin(kind) is list and isinstance(value, list) \
+                and all(isinstance(v, str) for v in value):
+            return value
+        elif kind is dict and isinstance(value, dict):
+            return value
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null"}
+    wanted = " or ".join(names.get(k, "a list of names") for k in kinds)
+    raise ValueError(f"training option {key} must be {wanted}, not {value!r}")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """One clear message per out-of-range option."""
+    def need(ok: bool, key: str, rule: str):
+        if not ok:
+            raise ValueError(f"training option {key} must be {rule}, not {getattr(cfg, key)!r}")
+
+    need(cfg.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")
+    for key in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "valid_every",
+                "save_every", "log_every", "keep_checkpoints"):
+        need(getattr(cfg, key) >= 1, key, ">= 1")
+    need(cfg.max_steps >= 1, "max_steps", ">= 1 (no steps would write an untrained adapter)")
+    need(cfg.epochs is None or cfg.epochs > 0, "epochs", "> 0 (or null: use max_steps)")
+    need(cfg.batch_seconds is None or cfg.batch_seconds > 0, "batch_seconds", "> 0 (or null)")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+    need(cfg.lr > 0, "lr", "> 0")
+    for key in ("weight_decay", "warmup_steps", "clip"):
+        need(getattr(cfg, key) >= 0, key, ">= 0")
+    need(cfg.dist_timeout > 0, "dist_timeout", "> 0 seconds")
+    need(cfg.schedule in ("linear", "cosine", "constant"), "schedule",
+         "linear, cosine or constant")
+    need(cfg.amp in ("auto", "bf16", "fp16", "off"), "amp", "auto, bf16, fp16 or off")
+    need(cfg.text_field in ("text", "target"), "text_field", "text or target")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -119,6 +228,9 @@ class Examples:
         if missing:
             raise ValueError(f"{len(missing)} utterance(s) of {feats} have no {text_field!r} in "
                              f"{manifest} (e.g. {missing[:3]}); pass the matching manifest")
+        if not self.store.ids:
+            raise ValueError(f"no utterances in {feats} (its manifest was empty or every "
+                             "utterance was skipped): nothing to train or validate on")
         self.ids, self.text = list(self.store.ids), text
         self.duration = {u: float(self.store.attrs(u).get("duration", 0.0)) for u in self.ids}
 
@@ -148,9 +260,162 @@ def data_stream(ex: Examples, cfg: TrainConfig, start: tuple[int, int]):
     epoch, index = start
     while True:
         batches = epoch_batches(ex, cfg, epoch)
+        if not batches:
+            raise ValueError(f"no training utterances in {ex.store.path}")
         for i in range(index, len(batches)):
             yield (epoch, i + 1), batches[i]
         epoch, index = epoch + 1, 0
+
+
+def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
+          valid_manifest: str | None) -> tuple[Examples, Examples | None]:
+    """The training (and validation) examples, their stores checked against the backend."""
+    if bool(valid_feats) != bool(valid_manifest):
+        raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
+                         "--valid-manifest)")
+    train = Examples(feats, manifest, cfg.text_field)
+    valid = Examples(valid_feats, valid_manifest, cfg.text_field) if valid_feats else None
+    for ex in filter(None, (train, valid)):
+        _check_tap(ex.store, cfg)
+    return train, valid
+
+
+def _check_tap(store: Store, cfg: TrainConfig) -> None:
+    """Refuses features tapped elsewhere in the encoder than the training backend reads them.
+
+    The tap is recorded by extract (``meta["tap"]`` or its ``backend_opts``); segment and pool
+    keep their source's meta under ``source_meta``."""
+    meta = store.meta
+    while "source_meta" in meta:
+        meta = meta["source_meta"]
+    default = _backend_default(cfg.backend, "tap")
+    stored = meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default
+    wanted = cfg.extra.get("tap") or default
+    if stored != wanted:
+        raise ValueError(
+            f"{store.path} holds features tapped at {stored!r} (see its store.json), but "
+            f"training would read them as tap={wanted!r}: pass --extra '{{tap: {stored}}}' "
+            "or use a store extracted with the tap you want")
+
+
+def _backend_default(backend: str, option: str):
+    """The default of a backend's constructor option (None if it has no such option)."""
+    module, cls = BACKENDS[backend].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    default = params[option].default if option in params else None
+    return None if default is inspect.Parameter.empty else default
+
+
+# -- the run's identity --------------------------------------------------------------------
+def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | None = None,
+                    valid_manifest: str | None = None, init_adapter: str | None = None,
+                    projector: str | None = None) -> dict:
+    """What a run is trained from, by content: stores by fingerprint, manifests by sha256,
+    the model, the initial adapter and projector (speechllm's ``extra.init_projector``) by
+    their identity (not their names or paths)."""
+    from .assets import resolve_model
+
+    def store(path):
+        return {"path": os.path.abspath(path), "fingerprint": Store(path).fingerprint}
+
+    def manifest_of(path):
+        with open(path, "rb") as fh:
+            return {"path": os.path.abspath(path),
+                    "sha256": hashlib.sha256(fh.read()).hexdigest()}
+
+    if init_adapter and not os.path.isfile(os.path.join(init_adapter, "adapter_config.json")):
+        raise ValueError(f"--init-adapter {init_adapter}: no adapter_config.json there; pass "
+                         "the adapter/ directory of a finetune run")
+    return {
+        "feats": store(feats), "manifest": manifest_of(manifest),
+        "model": {"path": model, "identity": _identity(resolve_model(model))},
+        "init_adapter": {"path": os.path.abspath(init_adapter),
+                         "identity": _identity(init_adapter)} if init_adapter else None,
+        "valid_feats": store(valid_feats) if valid_feats else None,
+        "valid_manifest": manifest_of(valid_manifest) if valid_manifest else None,
+        "init_projector": {"path": os.path.abspath(projector), "identity": _identity(projector)}
+        if projector else None,
+    }
+
+
+def _identity(path: str) -> dict:
+    """A checkpoint directory's content identity (not its name), or a file's sha256."""
+    if os.path.isdir(path) or not os.path.isfile(path):
+        return {k: v for k, v in model_identity(path).items() if k != "dir"}
+    with open(path, "rb") as fh:
+        return {"sha256": hashlib.sha256(fh.read()).hexdigest()}
+
+
+def _content(entry: dict | None):
+    """The part of an input's description that a rerun must match (not its path)."""
+    return None if entry is None else {k: v for k, v in entry.items() if k != "path"}
+
+
+def _input_text(entry: dict | None) -> str:
+    if entry is None:
+        return "none"
+    key = next(k for k in entry if k != "path")
+    value = entry[key]
+    if isinstance(value, dict):
+        value = value.get("sha256") or value.get("hub_id") or value
+    return f"{entry['path']} ({key} {str(value)[:12]})"
+
+
+def run_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two ``run.json`` records, one readable item per setting."""
+    diffs = []
+    old_cfg, new_cfg = old.get("config", {}), new["config"]
+    for key in dict.fromkeys([*old_cfg, *new_cfg]):
+        if key not in RESUMABLE and old_cfg.get(key) != new_cfg.get(key):
+            diffs.append(f"{key}: {old_cfg.get(key)!r} there, {new_cfg.get(key)!r} now")
+    old_in = old.get("inputs", {})
+    for key, entry in new["inputs"].items():
+        if _content(old_in.get(key)) != _content(entry):
+            diffs.append(f"--{key.replace('_', '-')}: {_input_text(old_in.get(key))} there, "
+                         f"{_input_text(entry)} now")
+    return diffs
+
+
+def _prepare_out(out: str, cfg: TrainConfig, inputs: dict, force: bool) -> None:
+    """Rank 0, under the lock: refuses to continue another run in ``out``; starts over with
+    ``force`` (or when nothing was checkpointed); records the run (run.json, config.yaml)."""
+    record = {"config": dataclasses.asdict(cfg), "inputs": inputs}
+    old = _read_json(os.path.join(out, RUN_FILE))
+    if not force:
+        if old is None and any(os.path.exists(os.path.join(out, p)) for p in RUN_OUTPUTS):
+            raise ValueError(f"{out} holds a finetune run that does not record its inputs "
+                             "(made by an older lalmtool); use another --out, or --force to "
+                             "start over")
+        diffs = run_differences(old, record) if old is not None else []
+        if diffs:
+            raise ValueError(f"{out} holds a run with another configuration or other inputs "
+                             f"({'; '.join(diffs)}); use another --out, or --force to start "
+                             "over")
+    if force or old is None or latest_checkpoint(out) is None:
+        for name in RUN_OUTPUTS:
+            _remove(os.path.join(out, name))
+    for stale in glob.glob(os.path.join(out, "*.tmp")) + \
+            glob.glob(os.path.join(out, "checkpoints", "*.tmp")):
+        _remove(stale)  # left by a killed writer
+    write_atomic(os.path.join(out, RUN_FILE), json.dumps(record, indent=1))
+    write_atomic(os.path.join(out, "config.yaml"), cfg.to_yaml())
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is damaged ({e}); use --force to start over") from e
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 # -- training ------------------------------------------------------------------------------
@@ -163,47 +428,79 @@ def lr_lambda(cfg: TrainConfig, total: int):
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
-        raise ValueError(f"unknown schedule {cfg.schedule!r}: linear, cosine or constant")
+        return max(0.0, 1 - progress)
     return f
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> str:
     if cfg.device != "auto":
-        return cfg.device
+        return resolve_device(cfg.device)
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
+def _amp_kind(cfg: TrainConfig, device: str) -> str:
+    if cfg.amp == "auto":
+        return "bf16" if device.startswith("cuda") else "off"
+    return cfg.amp
+
+
 def _autocast(cfg: TrainConfig, device: str):
-    kind = cfg.amp
-    if kind == "auto":
-        kind = "bf16" if device.startswith("cuda") else "off"
+    kind = _amp_kind(cfg, device)
     if kind == "off":
         return torch.autocast("cpu", enabled=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[kind]
     return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
-def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
-             valid_feats: str | None = None, valid_manifest: str | None = None,
-             init_adapter: str | None = None) -> dict:
-    """Trains LoRA adapters on ``model``'s decoder; returns a summary (steps, losses, paths)."""
+@dataclass
+class Dist:
+    """This process's place in the job: rank, world size, device, collective timeout (s)."""
+
+    rank: int
+    world: int
+    device: str
+    timeout: float
+
+    def barrier(self, what: str) -> None:
+        """Waits for every rank; fails with a message instead of hanging on a failed rank."""
+        if self.world == 1:
+            return
+        try:
+            torch.distributed.barrier()
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds here
+            raise RuntimeError(
+                f"rank {self.rank}: the other ranks did not reach {what} within "
+                f"{self.timeout:g} s (dist_timeout); one of them probably failed, see its "
+                f"log ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _distributed(cfg: TrainConfig) -> Dist:
+    """Set-up: rank, world and device; under torchrun the process group (with a timeout)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = _device(cfg, local_rank)
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # before NCCL starts: each rank on its own GPU
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    os.makedirs(out, exist_ok=True)
-    _check_config(out, cfg)
+        try:
+            torch.distributed.init_process_group(
+                "nccl" if device.startswith("cuda") else "gloo",
+                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(
+                f"rank {rank} of {world}: the other ranks did not join within "
+                f"{cfg.dist_timeout:g} s (dist_timeout); are all {world} processes running "
+                f"with the same MASTER_ADDR/MASTER_PORT? ({_first_line(e)})") from e
+    return Dist(rank, world, device, cfg.dist_timeout)
 
-    train = Examples(feats, manifest, cfg.text_field)
-    valid = Examples(valid_feats, valid_manifest, cfg.text_field) if valid_feats else None
-    total = cfg.max_steps
-    if cfg.epochs:
-        per_epoch = len(epoch_batches(train, cfg, 0)) / (cfg.grad_accum * world)
-        total = max(1, math.ceil(cfg.epochs * per_epoch))
 
+def _model(cfg: TrainConfig, model: str, device: str, init_adapter: str | None):
+    """The backend with a fresh LoRA (or ``init_adapter``) on its decoder; trainable weights
+    in float32 (master weights), whatever dtype the frozen model is in."""
     _seed_all(cfg.seed)
     be = load_backend(cfg.backend, model, device=device, **cfg.extra)
     be.model.requires_grad_(False)
@@ -214,78 +511,151 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules or be.default_lora_targets,
             modules_to_save=be.modules_to_save or None))
-    peft_model = be.model
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    state = {"step": 0, "position": (0, 0), "best": None, "best_step": None}
-    ckpt = latest_checkpoint(out)
-    if ckpt:
-        state = _load_checkpoint(ckpt, peft_model, opt, sched, rank)
-        log.info("resuming from %s (step %d of %d)", ckpt, state["step"], total)
-        if rank == 0:
-            _truncate_log(out, state["step"])
-    if world > 1:
-        be.model = torch.nn.parallel.DistributedDataParallel(peft_model)
+    for p in be.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # e.g. a projector trained in full next to bf16 weights
+    return be, be.model
 
-    writer = _tensorboard(out) if cfg.tensorboard and rank == 0 else None
-    stream = data_stream(train, cfg, tuple(state["position"]))
-    bar = progress(total=total, initial=state["step"], desc="finetune", unit="step",
-               disable=rank != 0)
-    peft_model.train()
-    t0, seen_tokens, last = time.perf_counter(), 0, {}
-    while state["step"] < total:
-        opt.zero_grad(set_to_none=True)
-        step_loss, step_tokens = 0.0, 0
-        for micro in range(cfg.grad_accum * world):
-            position, ids = next(stream)
-            if micro % world != rank:
-                continue
-            feats_b, texts = train.batch(ids)
-            with _autocast(cfg, device):
-                loss, n = be.loss(feats_b, texts)
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-            step_tokens += n
-        state["position"] = position
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip else None
-        opt.step()
-        sched.step()
-        state["step"] += 1
-        seen_tokens += step_tokens
+
+@dataclass
+class Run:
+    """What the training loop works on."""
+
+    out: str
+    cfg: TrainConfig
+    dist: Dist
+    be: typing.Any  # the backend; be.model is the peft model (DDP-wrapped under torchrun)
+    peft_model: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    total: int
+    state: dict = field(default_factory=lambda: {"step": 0, "position": (0, 0), "best": None,
+                                                 "best_step": None})
+
+
+def _total_steps(cfg: TrainConfig, train: Examples, world: int) -> int:
+    total = cfg.max_steps
+    if cfg.epochs:
+        per_epoch = len(epoch_batches(train, cfg, 0)) / (cfg.grad_accum * world)
+        total = max(1, math.ceil(cfg.epochs * per_epoch))
+    if cfg.warmup_steps >= total:
+        log.warning("finetune: warmup_steps=%d is not shorter than the %d training steps: the "
+                    "learning rate never reaches lr=%g and never decays", cfg.warmup_steps,
+                    total, cfg.lr)
+    return total
+
+
+def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
+             valid_feats: str | None = None, valid_manifest: str | None = None,
+             init_adapter: str | None = None, force: bool = False) -> dict:
+    """Trains LoRA adapters on ``model``'s decoder; returns a summary (steps, losses, paths).
+
+    A rerun into ``out`` resumes the same run (same configuration and inputs) or is refused;
+    ``force`` starts over."""
+    dist = _distributed(cfg)
+    with output_lock(out):
+        train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest)
+        if dist.rank == 0:
+            inputs = describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
+                                     init_adapter, cfg.extra.get("init_projector"))
+            _prepare_out(out, cfg, inputs, force)
+        dist.barrier("the start of training")
+        total = _total_steps(cfg, train, dist.world)
+        be, peft_model = _model(cfg, model, dist.device, init_adapter)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run = Run(out, cfg, dist, be, peft_model, params, opt,
+                  torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total)),
+                  torch.amp.GradScaler(dist.device.split(":")[0],
+                                       enabled=_amp_kind(cfg, dist.device) == "fp16"),
+                  total)
+        _resume(run)
+        if dist.world > 1:
+            be.model = torch.nn.parallel.DistributedDataParallel(peft_model)
+        _train(run, train, valid)
+        return _export(run, feats, model)
+
+
+def _resume(run: Run) -> None:
+    """Continues from the newest whole checkpoint, if any."""
+    ckpt = latest_checkpoint(run.out)
+    if ckpt:
+        run.state = _load_checkpoint(ckpt, run)
+        log.info("resuming from %s (step %d of %d)", ckpt, run.state["step"], run.total)
+        if run.dist.rank == 0:
+            _truncate_log(run.out, run.state["step"])
+    if run.dist.rank == 0 and run.state["best_step"] is None:
+        _remove(os.path.join(run.out, "best"))  # written after that checkpoint: redone
+
+
+def _train(run: Run, train: Examples, valid: Examples | None) -> None:
+    """The training loop: step, log, validate, checkpoint."""
+    cfg, out, rank = run.cfg, run.out, run.dist.rank
+    stream = data_stream(train, cfg, tuple(run.state["position"]))
+    bar = progress(total=run.total, initial=run.state["step"], desc="finetune", unit="step",
+                   disable=rank != 0)
+    run.peft_model.train()
+    t0, seen_tokens = time.perf_counter(), 0
+    while run.state["step"] < run.total:
+        loss, tokens, gnorm = _train_step(run, train, stream)
+        seen_tokens += tokens
+        step = run.state["step"]
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        step = state["step"]
-        if step % cfg.log_every == 0 or step == total:
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step % cfg.log_every == 0 or step == run.total:
             el = time.perf_counter() - t0
-            last = {"step": step, "loss": step_loss, "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(gnorm) if gnorm is not None else None,
-                    "tokens_per_s": seen_tokens * world / el if el else None}
-            _log(out, last, writer, rank)
-        if valid and (step % cfg.valid_every == 0 or step == total):
-            vloss = evaluate(be, valid, cfg, device)
-            _log(out, {"step": step, "valid_loss": vloss}, writer, rank)
-            if state["best"] is None or vloss < state["best"]:
-                state["best"], state["best_step"] = vloss, step
-                if rank == 0:
-                    _save_adapter(peft_model, os.path.join(out, "best"))
-        if step % cfg.save_every == 0 or step == total:
-            _save_checkpoint(out, peft_model, opt, sched, state, cfg, rank, world)
+            _log(out, {"step": step, "loss": loss, "lr": run.sched.get_last_lr()[0],
+                       "grad_norm": float(gnorm) if gnorm is not None else None,
+                       "tokens_per_s": seen_tokens * run.dist.world / el if el else None}, rank)
+        if valid and (step % cfg.valid_every == 0 or step == run.total):
+            _validate(run, valid)
+        if step % cfg.save_every == 0 or step == run.total:
+            _save_checkpoint(run)
     bar.close()
-    if rank == 0:
-        _save_adapter(peft_model, os.path.join(out, "last"))
-        final = os.path.join(out, "best") if os.path.isdir(os.path.join(out, "best")) else \
-            os.path.join(out, "last")
-        _copy_dir(final, os.path.join(out, "adapter"))
-    if world > 1:
-        torch.distributed.barrier()
-    summary = {"out": out, "steps": state["step"], "last": last, "best_valid_loss": state["best"],
-               "best_step": state["best_step"], "adapter": os.path.join(out, "adapter"),
-               "feats": os.path.abspath(feats), "condition": condition_of(Store(feats))[2]}
-    if rank == 0:
-        with open(os.path.join(out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
-    return summary
+
+
+def _train_step(run: Run, train: Examples, stream) -> tuple[float, int, torch.Tensor | None]:
+    """One optimizer step over ``grad_accum`` micro-batches per rank; (loss, tokens, norm).
+
+    Under DDP, gradients are all-reduced once per step (``no_sync`` on the other
+    micro-batches); with fp16 the loss is scaled and the step skipped on overflow."""
+    cfg, dist = run.cfg, run.dist
+    run.opt.zero_grad(set_to_none=True)
+    step_loss, step_tokens, mine = 0.0, 0, 0
+    for micro in range(cfg.grad_accum * dist.world):
+        position, ids = next(stream)
+        if micro % dist.world != dist.rank:
+            continue
+        mine += 1
+        sync = dist.world == 1 or mine == cfg.grad_accum
+        feats_b, texts = train.batch(ids)
+        with contextlib.nullcontext() if sync else run.be.model.no_sync():
+            with _autocast(cfg, dist.device):
+                loss, n = run.be.loss(feats_b, texts)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+        step_loss += float(loss.detach()) / cfg.grad_accum
+        step_tokens += n
+    run.state["position"] = position
+    run.scaler.unscale_(run.opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip) if cfg.clip else None
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    run.state["step"] += 1
+    return step_loss, step_tokens, gnorm
+
+
+def _validate(run: Run, valid: Examples) -> None:
+    """Validation loss; the best adapter so far goes to OUT/best."""
+    step = run.state["step"]
+    vloss = evaluate(run.be, valid, run.cfg, run.dist.device)
+    _log(run.out, {"step": step, "valid_loss": vloss}, run.dist.rank)
+    if run.state["best"] is None or vloss < run.state["best"]:
+        run.state["best"], run.state["best_step"] = vloss, step
+        if run.dist.rank == 0:
+            _save_adapter(run.peft_model, os.path.join(run.out, "best"))
 
 
 @torch.no_grad()
@@ -306,10 +676,23 @@ def evaluate(be, ex: Examples, cfg: TrainConfig, device: str) -> float:
 
 
 # -- checkpoints ---------------------------------------------------------------------------
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def _checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, directory) of the whole checkpoints in ``out``, oldest first; ``step-N.tmp``
+    (a checkpoint being written when the run was killed) is never one of them."""
+    found = []
+    for d in glob.glob(os.path.join(out, "checkpoints", "step-*")):
+        m = _STEP_DIR.search(os.path.basename(d))
+        if m and os.path.exists(os.path.join(d, "state.pt")):
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
 def latest_checkpoint(out: str) -> str | None:
-    done = [d for d in glob.glob(os.path.join(out, "checkpoints", "step-*"))
-            if os.path.exists(os.path.join(d, "state.pt"))]
-    return max(done, key=lambda d: int(d.rsplit("-", 1)[1]), default=None)
+    found = _checkpoints(out)
+    return found[-1][1] if found else None
 
 
 def _rng_state() -> dict:
@@ -324,37 +707,38 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_checkpoint(out, peft_model, opt, sched, state, cfg, rank, world) -> None:
+def _save_checkpoint(run: Run) -> None:
+    """OUT/checkpoints/step-N: written as step-N.tmp (state.pt last) and renamed when whole."""
+    dist, out, state = run.dist, run.out, run.state
     final = os.path.join(out, "checkpoints", f"step-{state['step']}")
     tmp = final + ".tmp"
-    if rank == 0:
+    if dist.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    if world > 1:
-        torch.distributed.barrier()
-    torch.save(_rng_state(), os.path.join(tmp, f"rng.{rank}.pt"))
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        torch.save({"adapter": get_peft_model_state_dict(peft_model), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "state": state},
+    dist.barrier("a checkpoint")
+    torch.save(_rng_state(), os.path.join(tmp, f"rng.{dist.rank}.pt"))
+    dist.barrier("a checkpoint")
+    if dist.rank == 0:
+        torch.save({"adapter": get_peft_model_state_dict(run.peft_model),
+                    "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                    "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                    "state": state},
                    os.path.join(tmp, "state.pt"))  # written last: marks the checkpoint whole
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        steps = sorted(glob.glob(os.path.join(out, "checkpoints", "step-*[0-9]")),
-                       key=lambda d: int(d.rsplit("-", 1)[1]))
-        for old in steps[: -cfg.keep_checkpoints]:
+        for _, old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        torch.distributed.barrier()
+    dist.barrier("a checkpoint")
 
 
-def _load_checkpoint(path, peft_model, opt, sched, rank) -> dict:
+def _load_checkpoint(path: str, run: Run) -> dict:
     ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    set_peft_model_state_dict(peft_model, ck["adapter"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    rng_file = os.path.join(path, f"rng.{rank}.pt")
+    set_peft_model_state_dict(run.peft_model, ck["adapter"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    if run.scaler.is_enabled() and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    rng_file = os.path.join(path, f"rng.{run.dist.rank}.pt")
     if not os.path.exists(rng_file):
         raise RuntimeError(f"{path} was saved by fewer ranks than now; resume with the same "
                            "number of processes")
@@ -367,6 +751,7 @@ def _load_checkpoint(path, peft_model, opt, sched, rank) -> dict:
     return ck["state"]
 
 
+# -- the adapter ---------------------------------------------------------------------------
 def _save_adapter(peft_model, path: str) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -375,37 +760,99 @@ def _save_adapter(peft_model, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _copy_dir(src: str, dst: str) -> None:
-    tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+def _export(run: Run, feats: str, model: str) -> dict:
+    """OUT/last, OUT/adapter (the best by validation loss of this run, else the last) with a
+    README.md and the base model named as the user gave it; OUT/summary.json."""
+    out, state, rank = run.out, run.state, run.dist.rank
+    condition = condition_of(Store(feats))[2]
+    last = _last_record(out)
+    summary = {"out": out, "steps": state["step"], "last": last,
+               "best_valid_loss": state["best"], "best_step": state["best_step"],
+               "adapter": os.path.join(out, "adapter"), "feats": os.path.abspath(feats),
+               "condition": condition}
+    if rank == 0:
+        _save_adapter(run.peft_model, os.path.join(out, "last"))
+        use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))
+        final = os.path.join(out, "best" if use_best else "last")
+        tmp = os.path.join(out, "adapter.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(final, tmp)
+        base = _portable_model_name(model)
+        _set_base_model(tmp, base)
+        write_atomic(os.path.join(tmp, "README.md"),
+                     adapter_readme(run, summary, base, "best" if use_best else "last"))
+        shutil.rmtree(summary["adapter"], ignore_errors=True)
+        os.replace(tmp, summary["adapter"])
+        write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
+    run.dist.barrier("the end of training")
+    return summary
 
 
-def _check_config(out: str, cfg: TrainConfig) -> None:
-    """Writes OUT/config.yaml; refuses to resume a run made with another configuration."""
-    path = os.path.join(out, "config.yaml")
-    text = cfg.to_yaml()
-    if os.path.exists(path) and latest_checkpoint(out):
-        with open(path, encoding="utf-8") as fh:
-            if fh.read() != text:
-                raise ValueError(f"{out} holds a run with another configuration ({path}); "
-                                 "use another --out or remove it")
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_atomic(path, text)
+def _portable_model_name(model: str) -> str:
+    """The model as the user gave it: an asset name (also for its cache directory), a hub id,
+    or an absolute path to a local checkpoint."""
+    from .models.speechllm import portable_name
+
+    return portable_name(model)
 
 
-def _log(out: str, rec: dict, writer, rank: int) -> None:
+def _set_base_model(adapter: str, base: str) -> None:
+    path = os.path.join(adapter, "adapter_config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["base_model_name_or_path"] = base
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+
+
+def adapter_readme(run: Run, summary: dict, base: str, which: str) -> str:
+    """What the adapter is: backend, base model, condition, training data, steps, losses."""
+    cfg, inputs = run.cfg, _read_json(os.path.join(run.out, RUN_FILE))["inputs"]
+    last = summary["last"] or {}
+    loss = f"{last['loss']:.4f}" if isinstance(last.get("loss"), float) else "not logged"
+    valid = (f"best validation loss {summary['best_valid_loss']:.4f} at step "
+             f"{summary['best_step']} ({inputs['valid_feats']['path']})"
+             if summary["best_step"] is not None else "no validation set")
+    start = inputs["init_adapter"]["path"] if inputs["init_adapter"] else "a fresh LoRA"
+    lines = [
+        f"# LoRA adapter: {cfg.backend} on {summary['condition']} features", "",
+        "Written by `lalmtool finetune` (peft format). Load it with",
+        f"`lalmtool decode --backend {cfg.backend} --model {base} --adapter <this directory> "
+        "--feats <a store of the same condition>`.", "",
+        f"- backend: {cfg.backend}" + (f" (options {cfg.extra})" if cfg.extra else ""),
+        f"- base model: {base}",
+        f"- condition: {summary['condition']} (features {inputs['feats']['path']})",
+        f"- training data: {len(Store(summary['feats']).ids)} utterances, texts from "
+        f"{inputs['manifest']['path']} (field {cfg.text_field})",
+        f"- started from: {start}",
+        f"- LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets "
+        f"{cfg.target_modules or 'the backend default'}",
+        f"- steps: {summary['steps']} (lr {cfg.lr:g}, {cfg.schedule} schedule, batch "
+        f"{cfg.batch_seconds and f'{cfg.batch_seconds:g} s' or cfg.batch_size} x "
+        f"{cfg.grad_accum} x {run.dist.world} rank(s)); final training loss {loss}",
+        f"- validation: {valid}; this adapter is the {which} one",
+        "- WER: not measured by finetune; `lalmtool decode` and `lalmtool score` give it", "",
+        "The run's configuration is in ../config.yaml, its inputs (by fingerprint) in "
+        "../run.json, its log in ../log.jsonl.", ""]
+    return "\n".join(lines)
+
+
+# -- logs ----------------------------------------------------------------------------------
+def _log(out: str, rec: dict, rank: int) -> None:
     if rank != 0:
         return
     with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(rec) + "\n")
-    if writer is not None:
-        for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, rec["step"])
     log.debug("%s", rec)
+
+
+def _last_record(out: str) -> dict:
+    """The newest training record of log.jsonl (also when a finished run is rerun)."""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return next((r for r in reversed(records) if "loss" in r), {})
 
 
 def _truncate_log(out: str, step: int) -> None:
@@ -415,12 +862,3 @@ def _truncate_log(out: str, step: int) -> None:
         with open(path, encoding="utf-8") as fh:
             keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
         write_atomic(path, "".join(keep))
-
-
-def _tensorboard(out: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise RuntimeError("tensorboard=true needs the tensorboard package: "
-                           "pip install tensorboard") from e
-    return SummaryWriter(os.path.join(out, "tensorboard"))

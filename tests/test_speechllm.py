@@ -297,3 +297,38 @@ def test_real_smollm2_memorises_two_librivox_utterances(tiny_en, tmp_path):
            backend="speechllm", max_new_tokens=40)
     hyps = {json.loads(l)["id"]: json.loads(l)["hyp"] for l in open(tmp_path / "dec" / "hyp.jsonl")}
     assert hyps == {r["id"]: r["text"] for r in rows}
+
+
+def test_norm_embedding_rescales_projected_rows_and_init_projector_checks(tiny_llm, tiny_whisper,
+                                                                           tmp_path):
+    from safetensors.torch import save_file
+
+    be = SpeechLLMBackend(tiny_llm, encoder=tiny_whisper, stack=2, hidden=24, norm="embedding")
+    rows = be.model.llm.get_input_embeddings().weight
+    target = float(rows.detach().norm(dim=-1).mean())
+    with torch.no_grad():
+        out = be.model.projector(torch.randn(5, 32))
+    torch.testing.assert_close(out.norm(dim=-1), torch.full((5,), target))
+    plain = SpeechLLMBackend(tiny_llm, encoder=tiny_whisper, stack=2, hidden=24)
+    with torch.no_grad():  # same seed, same weights: only the rescaling differs
+        raw = plain.model.projector(torch.ones(1, 32))
+        torch.testing.assert_close(be.model.projector(torch.ones(1, 32)),
+                                   raw / raw.norm() * target)
+    with pytest.raises(ValueError, match="norm"):
+        SpeechLLMBackend(tiny_llm, encoder=tiny_whisper, norm="unit")
+    spec = tmp_path / "spec.json"  # an older speechllm.json without norm means norm=none
+    spec.write_text(json.dumps({"encoder": tiny_whisper, "llm": tiny_llm}))
+    assert read_spec(str(spec))["norm"] == "none"
+    with pytest.raises(ValueError, match="norm='embedding' contradicts"):
+        read_spec(str(spec), norm="embedding")
+    # init_projector: weights of another shape are refused in one clear sentence
+    save_file({"net.0.weight": torch.zeros(24, 48), "net.0.bias": torch.zeros(24),
+               "net.2.weight": torch.zeros(32, 24), "net.2.bias": torch.zeros(32)},
+              str(tmp_path / "projector.safetensors"))
+    wrong = SpeechLLMBackend(tiny_llm, encoder=tiny_whisper, stack=2, hidden=24,
+                             init_projector=str(tmp_path))
+    with pytest.raises(ValueError, match="does not fit this model's projector"):
+        wrong.model
+    with pytest.raises(FileNotFoundError, match="init_projector: .*nothing.safetensors"):
+        SpeechLLMBackend(tiny_llm, encoder=tiny_whisper,
+                         init_projector=str(tmp_path / "nothing.safetensors")).model

@@ -5,10 +5,20 @@ duration = audio seconds, seconds = decode time attributed to the utterance) and
 ``OUT/decode.json`` (the condition, paths, rates and speed). Batches are sorted by length.
 Hypotheses are appended as they come, so an interrupted decode resumes where it stopped; under
 ``torchrun`` each rank decodes its own shards and rank 0 merges the parts.
+
+Everything that determines the hypotheses is fingerprinted: the store, the model's and the
+adapter's content (not their names), the manifest's content (the references), the search
+settings and the backend options. A rerun with the same inputs skips; with other inputs it is
+refused, naming what differs, unless ``force``. Options are checked before anything in ``OUT``
+is touched. Backend options are the adapter's training options updated by ``backend_opts``; the
+tap of the store, of the adapter and of the decode must agree. LoRA is merged into float32
+weights only; in bfloat16/float16 it stays unmerged (merging would round the adapter away).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -17,13 +27,15 @@ import time
 import numpy as np
 import torch
 
+from .lock import output_lock
 from .manifest import read_manifest
-from .models import load_backend
+from .models import BACKENDS, load_backend
 from .models.base import model_identity
-from .parallel import barrier, dist_info, progress
-from .store import Store, condition_of, fingerprint, write_atomic
+from .parallel import barrier, dist_info, progress, resolve_device
+from .store import Store, StoreError, condition_of, fingerprint, write_atomic
 
 log = logging.getLogger("lalmtool")
+MARKER = "decode.fingerprint"
 
 
 def decode(feats: str, model: str, out: str, adapter: str | None = None,
@@ -33,37 +45,54 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
            label: str | None = None) -> dict:
     """Decodes every utterance of the store ``feats``; returns decode.json's content.
 
-    ``backend_opts`` (prompt, task, language, ...) default to those the adapter was trained with.
+    ``backend_opts`` (prompt, task, language, ...) update those the adapter was trained with.
     ``label`` names the condition in reports (default: the store's compression, e.g.
     ``uniform-mean-k3``); it is not part of the fingerprint, so relabelling decodes nothing.
     ``adapter_condition`` records the condition the adapter was trained on when it differs.
     """
+    for name, value in (("beam", beam), ("batch_size", batch_size),
+                        ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
     rank, world = dist_info()
-    if backend_opts is None:
-        backend_opts = _training_opts(adapter)
-    store = Store(feats)
+    store = _feature_store(feats)
+    model_dir = _model_dir(model)
+    opts = {**_training_opts(adapter, backend), **(backend_opts or {})}
+    _check_options(backend, opts, adapter)
+    _check_tap(store, backend, opts, adapter)
     method, params, default_label = condition_of(store)
     label = label or default_label
-    fp = fingerprint({"feats": store.fingerprint, "model": model_identity(model),
-                      "adapter": model_identity(adapter) if adapter else None, "beam": beam,
-                      "max_new_tokens": max_new_tokens, "backend": backend,
-                      "backend_opts": backend_opts})
-    os.makedirs(out, exist_ok=True)
+    inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
+              "adapter": _content_id(adapter) if adapter else None,
+              "manifest": _file_sha256(manifest) if manifest else None, "beam": beam,
+              "max_new_tokens": max_new_tokens, "backend": backend, "backend_opts": opts}
+    fp = fingerprint(inputs)
+    device = resolve_device(device)
+    with output_lock(out):
+        return _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_size,
+                       max_new_tokens, manifest, set_name, device, force, opts, label,
+                       method, params, default_label, inputs, fp, rank, world)
+
+
+def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_size,
+            max_new_tokens, manifest, set_name, device, force, opts, label, method, params,
+            default_label, inputs, fp, rank, world) -> dict:
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
-    if os.path.exists(info_path) and os.path.exists(hyp_path):
-        with open(info_path) as fh:
-            info = json.load(fh)
-        if info.get("fingerprint") == fp and not force:
-            log.info("%s: already decoded with these inputs, skipped", out)
-            labels = {"condition": label,  # not in the fingerprint: updated in place
-                      "adapter_condition": _adapter_condition(adapter, default_label)}
-            if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
-                info.update(labels)
-                write_atomic(info_path, json.dumps(info, indent=1))
-            return info
+    info = _read_json(info_path) if os.path.exists(hyp_path) else None
+    if info is not None and info.get("fingerprint") == fp and not force:
+        log.info("%s: already decoded with these inputs, skipped", out)
+        labels = {"condition": label,  # not in the fingerprint: updated in place
+                  "adapter_condition": _adapter_condition(adapter, default_label)}
+        if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
+            info.update(labels)
+            write_atomic(info_path, json.dumps(info, indent=1))
+        return info
+    old = _previous(out, fp, inputs, force)  # every rank checks: none waits for a failed one
     barrier(world)  # every rank has read the old decode.json before anything is removed
     if rank == 0:
-        _clear_stale(out, fp, force)
+        _clear_stale(out, fp, inputs, force, old)
     barrier(world)
 
     refs = {}
@@ -76,11 +105,12 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     done = _read_part(part)
     todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
     if todo:
-        be = load_backend(backend, model, device=device, **backend_opts)
+        try:
+            be = load_backend(backend, model_dir, device=device, **opts)
+        except OSError as e:
+            raise ValueError(f"--model {model}: cannot load it as a {backend} checkpoint ({e})") from e
         if adapter:
-            from peft import PeftModel
-
-            be.model = PeftModel.from_pretrained(be.model, adapter).merge_and_unload()
+            attach_adapter(be, adapter)
         be.model.eval()
         with open(part, "a", encoding="utf-8") as fh, \
                 progress(total=len(todo), desc="decode", unit="utt", disable=rank != 0) as bar:
@@ -115,18 +145,123 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         "params": params, "condition": label, "feats": os.path.abspath(feats), "model": model,
         "adapter": os.path.abspath(adapter) if adapter else None, "lora": bool(adapter),
         "adapter_condition": _adapter_condition(adapter, default_label),
-        "backend": backend, "backend_opts": backend_opts, "beam": beam, "max_new_tokens": max_new_tokens,
+        "backend": backend, "backend_opts": opts, "beam": beam, "max_new_tokens": max_new_tokens,
         "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
         "compression_ratio": src_rate * audio_s / tokens if tokens else None,
+        "max_audio_tokens": max((r["tokens"] for r in rows), default=0),
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
-        "fingerprint": fp,
+        "fingerprint": fp, "inputs": inputs,
     }
     write_atomic(hyp_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(info_path, json.dumps(info, indent=1))
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
+
+
+def attach_adapter(be, adapter: str) -> None:
+    """Puts the LoRA ``adapter`` on ``be.model``: merged into float32 weights; kept unmerged
+    (peft's LoRA layers computing in their own dtype) when the model is in bfloat16/float16,
+    where a merge would round the small LoRA update into the coarse weights."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(be.model, adapter)
+    dtypes = {p.dtype for p in be.model.parameters()}
+    be.model = peft_model.merge_and_unload() if dtypes == {torch.float32} else peft_model
+
+
+def _feature_store(feats: str) -> Store:
+    """The store to decode: frame-level or pooled features, not segment boundaries."""
+    store = Store(feats)
+    if store.kind == "seg":
+        source = store.meta.get("source", "<the frame store>")
+        raise StoreError(f"{feats} is a boundary store (from `lalmtool segment`): it holds "
+                         f"segment starts, not features. Pool it first: lalmtool pool --feats "
+                         f"{source} --segments {feats} --out <pooled store>, then decode that")
+    return store
+
+
+def _model_dir(model: str) -> str:
+    """``--model`` resolved (asset name → its directory); an adapter directory is refused."""
+    from .assets import resolve_model
+
+    path = resolve_model(model)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")) \
+            and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {model} is a LoRA adapter (adapter_config.json), not a model; "
+                         "pass it as --adapter and its base model as --model")
+    return path
+
+
+def _content_id(path: str):
+    """What identifies a checkpoint or adapter directory by content, not by its name."""
+    ident = model_identity(path)
+    return ident.get("sha256", ident)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_options(backend: str, opts: dict, adapter: str | None) -> None:
+    """Every backend option is one the backend's constructor takes."""
+    import importlib
+
+    module, cls = BACKENDS[backend].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(opts) - set(params) | {"device", "model_path"} & set(opts))
+    if unknown:
+        where = " (from the adapter's config.yaml or --backend-opt)" if adapter else ""
+        raise ValueError(f"backend {backend!r} has no option {', '.join(unknown)}{where}; it "
+                         f"takes {', '.join(p for p in params if p not in ('model_path', 'device'))}")
+
+
+def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> None:
+    """The tap the store was extracted at, the adapter was trained on and the decode uses agree.
+
+    Checked for backends with a ``tap`` option, on stores extracted with the same backend;
+    an option not given means the backend's default tap.
+    """
+    meta = store.meta
+    while "source_meta" in meta:  # pooled → its frames' extract meta
+        meta = meta["source_meta"]
+    default = _tap_default(backend)
+    if default is None or meta.get("backend", backend) != backend:
+        return
+    taps = {"store": meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default,
+            "decode": opts.get("tap") or default}
+    if adapter:
+        taps["adapter"] = _training_opts(adapter, backend).get("tap") or default
+    if len(set(taps.values())) > 1:
+        raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in taps.items())} "
+                         f"({store.path}); decode a store extracted at the adapter's tap, or "
+                         "give the matching --backend-opt tap=...")
+
+
+def _tap_default(backend: str) -> str | None:
+    """The default of the backend's ``tap`` option, None when it has none."""
+    import importlib
+
+    module, cls = BACKENDS[backend].split(":")
+    param = inspect.signature(getattr(importlib.import_module(module), cls)).parameters.get("tap")
+    return None if param is None else param.default
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path} is damaged ({e}); use --force to decode again") from e
 
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:
@@ -140,27 +275,74 @@ def _adapter_condition(adapter: str | None, condition: str) -> str | None:
     return trained_on if trained_on != condition else None
 
 
-def _training_opts(adapter: str | None) -> dict:
-    """The backend options (``extra``) of the finetune run that wrote ``adapter``, if known."""
-    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml") if adapter else ""
+def _training_opts(adapter: str | None, backend: str) -> dict:
+    """The backend options (``extra``) of the finetune run that wrote ``adapter``, if known;
+    refuses an adapter that is missing or was trained for another backend."""
+    if not adapter:
+        return {}
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json); "
+                         "pass OUT/adapter of `lalmtool finetune`")
+    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
     if not os.path.exists(cfg):
         return {}
     import yaml
 
     with open(cfg, encoding="utf-8") as fh:
-        return dict((yaml.safe_load(fh) or {}).get("extra") or {})
+        run = yaml.safe_load(fh) or {}
+    trained = run.get("backend", backend)
+    if trained != backend:
+        raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
+                         f"({cfg}); decode it with --backend {trained}")
+    return dict(run.get("extra") or {})
 
 
-def _clear_stale(out: str, fp: str, force: bool) -> None:
-    """Removes partial hypotheses made with other inputs (or all, with ``force``)."""
-    marker = os.path.join(out, "decode.fingerprint")
-    old = open(marker).read() if os.path.exists(marker) else None
-    if force or old != fp:
-        for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")) + [
-                os.path.join(out, "hyp.jsonl"), os.path.join(out, "decode.json")]:
-            if os.path.exists(p):
-                os.remove(p)
-    write_atomic(marker, fp)
+def _outputs(out: str) -> list[str]:
+    return glob.glob(os.path.join(out, "hyp.part*.jsonl")) + [
+        p for p in (os.path.join(out, "hyp.jsonl"), os.path.join(out, "decode.json"))
+        if os.path.exists(p)]
+
+
+def _previous(out: str, fp: str, inputs: dict, force: bool) -> dict | None:
+    """The inputs recorded in ``MARKER`` by the last decode into ``out``; refuses to replace a
+    decode (finished or partial) made with other inputs unless ``force``."""
+    marker = os.path.join(out, MARKER)
+    old = None
+    if os.path.exists(marker):
+        text = open(marker, encoding="utf-8").read()
+        try:
+            old = json.loads(text)
+        except json.JSONDecodeError:
+            old = {"fingerprint": text.strip()}  # written by an older version: no inputs
+    if _outputs(out) and not force and (old or {}).get("fingerprint") != fp:
+        differ = _differences((old or {}).get("inputs"), inputs)
+        raise StoreError(f"{out} holds a decode made with other inputs ({differ}); use another "
+                         "--out, or --force to decode again")
+    return old
+
+
+def _clear_stale(out: str, fp: str, inputs: dict, force: bool, old: dict | None) -> None:
+    """Removes hypotheses made with other inputs (or all, with ``force``); records the inputs."""
+    if force or (old or {}).get("fingerprint") != fp:
+        for p in _outputs(out):
+            os.remove(p)
+    write_atomic(os.path.join(out, MARKER), json.dumps({"fingerprint": fp, "inputs": inputs},
+                                                       indent=1))
+
+
+def _differences(old: dict | None, new: dict) -> str:
+    """Which inputs differ, e.g. ``adapter, manifest differ``."""
+    if old is None:
+        return "not recorded: made by an older lalmtool"
+    keys = [k for k in new if fingerprint(old.get(k)) != fingerprint(new[k])]
+    names = {"feats": "--feats (the store)", "model": "--model (its weights)",
+             "adapter": "--adapter (its weights)", "manifest": "--manifest (its content)",
+             "backend_opts": f"backend options ({old.get('backend_opts')} there, "
+                             f"{new.get('backend_opts')} now)"}
+    shown = [names.get(k, f"--{k.replace('_', '-')} ({old.get(k)} there, {new[k]} now)")
+             for k in keys]
+    return ", ".join(shown) + (" differ" if len(shown) > 1 else " differs") if shown else \
+        "the same inputs, recorded differently"
 
 
 def _read_part(path: str) -> dict[str, dict]:

@@ -8,7 +8,7 @@ from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.segment import segment
-from lalmtool.store import Store, condition_of
+from lalmtool.store import Store, StoreError, condition_of
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 
@@ -91,7 +91,10 @@ def test_resume_from_partial_hypotheses(stores, tiny_en, tmp_path):
     relabelled = decode(stores["pooled"], tiny_en, str(out), max_new_tokens=30, label="peaks-other")
     assert relabelled["condition"] == json.load(open(out / "decode.json"))["condition"] == "peaks-other"
     assert os.path.getmtime(out / "hyp.jsonl") == before and full["condition"] == "peaks-mean"
-    assert decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31)["fingerprint"] != full["fingerprint"]
+    with pytest.raises(StoreError, match=r"--max-new-tokens \(30 there, 31 now\) differs"):
+        decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31)
+    assert decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31,
+                  force=True)["fingerprint"] != full["fingerprint"]
 
 
 @pytest.mark.slow
@@ -101,3 +104,139 @@ def test_condition_labels(stores, tmp_path):
     segment(stores["frames"], "uniform", str(tmp_path / "u"), k=3)
     p = pool_store(stores["frames"], str(tmp_path / "u"), "pick", str(tmp_path / "p"))["store"]
     assert condition_of(Store(p))[2] == "uniform-pick-k3"
+
+
+# -- fast checks on a random 1-layer Whisper with tiny.en's vocabulary ----------------------
+@pytest.fixture
+def small(tiny_whisper_lm, audio_set, tmp_path):
+    """A frame store of five synthetic clips, its manifest and one finished decode of it."""
+    feats = extract(audio_set, tiny_whisper_lm, str(tmp_path / "frames"))["store"]
+    out = tmp_path / "dec"
+    decode(feats, tiny_whisper_lm, str(out), max_new_tokens=4, manifest=audio_set)
+    return {"feats": feats, "manifest": audio_set, "model": tiny_whisper_lm, "out": out}
+
+
+def snapshot(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
+
+
+def lora_adapter(model_dir, path, seed, backend="whisper", extra=None):
+    """A random (non-zero) LoRA adapter of ``model_dir`` at ``path``/adapter, with the
+    config.yaml a finetune run writes beside it."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    base = WhisperForConditionalGeneration.from_pretrained(model_dir)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, cfg).save_pretrained(str(path / "adapter"))
+    (path / "config.yaml").write_text(yaml.safe_dump({"backend": backend, "extra": extra or {}}))
+    return str(path / "adapter")
+
+
+def test_bad_options_are_refused_before_anything_is_touched(small):
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    before = snapshot(small["out"])
+    for bad in ({"max_new_tokens": 0}, {"beam": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=f"--{next(iter(bad)).replace('_', '-')} must be"):
+            decode(small["feats"], small["model"], str(small["out"]), **bad)
+    for flag in ("--max-new-tokens", "--beam", "--batch-size"):
+        res = CliRunner().invoke(main, ["decode", "--feats", small["feats"], "--model",
+                                        small["model"], "--out", str(small["out"]), flag, "0"])
+        assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output
+    assert snapshot(small["out"]) == before
+
+
+def test_other_inputs_are_refused_naming_what_differs(small, tmp_path):
+    import shutil
+
+    from lalmtool.store import StoreError
+
+    out, kw = str(small["out"]), {"max_new_tokens": 4}
+    a = lora_adapter(small["model"], tmp_path / "a", seed=1)
+    b = lora_adapter(small["model"], tmp_path / "b", seed=2)
+    with_a = decode(small["feats"], small["model"], out, adapter=a, force=True, **kw)
+    before = snapshot(small["out"])
+    with pytest.raises(StoreError, match=r"other inputs \(--adapter \(its weights\) differs\)"):
+        decode(small["feats"], small["model"], out, adapter=b, **kw)
+    assert snapshot(small["out"]) == before
+    # the references changed: the manifest's content is an input
+    rows = [json.loads(l) for l in open(small["manifest"])]
+    rows[0]["text"] = "another reference"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(StoreError, match=r"--manifest \(its content\) differs"):
+        decode(small["feats"], small["model"], out, adapter=a, manifest=str(changed), **kw)
+    redone = decode(small["feats"], small["model"], out, adapter=a, manifest=str(changed),
+                    force=True, **kw)
+    assert json.loads(open(small["out"] / "hyp.jsonl").readline())["ref"] == "another reference"
+    assert redone["fingerprint"] != with_a["fingerprint"]
+    # the model is known by its content: a copy under another name is the same model
+    copy = tmp_path / "copy-of-model"
+    shutil.copytree(small["model"], copy)
+    again = decode(small["feats"], str(copy), out, adapter=a, manifest=str(changed), **kw)
+    assert again["fingerprint"] == redone["fingerprint"]
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "dropout": 0.5}))
+    with pytest.raises(StoreError, match=r"--model \(its weights\) differs"):
+        decode(small["feats"], str(copy), out, adapter=a, manifest=str(changed), **kw)
+
+
+def test_clear_messages_for_wrong_stores_models_and_adapters(small, tmp_path):
+    from lalmtool.store import StoreError
+
+    seg = segment(small["feats"], "uniform", str(tmp_path / "seg"), k=2)
+    with pytest.raises(StoreError, match="is a boundary store .* Pool it first: lalmtool pool"):
+        decode(str(tmp_path / "seg"), small["model"], str(tmp_path / "d1"))
+    adapter = lora_adapter(small["model"], tmp_path / "a", seed=1)
+    with pytest.raises(ValueError, match="is a LoRA adapter .* pass it as --adapter"):
+        decode(small["feats"], adapter, str(tmp_path / "d2"))
+    speech = lora_adapter(small["model"], tmp_path / "s", seed=1, backend="speechllm",
+                          extra={"encoder": "whisper-tiny.en", "stack": 4})
+    with pytest.raises(ValueError, match="trained with the speechllm backend .* --backend speechllm"):
+        decode(small["feats"], small["model"], str(tmp_path / "d3"), adapter=speech)
+    with pytest.raises(ValueError, match="backend 'whisper' has no option stack"):
+        decode(small["feats"], small["model"], str(tmp_path / "d4"), backend_opts={"stack": 4})
+    assert seg and not any((tmp_path / d).exists() and list((tmp_path / d).iterdir())
+                           for d in ("d1", "d2", "d3", "d4"))
+
+
+def test_backend_opts_update_the_adapters_training_options(small, tmp_path):
+    adapter = lora_adapter(small["model"], tmp_path / "a", seed=1, extra={"trim": True,
+                                                                          "language": "en"})
+    info = decode(small["feats"], small["model"], str(tmp_path / "d"), adapter=adapter,
+                  max_new_tokens=3, backend_opts={"language": "de"})
+    assert info["backend_opts"] == {"trim": True, "language": "de"}
+
+
+def test_lora_stays_unmerged_in_bfloat16_and_decodes_as_the_unmerged_model(small, tmp_path):
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from lalmtool.decode import attach_adapter
+    from lalmtool.models.whisper import WhisperBackend
+
+    adapter = lora_adapter(small["model"], tmp_path / "a", seed=3)
+    merged = WhisperBackend(small["model"])
+    attach_adapter(merged, adapter)  # float32: merged, no LoRA layer left
+    assert not isinstance(merged.model, PeftModel)
+    assert not any("lora_A" in n for n, _ in merged.model.named_modules())
+    half = WhisperBackend(small["model"], dtype="bfloat16")
+    attach_adapter(half, adapter)
+    assert isinstance(half.model, PeftModel) and half.model.base_model.model.dtype == torch.bfloat16
+    lora_layers = [m for m in half.model.modules() if isinstance(m, LoraLayer)]
+    assert len(lora_layers) == 6  # q and v of the encoder's self-attention, decoder's self and cross
+    info = decode(small["feats"], small["model"], str(tmp_path / "d"), adapter=adapter,
+                  batch_size=5, max_new_tokens=6, backend_opts={"dtype": "bfloat16"})
+    reference = WhisperBackend(small["model"], dtype="bfloat16")
+    reference.model = PeftModel.from_pretrained(reference.model, adapter).eval()
+    store = Store(small["feats"])
+    expected = {u: reference.generate([torch.from_numpy(store[u].astype("float32"))],
+                                      max_new_tokens=6)[0] for u in store.ids}
+    assert hyps(tmp_path / "d") == expected and info["backend_opts"] == {"dtype": "bfloat16"}

@@ -31,7 +31,8 @@ from transformers import (GenerationMixin, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration, WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 
-from .base import Backend, batch_texts, encode_in_windows, pad_features, unwrap
+from .base import (Backend, batch_texts, encode_in_windows, pad_features, resolve_dtype,
+                   unwrap)
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -42,15 +43,16 @@ class WhisperBackend(Backend):
     default_lora_targets = (r".*decoder\.layers\.\d+\."
                             r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)")
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, model_path: str, device: str = "cpu",
+                 dtype: torch.dtype | str | None = torch.float32,
                  trim: bool = True, language: str | None = "en", task: str = "transcribe",
                  chunk: int = 0):
-        super().__init__(model_path, device, dtype)
+        super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
         if int(chunk) < 0:
             raise ValueError(f"chunk must be 0 (whole memory) or a number of positions, not {chunk}")
         self.trim, self.chunk = trim, int(chunk)
         self.model = WhisperForConditionalGeneration.from_pretrained(
-            model_path, dtype=dtype).to(self.device).eval()
+            model_path, dtype=self.dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)
         multilingual = bool(getattr(self.model.generation_config, "is_multilingual", False))
         self.language = language if multilingual else None

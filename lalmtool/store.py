@@ -184,7 +184,8 @@ class StoreWriter:
         try:
             # built in memory, then written with plain file I/O: HDF5 cannot close a file whose
             # write failed (a full disk), and its handle then crashes the interpreter later on
-            with h5py.File(tmp, "w", driver="core", backing_store=False) as f:
+            size = sum(np.asarray(a).nbytes for _, a, _ in result.items) + (1 << 20)
+            with h5py.File(tmp, "w", driver="core", backing_store=False, block_size=size) as f:
                 f.attrs["fingerprint"] = self.fp
                 f.attrs["meta"] = json.dumps(self.meta)
                 f.attrs["skipped"] = json.dumps(result.skipped)

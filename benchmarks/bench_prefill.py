@@ -2,8 +2,14 @@
 
 Usage: python benchmarks/bench_prefill.py [--backends qwen2-audio speechllm]
            [--seconds 30 120 600] [--repeats 2] [--device cpu|cuda] [--dtype float32|bfloat16]
-           [--qwen-model DIR] [--llm smollm2-135m-instruct] [--encoder whisper-tiny.en]
+           [--qwen-model DIR | --arch qwen2-audio-7b | --arch-config CONFIG.json]
+           [--random-frames] [--llm smollm2-135m-instruct] [--encoder whisper-tiny.en]
            [--json FILE]
+
+On a GPU, the real Qwen2-Audio-7B architecture with random weights built on the device (no
+download; cost does not depend on the weights' values):
+
+    python benchmarks/bench_prefill.py --arch qwen2-audio-7b --device cuda --dtype bfloat16
 
 For every backend, audio length and condition it builds the decoder's input for one utterance
 exactly as ``lalmtool decode`` does (prompt, audio positions, left padding) and runs the LLM's
@@ -36,14 +42,17 @@ Backends:
   ``write_random_checkpoint``: 8 decoder layers of width 512, 8 heads, MLP width 1376 = the 7B's
   ratio) — or a real checkpoint with ``--qwen-model``. Its frame level is the tower's 25 Hz
   output; here that is the tiny.en frames averaged in pairs, as the tower's own pooler does, and
-  every compressor runs on those 25 Hz frames.
+  every compressor runs on those 25 Hz frames. ``--arch``/``--arch-config`` build that
+  architecture (``benchmarks/archs.py``) with random weights directly on ``--device`` instead.
+
+``--random-frames`` replaces the real frames by Gaussian ones (no assets needed; ``peaks`` then
+cuts about one token in three).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -62,6 +71,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from lalmtool.models import load_backend
 from lalmtool.pool import pool
 from lalmtool.segment import peaks, uniform
+
+from archs import ARCHS, PeakMemory, arch_config, random_qwen2_audio  # benchmarks/archs.py
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -83,36 +94,6 @@ def starts_of(frames: np.ndarray, condition: str) -> np.ndarray:
     if condition == "frames":
         return np.arange(len(frames), dtype=np.int32)
     return peaks(frames) if condition == "peaks" else uniform(frames, int(condition[-1]))
-
-
-def _status_mib(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{key}:\s+(\d+)", fh.read()).group(1)) / 1024
-
-
-class PeakMemory:
-    """Peak memory (MiB) allocated inside the ``with`` block beyond what was there before it."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-        else:
-            self.base = _status_mib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current resident set
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.mib = torch.cuda.max_memory_allocated() / 2**20 - self.base
-        else:
-            self.mib = _status_mib("VmHWM") - self.base
 
 
 def prefill_fn(be, feats: torch.Tensor):
@@ -154,6 +135,9 @@ def load(name: str, args, tmp: str):
     opts = {"device": args.device, "dtype": args.dtype}
     if name == "speechllm":
         return load_backend(name, args.llm, encoder=args.encoder, **opts)
+    if args.arch or args.arch_config:
+        return random_qwen2_audio(arch_config(args.arch, args.arch_config), tmp, args.device,
+                                  getattr(torch, args.dtype))
     path = args.qwen_model or os.path.join(tmp, "qwen2-audio")
     if not args.qwen_model:
         from lalmtool.models.qwen2_audio import write_random_checkpoint
@@ -179,11 +163,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", nargs="+", default=["speechllm", "qwen2-audio"],
-                    choices=["speechllm", "qwen2-audio"])
+    ap.add_argument("--backends", nargs="+", choices=["speechllm", "qwen2-audio"],
+                    help="default: both; qwen2-audio alone with --arch/--arch-config")
     ap.add_argument("--seconds", nargs="+", type=float, default=[30, 120, 600])
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs; the best is kept")
@@ -193,12 +177,21 @@ def main() -> None:
     ap.add_argument("--encoder", default="whisper-tiny.en",
                     help="Whisper encoder: speechllm's, and the features for every backend")
     ap.add_argument("--qwen-model", help="a Qwen2-Audio checkpoint instead of the random one")
+    ap.add_argument("--arch", choices=sorted(ARCHS),
+                    help="qwen2-audio: this real architecture, random weights built on --device")
+    ap.add_argument("--arch-config", help="qwen2-audio: a Qwen2-Audio config.json, as --arch")
+    ap.add_argument("--random-frames", action="store_true",
+                    help="Gaussian frames instead of real speech through tiny.en (no assets)")
     ap.add_argument("--json", help="also write the rows (with ratios) here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.backends is None:
+        args.backends = (["qwen2-audio"] if args.arch or args.arch_config
+                         else ["speechllm", "qwen2-audio"])
     args.conditions = ["frames"] + [c for c in args.conditions if c != "frames"]  # the reference
     device = torch.device(args.device)
     torch.manual_seed(0)
-    base = real_frames(args.encoder)  # 50 Hz
+    base = (np.random.default_rng(0).standard_normal((1250, 384)).astype(np.float32)
+            if args.random_frames else real_frames(args.encoder))  # 50 Hz, 384 = tiny.en
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backends:
@@ -207,7 +200,7 @@ def main() -> None:
                 pool(base, starts_of(base, "uniform-k2")), 25.0)  # the tower's 25 Hz
             width = (be.feature_dim if name == "speechllm" else
                      be._core().model.multi_modal_projector.linear.in_features)
-            warm_up, _, _ = prefill_fn(be, torch.from_numpy(real[:100]))
+            warm_up, _, _ = prefill_fn(be, torch.randn(100, width))
             with torch.inference_mode():
                 warm_up()  # one-time initialisation stays out of the first measurement
             rows = []
@@ -225,7 +218,9 @@ def main() -> None:
                     print(f"  {name} {seconds:.0f}s {cond}: {rows[-1]}", file=sys.stderr)
             core = be._core()
             attn = (core.llm if name == "speechllm" else core).config._attn_implementation
-            print(f"\n{name} ({os.path.basename(os.path.normpath(be.model_path))}), "
+            label = (args.arch or args.arch_config if name == "qwen2-audio" else None) or \
+                os.path.basename(os.path.normpath(be.model_path))
+            print(f"\n{name} ({label}), "
                   f"{args.device} {args.dtype}, attention {attn}, {torch.get_num_threads()} "
                   f"threads; ratios are to frame level, ideal = ratio of audio tokens")
             print(table(rows))
@@ -234,6 +229,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+    return results
 
 
 if __name__ == "__main__":

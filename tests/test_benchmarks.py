@@ -1,0 +1,69 @@
+"""The GPU cost benchmarks run end to end on a tiny Qwen2-Audio architecture on the CPU and
+report the token counts and ratios that the compression implies."""
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 16, "encoder_layers": 1,
+                     "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
+                     "max_source_positions": 1500},
+    "text_config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+                    "vocab_size": 512, "max_position_embeddings": 4096},
+}
+
+
+@pytest.fixture
+def benchmarks(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    return str(cfg)
+
+
+def test_qwen2_audio_7b_arch_is_the_real_checkpoints_shape(benchmarks):
+    from archs import arch_config, parameter_count
+
+    cfg = arch_config("qwen2-audio-7b")
+    a, t = cfg.audio_config, cfg.text_config
+    assert (a.encoder_layers, a.d_model, a.encoder_attention_heads, a.num_mel_bins) == (
+        32, 1280, 20, 128)
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size,
+            t.max_position_embeddings) == (4096, 32, 11008, 156032, 8192)
+    assert round(parameter_count(cfg) / 1e9, 2) == 8.40
+
+
+def test_prefill_benchmark_on_a_tiny_arch(benchmarks, tmp_path, capsys):
+    import bench_prefill
+
+    out = tmp_path / "prefill.json"
+    rows = bench_prefill.main(["--arch-config", benchmarks, "--random-frames", "--seconds", "4",
+                               "--conditions", "uniform-k2", "uniform-k3", "--repeats", "1",
+                               "--json", str(out)])["qwen2-audio"]
+    assert [r["condition"] for r in rows] == ["frames", "uniform-k2", "uniform-k3"]
+    assert [r["audio_tokens"] for r in rows] == [100, 50, 34]  # 4 s at 25 Hz, ceil(100 / k)
+    prompt = rows[0]["positions"] - 100
+    assert [r["positions"] for r in rows] == [100 + prompt, 50 + prompt, 34 + prompt]
+    assert [r["ratios"]["audio_tokens"] for r in rows] == [1.0, 0.5, 0.34]
+    assert all(r["gflop"] > 0 for r in rows) and rows[2]["gflop"] < rows[0]["gflop"]
+    printed = capsys.readouterr().out
+    assert f"4s uniform-k3         34 {34 + prompt:>9}  0.340" in printed
+    assert json.loads(out.read_text())["qwen2-audio"][1]["audio_tokens"] == 50
+
+
+def test_train_step_benchmark_on_a_tiny_arch(benchmarks, capsys):
+    import bench_train_step
+
+    rows = bench_train_step.main(["--arch-config", benchmarks, "--batch", "2x4",
+                                  "--conditions", "uniform-k3", "--repeats", "1"])
+    assert [(r["condition"], r["checkpointing"], r["audio_tokens"]) for r in rows] == [
+        ("frames", "off", 100), ("uniform-k3", "off", 34),
+        ("frames", "on", 100), ("uniform-k3", "on", 34)]
+    assert [rows[0]["llm_tokens"] - r["llm_tokens"] for r in rows] == [0, 66, 0, 66]
+    assert [r["ratios"]["audio_tokens"] for r in rows] == [1.0, 0.34, 1.0, 0.34]
+    assert all(r["seconds"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "    2x4 uniform-k3    on        34 " in printed

@@ -91,7 +91,7 @@ class Encoder:
     def __call__(self, name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         try:
             return _encode_shard(self.enc, self.by_id, self.batch_size, self.on_error, ids, tick)
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:  # = torch.OutOfMemoryError
             raise RuntimeError(
                 f"{self.enc.device}: out of memory while encoding shard {name}. Lower "
                 f"--batch-size (now {self.batch_size} windows per forward) or --nj (every "

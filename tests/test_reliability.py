@@ -420,3 +420,37 @@ def test_extract_on_fuzzed_audio_fails_in_one_line_or_skips(tiny_en, tmp_path):
     st = Store(str(tmp_path / "f"))
     assert sorted(st.ids) == ["good", "mp3", "six"]
     assert st["six"].shape[0] == 25  # 0.5 s at 50 frames/s: 6 channels at 96 kHz, mixed down
+
+
+# -- stale inputs: an audio file edited in place, same size and mtime --------------------------
+def test_audio_identity_sees_a_same_size_same_mtime_edit(tmp_path):
+    from lalmtool.audio import audio_identity
+
+    sf.write(tmp_path / "a.wav", tone(1.0), 16000, subtype="PCM_16")
+    size, digest = audio_identity(str(tmp_path / "a.wav"))
+    st = os.stat(tmp_path / "a.wav")
+    with open(tmp_path / "a.wav", "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x01\x02")
+    os.utime(tmp_path / "a.wav", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(tmp_path / "a.wav").st_size == size == 32044
+    after = audio_identity(str(tmp_path / "a.wav"))
+    assert after[0] == size and after[1] != digest and len(after[1]) == 64
+
+
+def test_extract_rerun_after_a_same_size_edit_refuses_stale_features(tiny_whisper, tmp_path):
+    from lalmtool.store import Store
+
+    for i in range(2):
+        sf.write(tmp_path / f"{i}.wav", tone(1.0, seed=i), 16000, subtype="PCM_16")
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"id": f"u{i}", "audio": f"{i}.wav", "text": "t"}) + "\n"
+                         for i in range(2)))
+    args = ["extract", "--manifest", m, "--model", tiny_whisper, "--out", tmp_path / "f"]
+    assert cli(*args)[0] == 0
+    before = Store(str(tmp_path / "f"))["u1"].copy()
+    sf.write(tmp_path / "1.wav", tone(1.0, freq=440.0, seed=9), 16000, subtype="PCM_16")
+    code, text = cli(*args)
+    assert code == 1 and "made with different inputs or settings" in text
+    assert cli(*args, "--force")[0] == 0
+    assert not np.array_equal(Store(str(tmp_path / "f"))["u1"], before)

@@ -364,8 +364,8 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
         cfg.extra = {**cfg.extra, "init_projector": os.path.abspath(init_projector)}
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
              valid_manifest=valid_manifest, init_adapter=init_adapter, force=force)
-    if s:
-        click.echo(json.dumps(s, indent=1))
+    _print_table([{**s, "loss": (s["last"] or {}).get("loss")}],
+                 ["condition", "steps", "loss", "best_valid_loss", "best_step", "adapter"])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -7,6 +7,7 @@ after everyone is done (a gloo barrier when a process group is needed).
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -48,12 +49,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: How long a rank waits at a barrier for the others: they may still be encoding their shards
+#: (gloo's default, 30 min, would fail a long run). A rank that fails does not leave the others
+#: waiting this long: torchrun stops every rank when one exits with an error (under Slurm use
+#: ``srun --kill-on-bad-exit=1``).
+BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
         dist.barrier()
 
 

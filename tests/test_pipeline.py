@@ -413,3 +413,18 @@ def test_extract_bad_values_give_one_clear_line(args, code, message, tiny_whispe
     assert message in " ".join(res.output.split()), res.output
     assert not isinstance(res.exception, (TypeError, OSError, AssertionError))
     assert not os.path.exists(tmp_path / "f")
+
+
+def test_ranks_wait_for_slow_ranks_longer_than_the_gloo_default(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from lalmtool.parallel import barrier
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    barrier(2)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(hours=24)}), "barrier"]

@@ -31,3 +31,11 @@ def test_verbose_after_the_subcommand_opens_only_lalmtool_debug_lines(tmp_path):
         assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.INFO
     CliRunner().invoke(main, ["manifest", "validate", str(manifest)])
     assert logging.getLogger("lalmtool").level == logging.INFO
+
+
+def test_score_choices_come_from_the_registries(monkeypatch):
+    from lalmtool import score
+
+    params = {p.name: p for p in main.commands["score"].params}
+    assert tuple(params["normalizer"].type.choices) == score.NORMALIZERS
+    assert tuple(params["metric"].type.choices) == score.METRICS

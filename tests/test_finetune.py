@@ -97,7 +97,8 @@ def test_resume_after_interruption_gives_the_same_adapter(train_set, tiny_whispe
     assert steps == list(range(1, 9))  # nothing logged twice
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step-6", "step-8"]
     # a different configuration refuses to resume in the same directory
-    with pytest.raises(ValueError, match=r"another configuration .*\(lr: 0.005 there, 1.0 now\)"):
+    with pytest.raises(ValueError, match=r"another configuration .*\(lr: 0.005 there, "
+                                         r"1.0 now\)"):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), F.TrainConfig(**{**CFG, "lr": 1}))
 
 
@@ -148,7 +149,8 @@ def test_ddp_two_processes_equals_gradient_accumulation(train_set, tiny_whisper_
     ({"lr": 0}, "lr must be > 0, not 0.0"),
     ({"amp": "fp8"}, "amp must be auto, bf16, fp16 or off, not 'fp8'"),
     ({"backend": "gpt"}, "backend must be one of whisper, qwen2-audio, speechllm, not 'gpt'"),
-    ({"max_step": 3}, r"unknown training option 'max_step' \(did you mean max_steps or warmup_steps\?\)"),
+    ({"max_step": 3},
+     r"unknown training option 'max_step' \(did you mean max_steps or warmup_steps\?\)"),
 ])
 def test_bad_training_options_get_one_clear_message(values, message):
     with pytest.raises(ValueError, match=message):
@@ -314,7 +316,8 @@ def test_other_inputs_are_refused_by_name_and_force_starts_over(train_set, other
     with pytest.raises(ValueError, match=r"\(--model: .*lm0 \(identity [0-9a-f]{12}\) there, "
                                          r".*model-changed \(identity [0-9a-f]{12}\) now"):
         F.finetune(feats, m, str(changed), out, cfg)
-    with pytest.raises(ValueError, match=r"\(--init-adapter: none there, .*run/last \(identity [0-9a-f]{12}\) now"):
+    with pytest.raises(ValueError, match=r"\(--init-adapter: none there, "
+                                         r".*run/last \(identity [0-9a-f]{12}\) now"):
         F.finetune(feats, m, tiny_whisper_lm, out, cfg, init_adapter=os.path.join(out, "last"))
     with pytest.raises(ValueError, match=r"--valid-feats: none there.*--valid-manifest: none"):
         F.finetune(feats, m, tiny_whisper_lm, out, cfg, valid_feats=feats, valid_manifest=m)
@@ -453,3 +456,19 @@ def test_a_rank_alone_fails_with_a_message_instead_of_hanging(monkeypatch):
                                            r"2 s \(dist_timeout\); are all 2 processes"):
         F._distributed(F.TrainConfig(device="cpu", dist_timeout=2))
     assert time.time() - t0 < 30 and not torch.distributed.is_initialized()
+
+
+def test_each_rank_takes_its_gpu_before_nccl_starts(monkeypatch):
+    import datetime
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, timeout: calls.append(("init", backend, timeout)))
+    for key, value in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(key, value)
+    dist = F._distributed(F.TrainConfig(device="cuda", dist_timeout=90))
+    assert (dist.rank, dist.world, dist.device) == (3, 4, "cuda:1")
+    assert calls == [("set_device", "cuda:1"),
+                     ("init", "nccl", datetime.timedelta(seconds=90))]

@@ -1,6 +1,8 @@
 # Shared by the recipes (source it after setting $recipe, $stage, $stop_stage, $exp, $data and
 # $conditions): stage gating and timing, the names of compression conditions, and the segment,
-# pool and score loops.
+# pool and score loops. Commands run through ${cpu_cmd:-} (segment, pool, score) and
+# ${gpu_cmd:-} (extract, finetune, decode) when the recipe sets them (see cmd.sh): empty runs
+# them here, a launcher such as "srun --gres=gpu:1" runs the same command on a cluster.
 
 log() { echo "$(date '+%H:%M:%S') [$recipe] $*"; }
 run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
@@ -21,7 +23,7 @@ segment_sets() {
   local seg set
   for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
     for set in "$@"; do
-      lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+      ${cpu_cmd:-} lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
     done
   done
 }
@@ -32,17 +34,20 @@ pool_sets() {
   for cond in $conditions; do
     [ "$cond" = frames ] && continue
     for set in "$@"; do
-      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
+      ${cpu_cmd:-} lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
         --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
     done
   done
 }
 
-# stage 6: WER of every decode under $exp/decode/<name>/<set> against $data/<set>'s manifest
+# stage 6: score every decode under $exp/decode/<name>/<set> against $data/<set>'s manifest:
+# score_decodes [METRIC [SCORE OPTIONS...]] (default wer; bleu scores BLEU and chrF)
 score_decodes() {
-  local hyp set
+  local metric=${1:-wer} hyp set
+  [ $# -gt 0 ] && shift
   for hyp in "$exp"/decode/*/*/hyp.jsonl; do
     set=$(basename "$(dirname "$hyp")")
-    lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric wer > /dev/null
+    ${cpu_cmd:-} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric "$metric" \
+      "$@" > /dev/null
   done
 }

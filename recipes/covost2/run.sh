@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# recipes/covost2: audio-token compression for speech translation (CoVoST 2) and for ASR on the
+# same Common Voice clips, as in the paper. X→En and En→X.
+#
+# Default: Qwen2-Audio-7B-Instruct (backend qwen2-audio, conf/qwen2-audio.yaml, its translation
+# prompt "translate the speech into <target language>") on a GPU: bf16, gradient checkpointing,
+# batches of at most 240 s of audio. On a CPU with the offline weights:
+#   bash run.sh --cv_root CV --covost_root COVOST --src_lang en --tgt_lang de \
+#     --backend whisper --model whisper-tiny.en
+# (Whisper's own translate task goes into English only; for En→X its LoRA learns the target.)
+# Expected layout:
+#   $cv_root/clips/*.mp3                              Common Voice release of --src_lang
+#   $covost_root/covost_v2.<src>_<tgt>.tsv            path sentence translation client_id split
+#
+# Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk and GPU
+# memory as in recipes/librispeech: stores are fp16, D × 2 bytes × frames/s (Qwen2-Audio
+# D=1280 at 25/s: 230 MB per hour of audio; CoVoST 2 es→en train is ~113 h: ~26 GB frames).
+#   0  prepare   → $data/{train,dev,test}/manifest.jsonl (lalmtool prepare covost2): text =
+#                  transcript, target = translation, lang, target_lang                 CPU
+#   1  extract   → $exp/feats/frames/<set>          GPU: whole model in bf16, ~17 GB
+#   2  segment   → $exp/seg/<method>/<set>          int32 boundaries (MBs); CPU
+#   3  pool      → $exp/pooled/<condition>/<set>    frames / k per condition; CPU
+#   4  finetune  → $exp/lora/<task>-<condition>/adapter   one LoRA per task (st: translation
+#                  targets, asr: transcripts) and condition; GPU ~21 GB (17 GB weights + ~0.6 MB
+#                  per LLM token with gradient checkpointing, ../../shared/GPU.md)
+#   5  decode    → $exp/decode/<task>-<condition>[-lora]/<set>/hyp.jsonl; GPU ~18-20 GB
+#   6  score, report → st: BLEU and chrF (sacrebleu, signatures; tokeniser by target language:
+#                  zh, ja-mecab, ko-mecab, else 13a), asr: WER; $exp/RESULTS.md, results.png
+#
+# Usage: bash recipes/covost2/run.sh --cv_root DIR --covost_root DIR [--src_lang es]
+#          [--tgt_lang en] [--tasks "st asr"] [--stage N] [--stop_stage M] [--backend B]
+#          [--model M] [--conditions "..."] [--nj N] [--exp DIR] [--data DIR]
+#          [--cmd local|"srun ..."] [--gpu_cmd "..."] [--config FILE]
+# (every variable set at the top of this script is an option: --name value or --name=value)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=6
+cv_root=
+covost_root=
+src_lang=es
+tgt_lang=en
+tasks="st asr"               # st: translate (BLEU/chrF), asr: transcribe (WER)
+train_set=train
+dev_set=dev
+test_sets=test
+backend=qwen2-audio
+model=Qwen/Qwen2-Audio-7B-Instruct
+train_config=                # default: conf/<backend>.yaml
+conditions="frames uniform-mean-k2 uniform-mean-k3 peaks"
+device=auto                  # auto: cuda for qwen2-audio and speechllm, cpu for whisper
+dtype=auto
+extract_batch=8
+decode_batch=16
+max_new_tokens=200
+steps=
+on_error=fail
+nj=1
+exp=exp
+data=data
+cmd=local
+gpu_cmd=
+
+source ../utils/parse_options.sh
+source ../utils/cmd.sh
+[ "$device" = auto ] && { [ "$backend" = whisper ] && device=cpu || device=cuda; }
+[ "$dtype" = auto ] && { [[ "$device" == cuda* ]] && dtype=bfloat16 || dtype=float32; }
+train_config=${train_config:-conf/$backend.yaml}
+mkdir -p "$exp"
+recipe=covost2
+source ../utils/stages.sh
+sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
+
+# backend options of a task: what to do with the audio, in which languages
+task_opts() {  # task_opts st|asr → KEY=VALUE words
+  local task=transcribe lang=$src_lang
+  [ "$1" = st ] && task=translate
+  case "$backend" in
+    qwen2-audio) echo "task=$task language=$lang"
+                 [ "$1" = st ] && echo "target_language=$tgt_lang" ;;
+    whisper) [ "$1" = st ] && [ "$tgt_lang" != en ] && task=transcribe  # LoRA learns the target
+             echo "task=$task language=$lang" ;;
+  esac
+  return 0
+}
+field_of() { [ "$1" = st ] && echo target || echo text; }
+
+if run_stage 0 "prepare manifests (CoVoST 2 $src_lang→$tgt_lang)"; then
+  [ -n "$cv_root" ] && [ -n "$covost_root" ] || {
+    echo "stage 0 needs --cv_root DIR (clips/*.mp3) and --covost_root DIR (covost_v2.*.tsv)" >&2
+    exit 1; }
+  ${cpu_cmd} lalmtool prepare covost2 --cv-root "$cv_root" --covost-root "$covost_root" \
+    --src-lang "$src_lang" --tgt-lang "$tgt_lang" --splits "$sets" --out "$data" \
+    --on-error "$on_error"
+  end_stage 0 prepare
+fi
+
+if run_stage 1 "extract encoder frames ($backend, $model)"; then
+  for set in $sets; do
+    ${gpu_cmd} lalmtool extract --manifest "$data/$set/manifest.jsonl" --backend "$backend" \
+      --model "$model" --out "$exp/feats/frames/$set" --nj "$nj" --batch-size "$extract_batch" \
+      --device "$device" --dtype "$dtype" --on-error "$on_error"
+  done
+  end_stage 1 extract
+fi
+
+if run_stage 2 "segment"; then
+  segment_sets $sets
+  end_stage 2 segment
+fi
+
+if run_stage 3 "pool"; then
+  pool_sets $sets
+  end_stage 3 pool
+fi
+
+if run_stage 4 "LoRA fine-tuning ($tasks; $train_config)"; then
+  mkdir -p "$exp/conf"
+  for task in $tasks; do  # the backend's config plus the task's target field and options
+    python3 - "$train_config" "$(field_of "$task")" $(task_opts "$task") > "$exp/conf/$task.yaml" <<'EOF'
+import sys, yaml
+cfg = yaml.safe_load(open(sys.argv[1])) or {}
+cfg["text_field"] = sys.argv[2]
+cfg["extra"] = {**(cfg.get("extra") or {}), **dict(kv.split("=", 1) for kv in sys.argv[3:])}
+print(yaml.safe_dump(cfg, sort_keys=False), end="")
+EOF
+    for cond in $conditions; do
+      ${gpu_cmd} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
+        --manifest "$data/$train_set/manifest.jsonl" \
+        --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
+        --model "$model" --out "$exp/lora/$task-$cond" --config "$exp/conf/$task.yaml" \
+        ${steps:+--max_steps=$steps}
+    done
+  done
+  end_stage 4 finetune
+fi
+
+if run_stage 5 "decode ($tasks)"; then
+  for task in $tasks; do
+    opts=(); for kv in $(task_opts "$task"); do opts+=(--backend-opt "$kv"); done
+    for set in $test_sets; do
+      for cond in $conditions; do
+        feats=$(feats_of "$cond" "$set")
+        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
+          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" "${opts[@]}" \
+          --batch-size "$decode_batch" --max-new-tokens "$max_new_tokens" \
+          --condition "$task-$cond" --out "$exp/decode/$task-$cond/$set"
+        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
+          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" \
+          --adapter "$exp/lora/$task-$cond/adapter" --batch-size "$decode_batch" \
+          --max-new-tokens "$max_new_tokens" --condition "$task-$cond" \
+          --out "$exp/decode/$task-$cond-lora/$set"
+      done
+    done
+  done
+  end_stage 5 decode
+fi
+
+if run_stage 6 "score (st: BLEU/chrF, asr: WER) and report"; then
+  case "$tgt_lang" in zh*) tok=zh ;; ja*) tok=ja-mecab ;; ko*) tok=ko-mecab ;; *) tok=13a ;; esac
+  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
+    name=$(basename "$(dirname "$(dirname "$hyp")")"); set=$(basename "$(dirname "$hyp")")
+    case "$name" in
+      st-*) ${cpu_cmd} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
+              --metric bleu --tokenize "$tok" > /dev/null ;;
+      asr-*) ${cpu_cmd} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
+              --metric wer > /dev/null ;;
+    esac
+  done
+  ${cpu_cmd} lalmtool report "$exp"
+  end_stage 6 report
+fi
+[ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# recipes/librispeech: audio-token compression for ASR on LibriSpeech (the paper's setting).
+#
+# Default: Qwen2-Audio-7B-Instruct (backend qwen2-audio, conf/qwen2-audio.yaml) on a GPU: bf16,
+# gradient checkpointing, batches of at most 240 s of audio. On a CPU with the offline weights:
+#   bash run.sh --librispeech_root /data/LibriSpeech --backend whisper --model whisper-tiny.en
+# Expected layout (as unpacked from openslr.org/12):
+#   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
+#   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+#
+# Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk is for
+# train-clean-100 (100.6 h) + the four dev/test sets (21.5 h); stores are fp16: D × 2 bytes ×
+# frames/s (Qwen2-Audio tower D=1280 at 25/s: 230 MB per hour; Whisper tiny.en D=384 at 50/s:
+# 138 MB per hour). GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
+#   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech)  ~30 MB; CPU
+#   1  extract   → $exp/feats/frames/<subset>   encoder frames                    qwen2-audio 28 GB
+#                  (whisper-tiny.en 17 GB); GPU: the whole model in bf16, ~17 GB (+ < 1 GB)
+#   2  segment   → $exp/seg/<method>/<subset>   boundaries, int32 (< 50 MB); CPU
+#   3  pool      → $exp/pooled/<condition>/<subset>   frames / k per condition (k=2: 14 GB,
+#                  k=3 or peaks: ~9.5 GB for qwen2-audio); CPU
+#   4  finetune  → $exp/lora/<condition>/adapter   LoRA r=16 (~160 MB each with checkpoints);
+#                  GPU: 17 GB weights + ~0.6 MB per LLM token with gradient checkpointing
+#                  (240 s at 25 tokens/s: ~4 GB; 8 × 30 s: 3.9 GiB measured), ~21 GB in all
+#   5  decode    → $exp/decode/<condition>[-lora]/<subset>/hyp.jsonl   (< 10 MB); GPU: weights
+#                  + prefill (30 s: < 0.5 GiB) + KV cache, ~18-20 GB at batch 16
+#   6  score, report → WER with Whisper's English normaliser on both sides; $exp/RESULTS.md,
+#                  results.json, results.png; CPU
+# LibriSpeech transcripts are upper case without punctuation: --text_case lower (default) or
+# keep decides the training targets; scoring normalises case and punctuation on both sides.
+#
+# Usage: bash recipes/librispeech/run.sh --librispeech_root DIR [--stage N] [--stop_stage M]
+#          [--train_set S] [--dev_set S] [--test_sets "S ..."] [--backend B] [--model M]
+#          [--conditions "frames peaks uniform-mean-k3 ..."] [--nj N] [--exp DIR] [--data DIR]
+#          [--cmd local|"srun ..."] [--gpu_cmd "srun --gres=gpu:1 ..."] [--config FILE]
+# (every variable set at the top of this script is an option: --name value or --name=value;
+#  --config FILE reads such options from a file, one "name=value" per line)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=6
+librispeech_root=
+train_set=train-clean-100
+dev_set=dev-clean            # validation loss during finetune
+test_sets="dev-clean test-clean dev-other test-other"
+text_case=lower
+backend=qwen2-audio
+model=Qwen/Qwen2-Audio-7B-Instruct
+train_config=                # default: conf/<backend>.yaml
+conditions="frames uniform-mean-k2 uniform-mean-k3 peaks"
+device=auto                  # auto: cuda for qwen2-audio and speechllm, cpu for whisper
+dtype=auto                   # extract's compute dtype; auto: bfloat16 on cuda, else float32
+extract_batch=8              # 30 s windows per encoder forward
+decode_batch=16
+max_new_tokens=200
+steps=                       # overrides max_steps of the training config when set
+on_error=fail                # fail | skip (bad corpus input or audio: listed in skipped.jsonl)
+nj=1
+exp=exp
+data=data
+cmd=local
+gpu_cmd=
+
+source ../utils/parse_options.sh
+source ../utils/cmd.sh
+[ "$device" = auto ] && { [ "$backend" = whisper ] && device=cpu || device=cuda; }
+[ "$dtype" = auto ] && { [[ "$device" == cuda* ]] && dtype=bfloat16 || dtype=float32; }
+train_config=${train_config:-conf/$backend.yaml}
+mkdir -p "$exp"
+recipe=librispeech
+source ../utils/stages.sh
+sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
+
+if run_stage 0 "prepare manifests from $librispeech_root"; then
+  [ -n "$librispeech_root" ] || { echo "stage 0 needs --librispeech_root DIR" >&2; exit 1; }
+  ${cpu_cmd} lalmtool prepare librispeech --root "$librispeech_root" --subsets "$sets" \
+    --out "$data" --text-case "$text_case" --on-error "$on_error"
+  end_stage 0 prepare
+fi
+
+if run_stage 1 "extract encoder frames ($backend, $model)"; then
+  for set in $sets; do
+    ${gpu_cmd} lalmtool extract --manifest "$data/$set/manifest.jsonl" --backend "$backend" \
+      --model "$model" --out "$exp/feats/frames/$set" --nj "$nj" --batch-size "$extract_batch" \
+      --device "$device" --dtype "$dtype" --on-error "$on_error"
+  done
+  end_stage 1 extract
+fi
+
+if run_stage 2 "segment"; then
+  segment_sets $sets
+  end_stage 2 segment
+fi
+
+if run_stage 3 "pool"; then
+  pool_sets $sets
+  end_stage 3 pool
+fi
+
+if run_stage 4 "LoRA fine-tuning ($train_config)"; then
+  for cond in $conditions; do
+    ${gpu_cmd} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
+      --manifest "$data/$train_set/manifest.jsonl" \
+      --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
+      --model "$model" --out "$exp/lora/$cond" --config "$train_config" \
+      ${steps:+--max_steps=$steps}
+  done
+  end_stage 4 finetune
+fi
+
+if run_stage 5 "decode"; then
+  for set in $test_sets; do
+    for cond in $conditions; do
+      feats=$(feats_of "$cond" "$set")
+      for lora in no yes; do  # as it is, and with the condition's own adapter
+        adapter=(); out=$exp/decode/$cond/$set
+        [ $lora = yes ] && { adapter=(--adapter "$exp/lora/$cond/adapter"); out=$exp/decode/$cond-lora/$set; }
+        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
+          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" \
+          --batch-size "$decode_batch" --max-new-tokens "$max_new_tokens" "${adapter[@]}" \
+          --out "$out"
+      done
+    done
+  done
+  end_stage 5 decode
+fi
+
+if run_stage 6 "score (WER, Whisper English normaliser) and report"; then
+  score_decodes wer --normalizer whisper_english
+  ${cpu_cmd} lalmtool report "$exp"
+  end_stage 6 report
+fi
+[ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

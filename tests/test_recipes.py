@@ -1,0 +1,157 @@
+"""The corpus recipes (recipes/librispeech, recipes/covost2) and the shared recipe helpers
+(recipes/utils): options, --config, --help from anywhere, stage gating, launchers, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from test_corpora import LIBRI, make_covost, make_librispeech, read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(recipe: str, *args, cwd: str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", f"recipes/{recipe}/run.sh", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def stages_run(exp) -> list[int]:
+    with open(os.path.join(exp, "timings.tsv")) as fh:
+        return [int(line.split("\t")[0]) for line in fh if line.strip()]
+
+
+def files_with_mtimes(top) -> dict[str, int]:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, fs in os.walk(top) for f in fs}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+@pytest.mark.parametrize("recipe,first", [
+    ("mini", "# recipes/mini: the paper's effect"),
+    ("librispeech", "# recipes/librispeech: audio-token compression for ASR"),
+    ("covost2", "# recipes/covost2: audio-token compression for speech translation"),
+    ("mini_st", "# recipes/mini_st: speech translation"),
+])
+def test_help_works_from_the_repository_root(recipe, first):
+    r = run(recipe, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(first)
+    assert "awk" not in r.stderr
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path):
+    root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
+    conf = tmp_path / "my.conf"
+    conf.write_text(f"# options for this run\nlibrispeech_root={root}\n--text-case keep\n"
+                    f"stop_stage=6   # overridden below\ntest_sets=\"dev-clean\"\n")
+    exp, data = tmp_path / "exp", tmp_path / "data"
+    r = run("librispeech", "--config", conf, "--stop_stage", 0, "--train_set", "dev-clean",
+            "--dev-set=dev-clean", "--exp", exp, "--data", data)
+    assert r.returncode == 0, r.stderr
+    assert stages_run(exp) == [0]
+    texts = [x["text"] for x in read_jsonl(data / "dev-clean" / "manifest.jsonl")]
+    assert texts[1] == "GO DO YOU HEAR"  # text_case=keep from the file
+
+
+def test_config_file_with_an_unknown_option_names_file_and_line(tmp_path):
+    conf = tmp_path / "bad.conf"
+    conf.write_text("stage=0\n\nno_such_option=3\n")
+    r = run("librispeech", "--config", conf, "--exp", tmp_path / "exp")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"unknown option --no_such_option in {conf} line 3 (see --help)"
+
+
+def test_unknown_command_line_option_is_refused():
+    r = run("covost2", "--no-such", "1")
+    assert (r.returncode, r.stderr.strip()) == (1, "unknown option --no-such (see --help)")
+
+
+def test_stage_0_without_corpus_root_says_what_it_needs(tmp_path):
+    r = run("covost2", "--stop_stage", 0, "--exp", tmp_path / "exp")
+    assert r.returncode == 1
+    assert ("stage 0 needs --cv_root DIR (clips/*.mp3) and --covost_root DIR (covost_v2.*.tsv)"
+            in r.stderr)
+
+
+def test_recipe_stops_at_a_bad_corpus_with_its_named_error(tmp_path):
+    root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
+    os.remove(os.path.join(root, "dev-clean", "84", "121123", "84-121123-0000.flac"))
+    exp = tmp_path / "exp"
+    args = ["--librispeech_root", root, "--train_set", "dev-clean", "--dev_set", "dev-clean",
+            "--test_sets", "dev-clean", "--exp", exp, "--data", tmp_path / "data",
+            "--stop_stage", 0]
+    r = run("librispeech", *args)
+    assert r.returncode == 1
+    assert "84-121123.trans.txt:1: transcript of 84-121123-0000 but no audio" in r.stderr
+    assert not os.path.exists(exp / "timings.tsv")
+    r = run("librispeech", *args, "--on_error", "skip")
+    assert r.returncode == 0, r.stderr
+    assert "dev-clean: skipped 1 utterance(s)" in r.stderr
+
+
+# ------------------------------------------------------------------------------ stages 0-3
+
+@pytest.mark.slow
+def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
+    """Fake LibriSpeech → manifests, tiny.en frames, boundaries, pooled tokens; every command
+    goes through the --cmd/--gpu_cmd launchers; a partial rerun runs exactly its stages and
+    redoes no finished work."""
+    root = make_librispeech(tmp_path / "LibriSpeech")
+    exp, data = tmp_path / "exp", tmp_path / "data"
+    launcher = tmp_path / "launch.sh"  # stands in for srun: logs the command, then runs it
+    launcher.write_text(f'#!/bin/bash\necho "$1 ${{*:2:2}}" >> {tmp_path}/launched\nshift\nexec "$@"\n')
+    common = ["--librispeech_root", root, "--train_set", "train-clean-100", "--dev_set",
+              "dev-clean", "--test_sets", "dev-clean", "--backend", "whisper", "--model",
+              "whisper-tiny.en", "--conditions", "frames uniform-mean-k3", "--exp", exp,
+              "--data", data, "--cmd", f"bash {launcher} cpu", "--gpu_cmd", f"bash {launcher} gpu"]
+    r = run("librispeech", "--stage", 0, "--stop_stage", 3, *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stages_run(exp) == [0, 1, 2, 3]
+    with open(tmp_path / "launched") as fh:
+        assert fh.read().splitlines() == [
+            "cpu lalmtool prepare", "gpu lalmtool extract", "gpu lalmtool extract",
+            "cpu lalmtool segment", "cpu lalmtool segment", "cpu lalmtool pool",
+            "cpu lalmtool pool"]
+    for store in ("feats/frames", "seg/uniform-k3", "pooled/uniform-mean-k3"):
+        for s in ("train-clean-100", "dev-clean"):
+            assert os.path.exists(exp / store / s / "store.json"), (store, s)
+    assert len(read_jsonl(data / "train-clean-100" / "manifest.jsonl")) == 4
+    info = json.loads(subprocess.run(["lalmtool", "info", str(exp / "pooled/uniform-mean-k3/dev-clean")],
+                                     capture_output=True, text=True, check=True).stdout)
+    # 1.0 + 1.25 + 1.5 s at 50 frames/s = 188 frames; k=3 → ceil per utterance: 17 + 21 + 25
+    assert (info["utterances"], info["rows"]) == (3, 63)
+
+    before = files_with_mtimes(exp / "pooled")
+    before.update(files_with_mtimes(exp / "feats"))
+    r = run("librispeech", "--stage", 2, "--stop_stage", 3, *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stages_run(exp) == [0, 1, 2, 3, 2, 3]
+    assert "stage 1" not in r.stdout and "stage 4" not in r.stdout
+    after = files_with_mtimes(exp / "pooled")
+    after.update(files_with_mtimes(exp / "feats"))
+    assert after == before
+
+
+@pytest.mark.slow
+def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
+    cv, covost = make_covost(tmp_path)
+    exp, data = tmp_path / "exp", tmp_path / "data"
+    r = run("covost2", "--stage", 0, "--stop_stage", 3, "--cv_root", cv, "--covost_root", covost,
+            "--src_lang", "es", "--tgt_lang", "en", "--backend", "whisper", "--model",
+            "whisper-tiny.en", "--conditions", "peaks", "--exp", exp, "--data", data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stages_run(exp) == [0, 1, 2, 3]
+    test = read_jsonl(data / "test" / "manifest.jsonl")
+    assert [(x["id"], x["target"], x["lang"], x["target_lang"]) for x in test] == [
+        ("common_voice_es_5", "The dog sleeps.", "es", "en"),
+        ("common_voice_es_6", "I like reading.", "es", "en")]
+    for s in ("train", "dev", "test"):
+        assert os.path.exists(exp / "pooled" / "peaks" / s / "store.json"), s
+    info = json.loads(subprocess.run(["lalmtool", "info", str(exp / "feats/frames/train")],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["utterances"] == 3

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_pkgs="espeak-ng flite pocketsphinx-testdata wordnet-base libsndfile1"
+apt_pkgs="espeak-ng flite pocketsphinx-testdata wordnet-base libsndfile1 apertium apertium-eng-spa"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -16,7 +16,9 @@
 #
 # Usage: bash recipes/mini/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #                                 [--n_train N] [--steps N] [--conditions "frames peaks ..."]
-# (every variable set at the top of this script is an option: --name value)
+# (every variable set at the top of this script is an option: --name value or --name=value;
+#  --config FILE reads such options from a file, one "name=value" per line; --help works from
+#  any directory)
 set -euo pipefail
 cd "$(dirname "$0")"
 

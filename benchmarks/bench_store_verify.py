@@ -8,8 +8,11 @@
    size + mtime_ns (stat only), the sha256 content hash lalmtool records (``audio_identity``)
    and blake2b, next to
    reading and decoding the same files (which extract does anyway).
+3. ``lalmtool extract`` with whisper tiny.en over the LibriVox clips (``--copies`` times), with
+   and without checksums, and its rerun on the finished store (every shard verified, nothing
+   to encode). Needs the offline model (``lalmtool assets fetch whisper-tiny.en``).
 
-    python benchmarks/bench_store_verify.py [--utts 400] [--files 1000] [--repeat 3]
+    python benchmarks/bench_store_verify.py [--utts 400] [--files 1000] [--repeat 3] [--copies 4]
 
 Files are page-cached after the first pass (warm numbers, best of --repeat): on a cold network
 disk both hashing and decoding are bound by the same read of the file.
@@ -104,16 +107,56 @@ def bench_identity(tmp: str, files: int, repeat: int) -> list[str]:
     return rows
 
 
+LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
+
+
+def bench_extract(tmp: str, copies: int) -> list[str]:
+    import json
+
+    from lalmtool.extract import extract
+
+    wavs = sorted(f for f in os.listdir(LIBRIVOX) if f.endswith(".wav"))
+    manifest = os.path.join(tmp, "m.jsonl")
+    with open(manifest, "w") as fh:
+        for c in range(copies):
+            for w in wavs:
+                fh.write(json.dumps({"id": f"{c}-{w[:-4]}", "audio": os.path.join(LIBRIVOX, w),
+                                     "text": "x"}) + "\n")
+    audio_s = copies * sum(sf.info(os.path.join(LIBRIVOX, w)).duration for w in wavs)
+    plain = lambda f, utt, arr: f.create_dataset(utt, data=arr)  # noqa: E731
+    rows = [f"extract whisper-tiny.en: {copies * len(wavs)} utterances, {audio_s:.0f} s of audio, "
+            "shards of 5"]
+    for label, create in (("without checksums", plain), ("fletcher32", store_mod._create_dataset)):
+        out = os.path.join(tmp, label.replace(" ", "_"))
+        store_mod._create_dataset, saved = create, store_mod._create_dataset
+        try:
+            t = time.perf_counter()
+            extract(manifest, "whisper-tiny.en", out, shard_size=5, batch_size=4)
+            full = time.perf_counter() - t
+            t = time.perf_counter()
+            extract(manifest, "whisper-tiny.en", out, shard_size=5, batch_size=4)
+            rerun = time.perf_counter() - t
+        finally:
+            store_mod._create_dataset = saved
+        rows.append(f"  {label:18s} {audio_s / full:6.1f} audio s per wall s ({full:.2f} s); "
+                    f"rerun on the finished store {rerun:.2f} s")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--utts", type=int, default=400)
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=4, help="LibriVox clip copies (0: no extract)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_store(tmp, a.utts, a.repeat)
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_identity(tmp, a.files, a.repeat)
+    if a.copies:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += bench_extract(tmp, a.copies)
     print("\n".join(rows))
 
 

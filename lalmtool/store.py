@@ -316,11 +316,11 @@ class Store:
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files = OrderedDict()
 
     def __getstate__(self):  # picklable for DataLoader workers: reopen lazily there
         state = dict(self.__dict__)
-        state["_files"] = {}
+        state["_files"] = OrderedDict()
         return state
 
 

@@ -198,6 +198,14 @@ def test_pool_refuses_a_feature_store_as_segments(tmp_path):
     assert not os.path.exists(tmp_path / "pooled" / "store.json")
 
 
+def test_pool_refuses_nj_0_before_writing(tmp_path):
+    feats = feats_store(tmp_path / "feats")
+    S.segment(feats, "peaks", str(tmp_path / "seg"))
+    with pytest.raises(ValueError, match=r"^--nj must be >= 1, got -3$"):
+        pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"), nj=-3)
+    assert not os.path.exists(tmp_path / "pooled")
+
+
 def test_changed_features_invalidate_exactly_the_stores_downstream(tmp_path):
     feats = feats_store(tmp_path / "feats", seed=0, fp="a" * 64)
     S.segment(feats, "peaks", str(tmp_path / "seg"))

@@ -136,6 +136,18 @@ def test_store_keeps_at_most_max_open_files(tmp_path):
     assert st._files == {}
 
 
+def test_unpickled_store_reopens_lazily_with_the_same_limit(tmp_path):
+    import pickle
+
+    make_store(tmp_path / "s", n=6, shard_size=1)
+    st = pickle.loads(pickle.dumps(Store(str(tmp_path / "s"), max_open=2)))
+    assert len(st._files) == 0
+    for _ in range(2):
+        for i in range(6):
+            np.testing.assert_array_equal(st[f"u{i}"], _arr(f"u{i}"))
+    assert list(st._files) == ["feats.00004.h5", "feats.00005.h5"]
+
+
 def test_full_disk_leaves_no_tmp_and_a_resumable_store(tmp_path, monkeypatch):
     ids = ["u0", "u1"]
     w = StoreWriter.create(str(tmp_path / "s"), "feats", FP, {"stage": "extract"},

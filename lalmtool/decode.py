@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import time
 
@@ -112,6 +113,7 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
         if adapter:
             attach_adapter(be, adapter)
         be.model.eval()
+        _check_positions(be, store, todo, max_new_tokens, model, params)
         with open(part, "a", encoding="utf-8") as fh, \
                 progress(total=len(todo), desc="decode", unit="utt", disable=rank != 0) as bar:
             for b in range(0, len(todo), batch_size):
@@ -124,6 +126,9 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
                     rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),
                            "duration": float(store.attrs(u).get("duration", 0.0)),
                            "seconds": per_utt}
+                    positions = be.prompt_positions(f.shape[0])
+                    if positions is not None:
+                        rec["positions"] = positions
                     if u in refs:
                         rec["ref"] = refs[u]
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -150,6 +155,7 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
         "compression_ratio": src_rate * audio_s / tokens if tokens else None,
         "max_audio_tokens": max((r["tokens"] for r in rows), default=0),
+        "max_positions": max((r["positions"] for r in rows if "positions" in r), default=None),
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
         "fingerprint": fp, "inputs": inputs,
     }
@@ -158,6 +164,34 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
+
+
+def _check_positions(be, store: Store, ids: list[str], max_new_tokens: int, model: str,
+                     params: dict) -> None:
+    """Refuses (before decoding any) an utterance whose prompt, audio tokens and new tokens
+    exceed the positions the decoder holds; names it and the compression that would fit."""
+    limit = be.position_limit()
+    if not limit:
+        return
+    for u in ids:
+        frames = int(store.dataset(u).shape[0])
+        needed = be.prompt_positions(frames) + max_new_tokens
+        if needed <= limit:
+            continue
+        room = limit - (needed - frames)  # positions left for the audio
+        if room <= 0:
+            hint = (f"lower --max-new-tokens: the prompt and {max_new_tokens} new tokens alone "
+                    "exceed it")
+        else:
+            factor = math.ceil(frames / room)
+            how = ""
+            if "k" in params or store.kind == "feats":  # frames, or uniformly pooled by k
+                how = f" (uniform pooling of the frames by k={factor * int(params.get('k', 1))})"
+            hint = f"{factor}x fewer audio tokens would fit{how}, or split the recording"
+        raise ValueError(f"utterance {u!r} of {store.path} needs {needed} positions (prompt + "
+                         f"{frames} audio tokens + up to {max_new_tokens} new tokens), more than "
+                         f"the {limit} that {model}'s decoder holds (max_position_embeddings); "
+                         f"{hint}")
 
 
 def attach_adapter(be, adapter: str) -> None:

@@ -227,3 +227,106 @@ def test_pipeline_extract_pool_finetune_decode_score(tiny_qwen2_audio, tmp_path)
     assert unaligned["adapter_condition"] == "uniform-mean-k2"  # not trained on frames
     res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m)
     assert res["wer"] >= 0 and os.path.exists(tmp_path / "dec" / "results.json")
+
+
+# Qwen2-Audio-7B-Instruct's own chat_template.json tests for an 'audio' or 'audio_url' key,
+# not for content['type'] == 'audio' as the processor's built-in template also does.
+INSTRUCT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}Audio {{ audio_count.value }}: "
+    "<|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_instruct_checkpoints_own_chat_template_keeps_the_audio(tmp_path):
+    from transformers import AutoProcessor
+
+    path = write_random_checkpoint(str(tmp_path / "Qwen2-Audio-7B-Instruct"))
+    os.remove(os.path.join(path, "chat_template.jinja"))
+    with open(os.path.join(path, "chat_template.json"), "w") as fh:
+        json.dump({"chat_template": INSTRUCT_TEMPLATE}, fh)
+    proc = AutoProcessor.from_pretrained(path)
+    assert proc.chat_template == INSTRUCT_TEMPLATE
+    bare = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "x"}]}]
+    assert "<|AUDIO|>" not in proc.apply_chat_template(bare, tokenize=False)  # what went wrong
+    be = Qwen2AudioBackend(path)
+    assert be.prompt_style == "chat"
+    assert be.prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                         "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+                         "Transcribe the English speech into text. Output only the transcript."
+                         "<|im_end|>\n<|im_start|>assistant\n")
+    before, after = be._prompt_ids
+    assert be.tokenizer.decode(before).endswith("Audio 1: <|audio_bos|>")
+    builtin = write_random_checkpoint(str(tmp_path / "builtin-instruct"))
+    assert Qwen2AudioBackend(builtin).prompt == be.prompt  # the built-in template agrees
+
+
+def _stores(path, tmp_path, opts=None):
+    """Frames of a 4 s and a 1 s tone, and their uniform k=2 pooling."""
+    from lalmtool.extract import extract
+    from lalmtool.pool import pool_store
+    from lalmtool.segment import segment
+
+    tmp_path.mkdir(exist_ok=True)
+    rows = []
+    for i, sec in enumerate([4.0, 1.0]):
+        sf.write(tmp_path / f"{i}.wav", tone(sec, seed=i), 16000)
+        rows.append({"id": f"t{i}", "audio": f"{i}.wav", "text": "the hen"})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    frames = extract(m, path, str(tmp_path / "frames"), backend="qwen2-audio",
+                     backend_opts=opts)["store"]
+    segment(frames, "uniform", str(tmp_path / "seg"), k=2)
+    return frames, pool_store(frames, str(tmp_path / "seg"), "mean", str(tmp_path / "k2"))["store"]
+
+
+def test_an_utterance_beyond_the_llm_context_is_named_with_the_compression_that_fits(tmp_path):
+    from lalmtool.decode import decode
+
+    path = write_random_checkpoint(str(tmp_path / "ckpt"), max_positions=128)
+    frames, k2 = _stores(path, tmp_path)
+    prompt = Qwen2AudioBackend(path).prompt_positions(0)
+    assert prompt == 47  # <|audio_bos|>, <|audio_eos|> and the ASR instruction, byte-level
+    with pytest.raises(ValueError) as err:
+        decode(frames, path, str(tmp_path / "d1"), backend="qwen2-audio", max_new_tokens=8)
+    assert str(err.value) == (
+        f"utterance 't0' of {frames} needs 155 positions (prompt + 100 audio tokens + up to 8 "
+        f"new tokens), more than the 128 that {path}'s decoder holds (max_position_embeddings); "
+        "2x fewer audio tokens would fit (uniform pooling of the frames by k=2), or split the "
+        "recording")
+    assert not os.path.exists(tmp_path / "d1" / "hyp.part0.jsonl") or \
+        open(tmp_path / "d1" / "hyp.part0.jsonl").read() == ""  # nothing decoded before it
+    info = decode(k2, path, str(tmp_path / "d2"), backend="qwen2-audio", max_new_tokens=8)
+    recs = {json.loads(l)["id"]: json.loads(l) for l in open(tmp_path / "d2" / "hyp.jsonl")}
+    assert recs["t0"]["positions"] == prompt + 50 and recs["t1"]["positions"] == prompt + 13
+    assert info["max_positions"] == prompt + 50
+
+
+def test_the_store_and_adapter_tap_are_kept_and_checked(tiny_qwen2_audio, tmp_path):
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from lalmtool.decode import decode
+
+    prepool, _ = _stores(tiny_qwen2_audio, tmp_path / "pre", {"tap": "prepool"})
+    pooled, _ = _stores(tiny_qwen2_audio, tmp_path / "pooled")
+    be = Qwen2AudioBackend(tiny_qwen2_audio, tap="prepool")
+    get_peft_model(be.model, LoraConfig(r=2, target_modules=be.default_lora_targets)) \
+        .save_pretrained(str(tmp_path / "run" / "adapter"))
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+        {"backend": "qwen2-audio", "extra": {"tap": "prepool"}}))
+    adapter = str(tmp_path / "run" / "adapter")
+    info = decode(prepool, tiny_qwen2_audio, str(tmp_path / "d1"), adapter=adapter,
+                  backend="qwen2-audio", max_new_tokens=2, backend_opts={"language": "de"})
+    assert info["backend_opts"] == {"tap": "prepool", "language": "de"}
+    with pytest.raises(ValueError, match="tap mismatch: store 'pooled', decode 'prepool', "
+                                         "adapter 'prepool'"):
+        decode(pooled, tiny_qwen2_audio, str(tmp_path / "d2"), adapter=adapter,
+               backend="qwen2-audio", max_new_tokens=2)
+    with pytest.raises(ValueError, match="tap mismatch: store 'prepool', decode 'pooled'"):
+        decode(prepool, tiny_qwen2_audio, str(tmp_path / "d3"), backend="qwen2-audio",
+               max_new_tokens=2)

@@ -49,6 +49,15 @@ class Backend(ABC):
         """Decoder input positions that ``[T, D]`` features occupy (T unless the backend stacks)."""
         return int(feat.shape[0])
 
+    def prompt_positions(self, frames: int) -> int | None:
+        """Decoder positions the prompt takes with ``frames`` stored feature rows spliced in,
+        for a decoder whose positions are bounded (``position_limit``); None otherwise."""
+        return None
+
+    def position_limit(self) -> int | None:
+        """The most positions (prompt, audio and generated tokens) the decoder holds, if bounded."""
+        return None
+
     @abstractmethod
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
         """Mean token cross-entropy of ``texts`` given ``feats``, and the number of tokens."""

@@ -54,7 +54,11 @@ compression), plus the logits (156 k x tokens x 2 bytes). With gradient checkpoi
 (``extra: {gradient_checkpointing: true}``: transformers' activation checkpointing, non-reentrant,
 KV cache off in the loss) only each layer's input is kept, ~0.3 MB per token, for ~30 % more
 compute. Decoding needs the weights plus ~0.5 MB of KV cache per token and beam. The decoder's
-context (8192 positions) bounds one utterance to ~5 min at 25 tokens/s, longer when compressed.
+context (8192 positions) bounds one utterance to ~5 min at 25 tokens/s, longer when compressed:
+``decode`` refuses an utterance whose prompt, audio tokens and ``max_new_tokens`` exceed the
+LLM's ``max_position_embeddings``, naming it and the compression that would fit, and reports
+the positions each utterance's prompt and audio take (``positions`` in hyp.jsonl, their
+maximum ``max_positions`` in decode.json).
 Generation is deterministic (``do_sample=False``); the checkpoint's other generation settings
 (e.g. a repetition penalty) apply as in its own ``generate``.
 
@@ -221,8 +225,10 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         if self.prompt_style == "base":
             return audio + text
         processor = AutoProcessor.from_pretrained(self.model_path)
-        conversation = [{"role": "user", "content": [{"type": "audio"},
-                                                     {"type": "text", "text": text}]}]
+        # the processor's built-in template tests content['type'] == 'audio'; the -Instruct
+        # checkpoint's own chat_template.json tests 'audio' in content or 'audio_url' in content
+        audio_item = {"type": "audio", "audio_url": "audio.wav"}  # rendered by both, never read
+        conversation = [{"role": "user", "content": [audio_item, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True,
                                              tokenize=False)
 
@@ -262,6 +268,13 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"{self.model_path}: tokenizer has no end-of-text token")
         return self.tokenizer.eos_token_id
+
+    def prompt_positions(self, frames: int) -> int:
+        before, after = self._prompt_ids
+        return len(before) + frames + len(after)
+
+    def position_limit(self) -> int | None:
+        return getattr(self._core().config.get_text_config(), "max_position_embeddings", None)
 
     # -- splice --------------------------------------------------------------------------
     def project(self, feats: list[torch.Tensor]) -> torch.Tensor:

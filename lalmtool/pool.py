@@ -52,7 +52,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
-    check_out(out)
+    check_out(out, feats, segments)
     src, seg = Store(feats), Store(segments)
     if seg.kind != "seg":
         raise StoreError(f"{segments} is a {seg.kind} store, not boundaries: give --segments "

@@ -141,7 +141,7 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     Options are checked before anything is written, so a corrected command is accepted.
     """
     check_options(method, k, threshold, target_rate, nj)
-    check_out(out)
+    check_out(out, feats)
     src = Store(feats)
     if src.kind == "seg":
         raise StoreError(f"{feats} is a boundary store; give --feats a feature store "
@@ -173,10 +173,14 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     return summarize(stats, rate, out, skipped)
 
 
-def check_out(out: str) -> None:
-    """ValueError when ``--out`` names an existing file (a store is a directory)."""
+def check_out(out: str, *inputs: str) -> None:
+    """ValueError when ``--out`` names an existing file (a store is a directory) or one of the
+    stage's input stores (which writing, or --force, would destroy)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file; give a directory for the store")
+    for path in inputs:
+        if os.path.realpath(out) == os.path.realpath(path):
+            raise ValueError(f"--out {out} is the input store {path}; give another directory")
 
 
 def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:

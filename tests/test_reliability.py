@@ -266,6 +266,13 @@ def test_wrong_paths_are_one_line(stores, tmp_path, stage):
     code, text = cli(*stage_args(stage, stores, tmp_path / "a.jsonl"))
     assert (code, text) == (1, f"Error: --out {tmp_path / 'a.jsonl'} is a file; give a directory "
                                "for the store\n")
+    snapshot = {k: read_all(stores[k]) for k in ("feats", "seg")}
+    for inp in ("feats", "seg") if stage == "pool" else ("feats",):
+        for extra in ([], ["--force"]):
+            code, text = cli(*stage_args(stage, stores, stores[inp]), *extra)
+            assert (code, text) == (1, f"Error: --out {stores[inp]} is the input store "
+                                       f"{stores[inp]}; give another directory\n")
+    assert {k: read_all(stores[k]) for k in ("feats", "seg")} == snapshot  # untouched
     args = stage_args(stage, stores, tmp_path / "out")
     args[args.index("--feats") + 1] = str(tmp_path / "a.jsonl")
     code, text = cli(*args)

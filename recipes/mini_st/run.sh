@@ -37,15 +37,15 @@ stop_stage=6
 exp=exp
 data=data
 nj=2
-n_train=300
-n_dev=30
-n_test=60
-steps=120
+n_train=160
+n_dev=16
+n_test=40
+steps=80
 model_name=whisper-base
 train_config=conf/lora.yaml
 src_lang=es
-max_new_tokens=60
-conditions="frames uniform-mean-k3 uniform-pick-k3 peaks"  # add uniform-mean-k2 etc. at will
+max_new_tokens=50
+conditions="frames uniform-mean-k3 peaks"  # add uniform-pick-k3, uniform-mean-k2 ... at will
 test_sets="test"
 
 source ../utils/parse_options.sh

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Data preparation for the mini_st recipe: synthetic Spanish speech, English references.
 
-    python3 recipes/mini_st/local/prepare_data.py --out data [--n-train 300] [--n-dev 30]
-        [--n-test 60] [--seed 0] [--nj 2]
+    python3 recipes/mini_st/local/prepare_data.py --out data [--n-train 160] [--n-dev 16]
+        [--n-test 40] [--seed 0] [--nj 2]
 
 The English sentences are human-written WordNet usage examples (recipes/mini/local/corpus.py),
 split into disjoint test/dev/train sets before anything else. Each is translated into Spanish by
@@ -49,9 +49,9 @@ class TranslationError(RuntimeError):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="data directory to write (DATA_DIR)")
-    p.add_argument("--n-train", type=int, default=300)
-    p.add_argument("--n-dev", type=int, default=30)
-    p.add_argument("--n-test", type=int, default=60)
+    p.add_argument("--n-train", type=int, default=160)
+    p.add_argument("--n-dev", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nj", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)

@@ -382,6 +382,69 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# -- CTC-greedy transcripts from an alignment ----------------------------------------------
+def load_aligner(align_dir: str, model: str) -> Aligner:
+    """The aligned projector and CTC head of ``lalmtool align``'s output ``align_dir``."""
+    path = os.path.join(align_dir, CTC_FILE)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(align_dir, PROJECTOR_FILE)):
+        raise FileNotFoundError(f"{align_dir} holds no finished alignment ({PROJECTOR_FILE} and "
+                                f"{CTC_FILE}); run `lalmtool align --out {align_dir}` first")
+    with open(os.path.join(align_dir, "config.yaml"), encoding="utf-8") as fh:
+        extra = dict((yaml.safe_load(fh) or {}).get("extra") or {})
+    extra.pop("init_projector", None)
+    be = load_backend("speechllm", model, **extra)
+    ctc = load_file(path)
+    al = Aligner(be, ctc["vocab"].tolist(), float(ctc["scale"]))
+    _load_init(al, align_dir)
+    return al
+
+
+@torch.no_grad()
+def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str | None = None,
+               set_name: str | None = None, batch_size: int = 32) -> dict:
+    """CTC-greedy transcripts of a feature store by an aligned projector alone (no LLM), in
+    ``lalmtool decode``'s format (``OUT/hyp.jsonl``, ``OUT/decode.json``) for score/report."""
+    from .manifest import read_manifest
+    from .store import condition_of
+
+    al = load_aligner(align_dir, model)
+    store = Store(feats)
+    refs = {}
+    if manifest:
+        refs = {u.id: u.text for u in read_manifest(manifest)[0] if u.text is not None}
+    method, params, label = condition_of(store)
+    rows = []
+    for i in range(0, len(store.ids), batch_size):
+        ids = store.ids[i : i + batch_size]
+        fb = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]
+        t0 = time.perf_counter()
+        hyps = al.transcribe(fb)
+        per_utt = (time.perf_counter() - t0) / len(ids)
+        for u, f, h in zip(ids, fb, hyps):
+            rec = {"id": u, "hyp": h.strip(), "tokens": math.ceil(f.shape[0] / al.stack),
+                   "duration": float(store.attrs(u).get("duration", 0.0)), "seconds": per_utt}
+            if u in refs:
+                rec["ref"] = refs[u]
+            rows.append(rec)
+    audio_s, tokens = sum(r["duration"] for r in rows), sum(r["tokens"] for r in rows)
+    secs = sum(r["seconds"] for r in rows)
+    src_rate = float(store.meta.get("source_frame_rate", store.meta.get("frame_rate", 0.0)))
+    info = {"set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
+            "params": params, "condition": f"{label} (CTC greedy)", "decoder": "ctc-greedy",
+            "feats": os.path.abspath(feats), "model": model, "align": os.path.abspath(align_dir),
+            "adapter": None, "lora": False, "backend": "speechllm", "utterances": len(rows),
+            "audio_seconds": audio_s, "audio_tokens": tokens,
+            "tokens_per_s": tokens / audio_s if audio_s else None,
+            "source_frame_rate": src_rate,
+            "compression_ratio": src_rate * audio_s / tokens if tokens else None,
+            "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None}
+    os.makedirs(out, exist_ok=True)
+    write_atomic(os.path.join(out, "hyp.jsonl"),
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
+    return info
+
+
 # -- fingerprint, checkpoints, outputs ------------------------------------------------------
 def _file_hash(path: str) -> str:
     import hashlib

@@ -401,6 +401,22 @@ def align(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid
     click.echo(json.dumps(s, indent=1))
 
 
+@main.command("ctc-decode")
+@click.option("--align", "align_dir", required=True, help="Output directory of `lalmtool align`.")
+@click.option("--feats", required=True, help="Feature store to transcribe (frames or pooled).")
+@click.option("--model", required=True, help="The LLM the alignment used (its embeddings).")
+@click.option("--out", required=True, help="Output directory (hyp.jsonl, decode.json).")
+@click.option("--manifest", "manifest_path", help="Manifest: references go into hyp.jsonl.")
+@click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
+def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
+    """CTC-greedy transcripts by an aligned projector alone (no LLM), scored like decode's."""
+    from .align import ctc_decode as run
+
+    s = _run(run, align_dir, feats, model, out, manifest=manifest_path, set_name=set_name)
+    _print_table([s], ["set", "condition", "utterances", "tokens_per_s", "compression_ratio",
+                       "utt_per_s"])
+
+
 @main.command()
 @click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False),
               help="Feature store to decode (frames or pooled).")

@@ -99,6 +99,17 @@ def test_loss_falls_short_utterance_skipped_and_transcripts_learnt(data, tiny_ll
     assert s["initial_valid_wer"] > 0.5 and s["best_valid_wer"] == 0.0
     records = [json.loads(l) for l in open(tmp_path / "al" / "log.jsonl")]
     assert [r["step"] for r in records if "valid_wer" in r] == [0, 20, 40]
+    # the aligned projector alone transcribes (CTC greedy), in decode's format, scored by score
+    from lalmtool.align import ctc_decode
+    from lalmtool.score import score
+
+    info = ctc_decode(str(tmp_path / "al"), data["valid_feats"], tiny_llm,
+                      str(tmp_path / "ctc"), manifest=data["valid"])
+    hyps = {r["id"]: r for r in map(json.loads, open(tmp_path / "ctc" / "hyp.jsonl"))}
+    assert {u: r["hyp"] for u, r in hyps.items()} == {"a": TEXTS["a"], "b": TEXTS["b"]}
+    assert [hyps[u]["tokens"] for u in ("a", "b")] == [20, 15]  # 40 and 30 frames, stack 2
+    assert info["condition"] == "frames (CTC greedy)" and info["audio_tokens"] == 35
+    assert score(str(tmp_path / "ctc" / "hyp.jsonl"), data["valid"])["wer"] == 0.0
 
 
 def test_resume_gives_the_same_projector_bit_for_bit(data, tiny_llm, tmp_path):  # noqa: F811
@@ -179,7 +190,7 @@ def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  
     assert not torch.equal(fresh["net.0.weight"], aligned["net.0.weight"])  # a real hand-over
     # decode (options from the run's config.yaml) reloads the same projector
 
-    opts = _training_opts(str(tmp_path / "ft" / "adapter"))
+    opts = _training_opts(str(tmp_path / "ft" / "adapter"), "speechllm")
     assert opts["init_projector"] == str(tmp_path / "al")
     be = load_backend("speechllm", tiny_llm, **opts)
     assert all(torch.equal(be.model.projector.state_dict()[k], aligned[k]) for k in aligned)

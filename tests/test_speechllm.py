@@ -228,7 +228,7 @@ def test_adapter_and_exported_directory_reload_the_trained_model(trained, tiny_l
     live = load_backend("speechllm", tiny_llm, **trained["extra"])
     live.model = PeftModel.from_pretrained(live.model, adapter)
     # as decode loads it: --model LLM --adapter, options from the run's config.yaml
-    opts = _training_opts(adapter)
+    opts = _training_opts(adapter, "speechllm")
     assert opts == trained["extra"]
     merged = load_backend("speechllm", tiny_llm, **opts)
     merged.model = PeftModel.from_pretrained(merged.model, adapter).merge_and_unload()

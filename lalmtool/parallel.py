@@ -65,6 +65,7 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+_factory: Callable[[], Worker] | None = None
 _worker: Worker | None = None
 _tick: Callable[[int], None] = lambda n: None
 
@@ -97,8 +98,10 @@ def die_with_parent(parent: int) -> None:
 
 
 def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=None,
-                 parent: int | None = None) -> None:
-    global _worker, _tick
+                 parent: int | None = None, lazy: bool = False) -> None:
+    """Sets up this process's worker; ``lazy``: built by its first task, so that an error in
+    ``factory`` (a model that does not load) reaches the parent as that task's exception."""
+    global _factory, _worker, _tick
     if parent is not None:
         die_with_parent(parent)
     if threads:
@@ -109,18 +112,27 @@ def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=Non
         def _tick(n: int) -> None:
             with counter.get_lock():
                 counter.value += n
-    _worker = factory()
+    _factory, _worker = factory, None
+    if not lazy:
+        _worker = factory()
+
+
+def _loaded() -> Worker:
+    global _worker
+    if _worker is None:
+        _worker = _factory()
+    return _worker
 
 
 def _do_shard(path: str, name: str) -> dict:
     writer = StoreWriter(path)
-    result, stats = _worker(name, writer.shards[name], _tick)
+    result, stats = _loaded()(name, writer.shards[name], _tick)
     writer.write_shard(name, result)
     return stats
 
 
 def _head(head: Callable[[Worker], tuple[str, dict]]) -> tuple[str, dict]:
-    return head(_worker)
+    return head(_loaded())
 
 
 def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
@@ -146,7 +158,7 @@ def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
         ctx = get_context("spawn")
         counter = ctx.Value("q", 0)
         pool = ProcessPoolExecutor(nj, mp_context=ctx, initializer=_init_worker, initargs=(
-            factory, max(1, (os.cpu_count() or 1) // nj), counter, os.getpid()))
+            factory, max(1, (os.cpu_count() or 1) // nj), counter, os.getpid(), True))
     try:
         if head is not None:
             if pool is None:

@@ -428,3 +428,24 @@ def test_ranks_wait_for_slow_ranks_longer_than_the_gloo_default(monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
     barrier(2)
     assert calls == [(("gloo",), {"timeout": datetime.timedelta(hours=24)}), "barrier"]
+
+
+def test_a_model_that_does_not_load_in_workers_is_one_clear_error(audio_set, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"--model .*empty-model: cannot load it with the "
+                                         r"whisper backend"):
+        extract(audio_set, str(empty), str(tmp_path / "f"), nj=2)
+
+
+@pytest.mark.parametrize("stage", ["segment", "pool"])
+def test_nj_below_one_is_refused_by_every_stage(stage, tmp_path):
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    args = {"segment": ["--method", "peaks"], "pool": ["--segments", str(tmp_path / "s")]}
+    res = CliRunner().invoke(main, [stage, "--nj", "0", "--feats", str(tmp_path / "f"),
+                                    "--out", str(tmp_path / "o")] + args[stage])
+    assert res.exit_code == 2
+    assert "Invalid value for '--nj': 0 is not in the range x>=1." in res.output

@@ -138,7 +138,7 @@ def manifest_from_kaldi(data_dir: str, out: str) -> None:
     from .manifest import from_kaldi, write_manifest
 
     utts = _run(from_kaldi, data_dir)
-    write_manifest(out, utts)
+    _run(write_manifest, out, utts)
     click.echo(f"wrote {len(utts)} utterances to {out}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import soundfile as sf
 
 from .audio import header_problem
-from .store import check_dataset_name
+from .store import check_dataset_name, write_atomic
 
 
 HINT = ("Fix the manifest (`lalmtool extract --on-error skip` leaves such utterances out and "
@@ -209,12 +209,8 @@ def load_manifest(path: str, on_error: str = "fail", need_text: bool = True,
 
 
 def write_manifest(path: str, utts: list[Utterance]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for u in utts:
-            fh.write(u.to_json() + "\n")
-    os.replace(tmp, path)
+    """Writes ``utts`` to ``path`` atomically (nothing half-written is left on a failure)."""
+    write_atomic(path, "".join(u.to_json() + "\n" for u in utts))
 
 
 def from_kaldi(data_dir: str) -> list[Utterance]:

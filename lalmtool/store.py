@@ -372,9 +372,11 @@ def write_atomic(path: str, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file, not its .tmp
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 

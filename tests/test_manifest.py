@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -117,3 +118,27 @@ def test_validate_command_names_an_option_that_exists(tmp_path, wav):
     assert "--on-error" in HINT
     help_text = CliRunner().invoke(main, ["extract", "--help"]).output
     assert "--on-error [fail|skip]" in help_text
+
+
+def test_from_kaldi_into_an_unwritable_place_is_one_line(tmp_path, wav, monkeypatch):
+    import errno
+
+    from lalmtool import store
+
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "wav.scp").write_text(f"a {tmp_path / wav}\n")
+    (tmp_path / "k" / "text").write_text("a hello\n")
+    real_open = open
+
+    def full(path, mode="r", *a, **k):
+        if "w" in mode and str(path).startswith(str(tmp_path / "out.jsonl")):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(store, "open", full, raising=False)
+    r = CliRunner().invoke(main, ["manifest", "from-kaldi", str(tmp_path / "k"),
+                                  str(tmp_path / "out.jsonl")])
+    assert (r.exit_code, r.output) == (1, f"Error: cannot write {tmp_path / 'out.jsonl'}: No "
+                                          "space left on device; "
+                                          "free some space and rerun (finished work is kept)\n")
+    assert sorted(os.listdir(tmp_path)) == ["a.wav", "k"]

@@ -181,3 +181,20 @@ def test_shard_problem_names_unplanned_utterances(tmp_path):
         "holds other utterances than planned (['u1', 'u9'])")
     info = json.loads((tmp_path / "s" / "store.json").read_text())
     assert info["shards"]["feats.00000.h5"] == ["u0", "u1"]
+
+
+def test_overwritten_object_header_named_and_redone(tmp_path):
+    make_store(tmp_path / "s")
+    shard = str(tmp_path / "s" / "feats.00001.h5")
+    with h5py.File(shard, "r") as f:
+        addr = h5py.h5o.get_info(f["u3"].id).addr
+    with open(shard, "r+b") as fh:
+        fh.seek(addr)
+        fh.write(b"\xff" * 16)
+    st = Store(str(tmp_path / "s"))
+    np.testing.assert_array_equal(st["u2"], _arr("u2"))
+    with pytest.raises(StoreError) as e:
+        st["u3"]
+    assert str(e.value).startswith(f"{shard} is damaged (utterance 'u3'): KeyError: 'Unable to ")
+    assert verify_store(str(tmp_path / "s"))[1][0][0] == shard
+    assert StoreWriter(str(tmp_path / "s")).pending() == ["feats.00001.h5"]

@@ -54,7 +54,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     for name, value in (("beam", beam), ("batch_size", batch_size),
                         ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, not {value!r}")
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} must be a whole number >= 1, not {value!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
     rank, world = dist_info()
@@ -70,73 +71,95 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
               "manifest": _file_sha256(manifest) if manifest else None, "beam": beam,
               "max_new_tokens": max_new_tokens, "backend": backend, "backend_opts": opts}
     fp = fingerprint(inputs)
-    device = resolve_device(device)
-    with output_lock(out):
-        return _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_size,
-                       max_new_tokens, manifest, set_name, device, force, opts, label,
-                       method, params, default_label, inputs, fp, rank, world)
-
-
-def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_size,
-            max_new_tokens, manifest, set_name, device, force, opts, label, method, params,
-            default_label, inputs, fp, rank, world) -> dict:
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
-    info = _read_json(info_path) if os.path.exists(hyp_path) else None
-    if info is not None and info.get("fingerprint") == fp and not force:
-        log.info("%s: already decoded with these inputs, skipped", out)
-        labels = {"condition": label,  # not in the fingerprint: updated in place
-                  "adapter_condition": _adapter_condition(adapter, default_label)}
-        if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
-            info.update(labels)
-            write_atomic(info_path, json.dumps(info, indent=1))
-        return info
-    old = _previous(out, fp, inputs, force)  # every rank checks: none waits for a failed one
-    barrier(world)  # every rank has read the old decode.json before anything is removed
-    if rank == 0:
-        _clear_stale(out, fp, inputs, force, old)
-    barrier(world)
+    with output_lock(out):
+        info = _read_json(info_path) if os.path.exists(hyp_path) else None
+        if info is not None and info.get("fingerprint") == fp and not force:
+            log.info("%s: already decoded with these inputs, skipped", out)
+            labels = {"condition": label,  # not in the fingerprint: updated in place
+                      "adapter_condition": _adapter_condition(adapter, default_label)}
+            if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
+                info.update(labels)
+                write_atomic(info_path, json.dumps(info, indent=1))
+            return info
+        old = _previous(out, fp, inputs, force)  # every rank checks: none waits for a failed one
+        barrier(world)  # every rank has read the old decode.json before anything is removed
+        if rank == 0:
+            _clear_stale(out, fp, inputs, force, old)
+        barrier(world)
 
-    refs = {}
-    if manifest:
-        utts, _ = read_manifest(manifest)
-        refs = {u.id: (u.target if u.target is not None else u.text) for u in utts}
-    mine = [u for i, (name, ids) in enumerate(store.shards.items()) if i % world == rank
-            for u in ids if u in store]
-    part = os.path.join(out, f"hyp.part{rank}.jsonl")
-    done = _read_part(part)
-    todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
-    if todo:
-        try:
-            be = load_backend(backend, model_dir, device=device, **opts)
-        except OSError as e:
-            raise ValueError(f"--model {model}: cannot load it as a {backend} checkpoint ({e})") from e
-        if adapter:
-            attach_adapter(be, adapter)
-        be.model.eval()
-        _check_positions(be, store, todo, max_new_tokens, model, params)
-        with open(part, "a", encoding="utf-8") as fh, \
-                progress(total=len(todo), desc="decode", unit="utt", disable=rank != 0) as bar:
-            for b in range(0, len(todo), batch_size):
-                ids = todo[b : b + batch_size]
-                feats_b = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]
-                t0 = time.perf_counter()
-                hyps = be.generate(feats_b, beam=beam, max_new_tokens=max_new_tokens)
-                per_utt = (time.perf_counter() - t0) / len(ids)
-                for u, f, h in zip(ids, feats_b, hyps):
-                    rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),
-                           "duration": float(store.attrs(u).get("duration", 0.0)),
-                           "seconds": per_utt}
-                    positions = be.prompt_positions(f.shape[0])
-                    if positions is not None:
-                        rec["positions"] = positions
-                    if u in refs:
-                        rec["ref"] = refs[u]
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
-                bar.update(len(ids))
-    barrier(world)
-    if rank != 0:
+        mine = [u for i, ids in enumerate(store.shards.values()) if i % world == rank
+                for u in ids if u in store]
+        part = os.path.join(out, f"hyp.part{rank}.jsonl")
+        done = _read_part(part)
+        todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
+        if todo:
+            be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
+            _check_positions(be, store, todo, max_new_tokens, model, params)
+            _decode_into(part, be, store, todo, _references(manifest), batch_size, beam,
+                         max_new_tokens, show=rank == 0)
+        barrier(world)
+        if rank != 0:
+            return {}
+        info = {
+            "set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
+            "params": params, "condition": label, "feats": os.path.abspath(feats),
+            "model": model, "adapter": os.path.abspath(adapter) if adapter else None,
+            "lora": bool(adapter), "adapter_condition": _adapter_condition(adapter, default_label),
+            "backend": backend, "backend_opts": opts, "beam": beam,
+            "max_new_tokens": max_new_tokens}
+        return _merge_parts(out, store, info, fp, inputs)
+
+
+def _load(backend: str, model: str, model_dir: str, device: str, opts: dict,
+          adapter: str | None):
+    """The backend on ``device`` in eval mode, with the adapter attached."""
+    try:
+        be = load_backend(backend, model_dir, device=device, **opts)
+    except OSError as e:
+        raise ValueError(f"--model {model}: cannot load it as a {backend} checkpoint ({e})") from e
+    if adapter:
+        attach_adapter(be, adapter)
+    be.model.eval()
+    return be
+
+
+def _references(manifest: str | None) -> dict[str, str]:
+    """Utterance id → reference (the target when there is one, else the transcript)."""
+    if not manifest:
         return {}
+    utts, _ = read_manifest(manifest)
+    return {u.id: (u.target if u.target is not None else u.text) for u in utts}
+
+
+def _decode_into(part: str, be, store: Store, todo: list[str], refs: dict[str, str],
+                 batch_size: int, beam: int, max_new_tokens: int, show: bool) -> None:
+    """Appends one hyp.jsonl record per utterance of ``todo`` to ``part``, batch by batch."""
+    with open(part, "a", encoding="utf-8") as fh, \
+            progress(total=len(todo), desc="decode", unit="utt", disable=not show) as bar:
+        for b in range(0, len(todo), batch_size):
+            ids = todo[b : b + batch_size]
+            feats = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]
+            t0 = time.perf_counter()
+            hyps = be.generate(feats, beam=beam, max_new_tokens=max_new_tokens)
+            per_utt = (time.perf_counter() - t0) / len(ids)
+            for u, f, h in zip(ids, feats, hyps):
+                rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),
+                       "duration": float(store.attrs(u).get("duration", 0.0)),
+                       "seconds": per_utt}
+                positions = be.prompt_positions(f.shape[0])
+                if positions is not None:
+                    rec["positions"] = positions
+                if u in refs:
+                    rec["ref"] = refs[u]
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.update(len(ids))
+
+
+def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> dict:
+    """Rank 0: every rank's part → hyp.jsonl (sorted by id) and decode.json (``info`` with the
+    totals and rates); removes the parts. Returns decode.json's content."""
     records = {}
     for p in sorted(glob.glob(os.path.join(out, "hyp.part*.jsonl"))):
         records.update(_read_part(p))
@@ -146,12 +169,7 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
     secs = sum(r["seconds"] for r in rows)
     src_rate = float(store.meta.get("source_frame_rate", store.meta.get("frame_rate", 0.0)))
     info = {
-        "set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
-        "params": params, "condition": label, "feats": os.path.abspath(feats), "model": model,
-        "adapter": os.path.abspath(adapter) if adapter else None, "lora": bool(adapter),
-        "adapter_condition": _adapter_condition(adapter, default_label),
-        "backend": backend, "backend_opts": opts, "beam": beam, "max_new_tokens": max_new_tokens,
-        "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
+        **info, "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
         "compression_ratio": src_rate * audio_s / tokens if tokens else None,
         "max_audio_tokens": max((r["tokens"] for r in rows), default=0),
@@ -159,8 +177,9 @@ def _decode(store, feats, model, model_dir, out, adapter, backend, beam, batch_s
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
         "fingerprint": fp, "inputs": inputs,
     }
-    write_atomic(hyp_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(info_path, json.dumps(info, indent=1))
+    write_atomic(os.path.join(out, "hyp.jsonl"),
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
     for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
         os.remove(p)
     return info
@@ -254,7 +273,7 @@ def _check_options(backend: str, opts: dict, adapter: str | None) -> None:
     if unknown:
         where = " (from the adapter's config.yaml or --backend-opt)" if adapter else ""
         raise ValueError(f"backend {backend!r} has no option {', '.join(unknown)}{where}; it "
-                         f"takes {', '.join(p for p in params if p not in ('model_path', 'device'))}")
+                         f"takes {', '.join(sorted(set(params) - {'model_path', 'device'}))}")
 
 
 def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> None:

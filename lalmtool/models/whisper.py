@@ -49,7 +49,8 @@ class WhisperBackend(Backend):
                  chunk: int = 0):
         super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
         if int(chunk) < 0:
-            raise ValueError(f"chunk must be 0 (whole memory) or a number of positions, not {chunk}")
+            raise ValueError(f"chunk must be 0 (whole memory) or a number of positions, "
+                             f"not {chunk}")
         self.trim, self.chunk = trim, int(chunk)
         self.model = WhisperForConditionalGeneration.from_pretrained(
             model_path, dtype=self.dtype).to(self.device).eval()

@@ -141,7 +141,12 @@ def _decode_into(part: str, be, store: Store, todo: list[str], refs: dict[str, s
             ids = todo[b : b + batch_size]
             feats = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]
             t0 = time.perf_counter()
-            hyps = be.generate(feats, beam=beam, max_new_tokens=max_new_tokens)
+            try:
+                hyps = be.generate(feats, beam=beam, max_new_tokens=max_new_tokens)
+            except (RuntimeError, ValueError) as e:  # name the batch (e.g. out of memory)
+                raise type(e)(f"decoding {', '.join(map(repr, ids))} (the longest "
+                              f"{feats[0].shape[0]} audio positions; lower --batch-size or "
+                              f"compress more if out of memory): {e}") from e
             per_utt = (time.perf_counter() - t0) / len(ids)
             for u, f, h in zip(ids, feats, hyps):
                 rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),

@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{args.device} {args.dtype}, attention {attn}, {torch.get_num_threads()} "
                   f"threads; ratios are to frame level, ideal = ratio of audio tokens")
             print(table(rows))
+            limit = getattr(be, "position_limit", lambda: None)()
+            over = sorted({f"{r['seconds_audio']:.0f}s {r['condition']}" for r in rows
+                           if limit and r["positions"] > limit})
+            if over:
+                print(f"beyond the LLM's {limit} positions (max_position_embeddings; decode "
+                      f"refuses these): {', '.join(over)}")
             results[name] = rows
             del be
     if args.json:

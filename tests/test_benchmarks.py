@@ -12,7 +12,7 @@ TINY = {
                      "max_source_positions": 1500},
     "text_config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
                     "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-                    "vocab_size": 512, "max_position_embeddings": 4096},
+                    "vocab_size": 512, "max_position_embeddings": 120},
 }
 
 
@@ -51,6 +51,8 @@ def test_prefill_benchmark_on_a_tiny_arch(benchmarks, tmp_path, capsys):
     assert all(r["gflop"] > 0 for r in rows) and rows[2]["gflop"] < rows[0]["gflop"]
     printed = capsys.readouterr().out
     assert f"4s uniform-k3         34 {34 + prompt:>9}  0.340" in printed
+    assert ("beyond the LLM's 120 positions (max_position_embeddings; decode refuses these): "
+            "4s frames\n") in printed  # 147 positions; k=2 (97) and k=3 (81) fit
     assert json.loads(out.read_text())["qwen2-audio"][1]["audio_tokens"] == 50
 
 

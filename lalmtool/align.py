@@ -135,7 +135,7 @@ class CosineCTCHead(nn.Module):
     def __init__(self, rows: torch.Tensor, scale: float):
         super().__init__()
         self.register_buffer("rows", rows.detach().float().clone(), persistent=False)
-        mean_norm = float(rows.norm(dim=-1).mean())
+        mean_norm = float(rows.detach().norm(dim=-1).mean())
         self.blank = nn.Parameter(torch.randn(rows.shape[1]) * mean_norm / rows.shape[1] ** 0.5)
         self.scale = scale
 

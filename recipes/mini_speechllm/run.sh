@@ -37,6 +37,8 @@
 #   3  pool      → $exp/pooled/<condition>/<set>    compressed features
 #   4  align     → $exp/align/frames                CTC alignment of the projector, from scratch
 #                → $exp/align/<condition>           re-aligned from the frame-level projector
+#                → $exp/decode/<condition>-ctc/<set>  CTC-greedy transcripts of the aligned
+#                                                   projector alone (no LLM), scored in stage 7
 #   5  finetune  → $exp/lora/frames/adapter         projector (from align) + LoRA, frame level
 #                → $exp/lora/<condition>/adapter    re-aligned from the frame-level adapter
 #                → $exp/speechllm/<condition>/      each trained model as one directory
@@ -126,6 +128,13 @@ if run_stage 4 "align the projector with CTC: frame level, then each condition f
       --model "$llm" --config "$align_config" --out "$exp/align/$cond" \
       --init "$exp/align/frames" --max_steps="$realign_ctc_steps" --warmup_steps=0 > /dev/null
   done
+  for set in $test_sets; do  # the aligned projector alone (CTC greedy, no LLM): <cond>-ctc
+    for cond in $conditions; do
+      lalmtool ctc-decode --align "$exp/align/$cond" --feats "$(feats_of "$cond" "$set")" \
+        --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
+        --out "$exp/decode/$cond-ctc/$set" > /dev/null
+    done
+  done
   python3 local/align_summary.py "$exp" $conditions > "$exp/align/summary.md"
   cat "$exp/align/summary.md"
   end_stage 4 align
@@ -181,9 +190,11 @@ if run_stage 7 "score and report"; then
   (up to $align_steps steps, conf/align.yaml), then projector + LoRA train $frame_steps steps
   through the LM loss at frame level; each compressed condition continues $realign_steps steps
   from the frame-level adapter; batch $batch_size; the adapter with the best dev loss is kept.
-- Every row ran with an adapter. LoRA \`yes\`: the condition's own adapter (re-aligned to its
-  features); LoRA \`frames adapter\`: the frame-level model reading compressed features as they
-  are (decode dirs \`<condition>-frameslora\`), i.e. what compression costs without re-alignment.
+- Rows named \`... (CTC greedy)\` (LoRA \`no\`) are the condition's CTC-aligned projector alone,
+  decoded greedily over its CTC classes: no LLM. Every other row ran the LLM with an adapter.
+  LoRA \`yes\`: the condition's own adapter (re-aligned to its features); LoRA \`frames
+  adapter\`: the frame-level model reading compressed features as they are (decode dirs
+  \`<condition>-frameslora\`), i.e. what compression costs without re-alignment.
 - tokens/s and the ratio count the positions the LLM reads: ceil(stored tokens / 4) per
   utterance (stack 4), so frame level is ~12.5 tokens/s, a ratio of 4 to the 50 Hz encoder.
 

@@ -214,6 +214,8 @@ BACKEND_OPT = click.option(
 
 
 def _backend_opts(items) -> dict:
+    if not items:  # importing finetune (peft) would double a finished extract's rerun time
+        return {}
     from .finetune import parse_overrides
 
     return _run(parse_overrides, list(items))

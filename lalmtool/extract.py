@@ -125,6 +125,8 @@ def check_backend_opts(backend: str, opts: dict) -> dict:
     """``opts`` when every key is a constructor option of ``backend``, else a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if not opts:
+        return {}  # without importing the backend's module (seconds of a finished rerun)
     module, cls = BACKENDS[backend].split(":")
     params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
     valid = sorted(p for p, v in params.items() if p not in _OWN_ARGS

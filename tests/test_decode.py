@@ -252,3 +252,19 @@ def test_a_failing_batch_is_named(small, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"decoding 'utt3', 'utt1' \(the longest 160 audio "
                                            r"positions; .*\): CUDA out of memory"):
         decode(small["feats"], small["model"], str(tmp_path / "d"), batch_size=2)
+
+
+def test_cuda_means_the_local_rank_under_torchrun(small, tmp_path, monkeypatch):
+    import lalmtool.decode as stage
+
+    seen = []
+
+    def fake_load(backend, model, device, **opts):
+        seen.append(device)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stage, "load_backend", fake_load)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match="stop here"):
+        decode(small["feats"], small["model"], str(tmp_path / "d"), device="cuda")
+    assert seen == ["cuda:1"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -97,13 +98,17 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(factory: Callable[[], Worker], threads: int | None, counter=None,
+def _init_worker(factory: Callable[[], Worker] | bytes, threads: int | None, counter=None,
                  parent: int | None = None, lazy: bool = False) -> None:
     """Sets up this process's worker; ``lazy``: built by its first task, so that an error in
-    ``factory`` (a model that does not load) reaches the parent as that task's exception."""
+    ``factory`` (a model that does not load) reaches the parent as that task's exception.
+    A pickled ``factory`` is unpickled (importing torch, say) only once this process is tied
+    to its ``parent``."""
     global _factory, _worker, _tick
     if parent is not None:
         die_with_parent(parent)
+    if isinstance(factory, bytes):
+        factory = pickle.loads(factory)
     if threads:
         import torch
 
@@ -158,7 +163,8 @@ def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
         ctx = get_context("spawn")
         counter = ctx.Value("q", 0)
         pool = ProcessPoolExecutor(nj, mp_context=ctx, initializer=_init_worker, initargs=(
-            factory, max(1, (os.cpu_count() or 1) // nj), counter, os.getpid(), True))
+            pickle.dumps(factory), max(1, (os.cpu_count() or 1) // nj), counter, os.getpid(),
+            True))
     try:
         if head is not None:
             if pool is None:

@@ -26,7 +26,8 @@
 # Usage: bash recipes/mini_st/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #          [--n_train N] [--n_test N] [--steps N] [--conditions "frames peaks ..."] [--config FILE]
 # (every variable set at the top of this script is an option: --name value or --name=value)
-# Sized for ≤ 30 min on 2 CPU cores. A smoke run:
+# Sized for ≤ 30 min on 2 free CPU cores (measured: 45 min on 2 cores shared at a load of 7-10,
+# extract 32 min of it; the table is in README.md). A smoke run:
 #   bash run.sh --exp exp_smoke --data data_smoke --n_train 16 --n_dev 4 --n_test 4 --steps 4 \
 #     --conditions "frames uniform-mean-k3"
 set -euo pipefail

@@ -50,7 +50,7 @@
 # Usage: bash recipes/mini_speechllm/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #          [--n_train N] [--n_dev N] [--n_test N] [--align_steps N] [--frame_steps N]
 #          [--realign_steps N] [--batch_size N] [--conditions "frames peaks ..."]
-#          [--max_new_tokens N]
+#          [--max_new_tokens N] [--unaligned_decodes true|false]
 #          (every variable set at the top of this script is an option: --name value)
 # Defaults are sized for ~30 min on 2 otherwise idle CPU cores; a smoke run:
 #   bash run.sh --exp exp_smoke --data data_smoke --n_train 16 --n_dev 2 --n_test 4 \
@@ -73,6 +73,7 @@ frame_steps=150
 realign_steps=30
 batch_size=8
 max_new_tokens=60
+unaligned_decodes=true   # also decode each compressed condition with the frame-level adapter
 llm=smollm2-135m-instruct
 encoder=whisper-tiny.en   # must match extra.encoder in conf/speechllm.yaml and conf/align.yaml
 config=conf/speechllm.yaml
@@ -168,7 +169,7 @@ if run_stage 6 "decode"; then
       lalmtool decode --feats "$feats" --model "$llm" --backend speechllm --set "$set" \
         --adapter "$exp/lora/$cond/adapter" --max-new-tokens "$max_new_tokens" \
         --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond-lora/$set"
-      [ "$cond" = frames ] && continue
+      [ "$cond" = frames ] || [ "$unaligned_decodes" != true ] && continue
       lalmtool decode --feats "$feats" --model "$llm" --backend speechllm --set "$set" \
         --adapter "$exp/lora/frames/adapter" --max-new-tokens "$max_new_tokens" \
         --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond-frameslora/$set"

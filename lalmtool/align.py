@@ -100,18 +100,19 @@ class AlignConfig:
 
     @classmethod
     def load(cls, path: str | None, overrides: dict | None = None) -> "AlignConfig":
-        """From a YAML file (optional; unknown keys such as finetune's LoRA options are
-        ignored, so one recipe config can serve both stages) plus checked overrides."""
+        """From a YAML file (optional) plus ``key=value`` overrides, names and types checked
+        (``backend: speechllm`` may stand in the file: it is the only backend aligned)."""
         hints = typing.get_type_hints(cls)
         values = {}
         if path:
             with open(path, encoding="utf-8") as fh:
-                values = {k: v for k, v in (yaml.safe_load(fh) or {}).items() if k in hints}
-        unknown = sorted(set(overrides or {}) - set(hints))
+                values = yaml.safe_load(fh) or {}
+        values.update(overrides or {})
+        if values.pop("backend", "speechllm") != "speechllm":
+            raise ValueError("align trains the projector of the speechllm backend only")
+        unknown = sorted(set(values) - set(hints))
         if unknown:
             raise ValueError(f"unknown align option(s) {unknown}; known: {sorted(hints)}")
-        values.update(overrides or {})
-        values.pop("backend", None)
         for key, value in values.items():
             kind = hints[key]
             if kind in (int, float) and not isinstance(value, (int, float)):
@@ -119,6 +120,14 @@ class AlignConfig:
                     values[key] = kind(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"align option {key} must be a number, not {value!r}")
+        for key, low in (("max_steps", 1), ("batch_size", 1), ("valid_every", 1),
+                         ("save_every", 1), ("log_every", 1), ("keep_checkpoints", 1),
+                         ("warmup_steps", 0), ("patience", 0), ("clip", 0)):
+            if key in values and values[key] < low:
+                raise ValueError(f"align option {key} must be >= {low}, not {values[key]!r}")
+        for key in ("lr", "scale"):
+            if key in values and not values[key] > 0:
+                raise ValueError(f"align option {key} must be > 0, not {values[key]!r}")
         if values.get("vocab", "train") not in VOCABS:
             raise ValueError(f"align option vocab must be one of {VOCABS}, not "
                              f"{values['vocab']!r}")
@@ -525,7 +534,8 @@ def _save_weights(al: Aligner, path: str) -> None:
 
 
 def _load_init(al: Aligner, init: str) -> None:
-    """Projector (and, with the same vocabulary, the blank) of an earlier alignment."""
+    """Projector and blank vector of an earlier alignment (the blank does not depend on the
+    vocabulary, so an alignment on other texts serves too)."""
     try:
         al.projector.load_state_dict(load_projector_weights(init))
     except RuntimeError as e:

@@ -375,7 +375,7 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
 @click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
 @click.option("--model", required=True, help="The LLM (or a speechllm directory).")
 @click.option("--out", required=True, help="Output directory (projector, checkpoints, logs).")
-@click.option("--config", "config_path", help="YAML options (finetune's config serves too).")
+@click.option("--config", "config_path", help="YAML options (see lalmtool.align.AlignConfig).")
 @click.option("--valid-feats", help="Validation feature store (CTC-greedy WER in the log).")
 @click.option("--valid-manifest", help="Validation manifest.")
 @click.option("--init", "init", help="Start from an earlier alignment's output directory.")

@@ -165,6 +165,12 @@ def test_cli_reports_skips_and_fails_in_one_line(data, tiny_llm, tmp_path):  # n
     r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
                                            str(tmp_path / "x"), "--vocab=all"])
     assert r.exit_code == 1 and "vocab must be one of" in r.output
+    r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
+                                           str(tmp_path / "x"), "--max_steps=0"])
+    assert r.exit_code == 1 and "Error: align option max_steps must be >= 1, not 0" in r.output
+    r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
+                                           str(tmp_path / "x"), "--max_step=3"])
+    assert r.exit_code == 1 and "unknown align option(s) ['max_step']" in r.output
 
 
 def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  # noqa: F811

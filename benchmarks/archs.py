@@ -3,7 +3,7 @@ benchmarks (``bench_prefill.py --arch``, ``bench_train_step.py``) measure, with 
 
 Cost (time, memory, FLOPs) depends on a model's shapes, not on its weights' values, so a randomly
 initialised Qwen2-Audio-7B costs what the real checkpoint costs; its accuracy means nothing.
-The tokenizer is the small byte-level one of ``write_random_checkpoint`` (with Qwen2-Audio's
+The tokenizer is the small byte-level one of ``write_random_qwen2_audio`` (with Qwen2-Audio's
 special tokens), so prompts are a few tokens longer than the real tokenizer's.
 """
 from __future__ import annotations
@@ -62,10 +62,10 @@ def random_qwen2_audio(config, tmp: str, device: str, dtype: torch.dtype, **opts
                               WhisperFeatureExtractor)
 
     from lalmtool.models import load_backend
-    from lalmtool.models.qwen2_audio import write_random_checkpoint
+    from lalmtool.testing import write_random_qwen2_audio
 
     path = os.path.join(tmp, "qwen2-audio-random")
-    write_random_checkpoint(path)  # tokenizer and processor (its model is replaced below)
+    write_random_qwen2_audio(path)  # tokenizer and processor (its model is replaced below)
     WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins).save_pretrained(path)
     small = Qwen2AudioConfig.from_pretrained(path)
     config.audio_token_index = small.audio_token_index  # the small tokenizer's special ids

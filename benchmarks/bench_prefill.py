@@ -39,7 +39,7 @@ Backends:
 * ``speechllm``: the real SmolLM2-135M-Instruct behind the real tiny.en encoder (stack 4,
   MLP projector, randomly initialised: cost does not depend on training).
 * ``qwen2-audio``: Qwen2-Audio's architecture at a small size, randomly initialised (written by
-  ``write_random_checkpoint``: 8 decoder layers of width 512, 8 heads, MLP width 1376 = the 7B's
+  ``write_random_qwen2_audio``: 8 decoder layers of width 512, 8 heads, MLP width 1376 = the 7B's
   ratio) — or a real checkpoint with ``--qwen-model``. Its frame level is the tower's 25 Hz
   output; here that is the tiny.en frames averaged in pairs, as the tower's own pooler does, and
   every compressor runs on those 25 Hz frames. ``--arch``/``--arch-config`` build that
@@ -140,8 +140,8 @@ def load(name: str, args, tmp: str):
                                   getattr(torch, args.dtype))
     path = args.qwen_model or os.path.join(tmp, "qwen2-audio")
     if not args.qwen_model:
-        from lalmtool.models.qwen2_audio import write_random_checkpoint
-        write_random_checkpoint(path, hidden=512, layers=8, heads=8, kv_heads=8,
+        from lalmtool.testing import write_random_qwen2_audio
+        write_random_qwen2_audio(path, hidden=512, layers=8, heads=8, kv_heads=8,
                                 intermediate=1376, audio_dim=384, max_positions=32768)
     return load_backend(name, path, **opts)
 

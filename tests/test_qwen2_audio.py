@@ -13,14 +13,15 @@ import torch
 
 from conftest import tone, write_manifest
 from lalmtool.models import load_backend
-from lalmtool.models.qwen2_audio import Qwen2AudioBackend, write_random_checkpoint
+from lalmtool.models.qwen2_audio import Qwen2AudioBackend
+from lalmtool.testing import write_random_qwen2_audio
 from lalmtool.pool import pool
 from lalmtool.segment import uniform
 
 @pytest.fixture(scope="module")
 def tiny_qwen2_audio(tmp_path_factory) -> str:
     """A random tiny Qwen2-Audio checkpoint with its processor, saved to disk."""
-    return write_random_checkpoint(str(tmp_path_factory.mktemp("tiny-qwen2-audio")))
+    return write_random_qwen2_audio(str(tmp_path_factory.mktemp("tiny-qwen2-audio")))
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +247,7 @@ INSTRUCT_TEMPLATE = (
 def test_the_instruct_checkpoints_own_chat_template_keeps_the_audio(tmp_path):
     from transformers import AutoProcessor
 
-    path = write_random_checkpoint(str(tmp_path / "Qwen2-Audio-7B-Instruct"))
+    path = write_random_qwen2_audio(str(tmp_path / "Qwen2-Audio-7B-Instruct"))
     os.remove(os.path.join(path, "chat_template.jinja"))
     with open(os.path.join(path, "chat_template.json"), "w") as fh:
         json.dump({"chat_template": INSTRUCT_TEMPLATE}, fh)
@@ -262,7 +263,7 @@ def test_the_instruct_checkpoints_own_chat_template_keeps_the_audio(tmp_path):
                          "<|im_end|>\n<|im_start|>assistant\n")
     before, after = be._prompt_ids
     assert be.tokenizer.decode(before).endswith("Audio 1: <|audio_bos|>")
-    builtin = write_random_checkpoint(str(tmp_path / "builtin-instruct"))
+    builtin = write_random_qwen2_audio(str(tmp_path / "builtin-instruct"))
     assert Qwen2AudioBackend(builtin).prompt == be.prompt  # the built-in template agrees
 
 
@@ -287,7 +288,7 @@ def _stores(path, tmp_path, opts=None):
 def test_an_utterance_beyond_the_llm_context_is_named_with_the_compression_that_fits(tmp_path):
     from lalmtool.decode import decode
 
-    path = write_random_checkpoint(str(tmp_path / "ckpt"), max_positions=128)
+    path = write_random_qwen2_audio(str(tmp_path / "ckpt"), max_positions=128)
     frames, k2 = _stores(path, tmp_path)
     prompt = Qwen2AudioBackend(path).prompt_positions(0)
     assert prompt == 47  # <|audio_bos|>, <|audio_eos|> and the ASR instruction, byte-level

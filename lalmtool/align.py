@@ -68,7 +68,8 @@ from .finetune import Examples, latest_checkpoint
 from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
 from .parallel import progress
-from .store import Store, fingerprint, write_atomic
+from .fileio import write_atomic
+from .store import Store, fingerprint
 
 log = logging.getLogger("lalmtool")
 

@@ -33,7 +33,8 @@ from .manifest import read_manifest
 from .models import BACKENDS, load_backend
 from .models.base import model_identity
 from .parallel import barrier, dist_info, progress, resolve_device
-from .store import Store, StoreError, condition_of, fingerprint, write_atomic
+from .fileio import write_atomic
+from .store import Store, StoreError, condition_of, fingerprint
 
 log = logging.getLogger("lalmtool")
 MARKER = "decode.fingerprint"

@@ -58,7 +58,8 @@ from .manifest import load_manifest
 from .models import BACKENDS, load_backend
 from .models.base import model_identity
 from .parallel import progress, resolve_device
-from .store import Store, condition_of, write_atomic
+from .fileio import write_atomic
+from .store import Store, condition_of
 
 log = logging.getLogger("lalmtool")
 

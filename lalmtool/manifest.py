@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 import soundfile as sf
 
 from .audio import header_problem
-from .store import check_dataset_name, write_atomic
+from .fileio import iter_jsonl, write_atomic
+from .store import check_dataset_name
 
 
 HINT = ("Fix the manifest (`lalmtool extract --on-error skip` leaves such utterances out and "
@@ -83,45 +84,32 @@ def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
     """
     base = os.path.dirname(os.path.abspath(path))
     utts, problems = [], []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                problems.append((where, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append((where, f"not valid JSON ({e.msg})"))
-                continue
-            if not isinstance(rec, dict):
-                problems.append((where, f"must be a JSON object, got {type(rec).__name__}"))
-                continue
-            missing = [k for k in ("id", "audio") if k not in rec]
-            if missing:
-                problems.append((where, f"missing {' and '.join(repr(k) for k in missing)}"))
-                continue
-            uid = rec["id"]
-            if isinstance(uid, int) and not isinstance(uid, bool):
-                uid = str(uid)
-            if not isinstance(uid, str):
-                problems.append((where, f"'id' must be a string, got {_kind(uid)}"))
-                continue
-            bad = _field_problems(rec)
-            if bad:
-                problems += [(uid, f"{where}: {msg}") for msg in bad]
-                continue
-            audio = rec["audio"] if os.path.isabs(rec["audio"]) else os.path.join(base, rec["audio"])
-            dur = rec.get("duration")
-            utts.append(Utterance(
-                id=uid, audio=audio, text=rec.get("text") or "",
-                duration=float(dur) if dur is not None else None,
-                target=rec.get("target"), lang=rec.get("lang"), line=lineno,
-            ))
+    for lineno, rec, problem in iter_jsonl(path):
+        where = f"line {lineno}"
+        if problem:
+            problems.append((where, problem))
+            continue
+        missing = [k for k in ("id", "audio") if k not in rec]
+        if missing:
+            problems.append((where, f"missing {' and '.join(repr(k) for k in missing)}"))
+            continue
+        uid = rec["id"]
+        if isinstance(uid, int) and not isinstance(uid, bool):
+            uid = str(uid)
+        if not isinstance(uid, str):
+            problems.append((where, f"'id' must be a string, got {_kind(uid)}"))
+            continue
+        bad = _field_problems(rec)
+        if bad:
+            problems += [(uid, f"{where}: {msg}") for msg in bad]
+            continue
+        audio = rec["audio"] if os.path.isabs(rec["audio"]) else os.path.join(base, rec["audio"])
+        dur = rec.get("duration")
+        utts.append(Utterance(
+            id=uid, audio=audio, text=rec.get("text") or "",
+            duration=float(dur) if dur is not None else None,
+            target=rec.get("target"), lang=rec.get("lang"), line=lineno,
+        ))
     return utts, problems
 
 

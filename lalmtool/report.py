@@ -21,7 +21,7 @@ import os
 import platform
 import subprocess
 
-from .store import write_atomic
+from .fileio import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +292,11 @@ def plot_rows(rows: list[dict], path: str) -> bool:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
 
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable
 
-from .store import write_atomic
+from .fileio import iter_jsonl, write_atomic
 
 METRICS = ("wer", "bleu")
 NORMALIZERS = ("auto", "whisper_english", "basic", "none")
@@ -41,18 +41,10 @@ def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     records, bad = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"line {lineno}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(rec, dict) or "id" not in rec:
-                bad.append(f"line {lineno}: needs a JSON object with an 'id' field")
-                continue
+    for lineno, rec, problem in iter_jsonl(path):
+        if problem or "id" not in rec:
+            bad.append(f"line {lineno}: " + (problem or "needs an 'id' field"))
+        else:
             records.append((lineno, rec))
     if bad:
         raise ValueError(f"{what} {path} has {len(bad)} bad line(s):\n  " + "\n  ".join(bad[:20]))

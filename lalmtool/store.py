@@ -29,9 +29,10 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from .fileio import TMP_SUFFIX, write_atomic
+
 STORE_FILE = "store.json"
 SKIPPED_FILE = "skipped.jsonl"
-TMP_SUFFIX = ".tmp"
 MAX_OPEN = 64  # shard files a Store keeps open at once (least recently used closed first)
 CHUNK_BYTES = 1 << 20  # rows per checksummed chunk: about this many bytes
 log = logging.getLogger("lalmtool")
@@ -362,22 +363,6 @@ def _read_json(path: str):
         return None
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}{TMP_SUFFIX}.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:  # name the file, not its .tmp
-            raise OSError(e.errno, e.strerror, path) from e
-        raise
 
 
 def _clear(path: str) -> None:

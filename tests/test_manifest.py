@@ -123,7 +123,7 @@ def test_validate_command_names_an_option_that_exists(tmp_path, wav):
 def test_from_kaldi_into_an_unwritable_place_is_one_line(tmp_path, wav, monkeypatch):
     import errno
 
-    from lalmtool import store
+    from lalmtool import fileio
 
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "wav.scp").write_text(f"a {tmp_path / wav}\n")
@@ -135,7 +135,7 @@ def test_from_kaldi_into_an_unwritable_place_is_one_line(tmp_path, wav, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_open(path, mode, *a, **k)
 
-    monkeypatch.setattr(store, "open", full, raising=False)
+    monkeypatch.setattr(fileio, "open", full, raising=False)
     r = CliRunner().invoke(main, ["manifest", "from-kaldi", str(tmp_path / "k"),
                                   str(tmp_path / "out.jsonl")])
     assert (r.exit_code, r.output) == (1, f"Error: cannot write {tmp_path / 'out.jsonl'}: No "

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import soundfile as sf
 
-from ..store import check_dataset_name, write_atomic
+from ..fileio import write_atomic
+from ..store import check_dataset_name
 
 PREPARE_VERSION = 1  # bump when a change here changes what a prepared set holds
 MAX_LISTED = 20

@@ -1,0 +1,65 @@
+"""Small file helpers every stage shares: atomic writes and JSON Lines reading.
+
+A file another program (or a rerun) may read is written under a temporary name in the same
+directory and renamed when complete, so a reader sees either the old file or the new one, never a
+half-written one; an OSError names the file, not its temporary.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path beside ``path``; renamed to ``path`` if the block succeeds,
+    removed if it fails (for writers that take a file name, e.g. matplotlib's ``savefig``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}{TMP_SUFFIX}.{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file, not its .tmp
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    """Writes ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Each non-blank line of a JSON Lines file as ``(line number, record, None)``, or
+    ``(line number, None, problem)`` when the line is not UTF-8 or not a JSON object.
+
+    A UTF-8 byte order mark and CRLF line ends are fine. Every line is read, so that a caller
+    can report all problems at once.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"not valid JSON ({e.msg})"
+                continue
+            if not isinstance(rec, dict):
+                yield lineno, None, f"must be a JSON object, got {type(rec).__name__}"
+                continue
+            yield lineno, rec, None

@@ -10,6 +10,7 @@ import warnings
 import click
 
 from . import score as score_mod
+from .models import BACKENDS
 
 ON_ERROR = click.Choice(["fail", "skip"])
 
@@ -213,11 +214,20 @@ BACKEND_OPT = click.option(
     help="Backend option, repeatable (e.g. tap=prepool, task=translate, language=de).")
 
 
-def _backend_opts(items) -> dict:
-    if not items:  # importing finetune (peft) would double a finished extract's rerun time
-        return {}
-    from .finetune import parse_overrides
+def parse_overrides(items: list[str]) -> dict:
+    """``["lr=3e-4", "target_modules=[q_proj,v_proj]"]`` → typed values (YAML parsing)."""
+    import yaml
 
+    out = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"option {item!r} is not key=value")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _backend_opts(items) -> dict:
     return _run(parse_overrides, list(items))
 
 
@@ -233,7 +243,7 @@ def common(fn):
 @click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
 @click.option("--out", required=True, help="Feature store directory to write.",
               type=click.Path(file_okay=False))
-@click.option("--backend", default="whisper", show_default=True)
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper", show_default=True)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Windows (<= 30 s of audio each) per encoder forward; lower it when the "
                    "device runs out of memory.")
@@ -356,7 +366,7 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
     from the last checkpoint of the same run; other settings or inputs are refused (--force
     starts over).
     """
-    from .finetune import TrainConfig, finetune as run, parse_overrides
+    from .finetune import TrainConfig, finetune as run
 
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
@@ -391,7 +401,6 @@ def align(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid
     --init-projector.
     """
     from .align import AlignConfig, align as run
-    from .finetune import parse_overrides
 
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
@@ -431,7 +440,7 @@ def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
 @click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
 @click.option("--condition", "label",
               help="Name of the condition in reports (default: the store's, e.g. uniform-mean-k3).")
-@click.option("--backend", default="whisper", show_default=True,
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper", show_default=True,
               help="whisper, qwen2-audio or speechllm (the one the adapter was trained with).")
 @click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
               help="Beam size (1: greedy).")

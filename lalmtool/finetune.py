@@ -206,17 +206,6 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.text_field in ("text", "target"), "text_field", "text or target")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["lr=3e-4", "target_modules=[q_proj,v_proj]"]`` → typed values (YAML parsing)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.lstrip("-").partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 # -- data ----------------------------------------------------------------------------------
 class Examples:
     """Utterances present both in a feature store and in a manifest with text."""

@@ -39,3 +39,25 @@ def test_score_choices_come_from_the_registries(monkeypatch):
     params = {p.name: p for p in main.commands["score"].params}
     assert tuple(params["normalizer"].type.choices) == score.NORMALIZERS
     assert tuple(params["metric"].type.choices) == score.METRICS
+
+
+def test_backend_method_and_reducer_choices_match_the_registries():
+    from lalmtool import pool, segment
+    from lalmtool.models import BACKENDS
+
+    def choices(command, param):
+        return sorted(next(p for p in main.commands[command].params if p.name == param).type.choices)
+
+    assert choices("extract", "backend") == choices("decode", "backend") == sorted(BACKENDS)
+    assert choices("segment", "method") == sorted(segment.METHODS)
+    assert choices("pool", "reduce") == sorted(pool.REDUCERS)
+
+
+def test_unknown_backend_is_refused_before_anything_runs(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text("")
+    r = CliRunner().invoke(main, ["extract", "--manifest", str(m), "--model", "x",
+                                  "--out", str(tmp_path / "o"), "--backend", "wisper"])
+    assert r.exit_code == 2 and "'wisper' is not one of 'qwen2-audio', 'speechllm', 'whisper'" \
+        in r.output
+    assert not (tmp_path / "o").exists()

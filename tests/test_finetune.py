@@ -46,7 +46,9 @@ CFG = dict(max_steps=8, batch_size=3, save_every=2, log_every=1, warmup_steps=2,
 
 
 def test_overrides_and_config_errors(tmp_path):
-    o = F.parse_overrides(["--lr=3e-4", "max_steps=5", "target_modules=[q_proj, v_proj]"])
+    from lalmtool.cli import parse_overrides
+
+    o = parse_overrides(["--lr=3e-4", "max_steps=5", "target_modules=[q_proj, v_proj]"])
     cfg = F.TrainConfig.load(None, o)
     assert (cfg.lr, cfg.max_steps, cfg.target_modules) == (3e-4, 5, ["q_proj", "v_proj"])
     with pytest.raises(ValueError, match="must be a number"):
@@ -54,7 +56,7 @@ def test_overrides_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown training option"):
         F.TrainConfig.load(None, {"learning_rate": 1})
     with pytest.raises(ValueError, match="key=value"):
-        F.parse_overrides(["lr"])
+        parse_overrides(["lr"])
 
 
 def test_batching_by_duration_and_epochs(train_set):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Backend
+if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for --backend choices
+    from .base import Backend
 
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",

@@ -203,3 +203,34 @@ def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
     barrier(world)
     skipped = writer.finish(skipped_before) if rank == 0 else []
     return dict(totals), skipped
+
+
+# -- what every sharded stage does around its workers ----------------------------------------
+def check_out(out: str, *inputs: str) -> None:
+    """ValueError when ``--out`` names an existing file (a store is a directory) or one of the
+    stage's input stores (which writing, or --force, would destroy)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; give a directory for the store")
+    for path in inputs:
+        if os.path.realpath(out) == os.path.realpath(path):
+            raise ValueError(f"--out {out} is the input store {path}; give another directory")
+
+
+def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:
+    """Frames, tokens, tokens/s and compression ratio of what a stage wrote now."""
+    frames, tokens = stats.get("frames", 0), stats.get("tokens", 0)
+    seconds = stats.get("audio_seconds", 0.0) or frames / rate
+    summary = {"store": out, "utterances": stats.get("utterances", 0), "frames": frames,
+               "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
+               "frames_per_s": frames / seconds if seconds else 0.0,
+               "compression": frames / tokens if tokens else 0.0, "skipped": len(skipped)}
+    log.debug("%s", summary)  # the CLI prints it once, as a table
+    return summary
+
+
+def for_utterance(utt: str, fn, *args):
+    """Calls ``fn(*args)``; a ValueError it raises names the utterance."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"utterance {utt!r}: {e}") from e

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from .lock import output_lock
-from .parallel import run_sharded
-from .segment import check_out, for_utterance, summarize
+from .parallel import check_out, for_utterance, run_sharded, summarize
 from .store import ShardResult, Store, StoreError, fingerprint
 
 STAGE_VERSION = 1

@@ -17,7 +17,7 @@ import torch
 from scipy.signal import find_peaks
 
 from .lock import output_lock
-from .parallel import run_sharded
+from .parallel import check_out, for_utterance, run_sharded, summarize
 from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -173,16 +173,6 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     return summarize(stats, rate, out, skipped)
 
 
-def check_out(out: str, *inputs: str) -> None:
-    """ValueError when ``--out`` names an existing file (a store is a directory) or one of the
-    stage's input stores (which writing, or --force, would destroy)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file; give a directory for the store")
-    for path in inputs:
-        if os.path.realpath(out) == os.path.realpath(path):
-            raise ValueError(f"--out {out} is the input store {path}; give another directory")
-
-
 def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
     """ValueError for options out of range, missing, or ignored by ``method``."""
     if method not in METHODS:
@@ -213,28 +203,8 @@ def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
             raise ValueError(f"--k must be a whole number of frames >= 1, got {k}")
 
 
-def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:
-    """Frames, tokens, tokens/s and compression ratio of what a stage wrote now."""
-    frames, tokens = stats.get("frames", 0), stats.get("tokens", 0)
-    seconds = stats.get("audio_seconds", 0.0) or frames / rate
-    summary = {"store": out, "utterances": stats.get("utterances", 0), "frames": frames,
-               "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
-               "frames_per_s": frames / seconds if seconds else 0.0,
-               "compression": frames / tokens if tokens else 0.0, "skipped": len(skipped)}
-    log.info("%s", summary)
-    return summary
-
-
 def _duration(store: Store, attrs: dict, z: np.ndarray) -> float:
     return float(attrs.get("duration", len(z) / float(store.meta["frame_rate"])))
-
-
-def for_utterance(utt: str, fn, *args):
-    """Calls ``fn(*args)``; a ValueError it raises names the utterance."""
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise ValueError(f"utterance {utt!r}: {e}") from e
 
 
 def _worker(feats: str, method: str, k, threshold, on_error: str):

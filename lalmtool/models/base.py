@@ -11,6 +11,8 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from transformers import GenerationConfig
@@ -68,6 +70,18 @@ class Backend(ABC):
         """Transcripts (or translations) for a batch of feature sequences."""
 
 
+@dataclass
+class BatchLayout:
+    """Token ids, audio slots, attention mask, positions and labels (None without texts) of a
+    padded decoder-only batch, all ``[B, L]``."""
+
+    ids: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor | None
+
+
 class DecoderOnlyBackend(Backend):
     """What the decoder-only backends share: the audio goes into a causal LM's prompt, targets
     end with ``end_token_id``, generation stops there or at any of the LM's eos tokens."""
@@ -93,6 +107,39 @@ class DecoderOnlyBackend(Backend):
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.end_token_id
+
+    def _layout(self, n_audio: list[int], texts: list[str] | None, fill_id: int,
+                padding_side: str) -> BatchLayout:
+        """The batch layout both decoder-only backends share: per utterance the prompt's ids
+        before the audio, ``n_audio[i]`` audio slots (holding ``fill_id``), the prompt's ids after
+        it, then (when ``texts`` are given) the target's tokens and the end token; padded on
+        ``padding_side`` with the pad id; labels -100 outside the targets; positions counting
+        real tokens only."""
+        if texts is not None and len(texts) != len(n_audio):
+            raise ValueError(f"{len(n_audio)} feature sequences but {len(texts)} texts")
+        check_choice("padding_side", padding_side, ("left", "right"))
+        before, after = self._prompt_ids
+        rows = []  # (ids, number of audio slots, number of target tokens) per utterance
+        for i, n in enumerate(n_audio):
+            target = [] if texts is None else self.tokenizer.encode(
+                texts[i].strip(), add_special_tokens=False) + [self.end_token_id]
+            rows.append((before + [fill_id] * n + after + target, n, len(target)))
+        width, b = max(len(r[0]) for r in rows), len(rows)
+        ids = torch.full((b, width), self._pad_id(), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        slots = torch.zeros((b, width), dtype=torch.bool)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for i, (seq, n, t) in enumerate(rows):
+            start = width - len(seq) if padding_side == "left" else 0
+            ids[i, start:start + len(seq)] = torch.tensor(seq)
+            mask[i, start:start + len(seq)] = 1
+            slots[i, start + len(before):start + len(before) + n] = True
+            if t:
+                labels[i, start + len(seq) - t:start + len(seq)] = torch.tensor(seq[-t:])
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        dev = self.device
+        return BatchLayout(ids.to(dev), slots.to(dev), mask.to(dev), positions.to(dev),
+                           labels.to(dev) if texts is not None else None)
 
     def generation_config(self, beam: int, max_new_tokens: int) -> GenerationConfig:
         """Greedy (``beam`` 1) or beam search, stopping at ``_stop_ids``."""

@@ -295,40 +295,20 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         """Prompt (+ target text and end token) per utterance, audio frames spliced in, padded."""
         if not feats:
             raise ValueError("empty batch")
-        if texts is not None and len(texts) != len(feats):
-            raise ValueError(f"{len(feats)} feature sequences but {len(texts)} texts")
         if any(f.ndim != 2 or f.shape[0] == 0 for f in feats):
             shapes = [tuple(f.shape) for f in feats]
             raise ValueError(f"features must be non-empty [T, D] tensors; got {shapes}")
-        check_choice("padding_side", padding_side, ("left", "right"))
         core = self._core()
-        audio_id, pad_id = core.config.audio_token_id, self._pad_id()
-        before, after = self._prompt_ids
-        seqs, label_seqs = [], []
-        for i, f in enumerate(feats):
-            prompt = before + [audio_id] * f.shape[0] + after
-            target = [] if texts is None else self.tokenizer.encode(
-                texts[i].strip(), add_special_tokens=False) + [self.end_token_id]
-            seqs.append(prompt + target)
-            label_seqs.append([-100] * len(prompt) + target)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, lab) in enumerate(zip(seqs, label_seqs)):
-            span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
-            ids[i, span], labels[i, span], mask[i, span] = torch.tensor(s), torch.tensor(lab), 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        slots = ids == audio_id
-        if int(slots.sum()) != sum(f.shape[0] for f in feats):  # e.g. a text holding <|AUDIO|>
-            raise ValueError(f"{int(slots.sum())} {AUDIO_TOKEN} positions for "
+        audio_id = core.config.audio_token_id
+        lay = self._layout([f.shape[0] for f in feats], texts, audio_id, padding_side)
+        ids, mask, slots = lay.ids, lay.mask, lay.slots
+        if int((ids == audio_id).sum()) != int(slots.sum()):  # e.g. a text holding <|AUDIO|>
+            raise ValueError(f"{int((ids == audio_id).sum())} {AUDIO_TOKEN} positions for "
                              f"{sum(f.shape[0] for f in feats)} audio frames; texts: {texts}")
         embeds = core.get_input_embeddings()(ids)
         audio = self.project(feats).to(embeds.dtype)
         embeds = embeds.masked_scatter(slots[..., None], audio)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        return SplicedBatch(ids, embeds, mask, positions,
-                            labels.to(self.device) if texts is not None else None)
+        return SplicedBatch(ids, embeds, mask, lay.positions, lay.labels)
 
     # -- decoder -------------------------------------------------------------------------
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:

@@ -108,8 +108,8 @@ class TrainConfig:
     save_every: int = _opt(50, "write a resumable checkpoint every N steps")
     log_every: int = _opt(10, "write a log.jsonl record every N steps")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on GPU, off on CPU), bf16, fp16 (with "
-                            "a gradient scaler) or off")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on GPU, off on CPU), bf16 (or "
+                            "bfloat16), fp16 (or float16; with a gradient scaler) or off")
     device: str = _opt("auto", "auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, "
                                "cuda or cuda:N")
     dist_timeout: float = _opt(600.0, "under torchrun: seconds a rank waits for the others "
@@ -121,6 +121,7 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self.amp = AMP_NAMES.get(self.amp, self.amp)  # the --dtype names of extract and decode
         _check_values(self)
 
     @classmethod
@@ -145,6 +146,10 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+#: ``--dtype`` names (extract, decode) accepted for ``amp``, so one spelling works everywhere.
+AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "off"}
 
 
 def _coerce(key: str, hint, value):

@@ -474,3 +474,10 @@ def test_each_rank_takes_its_gpu_before_nccl_starts(monkeypatch):
     assert (dist.rank, dist.world, dist.device) == (3, 4, "cuda:1")
     assert calls == [("set_device", "cuda:1"),
                      ("init", "nccl", datetime.timedelta(seconds=90))]
+
+
+def test_amp_takes_the_dtype_names_of_extract_and_decode():
+    assert [F.TrainConfig(amp=a).amp for a in ("bfloat16", "float16", "float32", "bf16", "auto")] \
+        == ["bf16", "fp16", "off", "bf16", "auto"]
+    with pytest.raises(ValueError, match="training option amp must be"):
+        F.TrainConfig(amp="half")

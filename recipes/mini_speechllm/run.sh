@@ -24,6 +24,17 @@
 # compression multiplies: the LLM reads 12.5 positions/s at frame level, 6.25 at k=2, 4.2 at
 # k=3, ~3.9 for peaks (tokens/s in RESULTS.md counts these LLM positions).
 #
+# Measured 2026-11-26 on the 2 shared CPU cores (1000 train utterances; align 300 steps, CTC
+# re-alignment 100 steps, --frame_steps 100 --realign_steps 20, conditions frames,
+# uniform-mean-k3, peaks; --unaligned_decodes false). WER % test / LibriVox, LLM positions/s:
+#   CTC greedy, projector alone: frames 57.9 / 56.3 (12.7/s); uniform-mean-k3 61.3 / 64.8
+#     (4.3/s); peaks 63.8 / 62.0 (3.9/s)
+#   LLM + LoRA: frames 68.9 / 78.9; uniform-mean-k3 118.1 / 78.9; peaks 110.4 / 87.3
+# Dev CTC WER of the frame-level projector on compressed features: 79.4 (k3), 86.7 (peaks);
+# after 50-100 steps of its own alignment 61.2 and 63.5 (frames: 58.3): the alignment carries
+# over only in part, each condition needs (a cheap) one of its own. Stage seconds: align 500,
+# finetune 719, decode 171, report 56 (extraction under heavy CPU sharing: ~45 min, not typical).
+#
 # Data: the mini recipe's own preparation (../mini/local/prepare_data.py): WordNet sentences
 # spoken by espeak-ng/flite voices, and the 5 real LibriVox clips. With the same seed and
 # --n_test the test sentences are exactly those of recipes/mini. dev (disjoint sentences) drives

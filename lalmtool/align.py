@@ -64,11 +64,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .finetune import Examples, latest_checkpoint
+from .finetune import Examples, latest_checkpoint, truncate_log
 from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
-from .parallel import progress
 from .fileio import write_atomic
+from .parallel import progress
 from .store import Store, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -293,7 +293,7 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
     if ckpt:
         state = _load_checkpoint(ckpt, al, opt, sched)
         log.info("align: resuming from %s (step %d of %d)", ckpt, state["step"], cfg.max_steps)
-        _truncate_log(out, state["step"])
+        truncate_log(out, state["step"])
     elif valid:
         state["initial_wer"] = _validate(al, valid)
         state["best"], state["best_step"] = state["initial_wer"], 0
@@ -583,11 +583,3 @@ def _log(out: str, rec: dict) -> None:
     with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(rec) + "\n")
     log.info("align %s", rec)
-
-
-def _truncate_log(out: str, step: int) -> None:
-    path = os.path.join(out, "log.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        write_atomic(path, "".join(keep))

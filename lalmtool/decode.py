@@ -31,7 +31,7 @@ import torch
 from .lock import output_lock
 from .manifest import read_manifest
 from .models import BACKENDS, load_backend
-from .models.base import model_identity
+from .models.base import model_identity, training_options
 from .parallel import barrier, dist_info, progress, resolve_device
 from .fileio import write_atomic
 from .store import Store, StoreError, condition_of, fingerprint
@@ -62,7 +62,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     rank, world = dist_info()
     store = _feature_store(feats)
     model_dir = _model_dir(model)
-    opts = {**_training_opts(adapter, backend), **(backend_opts or {})}
+    opts = {**training_options(adapter, backend), **(backend_opts or {})}
     _check_options(backend, opts, adapter)
     _check_tap(store, backend, opts, adapter)
     method, params, default_label = condition_of(store)
@@ -297,7 +297,7 @@ def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> N
     taps = {"store": meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default,
             "decode": opts.get("tap") or default}
     if adapter:
-        taps["adapter"] = _training_opts(adapter, backend).get("tap") or default
+        taps["adapter"] = training_options(adapter, backend).get("tap") or default
     if len(set(taps.values())) > 1:
         raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in taps.items())} "
                          f"({store.path}); decode a store extracted at the adapter's tap, or "
@@ -332,28 +332,6 @@ def _adapter_condition(adapter: str | None, condition: str) -> str | None:
     with open(path) as fh:
         trained_on = json.load(fh).get("condition")
     return trained_on if trained_on != condition else None
-
-
-def _training_opts(adapter: str | None, backend: str) -> dict:
-    """The backend options (``extra``) of the finetune run that wrote ``adapter``, if known;
-    refuses an adapter that is missing or was trained for another backend."""
-    if not adapter:
-        return {}
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json); "
-                         "pass OUT/adapter of `lalmtool finetune`")
-    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
-    if not os.path.exists(cfg):
-        return {}
-    import yaml
-
-    with open(cfg, encoding="utf-8") as fh:
-        run = yaml.safe_load(fh) or {}
-    trained = run.get("backend", backend)
-    if trained != backend:
-        raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
-                         f"({cfg}); decode it with --backend {trained}")
-    return dict(run.get("extra") or {})
 
 
 def _outputs(out: str) -> list[str]:

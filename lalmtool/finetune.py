@@ -580,7 +580,7 @@ def _resume(run: Run) -> None:
         run.state = _load_checkpoint(ckpt, run)
         log.info("resuming from %s (step %d of %d)", ckpt, run.state["step"], run.total)
         if run.dist.rank == 0:
-            _truncate_log(run.out, run.state["step"])
+            truncate_log(run.out, run.state["step"])
     if run.dist.rank == 0 and run.state["best_step"] is None:
         _remove(os.path.join(run.out, "best"))  # written after that checkpoint: redone
 
@@ -850,7 +850,7 @@ def _last_record(out: str) -> dict:
     return next((r for r in reversed(records) if "loss" in r), {})
 
 
-def _truncate_log(out: str, step: int) -> None:
+def truncate_log(out: str, step: int) -> None:
     """Drops log records written after the checkpoint we resume from (they will be redone)."""
     path = os.path.join(out, "log.jsonl")
     if os.path.exists(path):

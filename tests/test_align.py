@@ -189,14 +189,14 @@ def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  
     started = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
     assert started.keys() == aligned.keys()
     assert all(torch.equal(started[k], aligned[k]) for k in aligned)
-    from lalmtool.decode import _training_opts
+    from lalmtool.models.base import training_options
     from lalmtool.models import load_backend
 
     fresh = load_backend("speechllm", tiny_llm, **data["extra"]).model.projector.state_dict()
     assert not torch.equal(fresh["net.0.weight"], aligned["net.0.weight"])  # a real hand-over
     # decode (options from the run's config.yaml) reloads the same projector
 
-    opts = _training_opts(str(tmp_path / "ft" / "adapter"), "speechllm")
+    opts = training_options(str(tmp_path / "ft" / "adapter"), "speechllm")
     assert opts["init_projector"] == str(tmp_path / "al")
     be = load_backend("speechllm", tiny_llm, **opts)
     assert all(torch.equal(be.model.projector.state_dict()[k], aligned[k]) for k in aligned)

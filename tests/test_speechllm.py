@@ -218,7 +218,7 @@ def reload_logits(be, feats):
 def test_adapter_and_exported_directory_reload_the_trained_model(trained, tiny_llm, tmp_path):
     from peft import PeftModel
 
-    from lalmtool.decode import _training_opts
+    from lalmtool.models.base import training_options
     from lalmtool.store import Store
 
     adapter = trained["summary"]["adapter"]
@@ -228,7 +228,7 @@ def test_adapter_and_exported_directory_reload_the_trained_model(trained, tiny_l
     live = load_backend("speechllm", tiny_llm, **trained["extra"])
     live.model = PeftModel.from_pretrained(live.model, adapter)
     # as decode loads it: --model LLM --adapter, options from the run's config.yaml
-    opts = _training_opts(adapter, "speechllm")
+    opts = training_options(adapter, "speechllm")
     assert opts == trained["extra"]
     merged = load_backend("speechllm", tiny_llm, **opts)
     merged.model = PeftModel.from_pretrained(merged.model, adapter).merge_and_unload()

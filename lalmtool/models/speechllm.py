@@ -76,7 +76,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .base import (DecoderOnlyBackend, check_choice, model_identity, next_token_targets,
-                   resolve_dtype, token_mean_loss)
+                   resolve_dtype, token_mean_loss, training_options)
 
 log = logging.getLogger("lalmtool")
 
@@ -443,37 +443,14 @@ class SpeechLLMBackend(DecoderOnlyBackend):
         """Prompt, stacked audio slots (and target text + end token) per utterance, padded."""
         if not feats:
             raise ValueError("empty batch")
-        if texts is not None and len(texts) != len(feats):
-            raise ValueError(f"{len(feats)} feature sequences but {len(texts)} texts")
         if any(f.ndim != 2 or f.shape[0] == 0 or f.shape[1] != self.feature_dim for f in feats):
             shapes = [tuple(f.shape) for f in feats]
             raise ValueError(f"features must be non-empty [T, {self.feature_dim}] tensors (the "
                              f"encoder's width); got {shapes}")
-        check_choice("padding_side", padding_side, ("left", "right"))
         audio = [stack_frames(f.float(), self.stack) for f in feats]
-        before, after = self._prompt_ids
-        pad = self._pad_id()
-        rows = []  # (ids, is_audio, labels) per utterance
-        for i, a in enumerate(audio):
-            prompt = before + [pad] * a.shape[0] + after
-            is_audio = [False] * len(before) + [True] * a.shape[0] + [False] * len(after)
-            target = [] if texts is None else self.tokenizer.encode(
-                texts[i].strip(), add_special_tokens=False) + [self.end_token_id]
-            rows.append((prompt + target, is_audio + [False] * len(target),
-                         [-100] * len(prompt) + target))
-        width = max(len(r[0]) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        slots = torch.zeros((len(rows), width), dtype=torch.bool)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (seq, is_audio, lab) in enumerate(rows):
-            span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
-            ids[i, span], labels[i, span] = torch.tensor(seq), torch.tensor(lab)
-            slots[i, span], mask[i, span] = torch.tensor(is_audio), 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        dev = self.device
-        return SpeechBatch(ids.to(dev), slots.to(dev), torch.cat(audio).to(dev), mask.to(dev),
-                           positions.to(dev), labels.to(dev) if texts is not None else None)
+        lay = self._layout([a.shape[0] for a in audio], texts, self._pad_id(), padding_side)
+        return SpeechBatch(lay.ids, lay.slots, torch.cat(audio).to(self.device), lay.mask,
+                           lay.positions, lay.labels)
 
     # -- decoder -------------------------------------------------------------------------
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
@@ -517,7 +494,7 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     model = model or adapter_config.get("base_model_name_or_path")
     if not model:
         raise ValueError(f"{adapter} does not record its base model; pass model=")
-    opts = {**_training_options(adapter), **(options or {})}
+    opts = {**training_options(adapter, "speechllm"), **(options or {})}
     for key in ("dtype", "trim", "seed", "train_projector", "init_projector"):
         opts.pop(key, None)
     from ..assets import resolve_model
@@ -550,12 +527,3 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     return out
 
 
-def _training_options(adapter: str) -> dict:
-    """``extra`` of the finetune run that wrote ``adapter`` (its ``config.yaml``), if any."""
-    import yaml
-
-    path = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return dict((yaml.safe_load(fh) or {}).get("extra") or {})

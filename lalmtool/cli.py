@@ -61,7 +61,7 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 class _Group(click.Group):
-    """The top-level group: ``-v`` may stand anywhere before ``--`` (``lalmtool extract ... -v``)."""
+    """The top-level group: ``-v`` may stand anywhere before ``--`` (``lalmtool score ... -v``)."""
 
     def parse_args(self, ctx, args):
         end = args.index("--") if "--" in args else len(args)
@@ -243,7 +243,8 @@ def common(fn):
 @click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
 @click.option("--out", required=True, help="Feature store directory to write.",
               type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper", show_default=True)
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper",
+              show_default=True)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Windows (<= 30 s of audio each) per encoder forward; lower it when the "
                    "device runs out of memory.")
@@ -440,7 +441,8 @@ def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
 @click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
 @click.option("--condition", "label",
               help="Name of the condition in reports (default: the store's, e.g. uniform-mean-k3).")
-@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper", show_default=True,
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)), default="whisper",
+              show_default=True,
               help="whisper, qwen2-audio or speechllm (the one the adapter was trained with).")
 @click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
               help="Beam size (1: greedy).")

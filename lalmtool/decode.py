@@ -33,7 +33,7 @@ from .manifest import read_manifest
 from .models import BACKENDS, load_backend
 from .models.base import model_identity, training_options
 from .parallel import barrier, dist_info, progress, resolve_device
-from .fileio import write_atomic
+from .fileio import read_json, write_atomic
 from .store import Store, StoreError, condition_of, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -74,7 +74,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     fp = fingerprint(inputs)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
     with output_lock(out):
-        info = _read_json(info_path) if os.path.exists(hyp_path) else None
+        info = read_json(info_path, "use --force to decode again") \
+            if os.path.exists(hyp_path) else None
         if info is not None and info.get("fingerprint") == fp and not force:
             log.info("%s: already decoded with these inputs, skipped", out)
             labels = {"condition": label,  # not in the fingerprint: updated in place
@@ -311,16 +312,6 @@ def _tap_default(backend: str) -> str | None:
     module, cls = BACKENDS[backend].split(":")
     param = inspect.signature(getattr(importlib.import_module(module), cls)).parameters.get("tap")
     return None if param is None else param.default
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{path} is damaged ({e}); use --force to decode again") from e
 
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:

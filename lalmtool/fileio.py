@@ -32,10 +32,22 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
-    """Writes ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary file and a rename."""
+    """Writes ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary and a rename."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def read_json(path: str, hint: str) -> dict | None:
+    """The JSON document at ``path``, None when there is none; a damaged one is a ValueError
+    naming it and ending with ``hint`` (what to do)."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is damaged ({e}); {hint}") from e
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict | None, str | None]]:

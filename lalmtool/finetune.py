@@ -58,7 +58,7 @@ from .manifest import load_manifest
 from .models import BACKENDS, load_backend
 from .models.base import model_identity
 from .parallel import progress, resolve_device
-from .fileio import write_atomic
+from .fileio import read_json, write_atomic
 from .store import Store, condition_of
 
 log = logging.getLogger("lalmtool")
@@ -375,7 +375,7 @@ def _prepare_out(out: str, cfg: TrainConfig, inputs: dict, force: bool) -> None:
     """Rank 0, under the lock: refuses to continue another run in ``out``; starts over with
     ``force`` (or when nothing was checkpointed); records the run (run.json, config.yaml)."""
     record = {"config": dataclasses.asdict(cfg), "inputs": inputs}
-    old = _read_json(os.path.join(out, RUN_FILE))
+    old = read_json(os.path.join(out, RUN_FILE), "use --force to start over")
     if not force:
         if old is None and any(os.path.exists(os.path.join(out, p)) for p in RUN_OUTPUTS):
             raise ValueError(f"{out} holds a finetune run that does not record its inputs "
@@ -394,16 +394,6 @@ def _prepare_out(out: str, cfg: TrainConfig, inputs: dict, force: bool) -> None:
         _remove(stale)  # left by a killed writer
     write_atomic(os.path.join(out, RUN_FILE), json.dumps(record, indent=1))
     write_atomic(os.path.join(out, "config.yaml"), cfg.to_yaml())
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is damaged ({e}); use --force to start over") from e
 
 
 def _remove(path: str) -> None:
@@ -801,7 +791,8 @@ def _set_base_model(adapter: str, base: str) -> None:
 
 def adapter_readme(run: Run, summary: dict, base: str, which: str) -> str:
     """What the adapter is: backend, base model, condition, training data, steps, losses."""
-    cfg, inputs = run.cfg, _read_json(os.path.join(run.out, RUN_FILE))["inputs"]
+    cfg = run.cfg
+    inputs = read_json(os.path.join(run.out, RUN_FILE), "use --force to start over")["inputs"]
     last = summary["last"] or {}
     loss = f"{last['loss']:.4f}" if isinstance(last.get("loss"), float) else "not logged"
     valid = (f"best validation loss {summary['best_valid_loss']:.4f} at step "

@@ -415,7 +415,7 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
     """CTC-greedy transcripts of a feature store by an aligned projector alone (no LLM), in
     ``lalmtool decode``'s format (``OUT/hyp.jsonl``, ``OUT/decode.json``) for score/report."""
     from .manifest import read_manifest
-    from .store import condition_of
+    from .pool import condition_of
 
     al = load_aligner(align_dir, model)
     store = Store(feats)

@@ -34,7 +34,8 @@ from .models import BACKENDS, load_backend
 from .models.base import model_identity, training_options
 from .parallel import barrier, dist_info, progress, resolve_device
 from .fileio import read_json, write_atomic
-from .store import Store, StoreError, condition_of, fingerprint
+from .pool import condition_of
+from .store import Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
 MARKER = "decode.fingerprint"

@@ -59,7 +59,8 @@ from .models import BACKENDS, load_backend
 from .models.base import model_identity
 from .parallel import progress, resolve_device
 from .fileio import read_json, write_atomic
-from .store import Store, condition_of
+from .pool import condition_of
+from .store import Store
 
 log = logging.getLogger("lalmtool")
 

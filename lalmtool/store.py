@@ -371,17 +371,3 @@ def _clear(path: str) -> None:
     ]:
         if os.path.exists(f):
             os.remove(f)
-
-
-def condition_of(store: Store) -> tuple[str, dict, str]:
-    """(method, parameters, short label) of the compression a store holds."""
-    meta = store.meta
-    if store.kind == "feats":
-        method = "frames" if meta.get("trim", True) else "native"
-        return method, {}, method
-    method, params = meta["method"], dict(meta.get("params", {}))
-    params["reduce"] = meta.get("reduce", "mean")
-    label = "-".join([method, params["reduce"]] + [
-        f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
-        for k, v in params.items() if k not in ("reduce", "target_rate")])
-    return method, params, label

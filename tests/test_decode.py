@@ -8,7 +8,8 @@ from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.segment import segment
-from lalmtool.store import Store, StoreError, condition_of
+from lalmtool.pool import condition_of
+from lalmtool.store import Store, StoreError
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 

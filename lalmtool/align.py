@@ -67,7 +67,7 @@ from torch import nn
 from .finetune import Examples, latest_checkpoint, truncate_log
 from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
-from .fileio import write_atomic
+from .fileio import file_sha256, write_atomic
 from .parallel import progress
 from .store import Store, fingerprint
 
@@ -456,16 +456,6 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
 
 
 # -- fingerprint, checkpoints, outputs ------------------------------------------------------
-def _file_hash(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
             valid: Examples | None, valid_manifest: str | None, init: str | None) -> dict:
     """What determines the result besides the options: stores, texts, model, init weights."""
@@ -479,7 +469,7 @@ def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
            "valid_texts": fingerprint(valid.text) if valid else None,
            "init": None}
     if init:
-        out["init"] = {f: _file_hash(os.path.join(init, f)) for f in (PROJECTOR_FILE, CTC_FILE)
+        out["init"] = {f: file_sha256(os.path.join(init, f)) for f in (PROJECTOR_FILE, CTC_FILE)
                        if os.path.exists(os.path.join(init, f))}
         if PROJECTOR_FILE not in out["init"]:
             raise FileNotFoundError(f"--init {init}: no {PROJECTOR_FILE} there (give the "
@@ -488,7 +478,7 @@ def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
     if init_projector:
         file = init_projector if not os.path.isdir(init_projector) else \
             os.path.join(init_projector, PROJECTOR_FILE)
-        out["init_projector"] = _file_hash(file) if os.path.exists(file) else file
+        out["init_projector"] = file_sha256(file) if os.path.exists(file) else file
     return out
 
 

@@ -17,7 +17,6 @@ weights only; in bfloat16/float16 it stays unmerged (merging would round the ada
 from __future__ import annotations
 
 import glob
-import hashlib
 import inspect
 import json
 import logging
@@ -33,7 +32,7 @@ from .manifest import read_manifest
 from .models import BACKENDS, load_backend
 from .models.base import model_identity, training_options
 from .parallel import barrier, dist_info, progress, resolve_device
-from .fileio import read_json, write_atomic
+from .fileio import file_sha256, read_json, write_atomic
 from .pool import condition_of
 from .store import Store, StoreError, fingerprint
 
@@ -70,7 +69,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     label = label or default_label
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
               "adapter": _content_id(adapter) if adapter else None,
-              "manifest": _file_sha256(manifest) if manifest else None, "beam": beam,
+              "manifest": file_sha256(manifest) if manifest else None, "beam": beam,
               "max_new_tokens": max_new_tokens, "backend": backend, "backend_opts": opts}
     fp = fingerprint(inputs)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
@@ -259,14 +258,6 @@ def _content_id(path: str):
     """What identifies a checkpoint or adapter directory by content, not by its name."""
     ident = model_identity(path)
     return ident.get("sha256", ident)
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_options(backend: str, opts: dict, adapter: str | None) -> None:

@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = rows
             del be
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     return results

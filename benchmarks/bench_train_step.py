@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "(same batch and checkpointing), ideal = ratio of audio tokens")
     print(table(rows))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
     return rows

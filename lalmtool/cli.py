@@ -450,11 +450,14 @@ def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Model weights' dtype (default: the backend's; qwen2-audio and speechllm: "
+                   "bfloat16 on a GPU, float32 on a CPU). Same as --backend-opt dtype=...")
 @BACKEND_OPT
 @click.option("--force", is_flag=True,
               help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")
 def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
-           max_new_tokens, device, backend_opt, force) -> None:
+           max_new_tokens, device, dtype, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
     Backend options are those the adapter was trained with (its run's config.yaml), updated by
@@ -464,10 +467,16 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
     """
     from .decode import decode as run
 
+    opts = _backend_opts(backend_opt)
+    if dtype:
+        if opts.get("dtype", dtype) != dtype:
+            raise click.UsageError(f"--dtype {dtype} and --backend-opt dtype={opts['dtype']} "
+                                   "disagree: give one of them")
+        opts["dtype"] = dtype
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
              batch_size=batch_size, max_new_tokens=max_new_tokens, manifest=manifest_path,
              set_name=set_name, device=device, force=force, label=label,
-             backend_opts=_backend_opts(backend_opt) if backend_opt else None)
+             backend_opts=opts or None)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",
                            "compression_ratio", "utt_per_s"])

@@ -61,3 +61,18 @@ def test_unknown_backend_is_refused_before_anything_runs(tmp_path):
     assert r.exit_code == 2 and "'wisper' is not one of 'qwen2-audio', 'speechllm', 'whisper'" \
         in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_decode_dtype_reaches_the_backend_and_a_contradiction_is_refused(tmp_path, monkeypatch):
+    import lalmtool.decode
+
+    seen = {}
+    monkeypatch.setattr(lalmtool.decode, "decode",
+                        lambda *a, **kw: seen.update(kw["backend_opts"] or {}) or {})
+    base = ["decode", "--feats", str(tmp_path), "--model", "m", "--out", str(tmp_path / "o"),
+            "--backend", "qwen2-audio"]
+    r = CliRunner().invoke(main, base + ["--dtype", "bfloat16", "--backend-opt", "task=translate"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"dtype": "bfloat16", "task": "translate"}
+    r = CliRunner().invoke(main, base + ["--dtype", "bfloat16", "--backend-opt", "dtype=float32"])
+    assert r.exit_code == 2 and "--dtype bfloat16 and --backend-opt dtype=float32 disagree" in r.output

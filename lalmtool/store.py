@@ -5,13 +5,18 @@ Layout (the public contract, also in README.md)::
     STORE/store.json        {"kind", "fingerprint", "meta", "shards": {file: [utterance ids]}}
     STORE/feats.00000.h5    one dataset per utterance at the root, named by its id
     STORE/skipped.jsonl     utterances skipped under --on-error skip (id, error)
+    STORE/verified.json     {"fingerprint", "shards": {file: [inode, size, mtime_ns]}}: shards found whole
 
 Every shard file carries the attributes ``fingerprint`` and ``meta`` (JSON) and ``skipped``
 (JSON list). Datasets are chunked with HDF5's fletcher32 checksum filter, so bytes damaged after
 writing fail to read instead of being read as features (plain h5py verifies it on every read).
 A shard is written under a temporary name by a single writer and renamed when complete; a rerun
 redoes the shards that are missing or fail verification (unreadable, truncated, a checksum
-error, another fingerprint than store.json's, other utterances than planned). The shard
+error, another fingerprint than store.json's, other utterances than planned). Verifying reads
+every byte, so a finished stage records each shard's inode, size and modification time in
+``verified.json``; a rerun verifies again only the shards whose record no longer matches (or
+was modified within the record's own timestamp tick: git's rule for "racily clean" files).
+``lalmtool info --verify`` always reads everything (bit rot changes no timestamp). The shard
 plan (which utterances go in which file) depends only on the input, never on ``--nj`` or the
 number of ranks, so an interrupted and resumed run writes exactly the same store.
 """
@@ -29,10 +34,11 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .fileio import TMP_SUFFIX, write_atomic
+from .fileio import TMP_SUFFIX, read_json, write_atomic
 
 STORE_FILE = "store.json"
 SKIPPED_FILE = "skipped.jsonl"
+VERIFIED_FILE = "verified.json"
 MAX_OPEN = 64  # shard files a Store keeps open at once (least recently used closed first)
 CHUNK_BYTES = 1 << 20  # rows per checksummed chunk: about this many bytes
 log = logging.getLogger("lalmtool")
@@ -127,7 +133,7 @@ class StoreWriter:
             raise StoreError(f"{path}: no {STORE_FILE}; create the store first")
         self.path, self.kind = path, info["kind"]
         self.fp, self.meta, self.shards = info["fingerprint"], info["meta"], info["shards"]
-        self._verified: dict[str, tuple] = {}  # shard -> (inode, size, mtime) found whole
+        self._verified = _recorded_whole(path, self.fp)  # shard -> (inode, size, mtime) found whole
 
     @classmethod
     def create(cls, path: str, kind: str, fp: str, meta: dict, shards: dict[str, list[str]],
@@ -162,7 +168,7 @@ class StoreWriter:
             except FileNotFoundError:
                 todo.append(name)
                 continue
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            key = _stamp(st)
             if self._verified.get(name) == key:
                 continue
             why = shard_problem(file, self.fp, ids)
@@ -205,8 +211,7 @@ class StoreWriter:
                 os.remove(tmp)
             raise StoreError(f"cannot write {final}: {_short(e)}. Free space or choose a "
                              "writable --out, then rerun: finished shards are kept") from e
-        st = os.stat(final)
-        self._verified[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._verified[name] = _stamp(os.stat(final))
 
     def finish(self, extra_skipped: list[dict] = ()) -> list[dict]:
         """Writes ``skipped.jsonl`` once every shard exists; returns the skipped utterances.
@@ -222,6 +227,10 @@ class StoreWriter:
                 skipped += json.loads(f.attrs["skipped"])
         write_atomic(os.path.join(self.path, SKIPPED_FILE),
                      "".join(json.dumps(s) + "\n" for s in skipped))
+        # every shard is whole now: verified by pending() or written by this run
+        write_atomic(os.path.join(self.path, VERIFIED_FILE), json.dumps({
+            "fingerprint": self.fp,
+            "shards": {s: _stamp(os.stat(os.path.join(self.path, s))) for s in self.shards}}))
         for stale in glob.glob(os.path.join(self.path, f"*{TMP_SUFFIX}*")):
             os.remove(stale)  # left by a killed writer: never part of a finished store
         return skipped
@@ -346,11 +355,13 @@ def _read_store_json(path: str) -> dict | None:
     file = os.path.join(path, STORE_FILE)
     if os.path.isfile(path):
         raise StoreError(f"{path} is a file, not a store directory")
+    hint = f"rerun the stage that wrote {path} with the same options to write it again"
     try:
-        info = _read_json(file)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{file} is damaged ({e}); rerun the stage that wrote {path} with the "
-                         "same options to write it again") from e
+        info = read_json(file, hint)
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{file} is damaged ({e}); {hint}") from e
+    except ValueError as e:
+        raise StoreError(str(e)) from e
     if info is not None and not (isinstance(info, dict) and {"kind", "fingerprint", "meta",
                                                             "shards"} <= set(info)):
         raise StoreError(f"{file} lacks kind/fingerprint/meta/shards; rerun the stage that "
@@ -358,16 +369,29 @@ def _read_store_json(path: str) -> dict | None:
     return info
 
 
-def _read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _recorded_whole(path: str, fp: str) -> dict[str, tuple]:
+    """The shards of the store with fingerprint ``fp`` that ``verified.json`` records as whole,
+    by (inode, size, mtime). A record is kept only for shards last modified before it was
+    written: one modified within the record's own timestamp tick may have changed unseen."""
+    file = os.path.join(path, VERIFIED_FILE)
+    try:
+        recorded, written = read_json(file, "") or {}, os.stat(file).st_mtime_ns
+    except (OSError, ValueError):  # absent or damaged: every shard is verified again
+        return {}
+    if not isinstance(recorded, dict) or recorded.get("fingerprint") != fp:
+        return {}
+    return {name: tuple(key) for name, key in (recorded.get("shards") or {}).items()
+            if isinstance(key, list) and len(key) == 3 and key[2] < written}
 
 
 def _clear(path: str) -> None:
     for f in glob.glob(os.path.join(path, "*.h5*")) + [
-        os.path.join(path, STORE_FILE), os.path.join(path, SKIPPED_FILE)
+        os.path.join(path, STORE_FILE), os.path.join(path, SKIPPED_FILE),
+        os.path.join(path, VERIFIED_FILE)
     ]:
         if os.path.exists(f):
             os.remove(f)

@@ -198,3 +198,43 @@ def test_overwritten_object_header_named_and_redone(tmp_path):
     assert str(e.value).startswith(f"{shard} is damaged (utterance 'u3'): KeyError: 'Unable to ")
     assert verify_store(str(tmp_path / "s"))[1][0][0] == shard
     assert StoreWriter(str(tmp_path / "s")).pending() == ["feats.00001.h5"]
+
+
+def _count_verified(monkeypatch) -> list:
+    calls = []
+    real = store_mod.shard_problem
+    monkeypatch.setattr(store_mod, "shard_problem", lambda f, *a: calls.append(
+        os.path.basename(f)) or real(f, *a))
+    return calls
+
+
+def test_a_rerun_of_a_finished_store_reads_no_shard_again(tmp_path, monkeypatch):
+    make_store(tmp_path / "s")
+    calls = _count_verified(monkeypatch)
+    assert StoreWriter(str(tmp_path / "s")).pending() == [] and calls == []
+    # a shard changed since (its record no longer matches) is verified, and redone if damaged
+    _flip_byte_in_data(str(tmp_path / "s" / "feats.00002.h5"), "u4")
+    assert StoreWriter(str(tmp_path / "s")).pending() == ["feats.00002.h5"]
+    assert calls == ["feats.00002.h5"]
+    assert verify_store(str(tmp_path / "s"))[1][0][0].endswith("feats.00002.h5")  # reads all
+
+
+def test_records_of_another_fingerprint_or_racily_clean_shards_are_not_trusted(tmp_path,
+                                                                               monkeypatch):
+    make_store(tmp_path / "s")
+    rec = tmp_path / "s" / "verified.json"
+    calls = _count_verified(monkeypatch)
+    data = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**data, "fingerprint": "a" * 64}))
+    assert StoreWriter(str(tmp_path / "s")).pending() == [] and len(calls) == 3
+    # shards modified in the record's timestamp tick or after (00001, then 00002) may have
+    # changed unseen: verified again
+    rec.write_text(json.dumps(data))
+    shard_mtime = os.stat(tmp_path / "s" / "feats.00001.h5").st_mtime_ns
+    os.utime(rec, ns=(shard_mtime, shard_mtime))
+    calls.clear()
+    assert StoreWriter(str(tmp_path / "s")).pending() == []
+    assert calls == ["feats.00001.h5", "feats.00002.h5"]
+    rec.write_text("{damaged")
+    calls.clear()
+    assert StoreWriter(str(tmp_path / "s")).pending() == [] and len(calls) == 3

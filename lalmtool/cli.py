@@ -24,6 +24,14 @@ def _print_table(rows: list[dict], keys: list[str]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
+def _print_stage(s: dict, keys: list[str]) -> None:
+    """A store-writing stage's summary; a rerun that found the store finished says so."""
+    if s.get("reused"):
+        click.echo(f"{s['store']}: complete for these inputs and settings, nothing to do")
+    else:
+        _print_table([s], keys)
+
+
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -274,7 +282,7 @@ def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size
     s = _run(run, manifest_path, model, out, backend=backend, nj=nj, batch_size=batch_size,
              on_error=on_error, shard_size=shard_size, force=force, device=device,
              dtype=dtype, trim=trim, backend_opts=_backend_opts(backend_opt))
-    _print_table([s], ["utterances", "audio_hours", "frames", "seconds", "rtf", "skipped"])
+    _print_stage(s, ["utterances", "audio_hours", "frames", "seconds", "rtf", "skipped"])
 
 
 @main.command()
@@ -294,8 +302,8 @@ def segment(feats, method, k, threshold, target_rate, out, on_error, nj, force) 
 
     s = _run(run, feats, method, out, k=k, threshold=threshold, target_rate=target_rate,
              nj=nj, force=force, on_error=on_error)
-    _print_table([s], ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
-                       "compression", "skipped"])
+    _print_stage(s, ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
+                     "compression", "skipped"])
 
 
 @main.command()
@@ -310,8 +318,8 @@ def pool(feats, segments, reduce, out, nj, force) -> None:
     from .pool import pool_store
 
     s = _run(pool_store, feats, segments, reduce, out, nj=nj, force=force)
-    _print_table([s], ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
-                       "compression"])
+    _print_stage(s, ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
+                     "compression"])
 
 
 class _TrainingCommand(click.Command):

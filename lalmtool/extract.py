@@ -59,7 +59,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
                            "model": model_identity(_resolve(model))})
     start = time.perf_counter()
     if not force and _finished(out, request, shards):
-        log.info("%s: complete for these inputs and settings, nothing to do", out)
+        log.debug("%s: complete for these inputs and settings, nothing to do", out)
         return _summary(out, {}, time.perf_counter() - start, _count_skipped(out))
     meta = {"stage": "extract", "backend": backend, "model": model,
             "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
@@ -173,7 +173,8 @@ def _summary(out: str, stats: dict, wall: float, skipped: int) -> dict:
     audio_s = stats.get("audio_seconds", 0.0)
     return {"store": out, "utterances": stats.get("utterances", 0),
             "audio_hours": audio_s / 3600, "frames": stats.get("frames", 0),
-            "seconds": wall, "rtf": wall / audio_s if audio_s else None, "skipped": skipped}
+            "seconds": wall, "rtf": wall / audio_s if audio_s else None, "skipped": skipped,
+            "reused": not stats}
 
 
 def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: str,

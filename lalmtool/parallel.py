@@ -223,7 +223,8 @@ def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:
     summary = {"store": out, "utterances": stats.get("utterances", 0), "frames": frames,
                "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
                "frames_per_s": frames / seconds if seconds else 0.0,
-               "compression": frames / tokens if tokens else 0.0, "skipped": len(skipped)}
+               "compression": frames / tokens if tokens else 0.0, "skipped": len(skipped),
+               "reused": not stats}  # finished before: nothing done now
     log.debug("%s", summary)  # the CLI prints it once, as a table
     return summary
 

@@ -26,7 +26,7 @@ def test_extract_layout_and_frames(tiny_whisper, audio_set, tmp_path):
     assert s["utterances"] == 5 and s["skipped"] == 0
     files = sorted(os.listdir(out))
     assert files == ["feats.00000.h5", "feats.00001.h5", "feats.00002.h5", "skipped.jsonl",
-                     "store.json"]
+                     "store.json", "verified.json"]
     with h5py.File(os.path.join(out, "feats.00000.h5")) as f:
         assert sorted(f.keys()) == ["utt0", "utt1"]
         meta = json.loads(f.attrs["meta"])

@@ -78,6 +78,19 @@ def stage_args(stage: str, stores: dict, out) -> list[str]:
     return ["pool", "--feats", stores["feats"], "--segments", stores["seg"], "--out", str(out)]
 
 
+@pytest.mark.parametrize("stage", ["segment", "pool"])
+def test_rerun_of_a_finished_stage_says_so_and_reads_no_shard(stores, tmp_path, stage,
+                                                             monkeypatch):
+    from lalmtool import store
+
+    out = tmp_path / "out"
+    code, text = cli(*stage_args(stage, stores, out))
+    assert code == 0 and "utterances  frames  tokens" in text
+    monkeypatch.setattr(store, "shard_problem", lambda *a: pytest.fail("a shard was read again"))
+    assert cli(*stage_args(stage, stores, out)) == (
+        0, f"{out}: complete for these inputs and settings, nothing to do\n")
+
+
 # -- SIGKILL at several points, then rerun = an uninterrupted run ------------------------------
 KILL = textwrap.dedent("""
     import os, signal, sys

@@ -226,8 +226,12 @@ def test_pipeline_extract_pool_finetune_decode_score(tiny_qwen2_audio, tmp_path)
     unaligned = decode(feats, tiny_qwen2_audio, str(tmp_path / "dec-frames"), max_new_tokens=2,
                        adapter=summary["adapter"], backend="qwen2-audio")
     assert unaligned["adapter_condition"] == "uniform-mean-k2"  # not trained on frames
-    res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m)
-    assert res["wer"] >= 0 and os.path.exists(tmp_path / "dec" / "results.json")
+    res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m, normalizer="none")
+    rows = [json.loads(line) for line in open(tmp_path / "dec" / "hyp.jsonl")]
+    import jiwer  # the decoded texts, scored by the reference implementation
+    assert res["wer"] == pytest.approx(jiwer.wer([r["ref"] for r in rows],
+                                                 [r["hyp"] for r in rows]))
+    assert os.path.exists(tmp_path / "dec" / "results.json")
 
 
 # Qwen2-Audio-7B-Instruct's own chat_template.json tests for an 'audio' or 'audio_url' key,

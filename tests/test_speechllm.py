@@ -259,8 +259,12 @@ def test_pipeline_decode_and_score(trained, tiny_llm, tmp_path):
     assert info["utterances"] == 4 and info["backend_opts"] == trained["extra"]
     stack = trained["extra"].get("stack", 4)  # the LLM reads ceil(rows / stack) positions
     assert info["audio_tokens"] == sum(-(-st.dataset(u).shape[0] // stack) for u in st.ids)
-    res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m)
-    assert res["wer"] >= 0 and os.path.exists(tmp_path / "dec" / "result.txt")
+    res = score(os.path.join(tmp_path, "dec", "hyp.jsonl"), m, normalizer="none")
+    rows = [json.loads(line) for line in open(tmp_path / "dec" / "hyp.jsonl")]
+    import jiwer  # the decoded texts, scored by the reference implementation
+    assert res["wer"] == pytest.approx(jiwer.wer([r["ref"] for r in rows],
+                                                 [r["hyp"] for r in rows]))
+    assert os.path.exists(tmp_path / "dec" / "result.txt")
     # the frame-level store continues from the pooled run's adapter (--init-adapter)
     from lalmtool.finetune import TrainConfig, finetune
 

@@ -7,7 +7,6 @@ still invalidates the features made from it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 
@@ -16,7 +15,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-HASH_BLOCK = 1 << 20
+from .fileio import file_sha256
+
 MP3_SLACK = 0.01  # MP3 headers may estimate the length: a shortfall up to 1 % is not truncation
 
 
@@ -31,11 +31,7 @@ def audio_identity(path: str) -> tuple[int, str]:
     below encoding it (benchmarks/bench_store_verify.py); size + mtime would miss edits that
     keep the mtime (``touch -r``, ``rsync -t`` from an edited copy, restored backups).
     """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            h.update(block)
-    return os.path.getsize(path), h.hexdigest()
+    return os.path.getsize(path), file_sha256(path)
 
 
 def header_problem(path: str) -> str | None:

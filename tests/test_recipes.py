@@ -135,6 +135,21 @@ def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
     assert "stage 1" not in r.stdout and "stage 4" not in r.stdout
     assert shards_with_mtimes(exp) == before  # nothing recomputed
 
+    # stages 4-6: two LoRA steps per condition, decodes with and without them, scores, report
+    (tmp_path / "launched").unlink()
+    r = run("librispeech", "--stage", 4, "--steps", 2, "--max_new_tokens", 4, *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "launched") as fh:
+        assert fh.read().splitlines() == ["gpu lalmtool finetune"] * 2 + \
+            ["gpu lalmtool decode"] * 4 + ["cpu lalmtool score"] * 4 + ["cpu lalmtool report"]
+    for cond in ("frames", "uniform-mean-k3"):
+        assert json.loads((exp / "lora" / cond / "summary.json").read_text())["steps"] == 2
+        for name in (cond, f"{cond}-lora"):
+            dec = json.loads((exp / "decode" / name / "dev-clean" / "decode.json").read_text())
+            assert (dec["utterances"], dec["lora"], dec["set"]) == (3, name.endswith("-lora"),
+                                                                    "dev-clean")
+    assert (exp / "RESULTS.md").exists() and (exp / "results.png").exists()
+
 
 @pytest.mark.slow
 def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):

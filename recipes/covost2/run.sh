@@ -97,11 +97,9 @@ if run_stage 0 "prepare manifests (CoVoST 2 $src_lang→$tgt_lang)"; then
 fi
 
 if run_stage 1 "extract encoder frames ($backend, $model)"; then
-  for set in $sets; do
-    ${gpu_cmd} lalmtool extract --manifest "$data/$set/manifest.jsonl" --backend "$backend" \
-      --model "$model" --out "$exp/feats/frames/$set" --nj "$nj" --batch-size "$extract_batch" \
-      --device "$device" --dtype "$dtype" --on-error "$on_error"
-  done
+  extract_opts=(--backend "$backend" --model "$model" --nj "$nj" --batch-size "$extract_batch"
+                --device "$device" --dtype "$dtype" --on-error "$on_error")
+  extract_sets $sets
   end_stage 1 extract
 fi
 
@@ -126,10 +124,7 @@ cfg["extra"] = {**(cfg.get("extra") or {}), **dict(kv.split("=", 1) for kv in sy
 print(yaml.safe_dump(cfg, sort_keys=False), end="")
 EOF
     for cond in $conditions; do
-      ${gpu_cmd} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
-        --manifest "$data/$train_set/manifest.jsonl" \
-        --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
-        --model "$model" --out "$exp/lora/$task-$cond" --config "$exp/conf/$task.yaml" \
+      finetune_condition "$cond" "$task-$cond" --model "$model" --config "$exp/conf/$task.yaml" \
         ${steps:+--max_steps=$steps}
     done
   done
@@ -141,16 +136,11 @@ if run_stage 5 "decode ($tasks)"; then
     opts=(); for kv in $(task_opts "$task"); do opts+=(--backend-opt "$kv"); done
     for set in $test_sets; do
       for cond in $conditions; do
-        feats=$(feats_of "$cond" "$set")
-        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
-          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" "${opts[@]}" \
-          --batch-size "$decode_batch" --max-new-tokens "$max_new_tokens" \
-          --condition "$task-$cond" --out "$exp/decode/$task-$cond/$set"
-        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
-          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" \
-          --adapter "$exp/lora/$task-$cond/adapter" --batch-size "$decode_batch" \
-          --max-new-tokens "$max_new_tokens" --condition "$task-$cond" \
-          --out "$exp/decode/$task-$cond-lora/$set"
+        common=(--backend "$backend" --model "$model" --device "$device" --condition "$task-$cond"
+                --batch-size "$decode_batch" --max-new-tokens "$max_new_tokens")
+        decode_condition "$cond" "$set" "$task-$cond" "${common[@]}" "${opts[@]}"
+        decode_condition "$cond" "$set" "$task-$cond-lora" "${common[@]}" \
+          --adapter "$exp/lora/$task-$cond/adapter"
       done
     done
   done

@@ -79,11 +79,9 @@ if run_stage 0 "prepare manifests from $librispeech_root"; then
 fi
 
 if run_stage 1 "extract encoder frames ($backend, $model)"; then
-  for set in $sets; do
-    ${gpu_cmd} lalmtool extract --manifest "$data/$set/manifest.jsonl" --backend "$backend" \
-      --model "$model" --out "$exp/feats/frames/$set" --nj "$nj" --batch-size "$extract_batch" \
-      --device "$device" --dtype "$dtype" --on-error "$on_error"
-  done
+  extract_opts=(--backend "$backend" --model "$model" --nj "$nj" --batch-size "$extract_batch"
+                --device "$device" --dtype "$dtype" --on-error "$on_error")
+  extract_sets $sets
   end_stage 1 extract
 fi
 
@@ -99,10 +97,7 @@ fi
 
 if run_stage 4 "LoRA fine-tuning ($train_config)"; then
   for cond in $conditions; do
-    ${gpu_cmd} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
-      --manifest "$data/$train_set/manifest.jsonl" \
-      --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
-      --model "$model" --out "$exp/lora/$cond" --config "$train_config" \
+    finetune_condition "$cond" "$cond" --model "$model" --config "$train_config" \
       ${steps:+--max_steps=$steps}
   done
   end_stage 4 finetune
@@ -110,16 +105,11 @@ fi
 
 if run_stage 5 "decode"; then
   for set in $test_sets; do
-    for cond in $conditions; do
-      feats=$(feats_of "$cond" "$set")
-      for lora in no yes; do  # as it is, and with the condition's own adapter
-        adapter=(); out=$exp/decode/$cond/$set
-        [ $lora = yes ] && { adapter=(--adapter "$exp/lora/$cond/adapter"); out=$exp/decode/$cond-lora/$set; }
-        ${gpu_cmd} lalmtool decode --feats "$feats" --backend "$backend" --model "$model" \
-          --set "$set" --manifest "$data/$set/manifest.jsonl" --device "$device" \
-          --batch-size "$decode_batch" --max-new-tokens "$max_new_tokens" "${adapter[@]}" \
-          --out "$out"
-      done
+    for cond in $conditions; do  # as it is, and with the condition's own adapter
+      opts=(--backend "$backend" --model "$model" --device "$device" --batch-size "$decode_batch"
+            --max-new-tokens "$max_new_tokens")
+      decode_condition "$cond" "$set" "$cond" "${opts[@]}"
+      decode_condition "$cond" "$set" "$cond-lora" "${opts[@]}" --adapter "$exp/lora/$cond/adapter"
     done
   done
   end_stage 5 decode

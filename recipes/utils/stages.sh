@@ -18,6 +18,15 @@ seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--met
 reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
 feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
 
+# stage 1: encoder frames of every set given, with the recipe's ${extract_opts[@]}
+extract_sets() {
+  local set
+  for set in "$@"; do
+    ${gpu_cmd:-} lalmtool extract --manifest "$data/$set/manifest.jsonl" "${extract_opts[@]}" \
+      --out "$exp/feats/frames/$set"
+  done
+}
+
 # stage 2: each distinct segmentation of $conditions on the frames of every set given
 segment_sets() {
   local seg set
@@ -38,6 +47,26 @@ pool_sets() {
         --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
     done
   done
+}
+
+# stage 4: finetune_condition COND NAME [OPTIONS...]: LoRA on COND's features of $train_set,
+# validated on $dev_set's, written to $exp/lora/NAME
+finetune_condition() {
+  local cond=$1 name=$2
+  shift 2
+  ${gpu_cmd:-} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
+    --manifest "$data/$train_set/manifest.jsonl" \
+    --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
+    --out "$exp/lora/$name" "$@"
+}
+
+# stage 5: decode_condition COND SET NAME [OPTIONS...]: COND's features of SET, decoded into
+# $exp/decode/NAME/SET with the references of $data/SET
+decode_condition() {
+  local cond=$1 set=$2 name=$3
+  shift 3
+  ${gpu_cmd:-} lalmtool decode --feats "$(feats_of "$cond" "$set")" --set "$set" \
+    --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$name/$set" "$@"
 }
 
 # stage 6: score every decode under $exp/decode/<name>/<set> against $data/<set>'s manifest:

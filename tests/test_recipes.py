@@ -169,3 +169,19 @@ def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
     info = json.loads(subprocess.run(["lalmtool", "info", str(exp / "feats/frames/train")],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["utterances"] == 3
+
+    # stages 4-6: per task (st: translate, asr: transcribe) two LoRA steps, decodes, scores
+    r = run("covost2", "--stage", 4, "--steps", 2, "--max_new_tokens", 4, "--cv_root", cv,
+            "--covost_root", covost, "--src_lang", "es", "--tgt_lang", "en", "--backend",
+            "whisper", "--model", "whisper-tiny.en", "--conditions", "peaks", "--exp", exp,
+            "--data", data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for task, metric in (("st", "bleu"), ("asr", "wer")):
+        assert json.loads((exp / "lora" / f"{task}-peaks" / "summary.json").read_text())["steps"] == 2
+        for name in (f"{task}-peaks", f"{task}-peaks-lora"):
+            dec = json.loads((exp / "decode" / name / "test" / "decode.json").read_text())
+            assert (dec["utterances"], dec["condition"], dec["lora"]) == (
+                2, f"{task}-peaks", name.endswith("-lora"))
+            assert dec["backend_opts"]["task"] == ("translate" if task == "st" else "transcribe")
+            res = json.loads((exp / "decode" / name / "test" / "results.json").read_text())
+            assert res["metric"] == metric, name

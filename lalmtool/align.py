@@ -43,10 +43,19 @@ Output directory::
 A rerun resumes from the last checkpoint and ends with the same weights as an uninterrupted
 run; a rerun with other inputs or options refuses, naming what differs (``--force`` starts
 over).
+
+CTC-based compression, ``lalmtool ctc-segment``: the aligned projector's best class per stacked
+position cuts the encoder frames into runs; each run of one token (``blank=join``: blank runs
+join the token before them, so there is one segment per token the CTC head emits, a rate near
+the text's) or each run of anything (``blank=keep``: blank runs are segments too, about twice
+that) becomes one segment of a boundary store that ``lalmtool pool`` reduces like any other.
+It needs a transcribed training set to align the projector first: a supervised, content-
+adaptive rate, against the unsupervised ``peaks`` and uniform pooling at the same rate.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -69,12 +78,14 @@ from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
 from .fileio import file_sha256, write_atomic
 from .parallel import progress
-from .store import Store, fingerprint
+from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
 
 CTC_FILE = "ctc.safetensors"
 VOCABS = ("train", "full")
+BLANK_RUNS = ("join", "keep")  # ctc-segment: blank runs join the token before them, or not
+CTC_SEGMENT_VERSION = 1
 
 
 @dataclass
@@ -159,6 +170,24 @@ def ctc_greedy(log_probs: torch.Tensor, blank: int = 0) -> list[int]:
     """Best path of ``[T, C]``: argmax per position, repeats collapsed, blanks dropped."""
     best = torch.unique_consecutive(log_probs.argmax(-1))
     return [int(c) for c in best if int(c) != blank]
+
+
+def ctc_boundaries(log_probs: torch.Tensor, stack: int, blank: str = "join") -> np.ndarray:
+    """Segment starts, in encoder frames, from one utterance's CTC log-probabilities ``[P, C]``
+    over positions of ``stack`` frames: one segment per run of the same best class.
+
+    ``blank="join"``: a blank run belongs to the token run before it (leading blanks to the
+    first), so there are as many segments as tokens before blanks are dropped (at least one);
+    ``"keep"``: blank runs are segments of their own.
+    """
+    if blank not in BLANK_RUNS:
+        raise ValueError(f"blank must be one of {BLANK_RUNS}, got {blank!r}")
+    best = log_probs.argmax(-1).cpu().numpy()
+    runs = np.flatnonzero(np.r_[True, best[1:] != best[:-1]])
+    if blank == "join":
+        runs = runs[best[runs] != 0]
+        runs = np.r_[0, runs[1:]] if len(runs) else np.zeros(1, dtype=np.int64)
+    return (runs * stack).astype(np.int32)
 
 
 def ctc_positions_needed(labels: list[int]) -> int:
@@ -453,6 +482,67 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
     return info
+
+
+def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "join",
+                force: bool = False, batch_size: int = 32) -> dict:
+    """Writes a boundary store (``lalmtool segment``'s format: ``pool`` reads it) of the
+    feature store ``feats`` cut by the aligned projector's CTC runs (``ctc_boundaries``)."""
+    from .lock import output_lock
+    from .parallel import check_out, run_sharded, summarize
+    from .segment import STAGE_VERSION
+
+    if blank not in BLANK_RUNS:
+        raise ValueError(f"--blank must be one of {BLANK_RUNS}, got {blank!r}")
+    check_out(out, feats)
+    src = Store(feats)
+    if src.kind == "seg":
+        raise StoreError(f"{feats} is a boundary store; give --feats a feature store")
+    if src.kind == "pooled":
+        raise StoreError(f"{feats} is already compressed; give --feats the frame-level store "
+                         "the alignment reads (from `lalmtool extract`)")
+    load_aligner(align_dir, model)  # a missing or unfinished alignment: one clear error first
+    weights = {f: file_sha256(os.path.join(align_dir, f)) for f in (PROJECTOR_FILE, CTC_FILE)}
+    rate, params = float(src.meta["frame_rate"]), {"blank": blank}
+    fp = fingerprint({"stage": "ctc-segment", "version": CTC_SEGMENT_VERSION,
+                      "segment_version": STAGE_VERSION, "source": src.fingerprint,
+                      "align": weights, "params": params})
+    meta = {"stage": "segment", "method": "ctc", "params": params, "frame_rate": rate,
+            "source": os.path.abspath(feats), "source_fingerprint": src.fingerprint,
+            "source_meta": src.meta, "align": os.path.abspath(align_dir), "align_weights": weights}
+    shards = {name.replace("feats.", "seg.", 1): [u for u in ids if u in src]
+              for name, ids in src.shards.items()}
+    factory = functools.partial(_ctc_worker, align_dir, model, feats, blank, batch_size)
+    with output_lock(out):
+        stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, force=force,
+                                     desc="ctc-segment")
+    return summarize(stats, rate, out, skipped)
+
+
+def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: int):
+    al, src = load_aligner(align_dir, model), Store(feats)
+    al.train(False)
+
+    @torch.no_grad()
+    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
+        result = ShardResult()
+        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        for i in range(0, len(ids), batch_size):
+            batch = ids[i : i + batch_size]
+            frames = [src[u] for u in batch]
+            lps = al.log_probs([torch.from_numpy(z.astype(np.float32)) for z in frames])
+            for utt, z, lp in zip(batch, frames, lps):
+                b = ctc_boundaries(lp, al.stack, blank)
+                dur = float(src.attrs(utt).get("duration", len(z) / float(src.meta["frame_rate"])))
+                result.items.append((utt, b, {"duration": dur, "frames": len(z)}))
+                stats["utterances"] += 1
+                stats["frames"] += len(z)
+                stats["tokens"] += len(b)
+                stats["audio_seconds"] += dur
+            tick(len(batch))
+        return result, stats
+
+    return run
 
 
 # -- fingerprint, checkpoints, outputs ------------------------------------------------------

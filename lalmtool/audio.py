@@ -12,8 +12,6 @@ import struct
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 from .fileio import file_sha256
 
@@ -84,5 +82,8 @@ def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
     if not np.isfinite(wav).all():
         raise AudioError(f"audio contains NaN or Inf samples: {path}")
     if sr != sample_rate:
+        import torch  # here: reading manifests and stores needs neither
+        import torchaudio.functional as AF
+
         wav = AF.resample(torch.from_numpy(wav), sr, sample_rate).numpy()
     return np.ascontiguousarray(wav, dtype=np.float32)

@@ -437,6 +437,27 @@ def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
                        "utt_per_s"])
 
 
+@main.command("ctc-segment")
+@click.option("--align", "align_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Output directory of `lalmtool align` (on frame-level features).")
+@click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Frame-level feature store to cut.")
+@click.option("--model", required=True, help="The LLM the alignment was made with.")
+@click.option("--out", required=True, help="Boundary store directory to write (for `pool`).")
+@click.option("--blank", type=click.Choice(["join", "keep"]), default="join", show_default=True,
+              help="Blank runs join the token before them (one segment per emitted token), or "
+                   "are segments of their own.")
+@click.option("--force", is_flag=True, help="Recompute a store made with other settings.")
+def ctc_segment(align_dir, feats, model, out, blank, force) -> None:
+    """Cut encoder frames where an aligned projector's best CTC class changes (CTC-based
+    compression: one token per emitted token, about the text's rate); pool it like segment's."""
+    from .align import ctc_segment as run
+
+    s = _run(run, align_dir, feats, model, out, blank=blank, force=force)
+    _print_stage(s, ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
+                     "compression"])
+
+
 @main.command()
 @click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False),
               help="Feature store to decode (frames or pooled).")

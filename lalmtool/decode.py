@@ -30,7 +30,8 @@ import torch
 from .lock import output_lock
 from .manifest import read_manifest
 from .models import BACKENDS, load_backend
-from .models.base import model_identity, training_options
+from .fileio import model_identity
+from .models.base import training_options
 from .parallel import barrier, dist_info, progress, resolve_device
 from .fileio import file_sha256, read_json, write_atomic
 from .pool import condition_of

@@ -16,13 +16,12 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from .audio import audio_identity, load_audio
 from .lock import output_lock
 from .manifest import Utterance, load_manifest
 from .models import BACKENDS, load_backend
-from .models.base import DTYPES, model_identity
+from .fileio import model_identity
 from .parallel import resolve_device, run_sharded
 from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerprint, plan_shards
 
@@ -64,6 +63,8 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     meta = {"stage": "extract", "backend": backend, "model": model,
             "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
             "backend_opts": backend_opts, "request": request}
+    from .models.base import DTYPES  # torch: imported only when there is work to do
+
     opts = {"device": resolve_device(device), "dtype": DTYPES[dtype], "trim": trim,
             **backend_opts}
     factory = functools.partial(Encoder, backend, model, opts, by_id, batch_size, on_error)
@@ -89,6 +90,8 @@ class Encoder:
         self.by_id, self.batch_size, self.on_error = by_id, batch_size, on_error
 
     def __call__(self, name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
+        import torch
+
         try:
             return _encode_shard(self.enc, self.by_id, self.batch_size, self.on_error, ids, tick)
         except torch.cuda.OutOfMemoryError as e:  # = torch.OutOfMemoryError

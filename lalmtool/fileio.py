@@ -6,6 +6,7 @@ half-written one; an OSError names the file, not its temporary.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -46,6 +47,31 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def model_identity(name_or_path: str) -> dict:
+    """A cheap, content-based identity of a checkpoint directory (or the hub id as given).
+
+    Hashes config files whole and each weight file's size plus its first and last MiB: enough
+    to tell checkpoints apart without reading gigabytes.
+    """
+    if not os.path.isdir(name_or_path):
+        return {"hub_id": name_or_path}
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(name_or_path, "*.json")))
+    weights = sorted(f for ext in ("safetensors", "bin", "pt", "gguf")
+                     for f in glob.glob(os.path.join(name_or_path, f"*.{ext}")))
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + fh.read())
+    for f in weights:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return {"dir": os.path.basename(os.path.normpath(name_or_path)), "sha256": h.hexdigest()}
 
 
 def read_json(path: str, hint: str) -> dict | None:

@@ -56,7 +56,7 @@ from peft.utils import get_peft_model_state_dict
 from .lock import output_lock
 from .manifest import load_manifest
 from .models import BACKENDS, load_backend
-from .models.base import model_identity
+from .fileio import model_identity
 from .parallel import progress, resolve_device
 from .fileio import read_json, write_atomic
 from .pool import condition_of

@@ -11,7 +11,6 @@ import functools
 import os
 
 import numpy as np
-import torch
 
 from .lock import output_lock
 from .parallel import check_out, for_utterance, run_sharded, summarize
@@ -32,6 +31,8 @@ def check_boundaries(starts: np.ndarray, n_frames: int) -> None:
 
 def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
     """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts."""
+    import torch  # here, not at the top: a rerun of a finished stage does not import it
+
     check_boundaries(starts, len(z))
     x = torch.from_numpy(np.ascontiguousarray(z))
     if reduce == "pick":

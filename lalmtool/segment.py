@@ -13,8 +13,6 @@ import math
 import os
 
 import numpy as np
-import torch
-from scipy.signal import find_peaks
 
 from .lock import output_lock
 from .parallel import check_out, for_utterance, run_sharded, summarize
@@ -30,6 +28,8 @@ def dissimilarity(z: np.ndarray) -> np.ndarray:
     """``1 - cos(z_t, z_{t+1})`` for t = 0 .. T-2 (all-zero frames count as orthogonal)."""
     if z.ndim != 2:
         raise ValueError(f"features must be [T, D], got shape {z.shape}")
+    import torch  # here, not at the top: a rerun of a finished stage imports neither
+
     x = torch.from_numpy(np.ascontiguousarray(z)).float()  # torch casts float16 fast
     sq = (x * x).sum(1)
     if not torch.isfinite(sq).all():
@@ -76,6 +76,8 @@ def scpc(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
 
 def prominence(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """``scipy.signal.find_peaks(d, prominence=threshold)``: peaks at least that prominent."""
+    from scipy.signal import find_peaks
+
     idx, _ = find_peaks(dissimilarity(z), prominence=threshold)
     return _starts(idx)
 
@@ -108,6 +110,8 @@ def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
     so the token count is 1 per utterance plus the number of scores above it: sorting all scores
     once gives the exact threshold, no search needed.
     """
+    from scipy.signal import find_peaks
+
     scores, seconds = [], 0.0
     for utt, z, attrs in store.items():
         d = for_utterance(utt, dissimilarity, z)

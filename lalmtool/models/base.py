@@ -6,8 +6,6 @@ as a list of float tensors ``[T_i, D]`` (one per utterance; compressed or not).
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
 from abc import ABC, abstractmethod
 
@@ -17,6 +15,8 @@ import numpy as np
 import torch
 import yaml
 from transformers import GenerationConfig
+
+from ..fileio import model_identity
 
 
 class Backend(ABC):
@@ -173,31 +173,6 @@ def encode_in_windows(waves: list[np.ndarray], window: int, batch_size: int,
         for (i, _), frames in zip(chunk, encode_pieces([p for _, p in chunk])):
             out[i].append(frames)
     return [torch.cat(parts) for parts in out]
-
-
-def model_identity(name_or_path: str) -> dict:
-    """A cheap, content-based identity of a checkpoint directory (or the hub id as given).
-
-    Hashes config files whole and each weight file's size plus its first and last MiB: enough
-    to tell checkpoints apart without reading gigabytes.
-    """
-    if not os.path.isdir(name_or_path):
-        return {"hub_id": name_or_path}
-    h = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(name_or_path, "*.json")))
-    weights = sorted(f for ext in ("safetensors", "bin", "pt", "gguf")
-                     for f in glob.glob(os.path.join(name_or_path, f"*.{ext}")))
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(os.path.basename(f).encode() + fh.read())
-    for f in weights:
-        size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return {"dir": os.path.basename(os.path.normpath(name_or_path)), "sha256": h.hexdigest()}
 
 
 def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

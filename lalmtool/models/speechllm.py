@@ -75,7 +75,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .base import (DecoderOnlyBackend, check_choice, model_identity, next_token_targets,
+from ..fileio import model_identity
+from .base import (DecoderOnlyBackend, check_choice, next_token_targets,
                    resolve_dtype, token_mean_loss, training_options)
 
 log = logging.getLogger("lalmtool")

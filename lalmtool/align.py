@@ -422,12 +422,17 @@ def _seed_all(seed: int) -> None:
 
 
 # -- CTC-greedy transcripts from an alignment ----------------------------------------------
-def load_aligner(align_dir: str, model: str) -> Aligner:
-    """The aligned projector and CTC head of ``lalmtool align``'s output ``align_dir``."""
-    path = os.path.join(align_dir, CTC_FILE)
-    if not os.path.exists(path) or not os.path.exists(os.path.join(align_dir, PROJECTOR_FILE)):
+def check_alignment(align_dir: str) -> None:
+    """FileNotFoundError unless ``align_dir`` holds a finished ``lalmtool align`` output."""
+    if not all(os.path.exists(os.path.join(align_dir, f)) for f in (CTC_FILE, PROJECTOR_FILE)):
         raise FileNotFoundError(f"{align_dir} holds no finished alignment ({PROJECTOR_FILE} and "
                                 f"{CTC_FILE}); run `lalmtool align --out {align_dir}` first")
+
+
+def load_aligner(align_dir: str, model: str) -> Aligner:
+    """The aligned projector and CTC head of ``lalmtool align``'s output ``align_dir``."""
+    check_alignment(align_dir)
+    path = os.path.join(align_dir, CTC_FILE)
     with open(os.path.join(align_dir, "config.yaml"), encoding="utf-8") as fh:
         extra = dict((yaml.safe_load(fh) or {}).get("extra") or {})
     extra.pop("init_projector", None)
@@ -501,7 +506,7 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
     if src.kind == "pooled":
         raise StoreError(f"{feats} is already compressed; give --feats the frame-level store "
                          "the alignment reads (from `lalmtool extract`)")
-    load_aligner(align_dir, model)  # a missing or unfinished alignment: one clear error first
+    check_alignment(align_dir)
     weights = {f: file_sha256(os.path.join(align_dir, f)) for f in (PROJECTOR_FILE, CTC_FILE)}
     rate, params = float(src.meta["frame_rate"]), {"blank": blank}
     fp = fingerprint({"stage": "ctc-segment", "version": CTC_SEGMENT_VERSION,

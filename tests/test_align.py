@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import tone, write_manifest
-from lalmtool.align import (AlignConfig, align, ctc_greedy, ctc_positions_needed,
-                            train_vocab)
+from lalmtool.align import (AlignConfig, align, ctc_boundaries, ctc_greedy,
+                            ctc_positions_needed, train_vocab)
 from lalmtool.cli import main
 from test_speechllm import tiny_llm  # noqa: F401  (module fixture)
 
@@ -79,6 +79,61 @@ def test_ctc_greedy_collapses_repeats_and_drops_blanks():
     assert ctc_greedy(log_probs[:1]) == []
     assert ctc_positions_needed([3, 3, 5, 2]) == 5  # a blank must separate the two 3s
     assert ctc_positions_needed([1, 2, 2, 2]) == 6
+
+
+def test_ctc_boundaries_cut_at_runs_of_the_best_class():
+    def lp(path):
+        return torch.nn.functional.one_hot(torch.tensor(path), 6).float().log_softmax(-1)
+
+    path = [0, 3, 3, 0, 3, 5, 5, 0, 0, 2, 2]  # runs start at positions 0 1 3 4 5 7 9
+    assert ctc_boundaries(lp(path), stack=2, blank="keep").tolist() == [0, 2, 6, 8, 10, 14, 18]
+    # one segment per emitted token ([3, 3, 5, 2]); blanks join the token before them
+    assert ctc_boundaries(lp(path), stack=2).tolist() == [0, 8, 10, 18]
+    assert ctc_boundaries(lp([3, 0, 4, 4]), stack=3).tolist() == [0, 6]
+    assert ctc_boundaries(lp([0, 0, 0]), stack=4).tolist() == [0]  # nothing emitted: one segment
+    with pytest.raises(ValueError, match="blank must be one of"):
+        ctc_boundaries(lp(path), stack=2, blank="drop")
+
+
+def test_ctc_segment_writes_a_boundary_store_that_pool_reads(data, tiny_llm,  # noqa: F811
+                                                             tmp_path):
+    from lalmtool.align import ctc_segment, load_aligner
+    from lalmtool.pool import condition_of, pool_store
+    from lalmtool.store import Store
+
+    run(data, tmp_path / "al", tiny_llm)  # learns "the cat sat" and "hello world" exactly
+    al = load_aligner(str(tmp_path / "al"), tiny_llm)
+    al.train(False)
+    feats = Store(data["valid_feats"])
+    summaries = {}
+    for blank in ("join", "keep"):
+        s = summaries[blank] = ctc_segment(str(tmp_path / "al"), data["valid_feats"], tiny_llm,
+                        str(tmp_path / blank), blank=blank)
+        seg = Store(str(tmp_path / blank))
+        with torch.no_grad():
+            for u in ("a", "b"):
+                lp = al.log_probs([torch.from_numpy(feats[u].astype("float32"))])[0]
+                assert seg[u].tolist() == ctc_boundaries(lp, 2, blank).tolist(), (blank, u)
+        assert s["tokens"] == sum(len(seg[u]) for u in ("a", "b"))
+    # joined: one segment per token of the (exactly learnt) transcripts
+    tok = al.be.tokenizer
+    assert [len(Store(str(tmp_path / "join"))[u]) for u in ("a", "b")] == [
+        len(tok.encode(TEXTS[u], add_special_tokens=False)) for u in ("a", "b")]
+    pooled = pool_store(data["valid_feats"], str(tmp_path / "join"), "mean",
+                        str(tmp_path / "pooled"))
+    assert condition_of(Store(str(tmp_path / "pooled")))[2] == "ctc-mean-blankjoin"
+    assert pooled["tokens"] == summaries["join"]["tokens"] < summaries["keep"]["tokens"]
+    # the CLI: a rerun says so; a pooled store is refused in one line
+    r = CliRunner().invoke(main, ["ctc-segment", "--align", str(tmp_path / "al"), "--feats",
+                                  data["valid_feats"], "--model", tiny_llm, "--out",
+                                  str(tmp_path / "join")])
+    assert r.exit_code == 0 and "Loading weights" not in r.output  # no model for a rerun
+    assert r.output.strip().endswith("complete for these inputs and settings, nothing to do")
+    r = CliRunner().invoke(main, ["ctc-segment", "--align", str(tmp_path / "al"), "--feats",
+                                  str(tmp_path / "pooled"), "--model", tiny_llm, "--out",
+                                  str(tmp_path / "x")])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {tmp_path / 'pooled'} is already "
+                                                    "compressed; give --feats the frame-level")
 
 
 def test_loss_falls_short_utterance_skipped_and_transcripts_learnt(data, tiny_llm,  # noqa: F811

@@ -45,7 +45,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; give a directory for the feature store")
     check_model_path(model)
-    backend_opts = check_backend_opts(backend, backend_opts or {})
+    backend_opts = dict(backend_opts or {})
     utts, skipped = load_manifest(manifest, on_error=on_error)
     by_id = {u.id: u for u in utts}
     shards = plan_shards(list(by_id), shard_size, "feats")
@@ -60,6 +60,9 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     if not force and _finished(out, request, shards):
         log.debug("%s: complete for these inputs and settings, nothing to do", out)
         return _summary(out, {}, time.perf_counter() - start, _count_skipped(out))
+    # checked here: a finished store was made with valid options, and checking them imports
+    # the backend's module (torch, transformers: seconds of every finished rerun)
+    check_backend_opts(backend, backend_opts)
     meta = {"stage": "extract", "backend": backend, "model": model,
             "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
             "backend_opts": backend_opts, "request": request}

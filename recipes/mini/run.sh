@@ -38,6 +38,7 @@ source ../utils/parse_options.sh
 mkdir -p "$exp"
 recipe=mini
 source ../utils/stages.sh
+train_set=train dev_set=dev
 
 if run_stage 0 "data preparation and model"; then
   python3 local/prepare_data.py --out "$data" --n-train "$n_train" --n-test "$n_test" --nj "$nj"
@@ -47,10 +48,8 @@ fi
 model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name" | tail -n 1)
 
 if run_stage 1 "extract encoder frames"; then
-  for set in train dev $test_sets; do
-    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
-      --out "$exp/feats/frames/$set" --nj "$nj" --batch-size 4
-  done
+  extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
+  extract_sets train dev $test_sets
   # the native Whisper baseline: all 1500 frames of each padded 30 s window
   for set in $test_sets; do
     lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
@@ -71,9 +70,7 @@ fi
 
 if run_stage 4 "LoRA fine-tuning"; then
   for cond in $conditions; do
-    lalmtool finetune --feats "$(feats_of "$cond" train)" --manifest "$data/train/manifest.jsonl" \
-      --valid-feats "$(feats_of "$cond" dev)" --valid-manifest "$data/dev/manifest.jsonl" \
-      --model "$model" --out "$exp/lora/$cond" --config conf/lora.yaml --max_steps="$steps"
+    finetune_condition "$cond" "$cond" --model "$model" --config conf/lora.yaml --max_steps="$steps"
   done
   end_stage 4 finetune
 fi
@@ -82,13 +79,10 @@ if run_stage 5 "decode"; then
   for set in $test_sets; do
     lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
-    for cond in $conditions; do
-      feats=$(feats_of "$cond" "$set")
-      lalmtool decode --feats "$feats" --model "$model" --set "$set" --max-new-tokens 120 \
-        --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond/$set"
-      lalmtool decode --feats "$feats" --model "$model" --set "$set" --max-new-tokens 120 \
-        --adapter "$exp/lora/$cond/adapter" --manifest "$data/$set/manifest.jsonl" \
-        --out "$exp/decode/$cond-lora/$set"
+    for cond in $conditions; do  # as it is, and with the condition's own adapter
+      decode_condition "$cond" "$set" "$cond" --model "$model" --max-new-tokens 120
+      decode_condition "$cond" "$set" "$cond-lora" --model "$model" --max-new-tokens 120 \
+        --adapter "$exp/lora/$cond/adapter"
     done
   done
   end_stage 5 decode

@@ -111,10 +111,8 @@ if run_stage 0 "data preparation and models"; then
 fi
 
 if run_stage 1 "extract encoder frames"; then
-  for set in train dev $test_sets; do
-    lalmtool extract --manifest "$data/$set/manifest.jsonl" "${speechllm_opts[@]}" \
-      --backend-opt encoder="$encoder" --out "$exp/feats/frames/$set" --nj "$nj" --batch-size 4
-  done
+  extract_opts=("${speechllm_opts[@]}" --backend-opt encoder="$encoder" --nj "$nj" --batch-size 4)
+  extract_sets train dev $test_sets
   end_stage 1 extract
 fi
 

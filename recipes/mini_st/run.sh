@@ -53,6 +53,7 @@ source ../utils/parse_options.sh
 mkdir -p "$exp"
 recipe=mini_st
 source ../utils/stages.sh
+train_set=train dev_set=dev
 translate_opts=(--backend-opt task=translate --backend-opt language="$src_lang")
 
 if run_stage 0 "data preparation (Apertium eng-spa, espeak-ng Spanish voices) and model"; then
@@ -64,10 +65,8 @@ fi
 model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name" | tail -n 1)
 
 if run_stage 1 "extract encoder frames"; then
-  for set in train dev $test_sets; do
-    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
-      --out "$exp/feats/frames/$set" --nj "$nj" --batch-size 4
-  done
+  extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
+  extract_sets train dev $test_sets
   for set in $test_sets; do  # the native baseline: all 1500 frames of each padded window
     lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
       --out "$exp/feats/native/$set" --no-trim --batch-size 4
@@ -87,9 +86,8 @@ fi
 
 if run_stage 4 "LoRA fine-tuning (translation targets)"; then
   for cond in $conditions; do
-    lalmtool finetune --feats "$(feats_of "$cond" train)" --manifest "$data/train/manifest.jsonl" \
-      --valid-feats "$(feats_of "$cond" dev)" --valid-manifest "$data/dev/manifest.jsonl" \
-      --model "$model" --out "$exp/lora/$cond" --config "$train_config" --max_steps="$steps"
+    finetune_condition "$cond" "$cond" --model "$model" --config "$train_config" \
+      --max_steps="$steps"
   done
   end_stage 4 finetune
 fi
@@ -99,14 +97,11 @@ if run_stage 5 "decode (translate)"; then
     lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       "${translate_opts[@]}" --max-new-tokens "$max_new_tokens" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
-    for cond in $conditions; do
-      feats=$(feats_of "$cond" "$set")
-      lalmtool decode --feats "$feats" --model "$model" --set "$set" "${translate_opts[@]}" \
-        --max-new-tokens "$max_new_tokens" --manifest "$data/$set/manifest.jsonl" \
-        --out "$exp/decode/$cond/$set"
-      lalmtool decode --feats "$feats" --model "$model" --set "$set" \
-        --max-new-tokens "$max_new_tokens" --adapter "$exp/lora/$cond/adapter" \
-        --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond-lora/$set"
+    for cond in $conditions; do  # the adapter carries the task and language it learnt
+      decode_condition "$cond" "$set" "$cond" --model "$model" "${translate_opts[@]}" \
+        --max-new-tokens "$max_new_tokens"
+      decode_condition "$cond" "$set" "$cond-lora" --model "$model" \
+        --max-new-tokens "$max_new_tokens" --adapter "$exp/lora/$cond/adapter"
     done
   done
   end_stage 5 decode

@@ -57,6 +57,12 @@
 #                → $exp/decode/<condition>-frameslora/<set> compressed input, frame-level adapter
 #                                                           (what compression costs unaligned)
 #   7  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
+#   8  (opt-in: --stop_stage 8) CTC-based compression, in $ctc_exp (default ${exp}_ctc):
+#      `lalmtool ctc-segment` cuts the frames where stage 4's frame-level projector changes its
+#      best CTC class (blank runs their own segments: --blank keep), against uniform mean
+#      pooling and `prominence` peaks at the same rate (k and threshold from the training set);
+#      each condition gets its own projector over single pooled tokens (stack 1), aligned by CTC
+#      from scratch, and is scored CTC-greedy → $ctc_exp/RESULTS.md
 #
 # Usage: bash recipes/mini_speechllm/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #          [--n_train N] [--n_dev N] [--n_test N] [--align_steps N] [--frame_steps N]
@@ -91,6 +97,7 @@ config=conf/speechllm.yaml
 align_config=conf/align.yaml
 conditions="frames uniform-mean-k3 uniform-pick-k3 peaks"
 test_sets="test librivox"
+ctc_exp=                  # stage 8's directory (default: ${exp}_ctc)
 
 source ../utils/parse_options.sh
 case " $conditions " in *" frames "*) ;; *)
@@ -212,4 +219,50 @@ $(cat "$exp/align/summary.md")
 EOF
   end_stage 7 report
 fi
+if run_stage 8 "CTC-based compression vs uniform and prominence at the same rate"; then
+  ce=${ctc_exp:-${exp}_ctc}
+  for blank in join keep; do  # join: one token per emitted CTC token; keep: blank runs too
+    for set in train dev $test_sets; do
+      lalmtool ctc-segment --align "$exp/align/frames" --feats "$exp/feats/frames/$set" \
+        --model "$llm" --blank "$blank" --out "$ce/seg/ctc-$blank/$set" > /dev/null
+      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$ce/seg/ctc-$blank/$set" \
+        --out "$ce/pooled/ctc-$blank/$set" > /dev/null
+    done
+  done
+  meta() { python3 -c 'import json, sys; m = json.load(open(sys.argv[1]))["meta"]
+print(eval(sys.argv[2], {}, m))' "$1/store.json" "$2"; }
+  rate=$(meta "$ce/pooled/ctc-keep/train" "round(frame_rate, 3)")
+  k=$(meta "$exp/feats/frames/train" "max(1, round(frame_rate / $rate))")
+  lalmtool segment --feats "$exp/feats/frames/train" --method prominence --target-rate "$rate" \
+    --out "$ce/seg/prominence/train" > /dev/null
+  threshold=$(meta "$ce/seg/prominence/train" 'params["threshold"]')
+  log "ctc-keep: $rate tokens/s on train; uniform k=$k; prominence threshold $threshold"
+  for set in train dev $test_sets; do
+    [ "$set" = train ] || lalmtool segment --feats "$exp/feats/frames/$set" --method prominence \
+      --threshold "$threshold" --out "$ce/seg/prominence/$set" > /dev/null
+    lalmtool segment --feats "$exp/feats/frames/$set" --method uniform --k "$k" \
+      --out "$ce/seg/uniform-k$k/$set" > /dev/null
+    for cond in prominence "uniform-mean-k$k"; do
+      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$ce/seg/${cond/-mean/}/$set" \
+        --out "$ce/pooled/$cond/$set" > /dev/null
+    done
+  done
+  for cond in ctc-keep "uniform-mean-k$k" prominence; do
+    lalmtool align --feats "$ce/pooled/$cond/train" --manifest "$data/train/manifest.jsonl" \
+      --valid-feats "$ce/pooled/$cond/dev" --valid-manifest "$data/dev/manifest.jsonl" \
+      --model "$llm" --config "$align_config" --backend-opt stack=1 --out "$ce/align/$cond" \
+      --max_steps="$align_steps" > /dev/null
+    for set in $test_sets; do
+      lalmtool ctc-decode --align "$ce/align/$cond" --feats "$ce/pooled/$cond/$set" \
+        --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
+        --out "$ce/decode/$cond-ctc/$set" > /dev/null
+      lalmtool score --hyp "$ce/decode/$cond-ctc/$set/hyp.jsonl" \
+        --ref "$data/$set/manifest.jsonl" > /dev/null
+    done
+  done
+  lalmtool report "$ce" > /dev/null
+  cat "$ce/RESULTS.md"
+  end_stage 8 ctc-compression
+fi
+
 [ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

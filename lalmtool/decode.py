@@ -25,13 +25,11 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from .lock import output_lock
 from .manifest import read_manifest
-from .models import BACKENDS, load_backend
+from .models import BACKENDS, load_backend, training_options
 from .fileio import model_identity
-from .models.base import training_options
 from .parallel import barrier, dist_info, progress, resolve_device
 from .fileio import file_sha256, read_json, write_atomic
 from .pool import condition_of
@@ -64,8 +62,6 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     store = _feature_store(feats)
     model_dir = _model_dir(model)
     opts = {**training_options(adapter, backend), **(backend_opts or {})}
-    _check_options(backend, opts, adapter)
-    _check_tap(store, backend, opts, adapter)
     method, params, default_label = condition_of(store)
     label = label or default_label
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
@@ -74,6 +70,11 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
               "max_new_tokens": max_new_tokens, "backend": backend, "backend_opts": opts}
     fp = fingerprint(inputs)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
+    if force or _fingerprint_of(info_path, hyp_path) != fp:
+        # before OUT is touched; a finished decode was made with valid options (checking
+        # imports the backend's module: seconds that a finished rerun does without)
+        _check_options(backend, opts, adapter)
+        _check_tap(store, backend, opts, adapter)
     with output_lock(out):
         info = read_json(info_path, "use --force to decode again") \
             if os.path.exists(hyp_path) else None
@@ -138,6 +139,8 @@ def _references(manifest: str | None) -> dict[str, str]:
 def _decode_into(part: str, be, store: Store, todo: list[str], refs: dict[str, str],
                  batch_size: int, beam: int, max_new_tokens: int, show: bool) -> None:
     """Appends one hyp.jsonl record per utterance of ``todo`` to ``part``, batch by batch."""
+    import torch  # here: a finished decode's rerun imports no torch
+
     with open(part, "a", encoding="utf-8") as fh, \
             progress(total=len(todo), desc="decode", unit="utt", disable=not show) as bar:
         for b in range(0, len(todo), batch_size):
@@ -225,6 +228,7 @@ def attach_adapter(be, adapter: str) -> None:
     """Puts the LoRA ``adapter`` on ``be.model``: merged into float32 weights; kept unmerged
     (peft's LoRA layers computing in their own dtype) when the model is in bfloat16/float16,
     where a merge would round the small LoRA update into the coarse weights."""
+    import torch
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(be.model, adapter)
@@ -259,6 +263,16 @@ def _content_id(path: str):
     """What identifies a checkpoint or adapter directory by content, not by its name."""
     ident = model_identity(path)
     return ident.get("sha256", ident)
+
+
+def _fingerprint_of(info_path: str, hyp_path: str) -> str | None:
+    """The fingerprint of the decode finished in OUT, if any (read without the lock: only a
+    shortcut; the decision is taken again under it)."""
+    try:
+        with open(info_path, encoding="utf-8") as fh:
+            return json.load(fh).get("fingerprint") if os.path.exists(hyp_path) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_options(backend: str, opts: dict, adapter: str | None) -> None:

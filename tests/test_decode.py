@@ -215,6 +215,18 @@ def test_backend_opts_update_the_adapters_training_options(small, tmp_path):
     assert info["backend_opts"] == {"trim": True, "language": "de"}
 
 
+def test_a_finished_decode_reruns_without_the_backend(small, tmp_path, monkeypatch):
+    import lalmtool.decode as dec
+
+    first = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
+    for name in ("_check_options", "_check_tap", "_load"):  # what imports the backend module
+        monkeypatch.setattr(dec, name, lambda *a, **k: pytest.fail("the backend was needed"))
+    again = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
+    assert again == first
+    with pytest.raises(BaseException, match="the backend was needed"):  # other inputs: checked
+        decode(small["feats"], small["model"], str(tmp_path / "d2"), max_new_tokens=4)
+
+
 def test_lora_stays_unmerged_in_bfloat16_and_decodes_as_the_unmerged_model(small, tmp_path):
     import torch
     from peft import PeftModel

@@ -218,7 +218,7 @@ def reload_logits(be, feats):
 def test_adapter_and_exported_directory_reload_the_trained_model(trained, tiny_llm, tmp_path):
     from peft import PeftModel
 
-    from lalmtool.models.base import training_options
+    from lalmtool.models import training_options
     from lalmtool.store import Store
 
     adapter = trained["summary"]["adapter"]

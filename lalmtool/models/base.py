@@ -6,14 +6,11 @@ as a list of float tensors ``[T_i, D]`` (one per utterance; compressed or not).
 """
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
-
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import yaml
 from transformers import GenerationConfig
 
 from ..fileio import model_identity
@@ -232,24 +229,3 @@ def token_mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 def batch_texts(tokenizer, ids: torch.Tensor) -> list[str]:
     """Generated token ids ``[B, N]`` → stripped texts without special tokens."""
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-def training_options(adapter: str | None, backend: str) -> dict:
-    """The backend options (``extra``) of the finetune run that wrote ``adapter`` (its
-    ``config.yaml`` beside it), if known; refuses an adapter that is missing or was trained for
-    another backend."""
-    if not adapter:
-        return {}
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json); "
-                         "pass OUT/adapter of `lalmtool finetune`")
-    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
-    if not os.path.exists(cfg):
-        return {}
-    with open(cfg, encoding="utf-8") as fh:
-        run = yaml.safe_load(fh) or {}
-    trained = run.get("backend", backend)
-    if trained != backend:
-        raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
-                         f"({cfg}); decode it with --backend {trained}")
-    return dict(run.get("extra") or {})

@@ -76,8 +76,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..fileio import model_identity
+from . import training_options
 from .base import (DecoderOnlyBackend, check_choice, next_token_targets,
-                   resolve_dtype, token_mean_loss, training_options)
+                   resolve_dtype, token_mean_loss)
 
 log = logging.getLogger("lalmtool")
 

@@ -50,8 +50,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
 
 from .lock import output_lock
 from .manifest import load_manifest
@@ -487,6 +485,8 @@ def _distributed(cfg: TrainConfig) -> Dist:
 def _model(cfg: TrainConfig, model: str, device: str, init_adapter: str | None):
     """The backend with a fresh LoRA (or ``init_adapter``) on its decoder; trainable weights
     in float32 (master weights), whatever dtype the frozen model is in."""
+    from peft import LoraConfig, PeftModel, get_peft_model  # seconds: imported when needed
+
     _seed_all(cfg.seed)
     be = load_backend(cfg.backend, model, device=device, **cfg.extra)
     be.model.requires_grad_(False)
@@ -541,12 +541,19 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     A rerun into ``out`` resumes the same run (same configuration and inputs) or is refused;
     ``force`` starts over."""
     dist = _distributed(cfg)
+
+    def inputs() -> dict:
+        return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
+                               init_adapter, cfg.extra.get("init_projector"))
+
     with output_lock(out):
+        done = None if force else _finished(out, cfg, inputs)
+        if done is not None:  # before the data checks, which import the backend: seconds
+            log.info("%s: finished with these inputs and settings, nothing to do", out)
+            return done
         train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest)
         if dist.rank == 0:
-            inputs = describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
-                                     init_adapter, cfg.extra.get("init_projector"))
-            _prepare_out(out, cfg, inputs, force)
+            _prepare_out(out, cfg, inputs(), force)
         dist.barrier("the start of training")
         total = _total_steps(cfg, train, dist.world)
         be, peft_model = _model(cfg, model, dist.device, init_adapter)
@@ -562,6 +569,17 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             be.model = torch.nn.parallel.DistributedDataParallel(peft_model)
         _train(run, train, valid)
         return _export(run, feats, model)
+
+
+def _finished(out: str, cfg: TrainConfig, inputs) -> dict | None:
+    """The summary of the run that finished in ``out`` (summary.json is written last, after
+    the adapter) with this configuration and ``inputs()``, or None."""
+    summary = read_json(os.path.join(out, "summary.json"), "use --force to train again")
+    old = read_json(os.path.join(out, RUN_FILE), "use --force to start over")
+    if summary is None or old is None or not os.path.isdir(os.path.join(out, "adapter")):
+        return None
+    same = not run_differences(old, {"config": dataclasses.asdict(cfg), "inputs": inputs()})
+    return summary if same else None  # else _prepare_out refuses, naming what differs
 
 
 def _resume(run: Run) -> None:
@@ -705,6 +723,8 @@ def _save_checkpoint(run: Run) -> None:
     torch.save(_rng_state(), os.path.join(tmp, f"rng.{dist.rank}.pt"))
     dist.barrier("a checkpoint")
     if dist.rank == 0:
+        from peft.utils import get_peft_model_state_dict
+
         torch.save({"adapter": get_peft_model_state_dict(run.peft_model),
                     "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                     "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
@@ -719,6 +739,8 @@ def _save_checkpoint(run: Run) -> None:
 
 def _load_checkpoint(path: str, run: Run) -> dict:
     ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    from peft import set_peft_model_state_dict
+
     set_peft_model_state_dict(run.peft_model, ck["adapter"])
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])

@@ -102,6 +102,9 @@ def test_resume_after_interruption_gives_the_same_adapter(train_set, tiny_whispe
     with pytest.raises(ValueError, match=r"another configuration .*\(lr: 0.005 there, "
                                          r"1.0 now\)"):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), F.TrainConfig(**{**CFG, "lr": 1}))
+    # a finished run's rerun returns its summary without loading the model
+    monkeypatch.setattr(F, "_model", lambda *a: pytest.fail("the model was loaded"))
+    assert F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg) == s
 
 
 def test_sigkill_then_rerun_gives_the_same_adapter(train_set, tiny_whisper_lm, tmp_path):

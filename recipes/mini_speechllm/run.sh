@@ -62,7 +62,10 @@
 #      best CTC class (blank runs their own segments: --blank keep), against uniform mean
 #      pooling and `prominence` peaks at the same rate (k and threshold from the training set);
 #      each condition gets its own projector over single pooled tokens (stack 1), aligned by CTC
-#      from scratch, and is scored CTC-greedy → $ctc_exp/RESULTS.md
+#      from scratch, and is scored CTC-greedy → $ctc_exp/RESULTS.md. Measured 2026-11-27 (1000
+#      train utterances; CTC-greedy WER % test / LibriVox, tokens/s on test): ctc-keep 58.8 /
+#      52.1 (4.9/s), uniform-mean-k9 58.9 / 60.6 (5.7/s), prominence 62.6 / 59.2 (5.4/s);
+#      frames at stack 4 (12.7 positions/s) 57.9 / 56.3
 #
 # Usage: bash recipes/mini_speechllm/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #          [--n_train N] [--n_dev N] [--n_test N] [--align_steps N] [--frame_steps N]

@@ -525,6 +525,8 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
 
 
 def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: int):
+    from .segment import _duration
+
     al, src = load_aligner(align_dir, model), Store(feats)
     al.train(False)
 
@@ -538,7 +540,7 @@ def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: 
             lps = al.log_probs([torch.from_numpy(z.astype(np.float32)) for z in frames])
             for utt, z, lp in zip(batch, frames, lps):
                 b = ctc_boundaries(lp, al.stack, blank)
-                dur = float(src.attrs(utt).get("duration", len(z) / float(src.meta["frame_rate"])))
+                dur = _duration(src, src.attrs(utt), z)
                 result.items.append((utt, b, {"duration": dur, "frames": len(z)}))
                 stats["utterances"] += 1
                 stats["frames"] += len(z)

@@ -26,12 +26,11 @@ import time
 
 import numpy as np
 
+from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
 from .models import BACKENDS, load_backend, training_options
-from .fileio import model_identity
 from .parallel import barrier, dist_info, progress, resolve_device
-from .fileio import file_sha256, read_json, write_atomic
 from .pool import condition_of
 from .store import Store, StoreError, fingerprint
 

@@ -51,12 +51,11 @@ import numpy as np
 import torch
 import yaml
 
+from .fileio import model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
 from .models import BACKENDS, load_backend
-from .fileio import model_identity
 from .parallel import progress, resolve_device
-from .fileio import read_json, write_atomic
 from .pool import condition_of
 from .store import Store
 

@@ -5,7 +5,8 @@ Layout (the public contract, also in README.md)::
     STORE/store.json        {"kind", "fingerprint", "meta", "shards": {file: [utterance ids]}}
     STORE/feats.00000.h5    one dataset per utterance at the root, named by its id
     STORE/skipped.jsonl     utterances skipped under --on-error skip (id, error)
-    STORE/verified.json     {"fingerprint", "shards": {file: [inode, size, mtime_ns]}}: shards found whole
+    STORE/verified.json     shards found whole: {"fingerprint", "shards": {file: [inode, size,
+                            mtime_ns]}}
 
 Every shard file carries the attributes ``fingerprint`` and ``meta`` (JSON) and ``skipped``
 (JSON list). Datasets are chunked with HDF5's fletcher32 checksum filter, so bytes damaged after

@@ -525,6 +525,7 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
 
 
 def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: int):
+    from .parallel import add_utterance, new_stats
     from .segment import _duration
 
     al, src = load_aligner(align_dir, model), Store(feats)
@@ -533,19 +534,14 @@ def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: 
     @torch.no_grad()
     def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
-        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        stats = new_stats()
         for i in range(0, len(ids), batch_size):
             batch = ids[i : i + batch_size]
             frames = [src[u] for u in batch]
             lps = al.log_probs([torch.from_numpy(z.astype(np.float32)) for z in frames])
             for utt, z, lp in zip(batch, frames, lps):
-                b = ctc_boundaries(lp, al.stack, blank)
-                dur = _duration(src, src.attrs(utt), z)
-                result.items.append((utt, b, {"duration": dur, "frames": len(z)}))
-                stats["utterances"] += 1
-                stats["frames"] += len(z)
-                stats["tokens"] += len(b)
-                stats["audio_seconds"] += dur
+                add_utterance(result, stats, utt, ctc_boundaries(lp, al.stack, blank), len(z),
+                              _duration(src, src.attrs(utt), z))
             tick(len(batch))
         return result, stats
 

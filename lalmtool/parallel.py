@@ -229,6 +229,22 @@ def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:
     return summary
 
 
+def new_stats() -> dict:
+    """A shard's statistics before its first utterance (``add_utterance`` fills them)."""
+    return {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+
+
+def add_utterance(result: ShardResult, stats: dict, utt: str, data, frames: int,
+                  duration: float) -> None:
+    """Adds one utterance's output (``len(data)`` tokens from ``frames`` encoder frames) to a
+    shard's result and statistics."""
+    result.items.append((utt, data, {"duration": duration, "frames": frames}))
+    stats["utterances"] += 1
+    stats["frames"] += frames
+    stats["tokens"] += len(data)
+    stats["audio_seconds"] += duration
+
+
 def for_utterance(utt: str, fn, *args):
     """Calls ``fn(*args)``; a ValueError it raises names the utterance."""
     try:

@@ -13,7 +13,8 @@ import os
 import numpy as np
 
 from .lock import output_lock
-from .parallel import check_out, for_utterance, run_sharded, summarize
+from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
+                       summarize)
 from .store import ShardResult, Store, StoreError, fingerprint
 
 STAGE_VERSION = 1
@@ -84,16 +85,12 @@ def _worker(feats: str, segments: str, reduce: str):
 
     def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
-        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        stats = new_stats()
         for utt in ids:
             tick(1)
             z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
             pooled = for_utterance(utt, pool, z, starts, reduce).astype(np.float16)
-            result.items.append((utt, pooled, {"duration": attrs["duration"], "frames": len(z)}))
-            stats["utterances"] += 1
-            stats["frames"] += len(z)
-            stats["tokens"] += len(pooled)
-            stats["audio_seconds"] += float(attrs["duration"])
+            add_utterance(result, stats, utt, pooled, len(z), float(attrs["duration"]))
         return result, stats
 
     return run

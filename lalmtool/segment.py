@@ -15,7 +15,8 @@ import os
 import numpy as np
 
 from .lock import output_lock
-from .parallel import check_out, for_utterance, run_sharded, summarize
+from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
+                       summarize)
 from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -216,7 +217,7 @@ def _worker(feats: str, method: str, k, threshold, on_error: str):
 
     def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
-        stats = {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
+        stats = new_stats()
         for utt in ids:
             tick(1)
             z = src[utt]
@@ -227,12 +228,7 @@ def _worker(feats: str, method: str, k, threshold, on_error: str):
                     raise
                 result.skipped.append({"id": utt, "error": str(e)})
                 continue
-            dur = _duration(src, src.attrs(utt), z)
-            result.items.append((utt, b, {"duration": dur, "frames": len(z)}))
-            stats["utterances"] += 1
-            stats["frames"] += len(z)
-            stats["tokens"] += len(b)
-            stats["audio_seconds"] += dur
+            add_utterance(result, stats, utt, b, len(z), _duration(src, src.attrs(utt), z))
         return result, stats
 
     return run

@@ -17,7 +17,7 @@
 #             carries over, its best says what a condition-specific alignment reaches.
 #   finetune  projector + LoRA through the LM loss. Frame level starts from the aligned
 #             projector (--init-projector); each compressed condition (by default peaks and
-#             uniform mean/pick with k=3; --conditions adds e.g. uniform-mean-k2) continues from
+#             uniform-mean-k3; --conditions adds e.g. uniform-pick-k3) continues from
 #             the frame-level adapter (--init-adapter: LoRA and projector both keep training).
 #             The adapter kept is the one with the best dev loss.
 # The stack factor stays 4 for every condition, so the projector keeps its shape and the
@@ -57,7 +57,7 @@
 #                → $exp/speechllm/<condition>/      each trained model as one directory
 #   6  decode    → $exp/decode/<condition>-lora/<set>       with the condition's own adapter
 #                → $exp/decode/<condition>-frameslora/<set> compressed input, frame-level adapter
-#                                                           (what compression costs unaligned)
+#                                     (what compression costs unaligned; --unaligned_decodes true)
 #   7  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #   8  (opt-in: --stop_stage 8) CTC-based compression, in $ctc_exp (default ${exp}_ctc):
 #      `lalmtool ctc-segment` cuts the frames where stage 4's frame-level projector changes its
@@ -91,16 +91,16 @@ n_dev=100
 n_test=100
 align_steps=300
 realign_ctc_steps=100
-frame_steps=150
-realign_steps=30
+frame_steps=100
+realign_steps=20
 batch_size=8
 max_new_tokens=60
-unaligned_decodes=true   # also decode each compressed condition with the frame-level adapter
+unaligned_decodes=false  # also decode each compressed condition with the frame-level adapter
 llm=smollm2-135m-instruct
 encoder=whisper-tiny.en   # must match extra.encoder in conf/speechllm.yaml and conf/align.yaml
 config=conf/speechllm.yaml
 align_config=conf/align.yaml
-conditions="frames uniform-mean-k3 uniform-pick-k3 peaks"
+conditions="frames uniform-mean-k3 peaks"
 test_sets="test librivox"
 ctc_exp=                  # stage 8's directory (default: ${exp}_ctc)
 

@@ -1,4 +1,5 @@
-"""The corpus recipes (recipes/librispeech, recipes/covost2) and the shared recipe helpers
+"""The corpus recipes (recipes/librispeech, recipes/covost2), a smoke run of
+recipes/mini_speechllm, and the shared recipe helpers
 (recipes/utils): options, --config, --help from anywhere, stage gating, launchers, resume."""
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def shards_with_mtimes(top) -> dict[str, int]:
     ("librispeech", "# recipes/librispeech: audio-token compression for ASR"),
     ("covost2", "# recipes/covost2: audio-token compression for speech translation"),
     ("mini_st", "# recipes/mini_st: speech translation"),
+    ("mini_speechllm", "# recipes/mini_speechllm: audio-token compression for a composed"),
 ])
 def test_help_works_from_the_repository_root(recipe, first):
     r = run(recipe, "--help")
@@ -185,3 +187,28 @@ def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
             assert dec["backend_opts"]["task"] == ("translate" if task == "st" else "transcribe")
             res = json.loads((exp / "decode" / name / "test" / "results.json").read_text())
             assert res["metric"] == metric, name
+
+
+def test_mini_speechllm_smoke_run_end_to_end(tmp_path):
+    """Every stage of the decoder-only recipe on a few utterances (real tiny.en and SmolLM2):
+    align, CTC re-alignment, LoRA, decode and report give one row per condition and set."""
+    exp = tmp_path / "exp"
+    r = run("mini_speechllm", "--exp", exp, "--data", tmp_path / "data", "--n_train", 16,
+            "--n_dev", 2, "--n_test", 4, "--align_steps", 3, "--realign_ctc_steps", 2,
+            "--frame_steps", 3, "--realign_steps", 2, "--batch_size", 4, "--max_new_tokens", 8,
+            "--conditions", "frames peaks")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert stages_run(exp) == [0, 1, 2, 3, 4, 5, 6, 7]
+    with open(exp / "results.json") as fh:
+        rows = json.load(fh)
+    assert sorted((row["set"], row["condition"], row["lora"], row["sentences"]) for row in rows) == [
+        ("librivox", "frames", True, 5), ("librivox", "frames (CTC greedy)", False, 5),
+        ("librivox", "peaks-mean", True, 5), ("librivox", "peaks-mean (CTC greedy)", False, 5),
+        ("test", "frames", True, 4), ("test", "frames (CTC greedy)", False, 4),
+        ("test", "peaks-mean", True, 4), ("test", "peaks-mean (CTC greedy)", False, 4)]
+    frames = {row["set"]: row["tokens_per_s"] for row in rows if row["condition"] == "frames"}
+    peaks = {row["set"]: row["tokens_per_s"] for row in rows if row["condition"] == "peaks-mean"}
+    # stack 4: 12.5 positions/s, a little more for the last, zero-padded group of short clips
+    assert all(12.4 < frames[s] < 13.5 and peaks[s] < frames[s] / 2 for s in frames)
+    assert (exp / "RESULTS.md").exists()
+    assert (exp / "speechllm" / "peaks" / "speechllm.json").exists()

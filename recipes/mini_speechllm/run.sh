@@ -24,16 +24,15 @@
 # compression multiplies: the LLM reads 12.5 positions/s at frame level, 6.25 at k=2, 4.2 at
 # k=3, ~3.9 for peaks (tokens/s in RESULTS.md counts these LLM positions).
 #
-# Measured 2026-11-26 on the 2 shared CPU cores (1000 train utterances; align 300 steps, CTC
-# re-alignment 100 steps, --frame_steps 100 --realign_steps 20, conditions frames,
-# uniform-mean-k3, peaks; --unaligned_decodes false). WER % test / LibriVox, LLM positions/s:
+# Measured 2026-11-27 with the defaults, `time bash run.sh` on 2 idle CPU cores: 27 min 24 s
+# (stage seconds: prepare 32, extract 545, segment 19, pool 31, align 154, finetune 652,
+# decode 181, report 30). WER % test / LibriVox, LLM positions/s:
 #   CTC greedy, projector alone: frames 57.9 / 56.3 (12.7/s); uniform-mean-k3 61.3 / 64.8
 #     (4.3/s); peaks 63.8 / 62.0 (3.9/s)
 #   LLM + LoRA: frames 68.9 / 78.9; uniform-mean-k3 118.1 / 78.9; peaks 110.4 / 87.3
 # Dev CTC WER of the frame-level projector on compressed features: 79.4 (k3), 86.7 (peaks);
 # after 50-100 steps of its own alignment 61.2 and 63.5 (frames: 58.3): the alignment carries
-# over only in part, each condition needs (a cheap) one of its own. Stage seconds: align 500,
-# finetune 719, decode 171, report 56 (extraction under heavy CPU sharing: ~45 min, not typical).
+# over only in part, each condition needs (a cheap) one of its own.
 # What binds is the number of distinct training sentences: best dev CTC WER 61.7 / 58.3 / 51.7 %
 # with 500 / 1000 / 3000 (--n_train); Whisper base instead of tiny.en gains ~1 point (README).
 #
@@ -74,7 +73,7 @@
 #          [--realign_steps N] [--batch_size N] [--conditions "frames peaks ..."]
 #          [--max_new_tokens N] [--unaligned_decodes true|false]
 #          (every variable set at the top of this script is an option: --name value)
-# Defaults are sized for ~30 min on 2 otherwise idle CPU cores; a smoke run:
+# Defaults take ~27 min on 2 otherwise idle CPU cores (measured above); a smoke run:
 #   bash run.sh --exp exp_smoke --data data_smoke --n_train 16 --n_dev 2 --n_test 4 \
 #     --align_steps 3 --frame_steps 3 --realign_steps 2 --batch_size 4 --max_new_tokens 12 \
 #     --conditions "frames peaks uniform-pick-k3"

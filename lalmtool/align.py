@@ -77,7 +77,7 @@ from .finetune import Examples, latest_checkpoint, truncate_log
 from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
 from .fileio import file_sha256, write_atomic
-from .parallel import progress
+from .parallel import add_utterance, new_stats, progress
 from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -525,7 +525,6 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
 
 
 def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: int):
-    from .parallel import add_utterance, new_stats
     from .segment import _duration
 
     al, src = load_aligner(align_dir, model), Store(feats)

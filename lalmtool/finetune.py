@@ -737,9 +737,9 @@ def _save_checkpoint(run: Run) -> None:
 
 
 def _load_checkpoint(path: str, run: Run) -> dict:
-    ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     from peft import set_peft_model_state_dict
 
+    ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     set_peft_model_state_dict(run.peft_model, ck["adapter"])
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])

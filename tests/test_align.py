@@ -244,8 +244,7 @@ def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  
     started = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
     assert started.keys() == aligned.keys()
     assert all(torch.equal(started[k], aligned[k]) for k in aligned)
-    from lalmtool.models import training_options
-    from lalmtool.models import load_backend
+    from lalmtool.models import load_backend, training_options
 
     fresh = load_backend("speechllm", tiny_llm, **data["extra"]).model.projector.state_dict()
     assert not torch.equal(fresh["net.0.weight"], aligned["net.0.weight"])  # a real hand-over

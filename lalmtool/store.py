@@ -17,9 +17,12 @@ error, another fingerprint than store.json's, other utterances than planned). Ve
 every byte, so a finished stage records each shard's inode, size and modification time in
 ``verified.json``; a rerun verifies again only the shards whose record no longer matches (or
 was modified within the record's own timestamp tick: git's rule for "racily clean" files).
-``lalmtool info --verify`` always reads everything (bit rot changes no timestamp). The shard
-plan (which utterances go in which file) depends only on the input, never on ``--nj`` or the
-number of ranks, so an interrupted and resumed run writes exactly the same store.
+``lalmtool info --verify`` always reads everything (bit rot changes no timestamp). Opening a
+``Store`` (what every later stage reads through) checks each shard's fingerprint and utterance
+names against store.json's plan, reading no data: a shard replaced by a copy of another one is
+refused, naming it. The shard plan (which utterances go in which file) depends only on the
+input, never on ``--nj`` or the number of ranks, so an interrupted and resumed run writes
+exactly the same store.
 """
 from __future__ import annotations
 
@@ -85,17 +88,31 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def plan_problem(f: h5py.File, fp: str, ids: list[str]) -> str | None:
+    """Why the open shard ``f`` is not the shard of a store with fingerprint ``fp`` that holds
+    these planned ``ids`` (written or skipped), or None. Cheap: reads its attributes and dataset
+    names only, no data; a damaged file raises (h5py's OSError, KeyError...)."""
+    if f.attrs.get("fingerprint") != fp:
+        return ("was written with other inputs or settings (its fingerprint "
+                f"{str(f.attrs.get('fingerprint'))[:12]} differs from store.json's)")
+    done = set(f.keys()) | {s["id"] for s in json.loads(f.attrs["skipped"])}
+    if done != set(ids):
+        missing, extra = sorted(set(ids) - done), sorted(done - set(ids))
+        parts = ([f"missing {missing[:3]}"] if missing else []) + (
+            [f"unplanned {extra[:3]}"] if extra else [])
+        return f"holds other utterances than store.json plans for it ({', '.join(parts)})"
+    return None
+
+
 def shard_problem(path: str, fp: str, ids: list[str]) -> str | None:
     """Why the shard file ``path`` is not a whole shard of a store with fingerprint ``fp`` and
-    these planned ``ids`` (reading every dataset, which verifies its checksum), or None."""
+    these planned ``ids`` (``plan_problem``, then reading every dataset, which verifies its
+    checksum), or None."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("fingerprint") != fp:
-                return ("was written with other inputs or settings (its fingerprint "
-                        f"{str(f.attrs.get('fingerprint'))[:12]} differs from store.json's)")
-            done = set(f.keys()) | {s["id"] for s in json.loads(f.attrs["skipped"])}
-            if done != set(ids):
-                return f"holds other utterances than planned ({sorted(done ^ set(ids))[:3]})"
+            why = plan_problem(f, fp, ids)
+            if why:
+                return why
             for utt in f:
                 f[utt][()]
     except Exception as e:  # h5py raises OSError, KeyError, RuntimeError... for damaged files
@@ -257,15 +274,20 @@ class Store:
         self._pid = os.getpid()
         self._where: dict[str, str] = {}
         for name, ids in self.shards.items():
-            f = self._file(name)
-            if f.attrs.get("fingerprint") != self.fingerprint:
-                raise StoreError(self._damaged(name, "was written with other inputs or settings "
-                                               "than store.json records"))
-            present = set(self._guard(name, f.keys))
-            for utt in ids:
-                if utt in present:
-                    self._where[utt] = name
+            self._check_plan(name, ids)
         self.ids = list(self._where)
+
+    def _check_plan(self, name: str, ids: list[str]) -> None:
+        """StoreError unless shard ``name`` holds exactly its planned ``ids`` (``plan_problem``:
+        no data read); records where each of its utterances is."""
+        f = self._file(name)
+        why = self._guard(name, plan_problem, f, self.fingerprint, ids)
+        if why:
+            raise StoreError(self._damaged(name, why))
+        present = set(self._guard(name, f.keys))
+        for utt in ids:
+            if utt in present:
+                self._where[utt] = name
 
     def _damaged(self, name: str, why: str) -> str:
         stage = self.meta.get("stage", "the stage") if isinstance(self.meta, dict) else "the stage"

@@ -199,6 +199,36 @@ def test_damaged_input_store_stops_the_next_stage_naming_the_shard(stores, tmp_p
 
 
 # -- two concurrent runs into one --out -------------------------------------------------------
+def test_shard_replaced_by_a_copy_of_another_is_refused_by_every_reader(stores, tmp_path):
+    """R1: a shard holding another shard's utterances (same fingerprint, valid checksums) is
+    not whole: segment, pool and decode (all through Store) stop naming it."""
+    import shutil
+
+    from lalmtool.store import Store, StoreError
+
+    feats = shutil.copytree(stores["feats"], tmp_path / "feats")
+    shutil.copyfile(feats / "feats.00000.h5", feats / "feats.00001.h5")
+    want = (f"{feats / 'feats.00001.h5'} holds other utterances than store.json plans for it "
+            "(missing ['u2', 'u3'], unplanned ['u0', 'u1']); rerun `lalmtool extract` with the "
+            f"same --out ({feats}) to redo it")
+    with pytest.raises(StoreError) as e:
+        Store(str(feats))
+    assert str(e.value) == want
+    assert cli("segment", "--feats", feats, "--method", "peaks", "--out", tmp_path / "seg") == (
+        1, f"Error: {want}\n")
+    assert not (tmp_path / "seg").exists()
+    assert cli("decode", "--feats", feats, "--model", tmp_path / "no-model", "--out",
+               tmp_path / "dec") == (1, f"Error: {want}\n")  # before the model is looked at
+    seg = shutil.copytree(stores["seg"], tmp_path / "seg2")
+    shutil.copyfile(seg / "seg.00002.h5", seg / "seg.00003.h5")
+    code, text = cli("pool", "--feats", stores["feats"], "--segments", seg, "--out",
+                     tmp_path / "pooled")
+    assert (code, text) == (1, f"Error: {seg / 'seg.00003.h5'} holds other utterances than "
+                            "store.json plans for it (missing ['u6', 'u7'], unplanned ['u4', "
+                            f"'u5']); rerun `lalmtool segment` with the same --out ({seg}) to "
+                            "redo it\n")
+
+
 @pytest.mark.parametrize("stage", ["segment", "pool"])
 def test_second_concurrent_run_is_refused_and_the_first_completes(stores, tmp_path, stage):
     out, go = tmp_path / "out", tmp_path / "go"

@@ -178,7 +178,8 @@ def test_full_disk_leaves_no_tmp_and_a_resumable_store(tmp_path, monkeypatch):
 def test_shard_problem_names_unplanned_utterances(tmp_path):
     make_store(tmp_path / "s")
     assert shard_problem(str(tmp_path / "s" / "feats.00000.h5"), FP, ["u0", "u9"]) == (
-        "holds other utterances than planned (['u1', 'u9'])")
+        "holds other utterances than store.json plans for it (missing ['u9'], unplanned "
+        "['u1'])")
     info = json.loads((tmp_path / "s" / "store.json").read_text())
     assert info["shards"]["feats.00000.h5"] == ["u0", "u1"]
 

@@ -1,4 +1,5 @@
-"""Small file helpers every stage shares: atomic writes and JSON Lines reading.
+"""Small file helpers every stage shares: atomic writes, JSON Lines reading and content
+identities (files, checkpoints).
 
 A file another program (or a rerun) may read is written under a temporary name in the same
 directory and renamed when complete, so a reader sees either the old file or the new one, never a
@@ -9,11 +10,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 TMP_SUFFIX = ".tmp"
+WEIGHTS_CACHE = "weights-sha256.json"  # in the asset cache: weight files' whole-content digests
+RACY_NS = 2_000_000_000  # a weight file changed this shortly before it was hashed is not cached
+log = logging.getLogger("lalmtool")
 
 
 @contextmanager
@@ -50,10 +56,10 @@ def file_sha256(path: str) -> str:
 
 
 def model_identity(name_or_path: str) -> dict:
-    """A cheap, content-based identity of a checkpoint directory (or the hub id as given).
+    """A content-based identity of a checkpoint directory (or the hub id as given).
 
-    Hashes config files whole and each weight file's size plus its first and last MiB: enough
-    to tell checkpoints apart without reading gigabytes.
+    Hashes config files and weight files whole (``weights_sha256``: cached, so only the first
+    use of a checkpoint, or of a weight file changed since, reads its weights).
     """
     if not os.path.isdir(name_or_path):
         return {"hub_id": name_or_path}
@@ -65,13 +71,61 @@ def model_identity(name_or_path: str) -> dict:
         with open(f, "rb") as fh:
             h.update(os.path.basename(f).encode() + fh.read())
     for f in weights:
-        size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+        h.update(f"{os.path.basename(f)}:{os.path.getsize(f)}:{weights_sha256(f)}".encode())
     return {"dir": os.path.basename(os.path.normpath(name_or_path)), "sha256": h.hexdigest()}
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 of a weight file's whole content, cached by the file's real path and its (inode,
+    size, mtime, ctime) in ``cache_dir()/weights-sha256.json`` (outside the model directory,
+    which may be read-only). The ctime catches edits that restore the mtime (``touch -r``); a
+    file changed within ``RACY_NS`` before it was hashed is not cached (its timestamps might
+    not change with a second edit within the same tick). An unwritable cache costs rehashing."""
+    real = os.path.realpath(path)
+    key = _stat_key(os.stat(real))
+    cached = _read_weights_cache().get(real)
+    if isinstance(cached, list) and cached[:4] == key and len(cached) == 5:
+        return cached[4]
+    start = time.time_ns()
+    digest = file_sha256(real)
+    if _stat_key(os.stat(real)) == key and max(key[2], key[3]) < start - RACY_NS:
+        _cache_weights_sha256(real, [*key, digest])
+    return digest
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _weights_cache_file() -> str:
+    from .assets import cache_dir
+
+    return os.path.join(cache_dir(), WEIGHTS_CACHE)
+
+
+def _read_weights_cache() -> dict:
+    """The weight digests cached so far: {real path: [inode, size, mtime, ctime, sha256]}
+    ({} when absent or damaged: everything is hashed again)."""
+    try:
+        with open(_weights_cache_file(), encoding="utf-8") as fh:
+            cache = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _cache_weights_sha256(path: str, entry: list) -> None:
+    """Adds ``entry`` for ``path`` to the cache (dropping files that no longer exist); a cache
+    that cannot be written is only logged: it costs rehashing, not correctness."""
+    cache = {p: e for p, e in _read_weights_cache().items() if os.path.exists(p)}
+    cache[path] = entry
+    file = _weights_cache_file()
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        write_atomic(file, json.dumps(cache, indent=0))
+    except OSError as e:
+        log.warning("cannot cache the sha256 of %s in %s (%s): weights are hashed again on "
+                    "every run; set LALMTOOL_CACHE to a writable folder", path, file, e)
 
 
 def read_json(path: str, hint: str) -> dict | None:

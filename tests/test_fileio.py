@@ -1,4 +1,6 @@
-"""Tests of lalmtool.fileio: atomic writes and the one JSON Lines reader."""
+"""Tests of lalmtool.fileio: atomic writes, the one JSON Lines reader, weight digests."""
+import hashlib
+import json
 import os
 
 import pytest
@@ -47,3 +49,59 @@ def test_an_os_error_names_the_file_not_its_temporary(tmp_path):
         assert e.value.filename == str(tmp_path / "ro" / "x.json")
     finally:
         os.chmod(tmp_path / "ro", 0o700)
+
+
+def _model(path, content: bytes) -> str:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(content)
+    return str(path)
+
+
+def test_weights_digest_is_cached_beside_the_assets_not_in_a_read_only_model(tmp_path,
+                                                                            monkeypatch):
+    from lalmtool import fileio
+
+    monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fileio, "RACY_NS", 0)
+    model = _model(tmp_path / "m", b"w" * 1000)
+    weights = os.path.join(model, "model.safetensors")
+    os.chmod(weights, 0o444)
+    os.chmod(model, 0o555)
+    try:
+        ident = fileio.model_identity(model)
+        st = os.stat(weights)
+        sha = hashlib.sha256(b"w" * 1000).hexdigest()
+        assert json.loads((tmp_path / "cache" / "weights-sha256.json").read_text()) == {
+            os.path.realpath(weights): [st.st_ino, 1000, st.st_mtime_ns, st.st_ctime_ns, sha]}
+        monkeypatch.setattr(fileio, "file_sha256", lambda p: pytest.fail(f"{p} read again"))
+        assert fileio.model_identity(model) == ident
+        assert sorted(os.listdir(model)) == ["config.json", "model.safetensors"]
+    finally:
+        os.chmod(model, 0o755)
+
+
+def test_weights_changed_just_before_hashing_are_not_cached(tmp_path, monkeypatch):
+    from lalmtool import fileio
+
+    monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path / "cache"))
+    model = _model(tmp_path / "m", b"w" * 1000)  # modified now: within RACY_NS (2 s)
+    fileio.model_identity(model)
+    assert not (tmp_path / "cache" / "weights-sha256.json").exists()
+
+
+def test_an_unwritable_weights_cache_is_a_warning_and_rehashing(tmp_path, monkeypatch, caplog):
+    from lalmtool import fileio
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(fileio, "RACY_NS", 0)
+    model = _model(tmp_path / "m", b"w" * 1000)
+    with caplog.at_level("WARNING", logger="lalmtool"):
+        assert fileio.weights_sha256(os.path.join(model, "model.safetensors")) == (
+            hashlib.sha256(b"w" * 1000).hexdigest())
+    assert caplog.messages == [
+        f"cannot cache the sha256 of {os.path.realpath(model)}/model.safetensors in "
+        f"{tmp_path}/file/cache/weights-sha256.json ([Errno 20] Not a directory: "
+        f"'{tmp_path}/file/cache'): weights are hashed again on every run; set LALMTOOL_CACHE "
+        "to a writable folder"]

@@ -504,3 +504,32 @@ def test_extract_rerun_after_a_same_size_edit_refuses_stale_features(tiny_whispe
     assert code == 1 and "made with different inputs or settings" in text
     assert cli(*args, "--force")[0] == 0
     assert not np.array_equal(Store(str(tmp_path / "f"))["u1"], before)
+
+
+# -- stale inputs: model weights edited in place, same size ----------------------------------
+def _weights_dir(path, size: int = 3 << 20) -> str:
+    path.mkdir()
+    (path / "config.json").write_text('{"d_model": 16}')
+    (path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(size))
+    return str(path)
+
+
+def test_model_identity_sees_a_same_size_edit_in_the_middle_of_the_weights(tmp_path,
+                                                                           monkeypatch):
+    """R2: the weights were identified by their size and first and last MiB."""
+    from lalmtool.fileio import model_identity
+
+    monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path / "cache"))
+    model = _weights_dir(tmp_path / "m")
+    before = model_identity(model)
+    weights = tmp_path / "m" / "model.safetensors"
+    st = os.stat(weights)
+    with open(weights, "r+b") as fh:  # inside the middle MiB, neither first nor last
+        fh.seek(3 << 19)
+        b = fh.read(1)
+        fh.seek(3 << 19)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # even keeping its mtime
+    assert os.path.getsize(weights) == st.st_size
+    after = model_identity(model)
+    assert after["dir"] == before["dir"] == "m" and after["sha256"] != before["sha256"]

@@ -51,28 +51,39 @@ def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     return records
 
 
-def read_hyps(path: str) -> dict[str, dict]:
-    """Hypotheses by utterance id (file order kept); refuses duplicate ids and records lacking ``hyp``.
-
-    A ``hyp`` that is empty or null is a valid empty hypothesis (all deletions).
+def read_hyps(path: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """Hypotheses by utterance id (file order kept), and the ids whose record carries no
+    hypothesis (``hyp`` absent, null or not a string: a missing hypothesis, see ``pair_up``)
+    with what is wrong ("line 3: hyp null"). Duplicate ids are refused. An empty string is a
+    valid empty hypothesis (all deletions).
     """
     hyps: dict[str, dict] = {}
-    dups, lacking = [], []
+    no_hyp: dict[str, str] = {}
+    dups = []
     for lineno, rec in read_jsonl(path, "hypothesis file"):
         utt = str(rec["id"])
         if utt in hyps:
             dups.append(f"{utt} (line {lineno})")
             continue
-        if "hyp" not in rec:
-            lacking.append(f"{utt} (line {lineno})")
-        rec["hyp"] = rec.get("hyp") or ""
         hyps[utt] = rec
+        why = _no_hypothesis(rec)
+        if why:
+            no_hyp[utt] = f"line {lineno}: {why}"
     if dups:
         raise ValueError(f"{path}: duplicate utterance id(s) {_some(dups)}; each utterance must be "
                          "decoded once: remove the duplicates or re-run the decode stage")
-    if lacking:
-        raise ValueError(f"{path}: record(s) without a 'hyp' field: {_some(lacking)}")
-    return hyps
+    return hyps, no_hyp
+
+
+def _no_hypothesis(rec: dict) -> str | None:
+    """Why the hyp record ``rec`` carries no hypothesis, or None when its ``hyp`` is a string."""
+    if "hyp" not in rec:
+        return "no 'hyp'"
+    if rec["hyp"] is None:
+        return "hyp null"
+    if not isinstance(rec["hyp"], str):
+        return f"hyp {json.dumps(rec['hyp'])[:40]}, not a string"
+    return None
 
 
 def read_refs(path: str, field: str) -> tuple[dict[str, str], dict[str, str | None]]:
@@ -103,12 +114,13 @@ def read_refs(path: str, field: str) -> tuple[dict[str, str], dict[str, str | No
     return refs, langs
 
 
-def pair_up(hyps: dict[str, dict], refs: dict[str, str], hyp_path: str, ref_path: str,
-            on_missing: str) -> tuple[list[str], list[str]]:
+def pair_up(hyps: dict[str, dict], no_hyp: dict[str, str], refs: dict[str, str],
+            hyp_path: str, ref_path: str, on_missing: str) -> tuple[list[str], list[str]]:
     """Utterance ids to score (manifest order) and those filled in as empty hypotheses.
 
     Hypotheses for ids not in the manifest are always an error; references without a hypothesis
-    are an error unless ``on_missing="empty"``.
+    (no record, or a record in ``no_hyp``: see ``read_hyps``) are an error unless
+    ``on_missing="empty"``.
     """
     if on_missing not in ("fail", "empty"):
         raise ValueError(f"on_missing must be 'fail' or 'empty', not {on_missing!r}")
@@ -117,13 +129,17 @@ def pair_up(hyps: dict[str, dict], refs: dict[str, str], hyp_path: str, ref_path
         raise ValueError(f"{hyp_path}: {len(unknown)} hypothesis id(s) are not in the reference "
                          f"manifest {ref_path}: {_some(unknown)}; score against the manifest the "
                          "decode stage read")
-    missing = [u for u in refs if u not in hyps]
-    if missing and on_missing == "fail":
-        raise ValueError(f"{hyp_path}: {len(missing)} utterance(s) of {ref_path} have no "
-                         f"hypothesis: {_some(missing)}; finish the decode stage, or pass "
-                         "on_missing='empty' (`lalmtool score --missing empty`) to count them as empty "
-                         "hypotheses (all deletions)")
-    return list(refs), missing
+    empty = ("on_missing='empty' (`lalmtool score --missing empty`) to count them as empty "
+             "hypotheses (all deletions)")
+    absent = [u for u in refs if u not in hyps]
+    if absent and on_missing == "fail":
+        raise ValueError(f"{hyp_path}: {len(absent)} utterance(s) of {ref_path} have no "
+                         f"hypothesis: {_some(absent)}; finish the decode stage, or pass {empty}")
+    if no_hyp and on_missing == "fail":
+        raise ValueError(f"{hyp_path}: {len(no_hyp)} record(s) carry no hypothesis: "
+                         f"{_some([f'{u} ({why})' for u, why in no_hyp.items()])}; decode these "
+                         f"utterances again, or pass {empty}")
+    return list(refs), [u for u in refs if u not in hyps or u in no_hyp]
 
 
 def _some(items: list[str], n: int = 10) -> str:
@@ -431,12 +447,12 @@ def score(hyp_path: str, ref_manifest: str, metric: str = "wer", out_dir: str | 
         raise ValueError(f"unknown normalizer {normalizer!r}; choose one of {', '.join(NORMALIZERS)}")
     if tokenize and metric != "bleu":
         raise ValueError("tokenize applies to metric 'bleu' only")
-    hyp_recs = read_hyps(hyp_path)
+    hyp_recs, no_hyp = read_hyps(hyp_path)
     refs, langs = read_refs(ref_manifest, "text" if metric == "wer" else "target")
     if not refs:
         raise ValueError(f"{ref_manifest}: no utterances to score")
-    ids, missing = pair_up(hyp_recs, refs, hyp_path, ref_manifest, on_missing)
-    hyps = {u: str(r["hyp"]) for u, r in hyp_recs.items()}
+    ids, missing = pair_up(hyp_recs, no_hyp, refs, hyp_path, ref_manifest, on_missing)
+    hyps = {u: r["hyp"] for u, r in hyp_recs.items() if u not in no_hyp}
     out_dir = out_dir or os.path.dirname(os.path.abspath(hyp_path))
     os.makedirs(out_dir, exist_ok=True)
 

@@ -130,10 +130,24 @@ def test_empty_hypothesis_is_all_deletions(tmp_path):
     assert res["wer"] == pytest.approx(3 / 4)
 
 
-def test_null_hypothesis_is_empty(tmp_path):
-    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "u1", "audio": "x", "text": "a b"}])
-    hyp = write_jsonl(tmp_path / "hyp.jsonl", [{"id": "u1", "hyp": None}])
-    assert score(hyp, manifest, normalizer="none")["del"] == 2
+def test_null_absent_or_non_string_hypothesis_is_a_missing_one(tmp_path):
+    """R9: ``"hyp": null`` was scored as an empty hypothesis although missing ones fail."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": u, "audio": "x", "text": "a b"}
+                                                  for u in ("u1", "u2", "u3", "u4")])
+    hyp = write_jsonl(tmp_path / "hyp.jsonl", [{"id": "u1", "hyp": None}, {"id": "u2"},
+                                               {"id": "u3", "hyp": 7}, {"id": "u4", "hyp": "a b"}])
+    with pytest.raises(ValueError) as e:
+        score(hyp, manifest, normalizer="none")
+    assert str(e.value) == (
+        f"{hyp}: 3 record(s) carry no hypothesis: u1 (line 1: hyp null), u2 (line 2: no 'hyp'), "
+        "u3 (line 3: hyp 7, not a string); decode these utterances again, or pass "
+        "on_missing='empty' (`lalmtool score --missing empty`) to count them as empty "
+        "hypotheses (all deletions)")
+    res = score(hyp, manifest, normalizer="none", on_missing="empty")
+    assert (res["del"], res["hits"], res["missing_hyps"]) == (6, 2, 3)
+    per_utt = [json.loads(line) for line in open(res["per_utt"])]
+    assert [(u["id"], u["hyp"], u.get("missing_hyp")) for u in per_utt] == [
+        ("u1", "", True), ("u2", "", True), ("u3", "", True), ("u4", "a b", None)]
 
 
 def test_reference_empty_after_normalization_counts_insertions(tmp_path):

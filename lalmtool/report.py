@@ -41,21 +41,18 @@ def find_results(exp_dir: str, exclude: list[str] = ()) -> list[str]:
     return sorted(found)
 
 
-def load_result(path: str) -> dict | None:
-    """A score stage's results.json, or None (with a warning) when it is not one."""
+def load_result(path: str) -> tuple[dict | None, str | None]:
+    """A score stage's results.json as ``(result, None)``, or ``(None, why it is not one)``."""
     try:
         with open(path, encoding="utf-8") as fh:
             res = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        log.warning("skipping %s: not readable JSON (%s)", path, e)
-        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"not readable JSON: {e}"
     if not isinstance(res, dict):  # e.g. another report's list of rows
-        log.warning("skipping %s: not a score result (a JSON object is expected)", path)
-        return None
+        return None, "not a score result (a JSON object is expected)"
     if res.get("wer") is None and res.get("bleu") is None:
-        log.warning("skipping %s: it has neither 'wer' nor 'bleu'; re-run lalmtool score", path)
-        return None
-    return res
+        return None, "it has neither 'wer' nor 'bleu'"
+    return res, None
 
 
 def method_key(res: dict) -> str:
@@ -350,8 +347,9 @@ def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
     """Collects every results.json under ``exp_dir`` into RESULTS.md, results.json and a PNG plot
     (defaults: ``exp_dir/RESULTS.md``, ``exp_dir/results.json``, ``exp_dir/results.png``).
 
-    Returns the rows (sorted). With no results found it writes a RESULTS.md saying so and an
-    empty results.json, writes no plot, and returns an empty list.
+    Returns the rows (sorted). A results.json that is damaged or not a score result is skipped
+    with a warning naming it; with no usable one at all it is a ValueError saying so (naming
+    the unusable files), and nothing is written.
     """
     if not os.path.isdir(exp_dir):
         raise FileNotFoundError(f"experiment directory not found: {exp_dir}")
@@ -359,22 +357,32 @@ def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
     out_json = out_json or os.path.join(exp_dir, "results.json")
     plot = plot or os.path.join(exp_dir, "results.png")
 
-    rows = []
+    rows, unusable = [], []
     for path in find_results(exp_dir, exclude=[os.path.join(exp_dir, "results.json"), out_json]):
-        res = load_result(path)
-        if res is not None:
+        res, why = load_result(path)
+        if why:
+            log.warning("skipping %s: %s; run `lalmtool score` again for it", path, why)
+            unusable.append(f"{path} ({why})")
+        else:
             rows.append(make_row(path, res))
-    rows = sort_rows(rows)
-
     if not rows:
-        msg = (f"No scored runs under {exp_dir}: no results.json from `lalmtool score` was found. "
-               "Run the decode and score stages first.")
-        log.warning(msg)
-        write_atomic(out_md, "# Results\n\n" + msg + "\n")
-        write_atomic(out_json, "[]\n")
-        return []
+        raise ValueError(_nothing_to_report(exp_dir, unusable))
+    rows = sort_rows(rows)
     write_atomic(out_md, to_markdown(rows, exp_dir))
     write_atomic(out_json, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     if not plot_rows(rows, plot):
         log.warning("no plot written: no run has both tokens/s and a score")
     return rows
+
+
+def _nothing_to_report(exp_dir: str, unusable: list[str]) -> str:
+    """The error of a report without a single usable results.json (``unusable``: those found,
+    each with why it is not usable)."""
+    if not unusable:
+        return (f"nothing to report under {exp_dir}: no results.json from `lalmtool score` "
+                "found; run the decode and score stages first")
+    listed = "; ".join(unusable[:5]) + (f"; ... and {len(unusable) - 5} more"
+                                         if len(unusable) > 5 else "")
+    return (f"nothing to report under {exp_dir}: {len(unusable)} results.json found, none "
+            f"usable: {listed}; run `lalmtool score` again for "
+            f"{'it' if len(unusable) == 1 else 'them'}")

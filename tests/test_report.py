@@ -13,6 +13,17 @@ from lalmtool.score import score  # noqa: E402
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def cli(*args) -> tuple[int, str]:
+    """(exit code, output) of the command line, the output from its error line on."""
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
+    return r.exit_code, r.output[r.output.find("Error: "):] if r.exit_code else r.output
+
+
 def put(exp, rel, res):
     d = exp / rel
     d.mkdir(parents=True, exist_ok=True)
@@ -109,12 +120,25 @@ def test_report_includes_results_written_by_score(tmp_path):
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_report_on_empty_dir(tmp_path):
-    rows = report(str(tmp_path))
-    assert rows == []
-    assert "No scored runs" in (tmp_path / "RESULTS.md").read_text()
-    assert json.loads((tmp_path / "results.json").read_text()) == []
-    assert not (tmp_path / "results.png").exists()
+def test_report_on_empty_dir_is_an_error_and_writes_nothing(tmp_path):
+    """R12: an empty experiment directory was reported (exit 0) as an empty table."""
+    with pytest.raises(ValueError) as e:
+        report(str(tmp_path))
+    assert str(e.value) == (f"nothing to report under {tmp_path}: no results.json from "
+                            "`lalmtool score` found; run the decode and score stages first")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_report_whose_only_result_is_damaged_names_it(tmp_path):
+    """R12: a directory whose only results.json is damaged was reported as empty (exit 0)."""
+    (tmp_path / "dec").mkdir()
+    (tmp_path / "dec" / "results.json").write_text('{"wer": 0.1')
+    (tmp_path / "results.json").write_text("[]")  # an earlier report's own output: not a run
+    code, text = cli("report", tmp_path)
+    assert (code, text) == (
+        1, f"Error: nothing to report under {tmp_path}: 1 results.json found, none usable: "
+           f"{tmp_path / 'dec' / 'results.json'} (not readable JSON: Expecting ',' delimiter: "
+           "line 1 column 12 (char 11)); run `lalmtool score` again for it\n")
 
 
 def test_report_on_missing_dir(tmp_path):

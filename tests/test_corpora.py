@@ -162,9 +162,14 @@ def test_librispeech_empty_transcript_and_foreign_id(tmp_path):
     assert f"{trans}:3: utterance '99-1-0000' does not belong to chapter 84-121123" in str(e.value)
 
 
-def test_librispeech_missing_subset(tmp_path):
-    with pytest.raises(FileNotFoundError, match="LibriSpeech subset not found: .*/test-other"):
-        prepare_librispeech(str(tmp_path), ["test-other"], str(tmp_path / "d"))
+def test_librispeech_missing_subsets_named_before_anything_is_written(tmp_path):
+    root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
+    with pytest.raises(FileNotFoundError) as e:
+        prepare_librispeech(root, ["dev-clean", "test-other", "dev-other"], str(tmp_path / "d"))
+    assert str(e.value) == (
+        f"LibriSpeech subset(s) test-other, dev-other not found in {root} (it holds: "
+        "dev-clean); give --subsets only subsets that are there")
+    assert not (tmp_path / "d").exists()
 
 
 # ------------------------------------------------------------------------------ CoVoST 2

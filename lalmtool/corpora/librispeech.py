@@ -114,6 +114,7 @@ def prepare_librispeech(root: str, subsets: list[str], out: str, text_case: str 
     if not subsets:
         raise ValueError("no LibriSpeech subsets given (e.g. dev-clean test-clean)")
     root = os.path.abspath(root)
+    _check_subsets(root, subsets)
     summaries = []
     for subset in subsets:
         out_dir = os.path.join(out, subset)
@@ -127,3 +128,15 @@ def prepare_librispeech(root: str, subsets: list[str], out: str, text_case: str 
         summaries.append(finish_set(out_dir, records, problems, on_error, params,
                                     f"LibriSpeech {os.path.join(root, subset)}"))
     return summaries
+
+
+def _check_subsets(root: str, subsets: list[str]) -> None:
+    """FileNotFoundError naming every subset missing from ``root`` (and those it holds), before
+    anything is written."""
+    missing = [s for s in subsets if not os.path.isdir(os.path.join(root, s))]
+    if missing:
+        there = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+            if os.path.isdir(root) else []
+        raise FileNotFoundError(
+            f"LibriSpeech subset(s) {', '.join(missing)} not found in {root} (it holds: "
+            f"{', '.join(there) or 'no subset'}); give --subsets only subsets that are there")

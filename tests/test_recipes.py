@@ -97,6 +97,18 @@ def test_recipe_stops_at_a_bad_corpus_with_its_named_error(tmp_path):
     assert "dev-clean: skipped 1 utterance(s)" in r.stderr
 
 
+def test_librispeech_subset_missing_from_the_tree_names_the_option_listing_it(tmp_path):
+    root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
+    r = run("librispeech", "--librispeech_root", root, "--train_set", "dev-clean", "--dev_set",
+            "dev-clean", "--test_sets", "dev-clean test-other", "--exp", tmp_path / "exp",
+            "--data", tmp_path / "data", "--stop_stage", 0)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == (
+        f"stage 0: LibriSpeech subset test-other (from --test_sets) not found in {root}, which "
+        "holds: dev-clean; give --train_set, --dev_set and --test_sets subsets that are there")
+    assert not os.path.exists(tmp_path / "data")
+
+
 # ------------------------------------------------------------------------------ stages 0-3
 
 @pytest.mark.slow

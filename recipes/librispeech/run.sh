@@ -73,6 +73,16 @@ sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0
 
 if run_stage 0 "prepare manifests from $librispeech_root"; then
   [ -n "$librispeech_root" ] || { echo "stage 0 needs --librispeech_root DIR" >&2; exit 1; }
+  for set in $sets; do  # a subset the tree lacks: name the option that lists it
+    [ -d "$librispeech_root/$set" ] && continue
+    from=--test_sets; [ "$set" = "$dev_set" ] && from=--dev_set
+    [ "$set" = "$train_set" ] && from=--train_set
+    there=$(cd "$librispeech_root" 2> /dev/null && ls -d -- */ 2> /dev/null | tr -d / | xargs)
+    echo "stage 0: LibriSpeech subset $set (from $from) not found in $librispeech_root," \
+      "which holds: ${there:-no subset}; give --train_set, --dev_set and --test_sets" \
+      "subsets that are there" >&2
+    exit 1
+  done
   ${cpu_cmd} lalmtool prepare librispeech --root "$librispeech_root" --subsets "$sets" \
     --out "$data" --text-case "$text_case" --on-error "$on_error"
   end_stage 0 prepare

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -15,14 +16,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(recipe: str, *args, cwd: str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The recipe run with this interpreter (PYTHON), whatever python3 and lalmtool on PATH are."""
     return subprocess.run(["bash", f"recipes/{recipe}/run.sh", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+                               **(env or {})})
 
 
 def stages_run(exp) -> list[int]:
     with open(os.path.join(exp, "timings.tsv")) as fh:
         return [int(line.split("\t")[0]) for line in fh if line.strip()]
+
+
+def store_info(store) -> dict:
+    """`lalmtool info STORE`, run by this interpreter."""
+    return json.loads(subprocess.run([sys.executable, "-m", "lalmtool", "info", str(store)],
+                                     capture_output=True, text=True, check=True).stdout)
 
 
 def shards_with_mtimes(top) -> dict[str, int]:
@@ -109,6 +118,34 @@ def test_librispeech_subset_missing_from_the_tree_names_the_option_listing_it(tm
     assert not os.path.exists(tmp_path / "data")
 
 
+def fake_path(tmp_path) -> str:
+    """PATH whose python3 and lalmtool are not this environment's (as with a venv that is not
+    activated): both fail, as a python3 without lalmtool's dependencies would."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name in ("python3", "lalmtool"):
+        (fake / name).write_text("#!/bin/sh\necho \"No module named 'soundfile'\" >&2\nexit 1\n")
+        os.chmod(fake / name, 0o755)
+    return f"{fake}:{os.environ['PATH']}"
+
+
+def test_recipes_run_python_and_lalmtool_with_the_interpreter_in_PYTHON(tmp_path):
+    """R14: the recipes ran python3 and lalmtool from PATH, so `venv/bin/python -m pytest` with
+    the venv not activated failed (No module named 'soundfile')."""
+    root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
+    args = ["--librispeech_root", root, "--train_set", "dev-clean", "--dev_set", "dev-clean",
+            "--test_sets", "dev-clean", "--exp", tmp_path / "exp", "--data", tmp_path / "data",
+            "--stop_stage", 0]
+    r = run("librispeech", *args, env={"PATH": fake_path(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "data" / "dev-clean" / "manifest.jsonl")) == 3
+    r = run("librispeech", *args, env={"PATH": fake_path(tmp_path), "PYTHON": "python3"})
+    assert (r.returncode, r.stderr) == (1, (
+        f"[librispeech] {tmp_path}/bin/python3 cannot import lalmtool; set PYTHON to the python "
+        "of the environment lalmtool is installed in (e.g. PYTHON=/path/to/venv/bin/python), "
+        "or activate it\n"))
+
+
 # ------------------------------------------------------------------------------ stages 0-3
 
 @pytest.mark.slow
@@ -119,7 +156,7 @@ def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
     root = make_librispeech(tmp_path / "LibriSpeech")
     exp, data = tmp_path / "exp", tmp_path / "data"
     launcher = tmp_path / "launch.sh"  # stands in for srun: logs the command, then runs it
-    launcher.write_text(f'#!/bin/bash\necho "$1 ${{*:2:2}}" >> {tmp_path}/launched\nshift\nexec "$@"\n')
+    launcher.write_text(f'#!/bin/bash\necho "$1 ${{*:2:4}}" >> {tmp_path}/launched\nshift\nexec "$@"\n')
     common = ["--librispeech_root", root, "--train_set", "train-clean-100", "--dev_set",
               "dev-clean", "--test_sets", "dev-clean", "--backend", "whisper", "--model",
               "whisper-tiny.en", "--conditions", "frames uniform-mean-k3", "--exp", exp,
@@ -128,16 +165,15 @@ def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert stages_run(exp) == [0, 1, 2, 3]
     with open(tmp_path / "launched") as fh:
-        assert fh.read().splitlines() == [
-            "cpu lalmtool prepare", "gpu lalmtool extract", "gpu lalmtool extract",
-            "cpu lalmtool segment", "cpu lalmtool segment", "cpu lalmtool pool",
-            "cpu lalmtool pool"]
+        assert fh.read().splitlines() == [  # through the interpreter in PYTHON (see run)
+            f"{where} {sys.executable} -m lalmtool {cmd}" for where, cmd in [
+                ("cpu", "prepare"), ("gpu", "extract"), ("gpu", "extract"), ("cpu", "segment"),
+                ("cpu", "segment"), ("cpu", "pool"), ("cpu", "pool")]]
     for store in ("feats/frames", "seg/uniform-k3", "pooled/uniform-mean-k3"):
         for s in ("train-clean-100", "dev-clean"):
             assert os.path.exists(exp / store / s / "store.json"), (store, s)
     assert len(read_jsonl(data / "train-clean-100" / "manifest.jsonl")) == 4
-    info = json.loads(subprocess.run(["lalmtool", "info", str(exp / "pooled/uniform-mean-k3/dev-clean")],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = store_info(exp / "pooled/uniform-mean-k3/dev-clean")
     # 1.0 + 1.25 + 1.5 s at 50 frames/s = 188 frames; k=3 → ceil per utterance: 17 + 21 + 25
     assert (info["utterances"], info["rows"]) == (3, 63)
 
@@ -154,8 +190,10 @@ def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
     r = run("librispeech", "--stage", 4, "--steps", 2, "--max_new_tokens", 4, *common)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "launched") as fh:
-        assert fh.read().splitlines() == ["gpu lalmtool finetune"] * 2 + \
-            ["gpu lalmtool decode"] * 4 + ["cpu lalmtool score"] * 4 + ["cpu lalmtool report"]
+        assert fh.read().splitlines() == [
+            f"{where} {sys.executable} -m lalmtool {cmd}" for where, cmd in
+            [("gpu", "finetune")] * 2 + [("gpu", "decode")] * 4 + [("cpu", "score")] * 4
+            + [("cpu", "report")]]
     for cond in ("frames", "uniform-mean-k3"):
         assert json.loads((exp / "lora" / cond / "summary.json").read_text())["steps"] == 2
         for name in (cond, f"{cond}-lora"):
@@ -180,8 +218,7 @@ def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
         ("common_voice_es_6", "I like reading.", "es", "en")]
     for s in ("train", "dev", "test"):
         assert os.path.exists(exp / "pooled" / "peaks" / s / "store.json"), s
-    info = json.loads(subprocess.run(["lalmtool", "info", str(exp / "feats/frames/train")],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = store_info(exp / "feats/frames/train")
     assert info["utterances"] == 3
 
     # stages 4-6: per task (st: translate, asr: transcribe) two LoRA steps, decodes, scores

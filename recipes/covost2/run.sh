@@ -90,7 +90,8 @@ if run_stage 0 "prepare manifests (CoVoST 2 $src_lang→$tgt_lang)"; then
   [ -n "$cv_root" ] && [ -n "$covost_root" ] || {
     echo "stage 0 needs --cv_root DIR (clips/*.mp3) and --covost_root DIR (covost_v2.*.tsv)" >&2
     exit 1; }
-  ${cpu_cmd} lalmtool prepare covost2 --cv-root "$cv_root" --covost-root "$covost_root" \
+  ${cpu_cmd} "$python" -m lalmtool prepare covost2 --cv-root "$cv_root" \
+    --covost-root "$covost_root" \
     --src-lang "$src_lang" --tgt-lang "$tgt_lang" --splits "$sets" --out "$data" \
     --on-error "$on_error"
   end_stage 0 prepare
@@ -116,7 +117,8 @@ fi
 if run_stage 4 "LoRA fine-tuning ($tasks; $train_config)"; then
   mkdir -p "$exp/conf"
   for task in $tasks; do  # the backend's config plus the task's target field and options
-    python3 - "$train_config" "$(field_of "$task")" $(task_opts "$task") > "$exp/conf/$task.yaml" <<'EOF'
+    "$python" - "$train_config" "$(field_of "$task")" $(task_opts "$task") \
+      > "$exp/conf/$task.yaml" <<'EOF'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1])) or {}
 cfg["text_field"] = sys.argv[2]
@@ -152,13 +154,13 @@ if run_stage 6 "score (st: BLEU/chrF, asr: WER) and report"; then
   for hyp in "$exp"/decode/*/*/hyp.jsonl; do
     name=$(basename "$(dirname "$(dirname "$hyp")")"); set=$(basename "$(dirname "$hyp")")
     case "$name" in
-      st-*) ${cpu_cmd} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
+      st-*) ${cpu_cmd} "$python" -m lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
               --metric bleu --tokenize "$tok" > /dev/null ;;
-      asr-*) ${cpu_cmd} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
+      asr-*) ${cpu_cmd} "$python" -m lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
               --metric wer > /dev/null ;;
     esac
   done
-  ${cpu_cmd} lalmtool report "$exp"
+  ${cpu_cmd} "$python" -m lalmtool report "$exp"
   end_stage 6 report
 fi
 [ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

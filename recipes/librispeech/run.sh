@@ -83,8 +83,8 @@ if run_stage 0 "prepare manifests from $librispeech_root"; then
       "subsets that are there" >&2
     exit 1
   done
-  ${cpu_cmd} lalmtool prepare librispeech --root "$librispeech_root" --subsets "$sets" \
-    --out "$data" --text-case "$text_case" --on-error "$on_error"
+  ${cpu_cmd} "$python" -m lalmtool prepare librispeech --root "$librispeech_root" \
+    --subsets "$sets" --out "$data" --text-case "$text_case" --on-error "$on_error"
   end_stage 0 prepare
 fi
 
@@ -127,7 +127,7 @@ fi
 
 if run_stage 6 "score (WER, Whisper English normaliser) and report"; then
   score_decodes wer --normalizer whisper_english
-  ${cpu_cmd} lalmtool report "$exp"
+  ${cpu_cmd} "$python" -m lalmtool report "$exp"
   end_stage 6 report
 fi
 [ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

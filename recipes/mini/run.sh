@@ -41,18 +41,19 @@ source ../utils/stages.sh
 train_set=train dev_set=dev
 
 if run_stage 0 "data preparation and model"; then
-  python3 local/prepare_data.py --out "$data" --n-train "$n_train" --n-test "$n_test" --nj "$nj"
-  lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
+  "$python" local/prepare_data.py --out "$data" --n-train "$n_train" --n-test "$n_test" --nj "$nj"
+  "$python" -m lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
   end_stage 0 prepare
 fi
-model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name" | tail -n 1)
+model=$(cat "$exp/model_path" 2>/dev/null \
+  || "$python" -m lalmtool assets fetch "$model_name" | tail -n 1)
 
 if run_stage 1 "extract encoder frames"; then
   extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
   extract_sets train dev $test_sets
   # the native Whisper baseline: all 1500 frames of each padded 30 s window
   for set in $test_sets; do
-    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
+    "$python" -m lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
       --out "$exp/feats/native/$set" --no-trim --batch-size 4
   done
   end_stage 1 extract
@@ -77,7 +78,7 @@ fi
 
 if run_stage 5 "decode"; then
   for set in $test_sets; do
-    lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
+    "$python" -m lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
     for cond in $conditions; do  # as it is, and with the condition's own adapter
       decode_condition "$cond" "$set" "$cond" --model "$model" --max-new-tokens 120
@@ -90,7 +91,7 @@ fi
 
 if run_stage 6 "score and report"; then
   score_decodes
-  lalmtool report "$exp"
+  "$python" -m lalmtool report "$exp"
   end_stage 6 report
 fi
 [ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

@@ -114,10 +114,10 @@ source ../utils/stages.sh
 speechllm_opts=(--backend speechllm --model "$llm")
 
 if run_stage 0 "data preparation and models"; then
-  python3 ../mini/local/prepare_data.py --out "$data" --n-train "$n_train" --n-dev "$n_dev" \
+  "$python" ../mini/local/prepare_data.py --out "$data" --n-train "$n_train" --n-dev "$n_dev" \
     --n-test "$n_test" --nj "$nj"
-  lalmtool assets fetch "$encoder" | tail -n 1
-  lalmtool assets fetch "$llm" | tail -n 1
+  "$python" -m lalmtool assets fetch "$encoder" | tail -n 1
+  "$python" -m lalmtool assets fetch "$llm" | tail -n 1
   end_stage 0 prepare
 fi
 
@@ -138,46 +138,51 @@ if run_stage 3 "pool"; then
 fi
 
 if run_stage 4 "align the projector with CTC: frame level, then each condition from it"; then
-  lalmtool align --feats "$exp/feats/frames/train" --manifest "$data/train/manifest.jsonl" \
+  "$python" -m lalmtool align --feats "$exp/feats/frames/train" \
+    --manifest "$data/train/manifest.jsonl" \
     --valid-feats "$exp/feats/frames/dev" --valid-manifest "$data/dev/manifest.jsonl" \
     --model "$llm" --config "$align_config" --out "$exp/align/frames" \
     --max_steps="$align_steps" > /dev/null
   for cond in $conditions; do
     [ "$cond" = frames ] && continue
-    lalmtool align --feats "$exp/pooled/$cond/train" --manifest "$data/train/manifest.jsonl" \
+    "$python" -m lalmtool align --feats "$exp/pooled/$cond/train" \
+      --manifest "$data/train/manifest.jsonl" \
       --valid-feats "$exp/pooled/$cond/dev" --valid-manifest "$data/dev/manifest.jsonl" \
       --model "$llm" --config "$align_config" --out "$exp/align/$cond" \
       --init "$exp/align/frames" --max_steps="$realign_ctc_steps" --warmup_steps=0 > /dev/null
   done
   for set in $test_sets; do  # the aligned projector alone (CTC greedy, no LLM): <cond>-ctc
     for cond in $conditions; do
-      lalmtool ctc-decode --align "$exp/align/$cond" --feats "$(feats_of "$cond" "$set")" \
+      "$python" -m lalmtool ctc-decode --align "$exp/align/$cond" \
+        --feats "$(feats_of "$cond" "$set")" \
         --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
         --out "$exp/decode/$cond-ctc/$set" > /dev/null
     done
   done
-  python3 local/align_summary.py "$exp" $conditions > "$exp/align/summary.md"
+  "$python" local/align_summary.py "$exp" $conditions > "$exp/align/summary.md"
   cat "$exp/align/summary.md"
   end_stage 4 align
 fi
 
 if run_stage 5 "finetune: frame level from the aligned projector, then each condition"; then
-  lalmtool finetune --feats "$exp/feats/frames/train" --manifest "$data/train/manifest.jsonl" \
+  "$python" -m lalmtool finetune --feats "$exp/feats/frames/train" \
+    --manifest "$data/train/manifest.jsonl" \
     --valid-feats "$exp/feats/frames/dev" --valid-manifest "$data/dev/manifest.jsonl" \
     --model "$llm" --out "$exp/lora/frames" --config "$config" \
     --init-projector "$exp/align/frames" --max_steps="$frame_steps" \
     --batch_size="$batch_size" > /dev/null
   for cond in $conditions; do
     [ "$cond" = frames ] && continue
-    lalmtool finetune --feats "$exp/pooled/$cond/train" --manifest "$data/train/manifest.jsonl" \
+    "$python" -m lalmtool finetune --feats "$exp/pooled/$cond/train" \
+      --manifest "$data/train/manifest.jsonl" \
       --valid-feats "$exp/pooled/$cond/dev" --valid-manifest "$data/dev/manifest.jsonl" \
       --model "$llm" --out "$exp/lora/$cond" --config "$config" \
       --init-adapter "$exp/lora/frames/adapter" --max_steps="$realign_steps" \
       --valid_every="$realign_steps" --batch_size="$batch_size" --warmup_steps=5 > /dev/null
   done
   for cond in $conditions; do  # speechllm.json + projector.safetensors + lora/: --model DIR
-    lalmtool export-speechllm --adapter "$exp/lora/$cond/adapter" --out "$exp/speechllm/$cond" \
-      --model "$llm"
+    "$python" -m lalmtool export-speechllm --adapter "$exp/lora/$cond/adapter" \
+      --out "$exp/speechllm/$cond" --model "$llm"
   done
   end_stage 5 finetune
 fi
@@ -186,12 +191,12 @@ if run_stage 6 "decode"; then
   for set in $test_sets; do
     for cond in $conditions; do
       feats=$(feats_of "$cond" "$set")
-      lalmtool decode --feats "$feats" --model "$llm" --backend speechllm --set "$set" \
-        --adapter "$exp/lora/$cond/adapter" --max-new-tokens "$max_new_tokens" \
+      "$python" -m lalmtool decode --feats "$feats" --model "$llm" --backend speechllm \
+        --set "$set" --adapter "$exp/lora/$cond/adapter" --max-new-tokens "$max_new_tokens" \
         --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond-lora/$set"
       [ "$cond" = frames ] || [ "$unaligned_decodes" != true ] && continue
-      lalmtool decode --feats "$feats" --model "$llm" --backend speechllm --set "$set" \
-        --adapter "$exp/lora/frames/adapter" --max-new-tokens "$max_new_tokens" \
+      "$python" -m lalmtool decode --feats "$feats" --model "$llm" --backend speechllm \
+        --set "$set" --adapter "$exp/lora/frames/adapter" --max-new-tokens "$max_new_tokens" \
         --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$cond-frameslora/$set"
     done
   done
@@ -200,7 +205,7 @@ fi
 
 if run_stage 7 "score and report"; then
   score_decodes
-  lalmtool report "$exp"
+  "$python" -m lalmtool report "$exp"
   cat >> "$exp/RESULTS.md" <<EOF
 
 ## Reading this table (mini_speechllm)
@@ -227,44 +232,46 @@ if run_stage 8 "CTC-based compression vs uniform and prominence at the same rate
   ce=${ctc_exp:-${exp}_ctc}
   for blank in join keep; do  # join: one token per emitted CTC token; keep: blank runs too
     for set in train dev $test_sets; do
-      lalmtool ctc-segment --align "$exp/align/frames" --feats "$exp/feats/frames/$set" \
+      "$python" -m lalmtool ctc-segment --align "$exp/align/frames" \
+        --feats "$exp/feats/frames/$set" \
         --model "$llm" --blank "$blank" --out "$ce/seg/ctc-$blank/$set" > /dev/null
-      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$ce/seg/ctc-$blank/$set" \
-        --out "$ce/pooled/ctc-$blank/$set" > /dev/null
+      "$python" -m lalmtool pool --feats "$exp/feats/frames/$set" \
+        --segments "$ce/seg/ctc-$blank/$set" --out "$ce/pooled/ctc-$blank/$set" > /dev/null
     done
   done
-  meta() { python3 -c 'import json, sys; m = json.load(open(sys.argv[1]))["meta"]
+  meta() { "$python" -c 'import json, sys; m = json.load(open(sys.argv[1]))["meta"]
 print(eval(sys.argv[2], {}, m))' "$1/store.json" "$2"; }
   rate=$(meta "$ce/pooled/ctc-keep/train" "round(frame_rate, 3)")
   k=$(meta "$exp/feats/frames/train" "max(1, round(frame_rate / $rate))")
-  lalmtool segment --feats "$exp/feats/frames/train" --method prominence --target-rate "$rate" \
-    --out "$ce/seg/prominence/train" > /dev/null
+  "$python" -m lalmtool segment --feats "$exp/feats/frames/train" --method prominence \
+    --target-rate "$rate" --out "$ce/seg/prominence/train" > /dev/null
   threshold=$(meta "$ce/seg/prominence/train" 'params["threshold"]')
   log "ctc-keep: $rate tokens/s on train; uniform k=$k; prominence threshold $threshold"
   for set in train dev $test_sets; do
-    [ "$set" = train ] || lalmtool segment --feats "$exp/feats/frames/$set" --method prominence \
-      --threshold "$threshold" --out "$ce/seg/prominence/$set" > /dev/null
-    lalmtool segment --feats "$exp/feats/frames/$set" --method uniform --k "$k" \
+    [ "$set" = train ] || "$python" -m lalmtool segment --feats "$exp/feats/frames/$set" \
+      --method prominence --threshold "$threshold" --out "$ce/seg/prominence/$set" > /dev/null
+    "$python" -m lalmtool segment --feats "$exp/feats/frames/$set" --method uniform --k "$k" \
       --out "$ce/seg/uniform-k$k/$set" > /dev/null
     for cond in prominence "uniform-mean-k$k"; do
-      lalmtool pool --feats "$exp/feats/frames/$set" --segments "$ce/seg/${cond/-mean/}/$set" \
-        --out "$ce/pooled/$cond/$set" > /dev/null
+      "$python" -m lalmtool pool --feats "$exp/feats/frames/$set" \
+        --segments "$ce/seg/${cond/-mean/}/$set" --out "$ce/pooled/$cond/$set" > /dev/null
     done
   done
   for cond in ctc-keep "uniform-mean-k$k" prominence; do
-    lalmtool align --feats "$ce/pooled/$cond/train" --manifest "$data/train/manifest.jsonl" \
+    "$python" -m lalmtool align --feats "$ce/pooled/$cond/train" \
+      --manifest "$data/train/manifest.jsonl" \
       --valid-feats "$ce/pooled/$cond/dev" --valid-manifest "$data/dev/manifest.jsonl" \
       --model "$llm" --config "$align_config" --backend-opt stack=1 --out "$ce/align/$cond" \
       --max_steps="$align_steps" > /dev/null
     for set in $test_sets; do
-      lalmtool ctc-decode --align "$ce/align/$cond" --feats "$ce/pooled/$cond/$set" \
+      "$python" -m lalmtool ctc-decode --align "$ce/align/$cond" --feats "$ce/pooled/$cond/$set" \
         --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
         --out "$ce/decode/$cond-ctc/$set" > /dev/null
-      lalmtool score --hyp "$ce/decode/$cond-ctc/$set/hyp.jsonl" \
+      "$python" -m lalmtool score --hyp "$ce/decode/$cond-ctc/$set/hyp.jsonl" \
         --ref "$data/$set/manifest.jsonl" > /dev/null
     done
   done
-  lalmtool report "$ce" > /dev/null
+  "$python" -m lalmtool report "$ce" > /dev/null
   cat "$ce/RESULTS.md"
   end_stage 8 ctc-compression
 fi

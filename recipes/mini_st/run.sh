@@ -57,18 +57,19 @@ train_set=train dev_set=dev
 translate_opts=(--backend-opt task=translate --backend-opt language="$src_lang")
 
 if run_stage 0 "data preparation (Apertium eng-spa, espeak-ng Spanish voices) and model"; then
-  python3 local/prepare_data.py --out "$data" --n-train "$n_train" --n-dev "$n_dev" \
+  "$python" local/prepare_data.py --out "$data" --n-train "$n_train" --n-dev "$n_dev" \
     --n-test "$n_test" --nj "$nj"
-  lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
+  "$python" -m lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
   end_stage 0 prepare
 fi
-model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name" | tail -n 1)
+model=$(cat "$exp/model_path" 2>/dev/null \
+  || "$python" -m lalmtool assets fetch "$model_name" | tail -n 1)
 
 if run_stage 1 "extract encoder frames"; then
   extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
   extract_sets train dev $test_sets
   for set in $test_sets; do  # the native baseline: all 1500 frames of each padded window
-    lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
+    "$python" -m lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \
       --out "$exp/feats/native/$set" --no-trim --batch-size 4
   done
   end_stage 1 extract
@@ -94,7 +95,7 @@ fi
 
 if run_stage 5 "decode (translate)"; then
   for set in $test_sets; do
-    lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
+    "$python" -m lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       "${translate_opts[@]}" --max-new-tokens "$max_new_tokens" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
     for cond in $conditions; do  # the adapter carries the task and language it learnt
@@ -109,7 +110,7 @@ fi
 
 if run_stage 6 "score (BLEU, chrF) and report"; then
   score_decodes bleu
-  lalmtool report "$exp"
+  "$python" -m lalmtool report "$exp"
   cat >> "$exp/RESULTS.md" <<EOF
 
 ## Reading this table (mini_st)

@@ -1,8 +1,9 @@
 # Shared by the recipes (source it after setting $recipe, $stage, $stop_stage, $exp, $data and
-# $conditions): stage gating and timing, the names of compression conditions, and the segment,
-# pool and score loops. Commands run through ${cpu_cmd:-} (segment, pool, score) and
-# ${gpu_cmd:-} (extract, finetune, decode) when the recipe sets them (see cmd.sh): empty runs
-# them here, a launcher such as "srun --gres=gpu:1" runs the same command on a cluster.
+# $conditions): stage gating and timing, the interpreter that runs lalmtool ($python), the names
+# of compression conditions, and the segment, pool and score loops. Commands run through
+# ${cpu_cmd:-} (segment, pool, score) and ${gpu_cmd:-} (extract, finetune, decode) when the
+# recipe sets them (see cmd.sh): empty runs them here, a launcher such as "srun --gres=gpu:1"
+# runs the same command on a cluster.
 
 log() { echo "$(date '+%H:%M:%S') [$recipe] $*"; }
 run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_stage
@@ -10,6 +11,27 @@ run_stage() {  # run_stage N NAME: true when stage N is within --stage..--stop_s
   log "stage $1: $2"; stage_start=$(date +%s)
 }
 end_stage() { echo -e "$1\t$2\t$(( $(date +%s) - stage_start ))" >> "$exp/timings.tsv"; }
+
+# The interpreter that has lalmtool, resolved once into $python: $PYTHON (e.g. a venv's
+# bin/python while the venv is not activated; a relative path is taken from the directory the
+# recipe was started in), else python3 from PATH. Recipes run everything through it, launchers
+# included: "$python" local/script.py, ${gpu_cmd:-} "$python" -m lalmtool extract ...
+resolve_python() {
+  local want=${PYTHON:-python3} found
+  case "$want" in
+    /*) ;;
+    */*) want=${OLDPWD:-$PWD}/$want ;;  # run.sh's cd into its folder left the caller's in OLDPWD
+  esac
+  found=$(command -v "$want") || {
+    echo "[$recipe] PYTHON=$want: no such interpreter; set PYTHON to the python of the" \
+      "environment lalmtool is installed in" >&2; return 1; }
+  "$found" -c 'import lalmtool' 2> /dev/null || {
+    echo "[$recipe] $found cannot import lalmtool; set PYTHON to the python of the environment" \
+      "lalmtool is installed in (e.g. PYTHON=/path/to/venv/bin/python), or activate it" >&2
+    return 1; }
+  echo "$found"
+}
+python=$(resolve_python) || exit 1
 
 # condition name (frames, peaks, uniform-mean-k3, uniform-pick-k2, ...) → segmentation,
 # its lalmtool segment options, the pooling reducer, and the feature store of a set
@@ -22,8 +44,8 @@ feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pool
 extract_sets() {
   local set
   for set in "$@"; do
-    ${gpu_cmd:-} lalmtool extract --manifest "$data/$set/manifest.jsonl" "${extract_opts[@]}" \
-      --out "$exp/feats/frames/$set"
+    ${gpu_cmd:-} "$python" -m lalmtool extract \
+      --manifest "$data/$set/manifest.jsonl" "${extract_opts[@]}" --out "$exp/feats/frames/$set"
   done
 }
 
@@ -32,7 +54,8 @@ segment_sets() {
   local seg set
   for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
     for set in "$@"; do
-      ${cpu_cmd:-} lalmtool segment --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+      ${cpu_cmd:-} "$python" -m lalmtool segment \
+        --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
     done
   done
 }
@@ -43,7 +66,8 @@ pool_sets() {
   for cond in $conditions; do
     [ "$cond" = frames ] && continue
     for set in "$@"; do
-      ${cpu_cmd:-} lalmtool pool --feats "$exp/feats/frames/$set" --segments "$exp/seg/$(seg_of "$cond")/$set" \
+      ${cpu_cmd:-} "$python" -m lalmtool pool --feats "$exp/feats/frames/$set" \
+        --segments "$exp/seg/$(seg_of "$cond")/$set" \
         --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
     done
   done
@@ -54,7 +78,7 @@ pool_sets() {
 finetune_condition() {
   local cond=$1 name=$2
   shift 2
-  ${gpu_cmd:-} lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
+  ${gpu_cmd:-} "$python" -m lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
     --manifest "$data/$train_set/manifest.jsonl" \
     --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
     --out "$exp/lora/$name" "$@"
@@ -65,7 +89,7 @@ finetune_condition() {
 decode_condition() {
   local cond=$1 set=$2 name=$3
   shift 3
-  ${gpu_cmd:-} lalmtool decode --feats "$(feats_of "$cond" "$set")" --set "$set" \
+  ${gpu_cmd:-} "$python" -m lalmtool decode --feats "$(feats_of "$cond" "$set")" --set "$set" \
     --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$name/$set" "$@"
 }
 
@@ -76,7 +100,7 @@ score_decodes() {
   [ $# -gt 0 ] && shift
   for hyp in "$exp"/decode/*/*/hyp.jsonl; do
     set=$(basename "$(dirname "$hyp")")
-    ${cpu_cmd:-} lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" --metric "$metric" \
-      "$@" > /dev/null
+    ${cpu_cmd:-} "$python" -m lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
+      --metric "$metric" "$@" > /dev/null
   done
 }

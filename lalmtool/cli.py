@@ -336,7 +336,8 @@ class _TrainingCommand(click.Command):
             for f in dataclasses.fields(TrainConfig):
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
                 kind = {"int": "INT", "float": "FLOAT", "float | None": "FLOAT", "dict": "YAML",
-                        "list[str] | str | None": "LIST|REGEX"}.get(str(f.type), "TEXT")
+                        "list[str] | str | None": "LIST|REGEX",
+                        "list[float] | float | None": "SECONDS|[MIN,MAX]"}.get(str(f.type), "TEXT")
                 self.params.append(click.Option(
                     [f"--{f.name.replace('_', '-')}", f.name], default=None, metavar=kind,
                     help=f"{f.metadata['help']}  [default: "
@@ -476,7 +477,15 @@ def ctc_segment(align_dir, feats, model, out, blank, force) -> None:
 @click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
               help="Beam size (1: greedy).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Most tokens generated per utterance (per chunk when chunked). Default: "
+                   "sized from each utterance's duration (16 + 8 per second, within what the "
+                   "decoder holds).")
+@click.option("--too-long", type=click.Choice(["fail", "chunk"]), default="fail",
+              show_default=True,
+              help="An utterance whose transcript (~3 tokens per second of speech) cannot fit "
+                   "the decoder's positions with its audio: refuse the decode, naming the "
+                   "compression that would fit, or decode it 30 s at a time.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -486,7 +495,7 @@ def ctc_segment(align_dir, feats, model, out, blank, force) -> None:
 @click.option("--force", is_flag=True,
               help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")
 def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
-           max_new_tokens, device, dtype, backend_opt, force) -> None:
+           max_new_tokens, too_long, device, dtype, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
     Backend options are those the adapter was trained with (its run's config.yaml), updated by
@@ -503,9 +512,9 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
                                    "disagree: give one of them")
         opts["dtype"] = dtype
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
-             batch_size=batch_size, max_new_tokens=max_new_tokens, manifest=manifest_path,
-             set_name=set_name, device=device, force=force, label=label,
-             backend_opts=opts or None)
+             batch_size=batch_size, max_new_tokens=max_new_tokens, too_long=too_long,
+             manifest=manifest_path, set_name=set_name, device=device, force=force,
+             label=label, backend_opts=opts or None)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",
                            "compression_ratio", "utt_per_s"])

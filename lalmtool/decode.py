@@ -40,21 +40,31 @@ MARKER = "decode.fingerprint"
 
 def decode(feats: str, model: str, out: str, adapter: str | None = None,
            backend: str = "whisper", beam: int = 1, batch_size: int = 16,
-           max_new_tokens: int = 200, manifest: str | None = None, set_name: str | None = None,
-           device: str = "cpu", force: bool = False, backend_opts: dict | None = None,
-           label: str | None = None) -> dict:
+           max_new_tokens: int | None = None, manifest: str | None = None,
+           set_name: str | None = None, device: str = "cpu", force: bool = False,
+           backend_opts: dict | None = None, label: str | None = None,
+           too_long: str = "fail") -> dict:
     """Decodes every utterance of the store ``feats``; returns decode.json's content.
 
     ``backend_opts`` (prompt, task, language, ...) update those the adapter was trained with.
     ``label`` names the condition in reports (default: the store's compression, e.g.
     ``uniform-mean-k3``); it is not part of the fingerprint, so relabelling decodes nothing.
     ``adapter_condition`` records the condition the adapter was trained on when it differs.
+
+    ``max_new_tokens`` None sizes each utterance's cap from its duration (``auto_cap``). Before
+    anything is decoded, each utterance is checked against the decoder's positions (Whisper:
+    448 target tokens; a decoder-only LLM: ``max_position_embeddings`` for prompt, audio and
+    text), counting ~``SPEECH_TOKENS_PER_S`` text tokens per second when the cap is automatic:
+    one that cannot fit is refused, naming what would (``too_long="fail"``), or decoded
+    ``CHUNK_SECONDS`` at a time (``"chunk"``).
     """
     for name, value in (("beam", beam), ("batch_size", batch_size),
-                        ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
+                        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             option = "--" + name.replace("_", "-")
             raise ValueError(f"{option} must be a whole number >= 1, not {value!r}")
+    if too_long not in ("fail", "chunk"):
+        raise ValueError(f"--too-long must be fail or chunk, not {too_long!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
     rank, world = dist_info()
@@ -66,7 +76,10 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
               "adapter": _content_id(adapter) if adapter else None,
               "manifest": file_sha256(manifest) if manifest else None, "beam": beam,
-              "max_new_tokens": max_new_tokens, "backend": backend, "backend_opts": opts}
+              "max_new_tokens": max_new_tokens or "auto", "backend": backend,
+              "backend_opts": opts}
+    if too_long != "fail":
+        inputs["too_long"] = too_long
     fp = fingerprint(inputs)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
     if force or _fingerprint_of(info_path, hyp_path) != fp:
@@ -98,9 +111,10 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
         if todo:
             be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
-            _check_positions(be, store, todo, max_new_tokens, model, params)
-            _decode_into(part, be, store, todo, _references(manifest), batch_size, beam,
-                         max_new_tokens, show=rank == 0)
+            plan = {u: _pieces(be, store, u, max_new_tokens, too_long, model, params)
+                    for u in todo}
+            _decode_into(part, be, store, plan, _references(manifest), batch_size, beam,
+                         show=rank == 0)
         barrier(world)
         if rank != 0:
             return {}
@@ -110,7 +124,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
             "model": model, "adapter": os.path.abspath(adapter) if adapter else None,
             "lora": bool(adapter), "adapter_condition": _adapter_condition(adapter, default_label),
             "backend": backend, "backend_opts": opts, "beam": beam,
-            "max_new_tokens": max_new_tokens}
+            "max_new_tokens": max_new_tokens or "auto", "too_long": too_long}
         return _merge_parts(out, store, info, fp, inputs)
 
 
@@ -135,31 +149,47 @@ def _references(manifest: str | None) -> dict[str, str]:
     return {u.id: (u.target if u.target is not None else u.text) for u in utts}
 
 
-def _decode_into(part: str, be, store: Store, todo: list[str], refs: dict[str, str],
-                 batch_size: int, beam: int, max_new_tokens: int, show: bool) -> None:
-    """Appends one hyp.jsonl record per utterance of ``todo`` to ``part``, batch by batch."""
+def _decode_into(part: str, be, store: Store, plan: dict[str, list[tuple[int, int, int]]],
+                 refs: dict[str, str], batch_size: int, beam: int, show: bool) -> None:
+    """Appends one hyp.jsonl record per utterance of ``plan`` (id → its pieces: rows
+    [start, end) and a token cap; one piece unless chunked) to ``part``, ``batch_size``
+    pieces per generation call; a chunked utterance's texts are joined with a space."""
     import torch  # here: a finished decode's rerun imports no torch
 
+    todo = list(plan)
     with open(part, "a", encoding="utf-8") as fh, \
             progress(total=len(todo), desc="decode", unit="utt", disable=not show) as bar:
         for b in range(0, len(todo), batch_size):
             ids = todo[b : b + batch_size]
-            feats = [torch.from_numpy(store[u].astype(np.float32)) for u in ids]
+            feats = {u: torch.from_numpy(store[u].astype(np.float32)) for u in ids}
+            pieces = [(u, s, e, cap) for u in ids for s, e, cap in plan[u]]
             t0 = time.perf_counter()
-            try:
-                hyps = be.generate(feats, beam=beam, max_new_tokens=max_new_tokens)
-            except (RuntimeError, ValueError) as e:  # name the batch (e.g. out of memory)
-                raise type(e)(f"decoding {', '.join(map(repr, ids))} (the longest "
-                              f"{feats[0].shape[0]} audio positions; lower --batch-size or "
-                              f"compress more if out of memory): {e}") from e
+            results = []
+            for p in range(0, len(pieces), batch_size):
+                group = pieces[p : p + batch_size]
+                try:
+                    results += be.transcribe([feats[u][s:e] for u, s, e, _ in group], beam,
+                                             [cap for *_, cap in group])
+                except (RuntimeError, ValueError) as e:  # name the batch (e.g. out of memory)
+                    raise type(e)(f"decoding {', '.join(map(repr, ids))} (the longest "
+                                  f"{max(e - s for _, s, e, _ in group)} audio positions; lower "
+                                  "--batch-size or compress more if out of memory): "
+                                  f"{e}") from e
             per_utt = (time.perf_counter() - t0) / len(ids)
-            for u, f, h in zip(ids, feats, hyps):
-                rec = {"id": u, "hyp": h, "tokens": be.num_audio_tokens(f),
+            for u in ids:
+                mine = [r for (v, *_), r in zip(pieces, results) if v == u]
+                f = feats[u]
+                rec = {"id": u, "hyp": " ".join(t for t, _ in mine if t),
+                       "tokens": be.num_audio_tokens(f),
                        "duration": float(store.attrs(u).get("duration", 0.0)),
                        "seconds": per_utt}
                 positions = be.prompt_positions(f.shape[0])
                 if positions is not None:
                     rec["positions"] = positions
+                if len(mine) > 1:
+                    rec["chunks"] = len(mine)
+                if any(cut for _, cut in mine):
+                    rec["cut"] = True  # stopped at its token cap: incomplete, or a runaway
                 if u in refs:
                     rec["ref"] = refs[u]
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -185,8 +215,14 @@ def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> d
         "max_audio_tokens": max((r["tokens"] for r in rows), default=0),
         "max_positions": max((r["positions"] for r in rows if "positions" in r), default=None),
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
+        "cut": sorted(r["id"] for r in rows if r.get("cut")),
+        "peak_rss_mb": _peak_rss_mb(),
         "fingerprint": fp, "inputs": inputs,
     }
+    if info["cut"]:
+        log.warning("%s: %d hypothesis(es) stopped at their token cap, possibly incomplete or "
+                    "repeating (\"cut\": true in hyp.jsonl): %s%s", out, len(info["cut"]),
+                    ", ".join(info["cut"][:5]), " ..." if len(info["cut"]) > 5 else "")
     write_atomic(os.path.join(out, "hyp.jsonl"),
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
@@ -195,32 +231,106 @@ def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> d
     return info
 
 
-def _check_positions(be, store: Store, ids: list[str], max_new_tokens: int, model: str,
-                     params: dict) -> None:
-    """Refuses (before decoding any) an utterance whose prompt, audio tokens and new tokens
-    exceed the positions the decoder holds; names it and the compression that would fit."""
+#: Decoding with the cap sized automatically: text tokens per second of audio assumed when
+#: checking that a transcript fits the decoder (read English: ~150 words, ~3 tokens per
+#: second), and the cap itself: AUTO_BASE + AUTO_TOKENS_PER_S per second (ample for fast
+#: speech; it only bounds a runaway).
+SPEECH_TOKENS_PER_S = 3.0
+AUTO_TOKENS_PER_S, AUTO_BASE = 8.0, 16
+#: The chunk length of ``too_long="chunk"``: one encoder window.
+CHUNK_SECONDS = 30.0
+
+
+def auto_cap(seconds: float) -> int:
+    """The new-token cap of an utterance of ``seconds`` when --max-new-tokens is not given."""
+    return AUTO_BASE + math.ceil(AUTO_TOKENS_PER_S * seconds)
+
+
+def _pieces(be, store: Store, u: str, max_new_tokens: int | None, too_long: str, model: str,
+            params: dict) -> list[tuple[int, int, int]]:
+    """How utterance ``u`` is decoded: (start row, end row, new-token cap) per piece; one piece
+    unless the backend's ``chunk`` or ``too_long="chunk"`` cuts it. Refuses (before anything
+    is decoded) an utterance that does not fit the decoder, naming what would."""
+    rows = int(store.dataset(u).shape[0])
+    seconds = float(store.attrs(u).get("duration", 0.0)) or rows / _frame_rate(store)
+    chunk = getattr(be, "chunk", 0)
+    if not chunk and too_long == "chunk" and _problem(be, rows, seconds, max_new_tokens):
+        chunk = max(1, round(CHUNK_SECONDS * rows / seconds))
+    spans = [(s, min(s + chunk, rows)) for s in range(0, max(rows, 1), chunk)] if chunk \
+        else [(0, rows)]
+    pieces = []
+    for s, e in spans:
+        part_s = seconds * (e - s) / max(rows, 1)
+        problem = _problem(be, e - s, part_s, max_new_tokens)
+        if problem:
+            raise ValueError(_too_long_message(be, store, u, e - s, part_s, max_new_tokens,
+                                               model, params, problem))
+        room = be.new_token_room(e - s)
+        cap = max_new_tokens or auto_cap(part_s)
+        pieces.append((s, e, cap if room is None else min(cap, room)))
+    return pieces
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB): the decode's, model loading included."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
+
+
+def _frame_rate(store: Store) -> float:
+    """Stored rows per second of audio (for an utterance without a recorded duration)."""
+    return float(store.meta.get("frame_rate") or store.meta.get("source_frame_rate") or 50.0)
+
+
+def _expected_tokens(seconds: float) -> int:
+    """New tokens (the end token included) a transcript of ``seconds`` of speech needs."""
+    return math.ceil(SPEECH_TOKENS_PER_S * seconds) + 1
+
+
+def _problem(be, rows: int, seconds: float, max_new_tokens: int | None) -> int | None:
+    """The new tokens that do not fit after the prompt with ``rows`` audio rows, or None."""
+    room = be.new_token_room(rows)
+    need = max_new_tokens or _expected_tokens(seconds)
+    return None if room is None or need <= room else need - room
+
+
+def _too_long_message(be, store: Store, u: str, rows: int, seconds: float,
+                      max_new_tokens: int | None, model: str, params: dict, over: int) -> str:
+    """Why utterance ``u`` does not fit the decoder, and what would."""
+    what = (f"up to {max_new_tokens}" if max_new_tokens else
+            f"~{_expected_tokens(seconds)} (its {seconds:.0f} s at ~{SPEECH_TOKENS_PER_S:g} "
+            "tokens per second of speech)")
+    chunked = f"decode it {CHUNK_SECONDS:g} s at a time (--too-long chunk)"
     limit = be.position_limit()
-    if not limit:
-        return
-    for u in ids:
-        frames = int(store.dataset(u).shape[0])
-        needed = be.prompt_positions(frames) + max_new_tokens
-        if needed <= limit:
-            continue
-        room = limit - (needed - frames)  # positions left for the audio
-        if room <= 0:
-            hint = (f"lower --max-new-tokens: the prompt and {max_new_tokens} new tokens alone "
-                    "exceed it")
-        else:
-            factor = math.ceil(frames / room)
-            how = ""
-            if "k" in params or store.kind == "feats":  # frames, or uniformly pooled by k
-                how = f" (uniform pooling of the frames by k={factor * int(params.get('k', 1))})"
-            hint = f"{factor}x fewer audio tokens would fit{how}, or split the recording"
-        raise ValueError(f"utterance {u!r} of {store.path} needs {needed} positions (prompt + "
-                         f"{frames} audio tokens + up to {max_new_tokens} new tokens), more than "
-                         f"the {limit} that {model}'s decoder holds (max_position_embeddings); "
-                         f"{hint}")
+    if limit is None:  # Whisper: the text alone is bounded
+        room = be.new_token_room(rows)
+        if max_new_tokens:
+            return (f"--max-new-tokens {max_new_tokens} is more than the {room} tokens that "
+                    f"{model}'s decoder holds after its prompt; lower it, or leave it out (the "
+                    "cap is then sized from each utterance's duration)")
+        return (f"utterance {u!r} of {store.path}: its transcript needs {what} new tokens, "
+                f"more than the {room} that {model}'s decoder holds after its prompt "
+                "(max_target_positions); compression does not change that: "
+                f"{chunked}, or --backend-opt chunk=N (N audio positions per chunk: 1500 per "
+                "30 s of frames, 1500/k pooled by k)")
+    needed = be.prompt_positions(rows) + (max_new_tokens or _expected_tokens(seconds))
+    audio = be.audio_positions(rows)
+    room = audio - over  # audio positions that would fit
+    if room <= 0:
+        hint = "lower --max-new-tokens: the prompt and the new tokens alone exceed it" \
+            if max_new_tokens else chunked
+    else:
+        factor = math.ceil(audio / room)
+        how = ""
+        if "k" in params or store.kind == "feats":  # frames, or uniformly pooled by k
+            how = f" (uniform pooling of the frames by k={factor * int(params.get('k', 1))})"
+        hint = f"{factor}x fewer audio tokens would fit{how}, or {chunked}"
+    return (f"utterance {u!r} of {store.path} needs {needed} positions (prompt + {audio} audio "
+            f"tokens + {what} new tokens), more than the {limit} that {model}'s decoder holds "
+            f"(max_position_embeddings); {hint}")
 
 
 def attach_adapter(be, adapter: str) -> None:

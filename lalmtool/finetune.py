@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import yaml
 
-from .fileio import model_identity, read_json, write_atomic
+from .fileio import iter_jsonl, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
 from .models import BACKENDS, load_backend
@@ -101,6 +101,16 @@ class TrainConfig:
     clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     seed: int = _opt(0, "seed of the LoRA initialisation and of the data order")
     text_field: str = _opt("text", "manifest field to learn: text (ASR) or target (translation)")
+    # long inputs, from the cached features (no re-extraction)
+    concat_seconds: list[float] | float | None = _opt(
+        None, "train on long inputs: consecutive utterances of the manifest joined into "
+              "examples of up to this many seconds (features concatenated in time, texts "
+              "joined with a space); [MIN, MAX] draws each example's length uniformly from "
+              "that range, anew every epoch ([0, MAX] keeps single utterances among them); "
+              "null: one utterance per example")
+    concat_group: str | None = _opt(
+        None, "with concat_seconds: the manifest field that joined utterances share (e.g. "
+              "speaker, chapter, recording); null: any consecutive utterances")
     # bookkeeping
     valid_every: int = _opt(50, "validate every N steps (with --valid-feats)")
     save_every: int = _opt(50, "write a resumable checkpoint every N steps")
@@ -174,13 +184,17 @@ def _coerce(key: str, hint, value):
                 return number
         elif kind is str and isinstance(value, str):
             return value
-        elif typing.get_origin(kind) is list and isinstance(value, list) \
-                and all(isinstance(v, str) for v in value):
-            return value
+        elif typing.get_origin(kind) is list and isinstance(value, list):
+            item = typing.get_args(kind)[0]
+            if item is str and all(isinstance(v, str) for v in value):
+                return value
+            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in value):
+                return [float(v) for v in value]
         elif kind is dict and isinstance(value, dict):
             return value
     names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-             type(None): "null"}
+             type(None): "null", list[float]: "a list of numbers"}
     wanted = " or ".join(names.get(k, "a list of names") for k in kinds)
     raise ValueError(f"training option {key} must be {wanted}, not {value!r}")
 
@@ -207,13 +221,31 @@ def _check_values(cfg: TrainConfig) -> None:
          "linear, cosine or constant")
     need(cfg.amp in ("auto", "bf16", "fp16", "off"), "amp", "auto, bf16, fp16 or off")
     need(cfg.text_field in ("text", "target"), "text_field", "text or target")
+    if cfg.concat_seconds is not None:
+        bounds = concat_range(cfg)
+        need(len(bounds) == 2 and 0 <= bounds[0] <= bounds[1] and bounds[1] > 0,
+             "concat_seconds", "a number of seconds > 0 or a pair [MIN, MAX] with "
+             "0 <= MIN <= MAX (or null)")
+    need(cfg.concat_group is None or cfg.concat_seconds is not None, "concat_group",
+         "null unless concat_seconds is set")
+
+
+def concat_range(cfg: TrainConfig) -> list[float]:
+    """``concat_seconds`` as [MIN, MAX] (a single number S is [S, S])."""
+    value = cfg.concat_seconds
+    return [value, value] if isinstance(value, float) else list(value)
 
 
 # -- data ----------------------------------------------------------------------------------
 class Examples:
-    """Utterances present both in a feature store and in a manifest with text."""
+    """Utterances present both in a feature store and in a manifest with text.
 
-    def __init__(self, feats: str, manifest: str, text_field: str = "text"):
+    A training example (an *item*) is one utterance id, or a tuple of consecutive ids whose
+    features are concatenated in time and whose texts are joined with a space (long inputs,
+    ``concat_seconds``)."""
+
+    def __init__(self, feats: str, manifest: str, text_field: str = "text",
+                 group_field: str | None = None):
         self.store = Store(feats)
         utts, _ = load_manifest(manifest, check_audio=False, need_text=text_field == "text")
         text = {u.id: getattr(u, text_field) for u in utts if getattr(u, text_field)}
@@ -226,38 +258,107 @@ class Examples:
                              "utterance was skipped): nothing to train or validate on")
         self.ids, self.text = list(self.store.ids), text
         self.duration = {u: float(self.store.attrs(u).get("duration", 0.0)) for u in self.ids}
+        #: the ids in the manifest's order (what "consecutive" means for long inputs)
+        self.order = [u.id for u in utts if u.id in self.store]
+        self.group = _group_values(manifest, group_field, self.order) if group_field else {}
 
-    def batch(self, ids: list[str]) -> tuple[list[torch.Tensor], list[str]]:
-        return ([torch.from_numpy(self.store[u].astype(np.float32)) for u in ids],
-                [self.text[u] for u in ids])
+    def batch(self, items: list) -> tuple[list[torch.Tensor], list[str]]:
+        feats, texts = [], []
+        for item in items:
+            ids = parts(item)
+            feats.append(torch.from_numpy(
+                np.concatenate([self.store[u] for u in ids]).astype(np.float32)))
+            texts.append(" ".join(self.text[u].strip() for u in ids))
+        return feats, texts
+
+    def seconds(self, item) -> float:
+        return sum(self.duration[u] for u in parts(item))
 
 
-def epoch_batches(ex: Examples, cfg: TrainConfig, epoch: int) -> list[list[str]]:
-    """The micro-batches of one epoch: a seeded shuffle, cut by count or by total duration."""
-    ids = list(ex.ids)
-    random.Random(cfg.seed * 100003 + epoch).shuffle(ids)
+def parts(item) -> tuple[str, ...]:
+    """The utterance ids of a training example."""
+    return (item,) if isinstance(item, str) else tuple(item)
+
+
+def _group_values(manifest: str, key: str, ids: list[str]) -> dict[str, object]:
+    """Utterance id → its manifest field ``key`` (``concat_group``); every id must have one."""
+    values = {}
+    for _, rec, problem in iter_jsonl(manifest):
+        if not problem and isinstance(rec, dict) and "id" in rec:
+            values[str(rec["id"])] = rec.get(key)
+    missing = [u for u in ids if values.get(u) is None]
+    if missing:
+        raise ValueError(f"concat_group {key!r}: {len(missing)} utterance(s) of {manifest} have "
+                         f"no {key!r} field (e.g. {missing[:3]}); add it, or set concat_group "
+                         "to a field every line has (or null)")
+    return {u: values[u] for u in ids}
+
+
+def joined_examples(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list:
+    """The examples of one epoch: every utterance alone, or with ``concat_seconds`` runs of
+    consecutive utterances (of one ``concat_group``) of up to a length drawn for each run from
+    [MIN, MAX] (seeded by the seed and the epoch). ``fits(ids)`` (the decoder's length limits)
+    ends a run early; an utterance is never split."""
+    if cfg.concat_seconds is None:
+        return list(ex.ids)
+    low, high = concat_range(cfg)
+    rng = random.Random(f"concat {cfg.seed} {epoch}")
+    groups: dict[object, list[str]] = {}
+    for u in ex.order:
+        groups.setdefault(ex.group.get(u), []).append(u)
+    items = []
+    for ids in groups.values():
+        run, seconds, goal = [], 0.0, rng.uniform(low, high)
+        for u in ids:
+            if run and (seconds + ex.duration[u] > goal or (fits and not fits(run + [u]))):
+                items.append(tuple(run) if len(run) > 1 else run[0])
+                run, seconds, goal = [], 0.0, rng.uniform(low, high)
+            run.append(u)
+            seconds += ex.duration[u]
+        items.append(tuple(run) if len(run) > 1 else run[0])
+    return items
+
+
+def epoch_batches(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list[list]:
+    """The micro-batches of one epoch: a seeded shuffle of the examples, cut by count or by
+    total duration."""
+    items = joined_examples(ex, cfg, epoch, fits)
+    random.Random(cfg.seed * 100003 + epoch).shuffle(items)
     if not cfg.batch_seconds:
-        return [ids[i : i + cfg.batch_size] for i in range(0, len(ids), cfg.batch_size)]
+        return [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     batches, cur, total = [], [], 0.0
-    for u in ids:
-        if cur and total + ex.duration[u] > cfg.batch_seconds:
+    for item in items:
+        seconds = ex.seconds(item)
+        if cur and total + seconds > cfg.batch_seconds:
             batches.append(cur)
             cur, total = [], 0.0
-        cur.append(u)
-        total += ex.duration[u]
+        cur.append(item)
+        total += seconds
     return batches + ([cur] if cur else [])
 
 
-def data_stream(ex: Examples, cfg: TrainConfig, start: tuple[int, int]):
+def data_stream(ex: Examples, cfg: TrainConfig, start: tuple[int, int], fits=None):
     """Yields ((epoch, index of the next micro-batch), micro-batch) forever, from ``start``."""
     epoch, index = start
     while True:
-        batches = epoch_batches(ex, cfg, epoch)
+        batches = epoch_batches(ex, cfg, epoch, fits)
         if not batches:
             raise ValueError(f"no training utterances in {ex.store.path}")
         for i in range(index, len(batches)):
             yield (epoch, i + 1), batches[i]
         epoch, index = epoch + 1, 0
+
+
+def length_check(be, ex: Examples):
+    """``fits(ids)``: whether the utterances ``ids`` joined fit the decoder's positions (the
+    target's tokens after the prompt with their audio); for ``concat_seconds``."""
+    tokens = {u: be.text_tokens(ex.text[u]) for u in ex.ids}
+    rows = {u: int(ex.store.dataset(u).shape[0]) for u in ex.ids}
+
+    def fits(ids: list[str]) -> bool:
+        room = be.text_room(sum(rows[u] for u in ids))
+        return room is None or sum(tokens[u] for u in ids) <= room
+    return fits
 
 
 def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
@@ -266,8 +367,9 @@ def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
                          "--valid-manifest)")
-    train = Examples(feats, manifest, cfg.text_field)
-    valid = Examples(valid_feats, valid_manifest, cfg.text_field) if valid_feats else None
+    train = Examples(feats, manifest, cfg.text_field, cfg.concat_group)
+    valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group) \
+        if valid_feats else None
     for ex in filter(None, (train, valid)):
         _check_tap(ex.store, cfg)
     return train, valid
@@ -516,14 +618,16 @@ class Run:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     total: int
+    fits: typing.Any = None  # length_check of the training examples (long inputs), or None
+    valid_items: list | None = None  # the validation examples
     state: dict = field(default_factory=lambda: {"step": 0, "position": (0, 0), "best": None,
                                                  "best_step": None})
 
 
-def _total_steps(cfg: TrainConfig, train: Examples, world: int) -> int:
+def _total_steps(cfg: TrainConfig, train: Examples, world: int, fits=None) -> int:
     total = cfg.max_steps
     if cfg.epochs:
-        per_epoch = len(epoch_batches(train, cfg, 0)) / (cfg.grad_accum * world)
+        per_epoch = len(epoch_batches(train, cfg, 0, fits)) / (cfg.grad_accum * world)
         total = max(1, math.ceil(cfg.epochs * per_epoch))
     if cfg.warmup_steps >= total:
         log.warning("finetune: warmup_steps=%d is not shorter than the %d training steps: the "
@@ -554,18 +658,21 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if dist.rank == 0:
             _prepare_out(out, cfg, inputs(), force)
         dist.barrier("the start of training")
-        total = _total_steps(cfg, train, dist.world)
         be, peft_model = _model(cfg, model, dist.device, init_adapter)
+        fits = length_check(be, train) if cfg.concat_seconds is not None else None
+        total = _total_steps(cfg, train, dist.world, fits)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         run = Run(out, cfg, dist, be, peft_model, params, opt,
                   torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total)),
                   torch.amp.GradScaler(dist.device.split(":")[0],
                                        enabled=_amp_kind(cfg, dist.device) == "fp16"),
-                  total)
+                  total, fits)
         _resume(run)
         if dist.world > 1:
             be.model = torch.nn.parallel.DistributedDataParallel(peft_model)
+        if valid is not None:  # long inputs are validated on long inputs, cut once
+            run.valid_items = joined_examples(valid, cfg, 0, fits and length_check(be, valid))
         _train(run, train, valid)
         return _export(run, feats, model)
 
@@ -596,7 +703,7 @@ def _resume(run: Run) -> None:
 def _train(run: Run, train: Examples, valid: Examples | None) -> None:
     """The training loop: step, log, validate, checkpoint."""
     cfg, out, rank = run.cfg, run.out, run.dist.rank
-    stream = data_stream(train, cfg, tuple(run.state["position"]))
+    stream = data_stream(train, cfg, tuple(run.state["position"]), run.fits)
     bar = progress(total=run.total, initial=run.state["step"], desc="finetune", unit="step",
                    disable=rank != 0)
     run.peft_model.train()
@@ -653,7 +760,7 @@ def _train_step(run: Run, train: Examples, stream) -> tuple[float, int, torch.Te
 def _validate(run: Run, valid: Examples) -> None:
     """Validation loss; the best adapter so far goes to OUT/best."""
     step = run.state["step"]
-    vloss = evaluate(run.be, valid, run.cfg, run.dist.device)
+    vloss = evaluate(run.be, valid, run.cfg, run.dist.device, run.valid_items)
     _log(run.out, {"step": step, "valid_loss": vloss}, run.dist.rank)
     if run.state["best"] is None or vloss < run.state["best"]:
         run.state["best"], run.state["best_step"] = vloss, step
@@ -662,14 +769,16 @@ def _validate(run: Run, valid: Examples) -> None:
 
 
 @torch.no_grad()
-def evaluate(be, ex: Examples, cfg: TrainConfig, device: str) -> float:
-    """Token-weighted mean loss over a validation set (dropout off)."""
+def evaluate(be, ex: Examples, cfg: TrainConfig, device: str, items: list | None = None) -> float:
+    """Token-weighted mean loss over a validation set's ``items`` (default: every utterance
+    alone), dropout off."""
     module = be.model.module if hasattr(be.model, "module") else be.model
     was_training = module.training
     module.eval()
     total, tokens = 0.0, 0
-    for i in range(0, len(ex.ids), cfg.batch_size):
-        feats_b, texts = ex.batch(ex.ids[i : i + cfg.batch_size])
+    items = ex.ids if items is None else items
+    for i in range(0, len(items), cfg.batch_size):
+        feats_b, texts = ex.batch(items[i : i + cfg.batch_size])
         with _autocast(cfg, device):
             loss, n = be.loss(feats_b, texts)
         total += float(loss) * n
@@ -830,7 +939,11 @@ def adapter_readme(run: Run, summary: dict, base: str, which: str) -> str:
         f"- base model: {base}",
         f"- condition: {summary['condition']} (features {inputs['feats']['path']})",
         f"- training data: {len(Store(summary['feats']).ids)} utterances, texts from "
-        f"{inputs['manifest']['path']} (field {cfg.text_field})",
+        f"{inputs['manifest']['path']} (field {cfg.text_field})" + (
+            f"; long inputs: consecutive utterances joined into examples of "
+            f"{'-'.join(f'{s:g}' for s in dict.fromkeys(concat_range(cfg)))} s"
+            + (f" (same {cfg.concat_group})" if cfg.concat_group else "")
+            if cfg.concat_seconds is not None else ""),
         f"- started from: {start}",
         f"- LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets "
         f"{cfg.target_modules or 'the backend default'}",

@@ -258,10 +258,10 @@ def test_lora_stays_unmerged_in_bfloat16_and_decodes_as_the_unmerged_model(small
 def test_a_failing_batch_is_named(small, tmp_path, monkeypatch):
     from lalmtool.models.whisper import WhisperBackend
 
-    def fail(self, feats, beam=1, max_new_tokens=200):
+    def fail(self, feats, beam, caps):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(WhisperBackend, "generate", fail)
+    monkeypatch.setattr(WhisperBackend, "transcribe", fail)
     with pytest.raises(RuntimeError, match=r"decoding 'utt3', 'utt1' \(the longest 160 audio "
                                            r"positions; .*\): CUDA out of memory"):
         decode(small["feats"], small["model"], str(tmp_path / "d"), batch_size=2)

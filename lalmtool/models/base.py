@@ -47,7 +47,11 @@ class Backend(ABC):
 
     def num_audio_tokens(self, feat: torch.Tensor) -> int:
         """Decoder input positions that ``[T, D]`` features occupy (T unless the backend stacks)."""
-        return int(feat.shape[0])
+        return self.audio_positions(int(feat.shape[0]))
+
+    def audio_positions(self, frames: int) -> int:
+        """Decoder input positions that ``frames`` stored feature rows occupy."""
+        return frames
 
     def prompt_positions(self, frames: int) -> int | None:
         """Decoder positions the prompt takes with ``frames`` stored feature rows spliced in,
@@ -58,14 +62,55 @@ class Backend(ABC):
         """The most positions (prompt, audio and generated tokens) the decoder holds, if bounded."""
         return None
 
+    # -- lengths (long inputs) -------------------------------------------------------------
+    def text_tokens(self, text: str) -> int:
+        """Decoder tokens a target text takes (without the token that ends it)."""
+        return len(self.tokenizer.encode(text.strip(), add_special_tokens=False))
+
+    def new_token_room(self, frames: int) -> int | None:
+        """The most tokens (the end token included) the decoder can generate after its prompt
+        with ``frames`` stored feature rows; None when its positions are unbounded."""
+        limit = self.position_limit()
+        return None if not limit else limit - self.prompt_positions(frames)
+
+    def text_room(self, frames: int) -> int | None:
+        """The most target tokens (the end token excluded) that fit after the prompt with
+        ``frames`` feature rows, in training and in decoding; None when unbounded."""
+        room = self.new_token_room(frames)
+        return None if room is None else room - 1
+
     @abstractmethod
     def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
         """Mean token cross-entropy of ``texts`` given ``feats``, and the number of tokens."""
 
-    @abstractmethod
     def generate(self, feats: list[torch.Tensor], beam: int = 1,
                  max_new_tokens: int = 200) -> list[str]:
         """Transcripts (or translations) for a batch of feature sequences."""
+        return [text for text, _ in self.transcribe(feats, beam, [max_new_tokens] * len(feats))]
+
+    def transcribe(self, feats: list[torch.Tensor], beam: int,
+                   caps: list[int]) -> list[tuple[str, bool]]:
+        """(text, cut) per sequence: generation ends at an end token or after ``caps[i]`` new
+        tokens; ``cut`` says it ended at the cap (the text may be incomplete, or a runaway).
+        Greedy texts are those of decoding each sequence alone with its own cap."""
+        ids = self.new_token_ids(feats, beam, max(caps)).tolist()
+        stops = set(self.stop_ids())
+        out = []
+        for row, cap in zip(ids, caps):
+            row = row[:cap]
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            out.append((text, end is None))
+        return out
+
+    @abstractmethod
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
+                      max_new_tokens: int) -> torch.Tensor:
+        """Generated token ids ``[B, N]`` (the prompt left out; rows that ended early padded)."""
+
+    @abstractmethod
+    def stop_ids(self) -> list[int]:
+        """The tokens that end generation."""
 
 
 @dataclass
@@ -94,6 +139,22 @@ class DecoderOnlyBackend(Backend):
     def _llm(self) -> torch.nn.Module:
         """The causal LM whose ``generation_config`` names the eos tokens."""
         return self._core()
+
+    def prompt_positions(self, frames: int) -> int:
+        before, after = self._prompt_ids
+        return len(before) + self.audio_positions(frames) + len(after)
+
+    def position_limit(self) -> int | None:
+        config = self._llm().config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(config, "max_position_embeddings", None)
+
+    def stop_ids(self) -> list[int]:
+        return self._stop_ids()
+
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
+                      max_new_tokens: int) -> torch.Tensor:
+        return self.generate_ids(feats, beam, max_new_tokens)
 
     def _stop_ids(self) -> list[int]:
         """Tokens that end generation: the target's end token and the LM's eos tokens."""
@@ -149,9 +210,6 @@ class DecoderOnlyBackend(Backend):
         """New token ids ``[B, N]`` for a batch of feature sequences."""
         raise NotImplementedError
 
-    def generate(self, feats: list[torch.Tensor], beam: int = 1,
-                 max_new_tokens: int = 200) -> list[str]:
-        return batch_texts(self.tokenizer, self.generate_ids(feats, beam, max_new_tokens))
 
 
 def encode_in_windows(waves: list[np.ndarray], window: int, batch_size: int,
@@ -224,8 +282,3 @@ def token_mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     n = int(targets.numel())
     return torch.nn.functional.cross_entropy(
         logits.float(), targets, reduction="sum") / max(n, 1), n
-
-
-def batch_texts(tokenizer, ids: torch.Tensor) -> list[str]:
-    """Generated token ids ``[B, N]`` → stripped texts without special tokens."""
-    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -269,13 +269,6 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
             raise ValueError(f"{self.model_path}: tokenizer has no end-of-text token")
         return self.tokenizer.eos_token_id
 
-    def prompt_positions(self, frames: int) -> int:
-        before, after = self._prompt_ids
-        return len(before) + frames + len(after)
-
-    def position_limit(self) -> int | None:
-        return getattr(self._core().config.get_text_config(), "max_position_embeddings", None)
-
     # -- splice --------------------------------------------------------------------------
     def project(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Frames of all utterances → LLM embeddings ``[sum T_i, H]`` (utterances concatenated).

@@ -393,9 +393,9 @@ class SpeechLLMBackend(DecoderOnlyBackend):
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
         return self.encoder.encode(waves, batch_size=batch_size)
 
-    def num_audio_tokens(self, feat: torch.Tensor) -> int:
-        """How many LLM positions ``feat`` (``[T, D]``) becomes: ``ceil(T / stack)``."""
-        return math.ceil(feat.shape[0] / self.stack)
+    def audio_positions(self, frames: int) -> int:
+        """How many LLM positions ``frames`` feature rows become: ``ceil(frames / stack)``."""
+        return math.ceil(frames / self.stack)
 
     # -- prompt --------------------------------------------------------------------------
     @functools.cached_property

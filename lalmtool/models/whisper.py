@@ -31,8 +31,7 @@ from transformers import (GenerationMixin, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration, WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 
-from .base import (Backend, batch_texts, encode_in_windows, pad_features, resolve_dtype,
-                   unwrap)
+from .base import Backend, encode_in_windows, pad_features, resolve_dtype, unwrap
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -48,10 +47,11 @@ class WhisperBackend(Backend):
                  trim: bool = True, language: str | None = "en", task: str = "transcribe",
                  chunk: int = 0):
         super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
-        if int(chunk) < 0:
-            raise ValueError(f"chunk must be 0 (whole memory) or a number of positions, "
-                             f"not {chunk}")
-        self.trim, self.chunk = trim, int(chunk)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(f"backend option chunk must be 0 (the whole memory at once) or a "
+                             f"whole number of positions per chunk (1500: one 30 s window of "
+                             f"frames), not {chunk!r}")
+        self.trim, self.chunk = trim, chunk
         self.model = WhisperForConditionalGeneration.from_pretrained(
             model_path, dtype=self.dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)
@@ -121,19 +121,18 @@ class WhisperBackend(Backend):
         """The most tokens the decoder can generate after the prompt."""
         return unwrap(self.model).config.max_target_positions - len(self.tokenizer.prefix_tokens)
 
-    def generate(self, feats: list[torch.Tensor], beam: int = 1,
-                 max_new_tokens: int = 200) -> list[str]:
-        if not self.chunk:
-            return batch_texts(self.tokenizer, self.generate_ids(feats, beam, max_new_tokens))
-        pieces = [(i, f[s : s + self.chunk]) for i, f in enumerate(feats)
-                  for s in range(0, max(len(f), 1), self.chunk)]
-        texts = batch_texts(self.tokenizer, self.generate_ids([p for _, p in pieces], beam,
-                                                              max_new_tokens))
-        joined = [[] for _ in feats]
-        for (i, _), t in zip(pieces, texts):
-            if t:
-                joined[i].append(t)
-        return [" ".join(parts) for parts in joined]
+    def new_token_room(self, frames: int) -> int:
+        return self.max_new_tokens_limit()  # the memory's length does not take positions
+
+    def text_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(" " + text.strip(), add_special_tokens=False))
+
+    def stop_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id]
+
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
+                      max_new_tokens: int) -> torch.Tensor:
+        return self.generate_ids(feats, beam, max_new_tokens)[:, len(self.tokenizer.prefix_tokens):]
 
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
                      max_new_tokens: int = 200) -> torch.Tensor:

@@ -301,8 +301,8 @@ def test_an_utterance_beyond_the_llm_context_is_named_with_the_compression_that_
     assert str(err.value) == (
         f"utterance 't0' of {frames} needs 155 positions (prompt + 100 audio tokens + up to 8 "
         f"new tokens), more than the 128 that {path}'s decoder holds (max_position_embeddings); "
-        "2x fewer audio tokens would fit (uniform pooling of the frames by k=2), or split the "
-        "recording")
+        "2x fewer audio tokens would fit (uniform pooling of the frames by k=2), or decode it "
+        "30 s at a time (--too-long chunk)")
     assert not os.path.exists(tmp_path / "d1" / "hyp.part0.jsonl") or \
         open(tmp_path / "d1" / "hyp.part0.jsonl").read() == ""  # nothing decoded before it
     info = decode(k2, path, str(tmp_path / "d2"), backend="qwen2-audio", max_new_tokens=8)

@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# recipes/mini_longform: long recordings (2-5 min) decoded with real Whisper tiny.en, frame
-# level and compressed ~3x (uniform average pooling, k=3), WER and decode time side by side.
+# recipes/mini_longform: whole recordings of 1-2 min in one decoder pass, made possible by
+# LoRA trained on long inputs joined from cached short utterances, against transformers' own
+# long-form Whisper. Real Whisper tiny.en; voices and sentences no adapter saw.
 #
-# Whisper learnt to transcribe one 30 s window. Over a whole long memory (one decoder pass
-# cross-attending to every frame of the recording) tiny.en transcribes about the first 30 s and
-# stops; with --backend-opt chunk=N (N = one 30 s window: 1500 frames, 500 at k=3) each window's
-# positions are decoded in turn and the texts joined. Both are decoded here. LoRA adapters of
-# recipes/mini are used when they exist under --mini_exp (lora/<condition>/adapter): they were
-# trained on short utterances, and are decoded here as they are.
+# Whisper learnt to transcribe one 30 s window: given the memory of a whole recording it
+# transcribes about the first 30 s and stops. Here its decoder is re-aligned to long memories:
+# `lalmtool finetune --concat_seconds '[10, 120]'` joins consecutive training utterances of
+# recipes/mini (their cached features, no extraction again) into examples of 10-120 s. Each
+# recording is then decoded
+#   (a) whole, in one pass, with the long-form adapter of its condition;
+#   (b) in 30 s chunks (--backend-opt chunk=N: N positions per 30 s) with the same adapter,
+#       and with recipes/mini's short-utterance adapter when that recipe has trained one;
+#   (c) by transformers' long-form generation on the audio (timestamps, sequential seeking):
+#       the anchor (local/anchor.py);
+#   (d) native Whisper (padded 30 s windows, no LoRA) chunked window by window.
+# Whisper's decoder holds 448 target tokens: one pass ends where a transcript needs more (about
+# 2.5 min of read speech at ~3 tokens per second); `lalmtool decode` refuses such a recording
+# by name (or decodes it in chunks with --too-long chunk).
 #
 # Stages (each can be rerun; finished work is skipped by the tools themselves):
-#   0  data/longform/manifest.jsonl: the 5 LibriVox clips of pocketsphinx-testdata joined into
-#      recordings of --minutes (random clip order per pass); fetches whisper-tiny.en
-#   1  extract   → $exp/feats/frames/longform      encoder frames, 30 s window by window
-#   2  segment   → $exp/seg/uniform-k3/longform    boundaries every 3 frames
+#   0  data/longform/manifest.jsonl (local/prepare_longform.py); fetches whisper-tiny.en
+#   1  extract   → $exp/feats/{frames,native}/longform
+#   2  segment   → $exp/seg/<method>/longform
 #   3  pool      → $exp/pooled/<condition>/longform
-#   5  decode    → $exp/decode/<condition>[-chunk30s][-lora]/longform/hyp.jsonl
-#   6  score, report → $exp/RESULTS.md; local/table.py → $exp/longform.md (WER, decode time)
+#   4  finetune  → $exp/lora/<condition>-long/adapter (on recipes/mini's train/dev stores: its
+#                  stages 0-3 are run first for the conditions here when they are missing)
+#   5  decode    → $exp/decode/<condition>-{whole,chunk30s}[-short]/longform, native-chunk30s,
+#                  native-longform (the anchor)
+#   6  score; local/table.py → $exp/longform.md (WER, positions, decode time and its ratio to
+#      the anchor's, peak memory) and $exp/longform.png (WER and decode time per recording)
 #
 # Usage: bash recipes/mini_longform/run.sh [--stage N] [--stop_stage M] [--exp DIR]
-#                                          [--minutes "2 3 4"] [--mini_exp DIR]
+#            [--seconds "60 80 100 120"] [--conditions "frames uniform-mean-k3 peaks"]
+#            [--steps N] [--mini_exp DIR] [--mini_data DIR]
 # (every variable set at the top of this script is an option: --name value)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,21 +41,23 @@ stage=0
 stop_stage=6
 exp=exp
 data=data
-minutes="2 3 4"
+seconds="60 80 100 120"
 model_name=whisper-tiny.en
-conditions="frames uniform-mean-k3"
-mini_exp=../mini/exp      # LoRA adapters of recipes/mini, when it has been run
-max_new_tokens=200        # per decoder pass (a whole memory, or one chunk)
+conditions="frames uniform-mean-k3 peaks"
+steps=100                  # long-form LoRA steps per condition (batch 2 of 10-120 s)
+mini_exp=../mini/exp       # recipes/mini's feature stores (training data) and adapters
+mini_data=../mini/data
 batch_size=4
 
 source ../utils/parse_options.sh
 mkdir -p "$exp"
 recipe=mini_longform
 source ../utils/stages.sh
+lalmtool() { "$python" -m lalmtool "$@"; }
 
 if run_stage 0 "data preparation and model"; then
   # shellcheck disable=SC2086
-  python3 local/prepare_longform.py --out "$data" --minutes $minutes
+  "$python" local/prepare_longform.py --out "$data" --seconds $seconds
   lalmtool assets fetch "$model_name" | tail -n 1 > "$exp/model_path"
   end_stage 0 prepare
 fi
@@ -51,6 +66,8 @@ model=$(cat "$exp/model_path" 2>/dev/null || lalmtool assets fetch "$model_name"
 if run_stage 1 "extract encoder frames"; then
   lalmtool extract --manifest "$data/longform/manifest.jsonl" --model "$model" \
     --out "$exp/feats/frames/longform" --batch-size 4
+  lalmtool extract --manifest "$data/longform/manifest.jsonl" --model "$model" \
+    --out "$exp/feats/native/longform" --batch-size 4 --no-trim
   end_stage 1 extract
 fi
 
@@ -64,35 +81,50 @@ if run_stage 3 "pool"; then
   end_stage 3 pool
 fi
 
-# decoder positions of one 30 s encoder window: 1500 frames, 1500/k pooled by k
-window_of() { case "$1" in *-k*) echo $(( 1500 / ${1##*-k} ));; *) echo 1500;; esac; }
+# a condition's store of recipes/mini (its train and dev sets)
+mini_feats() { [ "$1" = frames ] && echo "$mini_exp/feats/frames/$2" || echo "$mini_exp/pooled/$1/$2"; }
 
-if run_stage 5 "decode (whole memory and 30 s chunks)"; then
+if run_stage 4 "long-form LoRA on joined training utterances"; then
   for cond in $conditions; do
-    feats=$(feats_of "$cond" longform)
-    adapter="$mini_exp/lora/$cond/adapter"
-    for lora in no yes; do
-      opts=(); suffix=""
-      if [ "$lora" = yes ]; then
-        [ -f "$adapter/adapter_config.json" ] || { log "no LoRA adapter at $adapter: $cond decoded without"; continue; }
-        opts=(--adapter "$adapter"); suffix="-lora"
-      fi
-      lalmtool decode --feats "$feats" --model "$model" --set longform "${opts[@]}" \
-        --manifest "$data/longform/manifest.jsonl" --max-new-tokens "$max_new_tokens" \
-        --batch-size "$batch_size" --out "$exp/decode/$cond$suffix/longform"
-      lalmtool decode --feats "$feats" --model "$model" --set longform "${opts[@]}" \
-        --manifest "$data/longform/manifest.jsonl" --max-new-tokens "$max_new_tokens" \
-        --batch-size "$batch_size" --backend-opt "chunk=$(window_of "$cond")" \
-        --condition "$cond-chunk30s" --out "$exp/decode/$cond-chunk30s$suffix/longform"
-    done
+    if [ ! -f "$(mini_feats "$cond" train)/store.json" ] || [ ! -f "$(mini_feats "$cond" dev)/store.json" ]; then
+      log "recipes/mini has no $cond stores under $mini_exp: running its stages 0-3 for them"
+      bash ../mini/run.sh --stop_stage 3 --conditions "$conditions" --exp "$(realpath "$mini_exp")" \
+        --data "$(realpath -m "$mini_data")"
+    fi
+    lalmtool finetune --feats "$(mini_feats "$cond" train)" --manifest "$mini_data/train/manifest.jsonl" \
+      --valid-feats "$(mini_feats "$cond" dev)" --valid-manifest "$mini_data/dev/manifest.jsonl" \
+      --model "$model" --config conf/longform.yaml --max_steps="$steps" --out "$exp/lora/$cond-long"
   done
+  end_stage 4 finetune
+fi
+
+# decoder positions of one 30 s encoder window: 1500 frames, 1500/k pooled by k, ~450 peaks
+window_of() { case "$1" in *-k*) echo $(( 1500 / ${1##*-k} ));; peaks) echo 450;; *) echo 1500;; esac; }
+
+if run_stage 5 "decode (whole recordings, 30 s chunks, the anchor)"; then
+  for cond in $conditions; do
+    long=(--adapter "$exp/lora/$cond-long/adapter")
+    decode_condition "$cond" longform "$cond-whole" --model "$model" "${long[@]}" \
+      --batch-size "$batch_size" --condition "$cond-whole"
+    decode_condition "$cond" longform "$cond-chunk30s" --model "$model" "${long[@]}" \
+      --batch-size "$batch_size" --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s"
+    short="$mini_exp/lora/$cond/adapter"
+    if [ -f "$short/adapter_config.json" ]; then
+      decode_condition "$cond" longform "$cond-chunk30s-short" --model "$model" --adapter "$short" \
+        --batch-size "$batch_size" --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s-short"
+    fi
+  done
+  lalmtool decode --feats "$exp/feats/native/longform" --model "$model" --set longform \
+    --manifest "$data/longform/manifest.jsonl" --batch-size "$batch_size" \
+    --backend-opt chunk=1500 --condition native-chunk30s --out "$exp/decode/native-chunk30s/longform"
+  "$python" local/anchor.py --manifest "$data/longform/manifest.jsonl" --model "$model" \
+    --out "$exp/decode/native-longform/longform"
   end_stage 5 decode
 fi
 
-if run_stage 6 "score and report"; then
+if run_stage 6 "score and tables"; then
   score_decodes
-  lalmtool report "$exp" > /dev/null
-  python3 local/table.py "$exp" longform
+  "$python" local/table.py "$exp" longform
   end_stage 6 report
 fi
 [ -f "$exp/timings.tsv" ] && { log "stage timings (seconds):"; cat "$exp/timings.tsv"; }

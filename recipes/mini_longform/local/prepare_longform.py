@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Long recordings from the five real LibriVox clips of pocketsphinx-testdata.
+"""Long test recordings: held-out sentences read one after another by voices no adapter saw.
 
-Each recording joins the clips (in a new random order on every pass, 0.5 s of silence between
-them) until it lasts the asked number of minutes; its transcript is the clips' transcripts in
-the same order. Writes OUT/longform/manifest.jsonl and OUT/longform/wav/*.wav; a rerun with the
-same options rewrites the same files.
+Each recording is one voice (an espeak-ng variant or flite voice that recipes/mini never trains
+on) reading WordNet sentences that no mini set holds (the sentence pool is split exactly as
+recipes/mini splits it, with room for up to ``RESERVED_TRAIN`` training sentences before the
+long-form ones), with 0.3-0.7 s of silence between sentences, until it lasts the asked
+number of seconds. Nothing is repeated inside a recording or across recordings. Writes
+OUT/longform/manifest.jsonl (id, audio, text, duration, voice) and OUT/longform/wav/*.wav;
+a rerun with the same options reuses the audio.
 
-    python3 local/prepare_longform.py --out data --minutes 2 3 4
+    python3 local/prepare_longform.py --out data --seconds 60 80 100 120
 """
 from __future__ import annotations
 
@@ -14,60 +17,67 @@ import argparse
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import soundfile as sf
 
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-RATE = 16000
+MINI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "mini", "local")
+sys.path.insert(0, MINI)
+import corpus  # noqa: E402
+import tts  # noqa: E402
 
-
-def clips() -> list[tuple[np.ndarray, str]]:
-    """(waveform, transcript) of each clip, from its ``transcription`` file."""
-    out = []
-    for line in open(os.path.join(LIBRIVOX, "transcription"), encoding="utf-8"):
-        uid = line.split("(")[-1].strip(" )\n")
-        text = line.split("</s>")[0].replace("<s>", "").strip()
-        wave, rate = sf.read(os.path.join(LIBRIVOX, uid + ".wav"), dtype="float32")
-        if rate != RATE:
-            raise SystemExit(f"{uid}.wav: {rate} Hz, expected {RATE}")
-        out.append((wave, text))
-    return out
+RATE = tts.SAMPLE_RATE
+#: mini's held-out sets (test, dev) and room for this many training sentences come first
+RESERVED_TRAIN = 5000
+#: voices recipes/mini never trains on (its ESPEAK_VARIANTS and FLITE_VOICES leave them out)
+VOICES = (tts.Voice("espeak", "en-us+f4", 150, 50), tts.Voice("espeak", "en-gb+david", 150, 45),
+          tts.Voice("espeak", "en-us+belinda", 150, 50), tts.Voice("espeak", "en-gb+f1", 150, 50),
+          tts.Voice("espeak", "en-gb-x-rp+anika", 150, 50),
+          tts.Voice("espeak", "en-us+alicia", 150, 50))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="data directory (writes OUT/longform/)")
-    ap.add_argument("--minutes", type=float, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--gap", type=float, default=0.5, help="seconds of silence between clips")
+    ap.add_argument("--seconds", type=float, nargs="+", default=[60, 80, 100, 120],
+                    help="length of each recording (one voice each, in the order of VOICES)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if not os.path.isdir(LIBRIVOX):
-        raise SystemExit(f"{LIBRIVOX} not found: install pocketsphinx-testdata")
-    pieces, rng = clips(), random.Random(args.seed)
-    gap = np.zeros(int(args.gap * RATE), dtype=np.float32)
+    if len(args.seconds) > len(VOICES):
+        raise SystemExit(f"at most {len(VOICES)} recordings (one unseen voice each)")
+    sizes = {"test": 100, "dev": 100, "train": RESERVED_TRAIN, "longform": 40 * len(args.seconds)}
+    pool = corpus.split_sentences(corpus.load_sentences(), sizes, args.seed)["longform"]
+    rng = random.Random(f"longform-{args.seed}")
     d = os.path.join(args.out, "longform")
     os.makedirs(os.path.join(d, "wav"), exist_ok=True)
     rows = []
-    for minutes in args.minutes:
-        waves, texts, length = [], [], 0
-        while length < minutes * 60 * RATE:
-            for wave, text in rng.sample(pieces, len(pieces)):
-                waves += [wave, gap]
-                texts.append(text)
-                length += len(wave) + len(gap)
-                if length >= minutes * 60 * RATE:
-                    break
-        uid = f"librivox-{minutes:g}min"
+    for seconds, voice in zip(args.seconds, VOICES):
+        uid = f"longform-{voice.name.replace('+', '-')}-{seconds:g}s"
         path = os.path.join(d, "wav", uid + ".wav")
+        waves, texts, length = [], [], 0
+        while length < seconds * RATE:
+            if not pool:
+                raise SystemExit("ran out of held-out sentences: ask for shorter recordings")
+            text = pool.pop(0)
+            wave = tts.synthesize(text, voice)
+            gap = np.zeros(int(rng.uniform(0.3, 0.7) * RATE), dtype=np.float32)
+            waves += [wave, gap]
+            texts.append(text)
+            length += len(wave) + len(gap)
         audio = np.concatenate(waves[:-1])
-        sf.write(path, audio, RATE)
+        tmp = path + ".tmp.wav"
+        sf.write(tmp, audio, RATE, subtype="PCM_16")
+        os.replace(tmp, path)
         rows.append({"id": uid, "audio": os.path.abspath(path), "text": " ".join(texts),
-                     "duration": len(audio) / RATE})
-    with open(os.path.join(d, "manifest.jsonl"), "w", encoding="utf-8") as fh:
+                     "duration": round(len(audio) / RATE, 3), "voice": voice.tag})
+    tmp = os.path.join(d, "manifest.jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, os.path.join(d, "manifest.jsonl"))
     print(f"{d}/manifest.jsonl: {len(rows)} recordings, "
-          f"{sum(r['duration'] for r in rows) / 60:.1f} min")
+          f"{sum(r['duration'] for r in rows) / 60:.1f} min, "
+          f"{sum(len(r['text'].split()) for r in rows)} words")
 
 
 if __name__ == "__main__":

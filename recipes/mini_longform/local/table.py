@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""WER and decode time side by side for every decode of EXP/decode/*/<set>.
+"""The long-form study's table and plot, from every decode of EXP/decode/*/<set>.
 
-Prints a markdown table (and writes it to EXP/longform.md): decode, LoRA, audio tokens/s,
-the largest memory (audio positions) one utterance gave the decoder, WER %, decode seconds
-and real-time factor. Reads decode.json (lalmtool decode) and results.json (lalmtool score).
+EXP/longform.md: per decode, the adapter, audio tokens/s, the decoder's memory per pass (audio
+positions: the whole recording, or one chunk), WER % (Whisper's English normaliser, pooled
+over the recordings), decode seconds and their ratio to the anchor's (native-longform:
+transformers' long-form generation), the decode process's peak memory. EXP/longform.png: WER
+and decode seconds per recording against its length. Reads hyp.jsonl and decode.json.
 
     python3 local/table.py exp longform
 """
@@ -14,27 +16,77 @@ import json
 import os
 import sys
 
+from lalmtool.score import get_normalizer, wer_counts
 
-def main(exp: str, set_name: str) -> None:
-    rows = []
+ANCHOR = "native-longform"
+
+
+def read_decodes(exp: str, set_name: str) -> dict[str, tuple[dict, list[dict]]]:
+    """Decode name → (decode.json, hyp.jsonl records)."""
+    out = {}
     for info_path in sorted(glob.glob(os.path.join(exp, "decode", "*", set_name, "decode.json"))):
         d = os.path.dirname(info_path)
-        info = json.load(open(info_path, encoding="utf-8"))
-        res_path = os.path.join(d, "results.json")
-        res = json.load(open(res_path, encoding="utf-8")) if os.path.exists(res_path) else {}
-        wer = res.get("wer")
-        rows.append([os.path.basename(os.path.dirname(d)), "yes" if info["lora"] else "no",
-                     f"{info['tokens_per_s']:.1f}", str(info["max_audio_tokens"]),
-                     f"{100 * wer:.1f}" if wer is not None else "-",
-                     f"{info['decode_seconds']:.1f}",
-                     f"{info['decode_seconds'] / info['audio_seconds']:.3f}"])
-    head = ["decode", "LoRA", "tokens/s", "max positions", "WER %", "decode s", "RTF"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+        with open(info_path, encoding="utf-8") as fh:
+            info = json.load(fh)
+        with open(os.path.join(d, "hyp.jsonl"), encoding="utf-8") as fh:
+            recs = [json.loads(line) for line in fh if line.strip()]
+        out[os.path.basename(os.path.dirname(d))] = (info, recs)
+    return out
+
+
+def wer(recs: list[dict]) -> float:
+    norm = get_normalizer("whisper_english")
+    counts, _ = wer_counts([norm(r["ref"]) for r in recs], [norm(r["hyp"]) for r in recs])
+    return 100 * counts["wer"]
+
+
+def adapter_of(name: str, info: dict) -> str:
+    if not info.get("lora"):
+        return "none"
+    return "short utterances" if name.endswith("-short") else "long inputs"
+
+
+def main(exp: str, set_name: str) -> None:
+    decodes = read_decodes(exp, set_name)
+    anchor_s = decodes[ANCHOR][0]["decode_seconds"] if ANCHOR in decodes else None
+    head = ["decode", "LoRA", "tokens/s", "positions per pass", "WER %", "decode s",
+            "x anchor time", "peak MB", "cut"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name, (info, recs) in decodes.items():
+        chunk = (info.get("backend_opts") or {}).get("chunk")
+        positions = min(chunk, info["max_audio_tokens"]) if chunk else info["max_audio_tokens"]
+        secs = info["decode_seconds"]
+        lines.append("| " + " | ".join([
+            name, adapter_of(name, info), f"{info['tokens_per_s']:.1f}", str(positions),
+            f"{wer(recs):.2f}", f"{secs:.1f}", f"{secs / anchor_s:.2f}" if anchor_s else "-",
+            f"{info['peak_rss_mb']:.0f}" if info.get("peak_rss_mb") else "-",
+            str(len(info.get("cut") or []))]) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(exp, "longform.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
     print(text, end="")
+    plot(decodes, os.path.join(exp, "longform.png"))
+
+
+def plot(decodes: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_wer, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (_, recs) in decodes.items():
+        recs = sorted(recs, key=lambda r: r["duration"])
+        x = [r["duration"] for r in recs]
+        style = "k--" if name == ANCHOR else "-o"
+        ax_wer.plot(x, [wer([r]) for r in recs], style, label=name)
+        ax_time.plot(x, [r["seconds"] for r in recs], style, label=name)
+    ax_wer.set(xlabel="recording length (s)", ylabel="WER %", title="WER per recording")
+    ax_time.set(xlabel="recording length (s)", ylabel="decode seconds",
+                title="decode time per recording")
+    ax_time.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

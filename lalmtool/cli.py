@@ -231,7 +231,14 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.lstrip("-").partition("=")
         if not sep:
             raise ValueError(f"option {item!r} is not key=value")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            where = str(getattr(e, "problem", "") or e).strip().splitlines()[0]
+            raise ValueError(f"option {key.lstrip('-')}: {value!r} is not a valid YAML value "
+                             f"({where}); quote a mapping or list whole, e.g. "
+                             "--extra '{language: de}' or --target-modules '[q_proj, v_proj]'") \
+                from e
     return out
 
 

@@ -17,7 +17,6 @@ weights only; in bfloat16/float16 it stays unmerged (merging would round the ada
 from __future__ import annotations
 
 import glob
-import inspect
 import json
 import logging
 import math
@@ -29,8 +28,9 @@ import numpy as np
 from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
-from .models import BACKENDS, load_backend, training_options
-from .parallel import barrier, dist_info, progress, resolve_device
+from .models import (BACKENDS, backend_default, check_backend_options, load_adapter,
+                     load_backend, training_options)
+from .parallel import barrier, check_out, dist_info, progress, resolve_device
 from .pool import condition_of
 from .store import Store, StoreError, fingerprint
 
@@ -67,6 +67,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         raise ValueError(f"--too-long must be fail or chunk, not {too_long!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    check_out(out, feats)  # hypotheses never go into the store
     rank, world = dist_info()
     store = _feature_store(feats)
     model_dir = _model_dir(model)
@@ -85,7 +86,10 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     if force or _fingerprint_of(info_path, hyp_path) != fp:
         # before OUT is touched; a finished decode was made with valid options (checking
         # imports the backend's module: seconds that a finished rerun does without)
-        _check_options(backend, opts, adapter)
+        check_backend_options(backend, opts, "from the adapter's config.yaml or --backend-opt"
+                              if adapter else "from --backend-opt")
+        if manifest:
+            _check_references(store, manifest)
         _check_tap(store, backend, opts, adapter)
     with output_lock(out):
         info = read_json(info_path, "use --force to decode again") \
@@ -110,7 +114,12 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         done = _read_part(part)
         todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
         if todo:
-            be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
+            try:
+                be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
+            except Exception:
+                if not _outputs(out) and rank == 0:  # nothing decoded: leave OUT as it was
+                    os.remove(os.path.join(out, MARKER))
+                raise
             plan = {u: _pieces(be, store, u, max_new_tokens, too_long, model, params)
                     for u in todo}
             _decode_into(part, be, store, plan, _references(manifest), batch_size, beam,
@@ -147,6 +156,17 @@ def _references(manifest: str | None) -> dict[str, str]:
         return {}
     utts, _ = read_manifest(manifest)
     return {u.id: (u.target if u.target is not None else u.text) for u in utts}
+
+
+def _check_references(store: Store, manifest: str) -> None:
+    """Every utterance of the store has its reference in ``manifest``."""
+    refs = _references(manifest)
+    missing = [u for u in store.ids if u not in refs]
+    if missing:
+        raise ValueError(f"{len(missing)} utterance(s) of {store.path} are not in --manifest "
+                         f"{manifest} (e.g. {', '.join(map(repr, missing[:3]))}): their "
+                         "hypotheses would have no reference to be scored against; pass the "
+                         "manifest the store was extracted from (or leave --manifest out)")
 
 
 def _decode_into(part: str, be, store: Store, plan: dict[str, list[tuple[int, int, int]]],
@@ -338,9 +358,8 @@ def attach_adapter(be, adapter: str) -> None:
     (peft's LoRA layers computing in their own dtype) when the model is in bfloat16/float16,
     where a merge would round the small LoRA update into the coarse weights."""
     import torch
-    from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(be.model, adapter)
+    peft_model = load_adapter(be.model, adapter)
     dtypes = {p.dtype for p in be.model.parameters()}
     be.model = peft_model.merge_and_unload() if dtypes == {torch.float32} else peft_model
 
@@ -384,21 +403,6 @@ def _fingerprint_of(info_path: str, hyp_path: str) -> str | None:
         return None
 
 
-def _check_options(backend: str, opts: dict, adapter: str | None) -> None:
-    """Every backend option is one the backend's constructor takes."""
-    import importlib
-
-    module, cls = BACKENDS[backend].split(":")
-    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(opts) - set(params) | {"device", "model_path"} & set(opts))
-    if unknown:
-        where = " (from the adapter's config.yaml or --backend-opt)" if adapter else ""
-        raise ValueError(f"backend {backend!r} has no option {', '.join(unknown)}{where}; it "
-                         f"takes {', '.join(sorted(set(params) - {'model_path', 'device'}))}")
-
-
 def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> None:
     """The tap the store was extracted at, the adapter was trained on and the decode uses agree.
 
@@ -408,7 +412,7 @@ def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> N
     meta = store.meta
     while "source_meta" in meta:  # pooled → its frames' extract meta
         meta = meta["source_meta"]
-    default = _tap_default(backend)
+    default = backend_default(backend, "tap")
     if default is None or meta.get("backend", backend) != backend:
         return
     taps = {"store": meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default,
@@ -419,15 +423,6 @@ def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> N
         raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in taps.items())} "
                          f"({store.path}); decode a store extracted at the adapter's tap, or "
                          "give the matching --backend-opt tap=...")
-
-
-def _tap_default(backend: str) -> str | None:
-    """The default of the backend's ``tap`` option, None when it has none."""
-    import importlib
-
-    module, cls = BACKENDS[backend].split(":")
-    param = inspect.signature(getattr(importlib.import_module(module), cls)).parameters.get("tap")
-    return None if param is None else param.default
 
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:

@@ -33,8 +33,6 @@ import datetime
 import difflib
 import glob
 import hashlib
-import inspect
-import importlib
 import json
 import logging
 import math
@@ -54,8 +52,9 @@ import yaml
 from .fileio import iter_jsonl, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
-from .models import BACKENDS, load_backend
-from .parallel import progress, resolve_device
+from .models import (BACKENDS, backend_default, check_backend_options, load_adapter,
+                     load_backend)
+from .parallel import check_out, progress, resolve_device
 from .pool import condition_of
 from .store import Store
 
@@ -367,6 +366,7 @@ def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
                          "--valid-manifest)")
+    check_backend_options(cfg.backend, cfg.extra, "from --extra")
     train = Examples(feats, manifest, cfg.text_field, cfg.concat_group)
     valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group) \
         if valid_feats else None
@@ -383,7 +383,7 @@ def _check_tap(store: Store, cfg: TrainConfig) -> None:
     meta = store.meta
     while "source_meta" in meta:
         meta = meta["source_meta"]
-    default = _backend_default(cfg.backend, "tap")
+    default = backend_default(cfg.backend, "tap")
     stored = meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default
     wanted = cfg.extra.get("tap") or default
     if stored != wanted:
@@ -391,14 +391,6 @@ def _check_tap(store: Store, cfg: TrainConfig) -> None:
             f"{store.path} holds features tapped at {stored!r} (see its store.json), but "
             f"training would read them as tap={wanted!r}: pass --extra '{{tap: {stored}}}' "
             "or use a store extracted with the tap you want")
-
-
-def _backend_default(backend: str, option: str):
-    """The default of a backend's constructor option (None if it has no such option)."""
-    module, cls = BACKENDS[backend].split(":")
-    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
-    default = params[option].default if option in params else None
-    return None if default is inspect.Parameter.empty else default
 
 
 # -- the run's identity --------------------------------------------------------------------
@@ -586,13 +578,13 @@ def _distributed(cfg: TrainConfig) -> Dist:
 def _model(cfg: TrainConfig, model: str, device: str, init_adapter: str | None):
     """The backend with a fresh LoRA (or ``init_adapter``) on its decoder; trainable weights
     in float32 (master weights), whatever dtype the frozen model is in."""
-    from peft import LoraConfig, PeftModel, get_peft_model  # seconds: imported when needed
+    from peft import LoraConfig, get_peft_model  # seconds: imported when needed
 
     _seed_all(cfg.seed)
     be = load_backend(cfg.backend, model, device=device, **cfg.extra)
     be.model.requires_grad_(False)
     if init_adapter:  # continue from an earlier adapter (e.g. re-align a frame-level LoRA)
-        be.model = PeftModel.from_pretrained(be.model, init_adapter, is_trainable=True)
+        be.model = load_adapter(be.model, init_adapter, trainable=True)
     else:
         be.model = get_peft_model(be.model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -643,6 +635,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
 
     A rerun into ``out`` resumes the same run (same configuration and inputs) or is refused;
     ``force`` starts over."""
+    check_out(out, feats, *filter(None, [valid_feats]))  # before OUT/.lock is written
     dist = _distributed(cfg)
 
     def inputs() -> dict:
@@ -689,13 +682,25 @@ def _finished(out: str, cfg: TrainConfig, inputs) -> dict | None:
 
 
 def _resume(run: Run) -> None:
-    """Continues from the newest whole checkpoint, if any."""
-    ckpt = latest_checkpoint(run.out)
-    if ckpt:
-        run.state = _load_checkpoint(ckpt, run)
+    """Continues from the newest checkpoint that can be read; an unreadable one (e.g. cut by
+    a full disk or a copy) is renamed ``step-N.broken`` with a warning naming it, and the one
+    before it is used."""
+    for _, ckpt in reversed(_checkpoints(run.out)):
+        try:
+            run.state = _load_checkpoint(ckpt, run)
+        except CheckpointError as e:
+            log.warning("%s; resuming from the checkpoint before it (this one is kept as "
+                        "%s.broken)", e, ckpt)
+            if run.dist.rank == 0:
+                os.replace(ckpt, ckpt + ".broken")
+            continue
         log.info("resuming from %s (step %d of %d)", ckpt, run.state["step"], run.total)
         if run.dist.rank == 0:
             truncate_log(run.out, run.state["step"])
+        break
+    else:
+        if run.dist.rank == 0:
+            truncate_log(run.out, 0)
     if run.dist.rank == 0 and run.state["best_step"] is None:
         _remove(os.path.join(run.out, "best"))  # written after that checkpoint: redone
 
@@ -828,16 +833,16 @@ def _save_checkpoint(run: Run) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier("a checkpoint")
-    torch.save(_rng_state(), os.path.join(tmp, f"rng.{dist.rank}.pt"))
+    _write(tmp, f"rng.{dist.rank}.pt", _rng_state())
     dist.barrier("a checkpoint")
     if dist.rank == 0:
         from peft.utils import get_peft_model_state_dict
 
-        torch.save({"adapter": get_peft_model_state_dict(run.peft_model),
-                    "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                    "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                    "state": state},
-                   os.path.join(tmp, "state.pt"))  # written last: marks the checkpoint whole
+        _write(tmp, "state.pt",  # written last: marks the checkpoint whole
+               {"adapter": get_peft_model_state_dict(run.peft_model),
+                "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                "state": state})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
@@ -845,20 +850,49 @@ def _save_checkpoint(run: Run) -> None:
     dist.barrier("a checkpoint")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read."""
+
+
+def _read(path: str):
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a cut file fails in torch, zipfile or pickle
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({reason})") from e
+
+
+def _write(tmp: str, name: str, obj) -> None:
+    """``torch.save`` into the checkpoint being written (``tmp``); on a failure (a full disk)
+    the partial checkpoint is removed and the message names it and the space left."""
+    try:
+        torch.save(obj, os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(tmp)).free
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"cannot write the checkpoint {tmp.removesuffix('.tmp')} ({reason}); "
+                      f"{free / 2**20:.1f} MiB are free on its disk: free some space (or "
+                      "lower keep_checkpoints) and rerun, training resumes from the last whole "
+                      "checkpoint") from e
+
+
 def _load_checkpoint(path: str, run: Run) -> dict:
+    """Restores adapter, optimizer, scheduler, scaler and RNG states from ``path``; both of its
+    files are read before anything is restored."""
     from peft import set_peft_model_state_dict
 
-    ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    ck = _read(os.path.join(path, "state.pt"))
+    rng_file = os.path.join(path, f"rng.{run.dist.rank}.pt")
+    if not os.path.exists(rng_file):
+        raise RuntimeError(f"{path} was saved by fewer ranks than now; resume with the same "
+                           "number of processes")
+    rng = _read(rng_file)
     set_peft_model_state_dict(run.peft_model, ck["adapter"])
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
     if run.scaler.is_enabled() and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
-    rng_file = os.path.join(path, f"rng.{run.dist.rank}.pt")
-    if not os.path.exists(rng_file):
-        raise RuntimeError(f"{path} was saved by fewer ranks than now; resume with the same "
-                           "number of processes")
-    rng = torch.load(rng_file, weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

@@ -281,3 +281,54 @@ def test_cuda_means_the_local_rank_under_torchrun(small, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         decode(small["feats"], small["model"], str(tmp_path / "d"), device="cuda")
     assert seen == ["cuda:1"]
+
+
+# -- failures found by breaking the stage (named cases) -------------------------------------
+def test_a_manifest_without_some_of_the_stores_ids_is_refused(small, tmp_path):
+    """R3a: hypotheses were written without references, and exited 0."""
+    rows = [json.loads(line) for line in open(small["manifest"])][:3]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"2 utterance\(s\) of {small['feats']} are not in "
+                                         rf"--manifest {partial} \(e.g. 'utt3', 'utt4'\)"):
+        decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=4,
+               manifest=str(partial))
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_damaged_or_mismatched_adapter_is_named_and_out_is_left_as_it_was(small, tmp_path):
+    """R6, R9: a truncated adapter_model.safetensors gave a SafetensorError traceback and left
+    decode.fingerprint; a rank that does not match gave torch's state-dict error."""
+    import shutil
+
+    good = lora_adapter(small["model"], tmp_path / "run", seed=1)
+    cut = tmp_path / "cut" / "adapter"
+    shutil.copytree(good, cut)
+    weights = cut / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match=rf"adapter {cut} cannot be loaded \(SafetensorError: "
+                                         r".*\); its files are damaged"):
+        decode(small["feats"], small["model"], str(tmp_path / "d"), adapter=str(cut),
+               max_new_tokens=4)
+    assert os.listdir(tmp_path / "d") == []  # no decode.fingerprint left
+    other = tmp_path / "rank" / "adapter"
+    shutil.copytree(good, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match=rf"adapter {other} does not fit this model \(its "
+                                         r"adapter_config.json: r=8, base model .*\): size "
+                                         r"mismatch for .*lora_A"):
+        decode(small["feats"], small["model"], str(tmp_path / "e"), adapter=str(other),
+               max_new_tokens=4)
+
+
+def test_out_may_not_be_the_store_and_chunk_must_be_a_number(small, tmp_path):
+    """R10, R8: hypotheses went into the feature store; chunk=abc gave int()'s message."""
+    with pytest.raises(ValueError, match=rf"--out {small['feats']} is the input store"):
+        decode(small["feats"], small["model"], small["feats"], max_new_tokens=4)
+    assert not os.path.exists(os.path.join(small["feats"], "hyp.jsonl"))
+    with pytest.raises(ValueError, match=r"backend option chunk must be 0 \(the whole memory at "
+                                         r"once\) or a whole number of positions per chunk "
+                                         r"\(1500: one 30 s window of frames\), not 'abc'"):
+        decode(small["feats"], small["model"], str(tmp_path / "c"), max_new_tokens=4,
+               backend_opts={"chunk": "abc"})

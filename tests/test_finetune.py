@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -484,3 +485,73 @@ def test_amp_takes_the_dtype_names_of_extract_and_decode():
         == ["bf16", "fp16", "off", "bf16", "auto"]
     with pytest.raises(ValueError, match="training option amp must be"):
         F.TrainConfig(amp="half")
+
+
+# -- failures found by breaking the stage (named cases) -------------------------------------
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(train_set, tiny_whisper_lm,
+                                                                    tmp_path, caplog):
+    """R3: ``truncate -s 5000 checkpoints/step-8/state.pt`` made every rerun fail naming no
+    file; now the checkpoint is named, kept as step-8.broken, and the run resumes from step-6
+    to the same adapter."""
+    feats, m = train_set
+    cfg = F.TrainConfig(**CFG)
+    F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), cfg)
+    ref = adapter(tmp_path / "a" / "adapter")
+    os.remove(tmp_path / "a" / "summary.json")  # as if killed after the step-8 checkpoint
+    for name in ("adapter", "last"):
+        shutil.rmtree(tmp_path / "a" / name)
+    state = tmp_path / "a" / "checkpoints" / "step-8" / "state.pt"
+    os.truncate(state, 5000)
+    s = F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), cfg)
+    assert f"checkpoint file {state} cannot be read" in caplog.text
+    assert s["steps"] == 8 and (tmp_path / "a" / "checkpoints" / "step-8.broken").is_dir()
+    assert_same(adapter(tmp_path / "a" / "adapter"), ref)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "a" / "log.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_partial_one(
+        train_set, tiny_whisper_lm, tmp_path, monkeypatch):
+    """R7: torch's 'unexpected pos' error named no path and left checkpoints/step-2.tmp."""
+    feats, m = train_set
+    real = torch.save
+
+    def full(obj, path, *a, **k):
+        if str(path).endswith("state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        real(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match=rf"cannot write the checkpoint {out}/checkpoints/step-2 "
+                                      r"\(\[enforce fail .*\); [\d.]+ MiB are free on its disk"):
+        F.finetune(feats, m, tiny_whisper_lm, str(out), F.TrainConfig(**CFG))
+    assert os.listdir(out / "checkpoints") == []
+
+
+def test_bad_extra_is_refused_before_anything_is_written(train_set, tiny_whisper_lm, tmp_path):
+    """R4, R5: a YAML error was a traceback; an unknown backend option failed after run.json
+    was written, and the corrected command was then refused until --force."""
+    from lalmtool.cli import parse_overrides
+
+    with pytest.raises(ValueError, match=r"option extra: 'not: \[valid' is not a valid YAML "
+                                         r"value \(.*\); quote a mapping or list whole"):
+        parse_overrides(["extra=not: [valid"])
+    feats, m = train_set
+    out = tmp_path / "x"
+    with pytest.raises(ValueError, match=r"backend 'whisper' has no option bogus_key \(from "
+                                         r"--extra\); it takes chunk, dtype, language"):
+        F.finetune(feats, m, tiny_whisper_lm, str(out),
+                   F.TrainConfig(**{**CFG, "max_steps": 1}, extra={"bogus_key": 1}))
+    assert not (out / "run.json").exists()
+    assert F.finetune(feats, m, tiny_whisper_lm, str(out),
+                      F.TrainConfig(**{**CFG, "max_steps": 1}))["steps"] == 1
+
+
+def test_out_may_not_be_the_training_store(train_set, tiny_whisper_lm):
+    """R10: finetune --out <the store> wrote adapter/ and checkpoints/ into the store."""
+    feats, m = train_set
+    with pytest.raises(ValueError, match=rf"--out {feats} is the input store {feats}; give "
+                                         "another directory"):
+        F.finetune(feats, m, tiny_whisper_lm, feats, F.TrainConfig(**CFG))
+    assert not os.path.exists(os.path.join(feats, ".lock"))

@@ -17,14 +17,44 @@ BACKENDS = {
 }
 
 
+def backend_class(name: str) -> type:
+    """The class registered as backend ``name`` (its module imported now)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def load_backend(name: str, model: str, **kwargs) -> Backend:
     """Instantiates backend ``name`` on ``model`` (a local directory, asset name or hub id)."""
     from ..assets import resolve_model
 
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(resolve_model(model), **kwargs)
+    return backend_class(name)(resolve_model(model), **kwargs)
+
+
+def _parameters(name: str) -> dict:
+    import inspect
+
+    return dict(inspect.signature(backend_class(name)).parameters)
+
+
+def backend_default(name: str, option: str):
+    """The default of backend ``name``'s option ``option`` (None if it has no such option)."""
+    param = _parameters(name).get(option)
+    return None if param is None or param.default is param.empty else param.default
+
+
+def check_backend_options(name: str, opts: dict, where: str) -> None:
+    """Every key of ``opts`` is an option backend ``name`` takes; else one message naming the
+    unknown keys, where they came from (``where``) and the options there are."""
+    params = _parameters(name)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    fixed = {"model_path", "device"}
+    unknown = sorted(set(opts) - set(params) | fixed & set(opts))
+    if unknown:
+        raise ValueError(f"backend {name!r} has no option {', '.join(unknown)} ({where}); it "
+                         f"takes {', '.join(sorted(set(params) - fixed))}")
 
 
 def training_options(adapter: str | None, backend: str) -> dict:
@@ -46,3 +76,33 @@ def training_options(adapter: str | None, backend: str) -> dict:
         raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
                          f"({cfg}); decode it with --backend {trained}")
     return dict(run.get("extra") or {})
+
+
+def load_adapter(model, adapter: str, trainable: bool = False):
+    """``model`` wrapped with the peft adapter in directory ``adapter``; an adapter that is
+    damaged or does not fit the model is one message naming it and what differs."""
+    import json
+
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and peft raise several kinds
+        text = str(e)
+        mismatch = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+        if mismatch:
+            try:
+                with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+                    config = json.load(fh)
+                said = (f" (its adapter_config.json: r={config.get('r')}, base model "
+                        f"{config.get('base_model_name_or_path')})")
+            except (OSError, ValueError):
+                said = ""
+            raise ValueError(f"adapter {adapter} does not fit this model{said}: {mismatch[0]} "
+                             f"(and {len(mismatch) - 1} more); it was trained with another "
+                             "LoRA rank or on another base model, or its files come from two "
+                             "runs") from e
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise ValueError(f"adapter {adapter} cannot be loaded ({type(e).__name__}: {first}); its "
+                         "files are damaged (e.g. a truncated adapter_model.safetensors): copy "
+                         "it again whole, or train it again") from e

@@ -1,7 +1,7 @@
 """What compression saves when re-aligning a LALM: one LoRA training step, time and peak memory.
 
 Usage: python benchmarks/bench_train_step.py (--arch qwen2-audio-7b | --arch-config CONFIG.json)
-           [--batch 8x30 2x120] [--conditions frames uniform-k3] [--checkpointing off on]
+           [--batch 8x30 2x120 1x300 1x600] [--conditions frames uniform-k3] [--checkpointing off on]
            [--device cuda] [--dtype bfloat16] [--amp bf16|off] [--lora-r 16] [--repeats 3]
            [--json FILE]
 
@@ -19,6 +19,8 @@ float32), the backend's ``loss`` under autocast, backward, AdamW. It prints
 * the step time (the best of ``--repeats`` timed steps after one warm-up step),
 * the step's peak memory above what was allocated before it (weights, LoRA and optimizer
   states excluded; ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS growth on CPU),
+  or, for an example longer than the LLM's ``max_position_embeddings`` (10 min of frames:
+  15,000 audio tokens against Qwen-7B's 8,192), that it cannot be trained on,
 
 each also as a ratio to frame level. Features are Gaussian frames at the tower's 25 Hz with the
 projector's input width; ``uniform-kN`` pools every N frames (mean), ``peaks`` cuts at the
@@ -111,13 +113,15 @@ def table(rows: list[dict]) -> str:
         ref = next((x for x in rows if x["batch"] == r["batch"]
                     and x["checkpointing"] == r["checkpointing"]
                     and x["condition"] == "frames"), None)
-        ratio = {k: r[k] / ref[k] if ref and ref[k] > 0 else float("nan")
+        ratio = {k: r[k] / ref[k] if ref and r[k] is not None and ref[k] else float("nan")
                  for k in ("audio_tokens", "seconds", "peak_mib")}
         r["ratios"] = ratio
+        cost = (f"{r['seconds']:>8.3f} {ratio['seconds']:>6.3f} {r['peak_mib']:>9.1f} "
+                f"{ratio['peak_mib']:>6.3f}" if r["seconds"] is not None else
+                f"  beyond the LLM's {r['beyond']} positions: not trainable")
         lines.append(f"{r['batch']:>7} {r['condition']:<11} {r['checkpointing']:>4} "
                      f"{r['audio_tokens']:>9} {r['llm_tokens']:>8} {ratio['audio_tokens']:>6.3f} "
-                     f"{r['seconds']:>8.3f} {ratio['seconds']:>6.3f} {r['peak_mib']:>9.1f} "
-                     f"{ratio['peak_mib']:>6.3f}")
+                     f"{cost}")
     return "\n".join(lines)
 
 
@@ -126,8 +130,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=sorted(ARCHS), help="a real architecture, random weights")
     ap.add_argument("--arch-config", help="a Qwen2-Audio config.json instead of --arch")
-    ap.add_argument("--batch", nargs="+", default=["8x30", "2x120"],
-                    help="BxS: B utterances of S seconds of audio")
+    ap.add_argument("--batch", nargs="+", default=["8x30", "2x120", "1x300", "1x600"],
+                    help="BxS: B utterances of S seconds of audio (a whole recording of 5 or "
+                         "10 min in one example: 1x300, 1x600)")
     ap.add_argument("--conditions", nargs="+", default=["frames", "uniform-k3"],
                     choices=CONDITIONS)
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
@@ -159,11 +164,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for cond in args.conditions:
                     feats, texts = batch_of(spec, width, cond, args.text_rate)
                     inputs = be.build_inputs(feats, texts)
-                    rows.append({"batch": spec, "condition": cond, "checkpointing": ckpt,
-                                 "audio_tokens": be.num_audio_tokens(feats[0]),
-                                 "llm_tokens": int(inputs.attention_mask.sum()) // len(feats),
-                                 **measure(step_fn(be, opt, feats, texts, device, amp), device,
-                                           args.repeats)})
+                    row = {"batch": spec, "condition": cond, "checkpointing": ckpt,
+                           "audio_tokens": be.num_audio_tokens(feats[0]),
+                           "llm_tokens": int(inputs.attention_mask.sum()) // len(feats)}
+                    limit = be.position_limit()
+                    if limit and row["llm_tokens"] > limit:  # what finetune would refuse
+                        row.update(seconds=None, peak_mib=None, beyond=limit)
+                    else:
+                        row.update(measure(step_fn(be, opt, feats, texts, device, amp), device,
+                                           args.repeats))
+                    rows.append(row)
                     print(f"  {spec} {cond} checkpointing {ckpt}: {rows[-1]}", file=sys.stderr)
                     opt.state.clear()  # the next shape starts from the same optimizer memory
             del be, opt, params

@@ -56,10 +56,20 @@ def test_prefill_benchmark_on_a_tiny_arch(benchmarks, tmp_path, capsys):
     assert json.loads(out.read_text())["qwen2-audio"][1]["audio_tokens"] == 50
 
 
-def test_train_step_benchmark_on_a_tiny_arch(benchmarks, capsys):
+def _positions(config: str, n: int, tmp_path) -> str:
+    """The tiny architecture with an LLM of ``n`` positions (Qwen-7B's: 8192)."""
+    cfg = json.loads(open(config).read())
+    cfg["text_config"]["max_position_embeddings"] = n
+    path = tmp_path / f"positions-{n}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_train_step_benchmark_on_a_tiny_arch(benchmarks, tmp_path, capsys):
     import bench_train_step
 
-    rows = bench_train_step.main(["--arch-config", benchmarks, "--batch", "2x4",
+    rows = bench_train_step.main(["--arch-config", _positions(benchmarks, 8192, tmp_path),
+                                  "--batch", "2x4",
                                   "--conditions", "uniform-k3", "--repeats", "1"])
     assert [(r["condition"], r["checkpointing"], r["audio_tokens"]) for r in rows] == [
         ("frames", "off", 100), ("uniform-k3", "off", 34),
@@ -69,3 +79,18 @@ def test_train_step_benchmark_on_a_tiny_arch(benchmarks, capsys):
     assert all(r["seconds"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "    2x4 uniform-k3    on        34 " in printed
+
+
+def test_train_step_benchmark_marks_examples_beyond_the_llms_positions(benchmarks, tmp_path,
+                                                                        capsys):
+    """A whole recording in one example: 10 min of 25 Hz frames (15,000 audio tokens) exceeds
+    an LLM of 8,192 positions and is reported as not trainable; pooled by 3 it trains."""
+    import bench_train_step
+
+    rows = bench_train_step.main(["--arch-config", _positions(benchmarks, 8192, tmp_path),
+                                  "--batch", "1x600",
+                                  "--conditions", "uniform-k3", "--checkpointing", "on",
+                                  "--repeats", "1"])
+    assert [(r["condition"], r["audio_tokens"], r["seconds"] is None) for r in rows] == [
+        ("frames", 15000, True), ("uniform-k3", 5000, False)]
+    assert "beyond the LLM's 8192 positions: not trainable" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Stage 5, ``lalmtool decode``: stored (compressed) features → hypotheses.
 
 Writes ``OUT/hyp.jsonl`` (id, hyp, ref when known, tokens = audio tokens fed to the decoder,
-duration = audio seconds, seconds = decode time attributed to the utterance) and
+duration = audio seconds, seconds = decode time attributed to the utterance; ``chunks`` when it
+was decoded in pieces, ``cut`` when generation stopped at its token cap) and
 ``OUT/decode.json`` (the condition, paths, rates and speed). Batches are sorted by length.
 Hypotheses are appended as they come, so an interrupted decode resumes where it stopped; under
 ``torchrun`` each rank decodes its own shards and rank 0 merges the parts.

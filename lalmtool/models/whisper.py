@@ -14,9 +14,10 @@ at once. For ≤ 1,500 positions both give the same tokens (tests/test_longform.
 still holds at most ``max_target_positions`` (448) tokens, prompt included.
 
 Whisper learnt to transcribe one 30 s window: given a longer memory, tiny.en transcribes about
-its first 30 s and stops. ``chunk=N`` (``--backend-opt chunk=1500``) decodes each utterance N
-positions at a time and joins the texts: 1500 is one encoder window of frames, 1500/k of a
-uniform pooling by k (e.g. 500 for k=3). ``max_new_tokens`` then applies to each chunk.
+its first 30 s and stops, unless its LoRA was trained on long inputs (``finetune
+--concat_seconds``). ``chunk=N`` (``--backend-opt chunk=1500``) has ``decode`` cut each
+utterance into pieces of N positions and join their texts: 1500 is one encoder window of
+frames, 1500/k of a uniform pooling by k (e.g. 500 for k=3); each piece gets its own cap.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ import soundfile as sf
 from .fileio import file_sha256
 
 MP3_SLACK = 0.01  # MP3 headers may estimate the length: a shortfall up to 1 % is not truncation
+# A span may end this much past its file's end (clipped there): lhotse's default tolerance for
+# durations that differ from the audio by rounding.
+SPAN_TOLERANCE = 0.025
 
 
 class AudioError(RuntimeError):
@@ -60,16 +63,53 @@ def header_problem(path: str) -> str | None:
         return f"unreadable audio {path}: {e.strerror}"
 
 
-def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
-    """Reads ``path`` as float32 mono at ``sample_rate`` Hz (channels averaged)."""
+def span_samples(frames: int, sr: int, offset: float, duration: float) -> tuple[int, int]:
+    """(first sample, number of samples) of the span ``offset`` + ``duration`` seconds in a file
+    of ``frames`` samples at ``sr`` Hz; a span ending up to ``SPAN_TOLERANCE`` past the end is
+    clipped there. ValueError for a span that starts at or after the end or ends beyond it."""
+    start, n = int(round(offset * sr)), int(round(duration * sr))
+    if n <= 0:
+        raise ValueError(f"span of {duration:g} s holds no sample at {sr} Hz")
+    if start >= frames:
+        raise ValueError(f"span starts at {offset:g} s, at or after the end of the audio "
+                         f"({frames / sr:g} s)")
+    if start + n > frames + round(SPAN_TOLERANCE * sr):
+        raise ValueError(f"span {offset:g} s + {duration:g} s ends at {offset + duration:g} s, "
+                         f"beyond the end of the audio ({frames / sr:g} s)")
+    return start, min(n, frames - start)
+
+
+def span_problem(path: str, frames: int, sr: int, offset: float, duration: float) -> str | None:
+    """Why the span ``offset`` + ``duration`` of ``path`` cannot be read from it, or None."""
+    try:
+        span_samples(frames, sr, offset, duration)
+    except ValueError as e:
+        return f"{path}: {e}"
+    return None
+
+
+def load_audio(path: str, sample_rate: int = 16000, offset: float | None = None,
+               duration: float | None = None) -> np.ndarray:
+    """Reads ``path`` as float32 mono at ``sample_rate`` Hz (channels averaged).
+
+    With ``offset`` (seconds), only the span of ``duration`` seconds from there is read (its
+    samples at the file's own rate: ``round(offset * rate)`` on, ``round(duration * rate)`` of
+    them), then resampled; without it, the whole file.
+    """
     why = header_problem(path)
     if why:
         raise AudioError(why)
     try:
         with sf.SoundFile(path) as f:
-            declared, fmt = f.frames, f.format
-            wav = f.read(dtype="float32", always_2d=True)
-            sr = f.samplerate
+            declared, fmt, sr = f.frames, f.format, f.samplerate
+            if offset is None:
+                wav = f.read(dtype="float32", always_2d=True)
+            else:
+                start, declared = _span(path, f.frames, sr, offset, duration)
+                f.seek(start)
+                wav = f.read(declared, dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as e:
         raise AudioError(f"cannot read audio {path}: {e}") from e
     if wav.shape[0] == 0:
@@ -87,3 +127,12 @@ def load_audio(path: str, sample_rate: int = 16000) -> np.ndarray:
 
         wav = AF.resample(torch.from_numpy(wav), sr, sample_rate).numpy()
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def _span(path: str, frames: int, sr: int, offset: float, duration: float | None):
+    if duration is None:
+        raise AudioError(f"{path}: a span at offset {offset:g} s needs a duration")
+    try:
+        return span_samples(frames, sr, offset, duration)
+    except ValueError as e:
+        raise AudioError(f"{path}: {e}") from e

@@ -209,6 +209,60 @@ def prepare_covost2(cv_root, covost_root, src_lang, tgt_lang, splits, out, on_er
                          splits=splits.split(), on_error=on_error, force=force))
 
 
+@prepare.command("hf-dataset")
+@click.option("--path", required=True, type=click.Path(exists=True),
+              help="Local dataset: a save_to_disk directory, or Parquet/Arrow file(s).")
+@click.option("--split", required=True, help="Split to prepare (e.g. test, train.clean.100).")
+@click.option("--out", required=True, help="Set folder: OUT/manifest.jsonl, OUT/audio/.")
+@click.option("--audio-column", "--audio_column", default="audio", show_default=True)
+@click.option("--text-column", "--text_column", default="text", show_default=True)
+@click.option("--target-column", "--target_column", help="Translation column (records' target).")
+@click.option("--id-column", "--id_column", help="Utterance id column (default: <split>-<row>).")
+@click.option("--speaker-column", "--speaker_column", help="Speaker column.")
+@click.option("--lang", help="Language code written into every record (e.g. en).")
+@click.option("--on-error", "--on_error", type=ON_ERROR, default="fail", show_default=True)
+@click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
+def prepare_hf_dataset(path, split, out, audio_column, text_column, target_column, id_column,
+                       speaker_column, lang, on_error, force) -> None:
+    """A local Hugging Face dataset (one split, Audio column) → OUT/manifest.jsonl."""
+    from .corpora.hf_dataset import prepare_hf_dataset as run
+
+    _print_prepared([_run(run, path, split, out, audio_column=audio_column,
+                          text_column=text_column, target_column=target_column,
+                          id_column=id_column, speaker_column=speaker_column, lang=lang,
+                          on_error=on_error, force=force)])
+
+
+@prepare.command("lhotse")
+@click.option("--cuts", type=click.Path(exists=True, dir_okay=False),
+              help="CutSet (.jsonl.gz, .jsonl, .json): one utterance per cut.")
+@click.option("--recordings", type=click.Path(exists=True, dir_okay=False),
+              help="RecordingSet, with --supervisions: one utterance per supervision.")
+@click.option("--supervisions", type=click.Path(exists=True, dir_okay=False),
+              help="SupervisionSet (with --recordings).")
+@click.option("--out", required=True, help="Set folder: OUT/manifest.jsonl.")
+@click.option("--on-error", "--on_error", type=ON_ERROR, default="fail", show_default=True)
+@click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
+def prepare_lhotse(cuts, recordings, supervisions, out, on_error, force) -> None:
+    """lhotse cuts (or recordings + supervisions) → OUT/manifest.jsonl; a cut inside a longer
+    recording becomes a span (offset, duration) that extract reads alone."""
+    from .corpora.lhotse_io import prepare_lhotse as run
+
+    _print_prepared([_run(run, out, cuts=cuts, recordings=recordings,
+                          supervisions=supervisions, on_error=on_error, force=force)])
+
+
+@manifest.command("to-lhotse")
+@click.argument("path")
+@click.option("--out", required=True, help="CutSet file to write (e.g. cuts.jsonl.gz).")
+def manifest_to_lhotse(path: str, out: str) -> None:
+    """Write a manifest's utterances as a lhotse CutSet (one cut and supervision each)."""
+    from .corpora.lhotse_io import to_lhotse
+
+    n = _run(to_lhotse, path, out)
+    click.echo(f"wrote {n} cuts to {out}")
+
+
 # -- stages --------------------------------------------------------------------------------
 _common = [
     click.option("--nj", default=1, show_default=True, type=click.IntRange(min=1),

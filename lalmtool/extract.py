@@ -51,7 +51,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     shards = plan_shards(list(by_id), shard_size, "feats")
     fixed = {"stage": "extract", "version": STAGE_VERSION, "dtype": dtype,
              "backend_opts": backend_opts, "stored": "float16", "shard_size": shard_size,
-             "inputs": [(u.id, os.path.abspath(u.audio), audio_identity(u.audio)) for u in utts]}
+             "inputs": _inputs(utts)}
     # What determines the store, known without loading the model: a finished store with the
     # same request is done, and a rerun returns without loading anything.
     request = fingerprint({**fixed, "backend": backend, "trim": trim,
@@ -147,6 +147,19 @@ def check_backend_opts(backend: str, opts: dict) -> dict:
     return dict(opts)
 
 
+def _inputs(utts: list[Utterance]) -> list[tuple]:
+    """What the store's fingerprint records of each utterance: id, audio path, its identity,
+    and for a span (``offset``) the span; each file is hashed once however many spans it has."""
+    identity: dict[str, tuple[int, str]] = {}
+    out = []
+    for u in utts:
+        if u.audio not in identity:
+            identity[u.audio] = audio_identity(u.audio)
+        item = (u.id, os.path.abspath(u.audio), identity[u.audio])
+        out.append(item if u.offset is None else item + ((u.offset, u.duration),))
+    return out
+
+
 def _resolve(model: str) -> str:
     from .assets import resolve_model
 
@@ -188,7 +201,8 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
     result, waves = ShardResult(), {}
     for utt in ids:
         try:
-            waves[utt] = load_audio(by_id[utt].audio, enc.sample_rate)
+            u = by_id[utt]
+            waves[utt] = load_audio(u.audio, enc.sample_rate, u.offset, u.duration)
         except Exception as e:
             if on_error == "fail":
                 raise RuntimeError(f"utterance {utt!r}: {e}") from e

@@ -3,6 +3,11 @@
 Fields: ``id``, ``audio`` (path; relative paths resolve against the manifest's directory),
 ``text``, and optionally ``duration`` (seconds; computed from the audio header when missing),
 ``target`` (translation) and ``lang``.
+
+A record with ``offset`` (seconds, >= 0) is a span of its audio file: the utterance is the
+``duration`` seconds (then required) starting at ``offset``, and only that span is read (a cut
+inside a long recording, as lhotse writes them). Without ``offset`` the whole file is the
+utterance and ``duration`` only describes it, as before.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import soundfile as sf
 
-from .audio import header_problem
+from .audio import header_problem, span_problem
 from .fileio import iter_jsonl, write_atomic
 from .store import check_dataset_name
 
@@ -41,6 +46,7 @@ class Utterance:
     duration: float | None = None
     target: str | None = None
     lang: str | None = None
+    offset: float | None = None  # seconds: the utterance is audio[offset, offset + duration)
     line: int | None = field(default=None, repr=False, compare=False)  # in its manifest
 
     def to_json(self) -> str:
@@ -72,7 +78,19 @@ def _field_problems(rec: dict) -> list[str]:
         else:
             if not (math.isfinite(sec) and sec > 0):
                 out.append(f"'duration' must be a finite number of seconds > 0, got {_kind(dur)}")
+    if rec.get("offset") is not None:
+        out += _offset_problems(rec["offset"], dur)
     return out
+
+
+def _offset_problems(offset, duration) -> list[str]:
+    """What is wrong with a span's ``offset`` (a number of seconds >= 0, with a duration)."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not (
+            math.isfinite(offset) and offset >= 0):
+        return [f"'offset' must be a finite number of seconds >= 0, got {_kind(offset)}"]
+    if duration is None:
+        return ["'offset' needs 'duration' (the span's length in seconds)"]
+    return []
 
 
 def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
@@ -104,11 +122,12 @@ def read_manifest(path: str) -> tuple[list[Utterance], list[tuple[str, str]]]:
             problems += [(uid, f"{where}: {msg}") for msg in bad]
             continue
         audio = rec["audio"] if os.path.isabs(rec["audio"]) else os.path.join(base, rec["audio"])
-        dur = rec.get("duration")
+        dur, offset = rec.get("duration"), rec.get("offset")
         utts.append(Utterance(
             id=uid, audio=audio, text=rec.get("text") or "",
             duration=float(dur) if dur is not None else None,
-            target=rec.get("target"), lang=rec.get("lang"), line=lineno,
+            target=rec.get("target"), lang=rec.get("lang"),
+            offset=float(offset) if offset is not None else None, line=lineno,
         ))
     return utts, problems
 
@@ -130,7 +149,7 @@ def _indexed_problems(utts: list[Utterance], need_text: bool,
         if need_text and not u.text.strip():
             problems.append((i, u.id, f"{at}empty text"))
         if check_audio:
-            why = audio_problem(u.audio)
+            why = audio_problem(u.audio, u.offset, u.duration)
             if why:
                 problems.append((i, u.id, f"{at}{why}"))
     return problems
@@ -142,8 +161,10 @@ def validate(utts: list[Utterance], need_text: bool = True,
     return [(utt, msg) for _, utt, msg in _indexed_problems(utts, need_text, check_audio)]
 
 
-def audio_problem(path: str) -> str | None:
-    """Why an audio file cannot be used (missing, unreadable, empty, truncated), or None."""
+def audio_problem(path: str, offset: float | None = None,
+                  duration: float | None = None) -> str | None:
+    """Why an audio file (or its span ``offset`` + ``duration`` seconds) cannot be used
+    (missing, unreadable, empty, truncated, a span beyond its end), or None."""
     if os.path.isdir(path):
         return f"audio path is a directory: {path}"
     if not os.path.exists(path):
@@ -154,6 +175,10 @@ def audio_problem(path: str) -> str | None:
         return f"unreadable audio {path}: {e}"
     if info.frames == 0:
         return f"zero-length audio: {path}"
+    if offset is not None:
+        why = span_problem(path, info.frames, info.samplerate, offset, duration)
+        if why:
+            return why
     return header_problem(path)
 
 

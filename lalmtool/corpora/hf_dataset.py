@@ -1,0 +1,228 @@
+"""A local Hugging Face ``datasets`` dataset (one split) → one manifest.
+
+Sources, local only (nothing is downloaded; a path that does not exist is an error):
+
+* a directory written by ``save_to_disk`` (``dataset_dict.json``: ``--split`` picks one of its
+  splits; ``state.json``: a single split, taken whole), opened with ``datasets.load_from_disk``
+  (memory-mapped, no copy);
+* Parquet or Arrow files: one file, or a directory of them in the Hub's layouts
+  (``data/<split>-00000-of-00002.parquet``, ``<config>/<split>/0000.parquet``, ...), the split's
+  files found by ``datasets``' own split patterns and read as a stream (no cache copy).
+
+The audio column is an ``Audio`` feature (or the same ``{bytes, path}`` struct) and is never
+decoded by ``datasets`` (that needs torchcodec/FFmpeg): each row's bytes are identified with
+soundfile and **written once, byte for byte, to ``OUT/audio/<id>.<ext>``** (``.flac``, ``.wav``,
+``.mp3``, ``.ogg`` after their format), so extract reads exactly the audio the dataset holds.
+Disk cost: one more copy of the split's audio column, at its own compression (no re-encoding:
+FLAC stays FLAC, MP3 is not inflated to PCM; LibriSpeech train-clean-100 as FLAC Parquet is
+~6.3 GB). A row whose audio is a ``path`` to an existing file (no bytes) is used in place.
+
+Records: ``id`` (``--id-column``, else ``<split>-<row>`` with the row number zero-padded),
+``audio`` (absolute path), ``duration`` (seconds, from the audio header), ``text``, and when
+asked ``target``, ``speaker``, ``lang``. Problems, each named by row: no audio, bytes soundfile
+cannot read, a path that is not a file, empty text or target, an unusable or repeated id.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+
+from . import CorpusError, Problem, audio_duration, finish_set, id_problem, reuse_set, PREPARE_VERSION
+from ..audio import header_problem
+from ..extras import require
+from ..fileio import write_atomic
+
+WHAT = "prepare hf-dataset"
+EXTENSIONS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "w64", "FLAC": "flac",
+              "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def open_split(path: str, split: str | None):
+    """(the split as a ``datasets`` Dataset or IterableDataset, a record of what was opened).
+
+    The record (kind, files or fingerprint) goes into ``prepare.json``, so a changed dataset is
+    prepared again."""
+    datasets = require("datasets", WHAT)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset not found: {path} (give a local save_to_disk directory "
+                                "or Parquet/Arrow files; nothing is downloaded)")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        dd = datasets.load_from_disk(path)
+        if split not in dd:
+            raise ValueError(f"{path}: no split {split!r} (it holds: {', '.join(dd)}); give "
+                             "--split one of these")
+        return dd[split], {"kind": "save_to_disk", "fingerprint": dd[split]._fingerprint}
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
+        ds = datasets.load_from_disk(path)
+        return ds, {"kind": "save_to_disk", "fingerprint": ds._fingerprint}
+    files = split_files(path, split)
+    builder = FILE_BUILDERS[os.path.splitext(files[0])[1]]
+    ds = datasets.load_dataset(builder, data_files={"split": files}, split="split",
+                               streaming=True)
+    return ds, {"kind": builder, "files": [[f, os.path.getsize(f), os.stat(f).st_mtime_ns]
+                                           for f in files]}
+
+
+def split_files(path: str, split: str | None) -> list[str]:
+    """The Parquet/Arrow files of ``split`` under ``path`` (a file is its own split)."""
+    if os.path.isfile(path):
+        if os.path.splitext(path)[1] not in FILE_BUILDERS:
+            raise ValueError(f"{path}: not a .parquet or .arrow file, nor a dataset directory")
+        return [os.path.abspath(path)]
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    except Exception:  # EmptyDatasetError: no data file at all
+        found = {}
+    found = {str(s): [f for f in files if os.path.splitext(f)[1] in FILE_BUILDERS]
+             for s, files in found.items()}
+    found = {s: sorted(files) for s, files in found.items() if files}
+    if not found:
+        raise ValueError(f"{path}: no Parquet or Arrow files (nor dataset_dict.json/state.json "
+                         "of save_to_disk) found")
+    if split not in found:
+        raise ValueError(f"{path}: no files of split {split!r} (found splits: "
+                         f"{', '.join(sorted(found))}); give --split one of these")
+    exts = {os.path.splitext(f)[1] for f in found[split]}
+    if len(exts) > 1:
+        raise ValueError(f"{path}: split {split!r} mixes {' and '.join(sorted(exts))} files")
+    return found[split]
+
+
+def raw_audio(ds, column: str, columns: list[str]):
+    """``ds`` with only ``columns``, its Audio column left undecoded (``{bytes, path}``)."""
+    datasets = require("datasets", WHAT)
+    if ds.features is not None and column not in ds.features:
+        raise ValueError(f"no column {column!r} in the dataset (it has: "
+                         f"{', '.join(ds.features)}); give --audio-column one of these")
+    missing = [c for c in columns if ds.features is not None and c not in ds.features]
+    if missing:
+        raise ValueError(f"no column(s) {', '.join(map(repr, missing))} in the dataset (it has: "
+                         f"{', '.join(ds.features)})")
+    ds = ds.select_columns(columns)
+    if ds.features is not None and isinstance(ds.features[column], datasets.Audio):
+        ds = ds.cast_column(column, datasets.Audio(decode=False))
+    return ds
+
+
+def audio_of_row(value, base_dir: str) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, None, None), (None, path of an existing file, None) or (None, None, why not)."""
+    if isinstance(value, str):
+        value = {"bytes": None, "path": value}
+    if not isinstance(value, dict):
+        return None, None, "no audio" if value is None else (
+            f"audio column holds {type(value).__name__}, not an Audio value {{bytes, path}}")
+    if value.get("bytes"):
+        return bytes(value["bytes"]), None, None
+    path = value.get("path")
+    if not path:
+        return None, None, "no audio (neither bytes nor a path)"
+    for candidate in (path, os.path.join(base_dir, path)):
+        if os.path.isfile(candidate):
+            return None, os.path.abspath(candidate), None
+    return None, None, f"no audio bytes, and its path {path!r} is not a file"
+
+
+def write_audio(data: bytes, out_dir: str, utt: str) -> tuple[str | None, str | None]:
+    """Writes ``data`` verbatim as ``out_dir/audio/<utt>.<ext>``: (path, None), or (None, why)
+    when soundfile cannot read it (nothing is written then)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:  # soundfile raises several types for corrupt data
+        why = re.sub(r"^Error opening <[^>]*>: ", "", str(e).strip())
+        return None, f"audio bytes soundfile cannot read ({why})"
+    if info.frames <= 0:
+        return None, "zero-length audio"
+    path = os.path.join(os.path.abspath(out_dir), "audio",
+                        f"{utt}.{EXTENSIONS.get(info.format, info.format.lower())}")
+    write_atomic(path, data)
+    why = header_problem(path)
+    if why:
+        os.unlink(path)
+        return None, why
+    return path, None
+
+
+def scan(ds, source: str, split: str, out_dir: str, audio_column: str, text_column: str,
+         target_column: str | None = None, id_column: str | None = None,
+         speaker_column: str | None = None, lang: str | None = None
+         ) -> tuple[list[dict], list[Problem]]:
+    """Records and problems of every row (audio written under ``out_dir/audio``)."""
+    optional = [c for c in (target_column, id_column, speaker_column) if c]
+    ds = raw_audio(ds, audio_column, list(dict.fromkeys([audio_column, text_column, *optional])))
+    base_dir = source if os.path.isdir(source) else os.path.dirname(source)
+    records, problems, seen = [], [], set()
+    for row, rec in enumerate(ds):
+        where = f"{source} row {row}"
+        utt = str(rec[id_column]) if id_column else f"{split}-{row:07d}"
+        why = id_problem(utt) or ("duplicate utterance id" if utt in seen else None)
+        if why:
+            problems.append(Problem(where, None, why, utt if utt not in seen else None))
+            continue
+        seen.add(utt)
+        why = _text_problem(rec, text_column, target_column)
+        data, path, no_audio = audio_of_row(rec[audio_column], base_dir)
+        why = why or no_audio
+        if not why and data is not None:
+            path, why = write_audio(data, out_dir, utt)
+        duration = None
+        if not why:
+            duration, why = audio_duration(path)
+        if why:
+            problems.append(Problem(where, None, why, utt))
+            continue
+        record = {"id": utt, "audio": path, "duration": duration,
+                  "text": " ".join(rec[text_column].split())}
+        if target_column:
+            record["target"] = " ".join(rec[target_column].split())
+        if lang:
+            record["lang"] = lang
+        if speaker_column and rec[speaker_column] is not None:
+            record["speaker"] = str(rec[speaker_column])
+        records.append(record)
+    return records, problems
+
+
+def _text_problem(rec: dict, text_column: str, target_column: str | None) -> str | None:
+    for column in (text_column, target_column):
+        if column and (not isinstance(rec[column], str) or not rec[column].strip()):
+            return f"empty {column!r}" if isinstance(rec[column], (str, type(None))) else (
+                f"{column!r} is {type(rec[column]).__name__}, not text")
+    return None
+
+
+def prepare_hf_dataset(path: str, split: str, out: str, audio_column: str = "audio",
+                       text_column: str = "text", target_column: str | None = None,
+                       id_column: str | None = None, speaker_column: str | None = None,
+                       lang: str | None = None, on_error: str = "fail",
+                       force: bool = False) -> dict:
+    """Writes ``out/manifest.jsonl`` (+ ``skipped.jsonl``, ``prepare.json``, ``audio/``) for
+    one split of a local dataset; returns the set's summary."""
+    source = os.path.abspath(path)
+    ds, opened = open_split(source, split)
+    params = {"corpus": "hf-dataset", "path": source, "split": split, "opened": opened,
+              "audio_column": audio_column, "text_column": text_column,
+              "target_column": target_column, "id_column": id_column,
+              "speaker_column": speaker_column, "lang": lang, "on_error": on_error,
+              "version": PREPARE_VERSION}
+    done = None if force else reuse_set(out, params)
+    if done:
+        return done
+    records, problems = scan(ds, source, split, out, audio_column, text_column, target_column,
+                             id_column, speaker_column, lang)
+    try:
+        return finish_set(out, records, problems, on_error, params,
+                          f"dataset {source} (split {split})")
+    except CorpusError:  # nothing is left behind: the audio this run wrote goes too
+        written = os.path.join(os.path.abspath(out), "audio") + os.sep
+        for r in records:
+            if r["audio"].startswith(written) and os.path.exists(r["audio"]):
+                os.unlink(r["audio"])
+        if os.path.isdir(written) and not os.listdir(written):
+            os.rmdir(written)
+        raise

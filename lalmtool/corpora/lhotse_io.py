@@ -1,0 +1,217 @@
+"""lhotse manifests in and out: a ``CutSet`` (or recordings + supervisions) → one manifest, and
+a manifest → a ``CutSet`` that lhotse loads.
+
+In (``prepare_lhotse``): one record per cut (or per supervision): ``id`` (the cut's, or the
+supervision's), ``audio`` (the recording's file), ``duration``, ``text`` (the texts of the
+cut's supervisions in time order, joined by spaces), and from its first supervision ``lang``,
+``speaker`` and ``target`` (``custom["target"]``, as ``to_lhotse`` writes it). A cut that does
+not cover its whole recording keeps its place as ``offset`` (seconds): extract then reads only
+that span of the file. Problems, each named by the manifest's line: a cut that is not of one
+recording (mixed or padded), a recording that is not one audio file (URL, command, in-memory,
+one file per channel), transforms other than resampling (lalmtool would not apply them), a cut
+of some channels of a multi-channel recording (lalmtool reads the channels down-mixed), a
+missing or unreadable file, a span beyond the file's end, no text.
+
+Out (``to_lhotse``): one recording per audio file (``Recording.from_file``; its id the file's
+stem, made unique), one cut per utterance over its span (the whole file without ``offset``)
+with one supervision holding ``text``, ``lang`` and ``target``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import soundfile as sf
+
+from . import Problem, audio_duration, finish_set, id_problem, reuse_set, PREPARE_VERSION
+from ..audio import span_problem
+from ..extras import require
+
+WHAT_IN, WHAT_OUT = "prepare lhotse", "manifest to-lhotse"
+KEPT_TRANSFORMS = ("Resample",)  # extract resamples to the encoder's rate anyway
+
+
+def _lhotse(what: str):
+    return require("lhotse", what)
+
+
+def iter_cuts(cuts: str):
+    """The cuts of a CutSet file, lazily for JSON Lines."""
+    return _lhotse(WHAT_IN).CutSet.from_file(cuts)
+
+
+def audio_file(recording) -> tuple[str | None, str | None]:
+    """(the recording's one audio file, None) or (None, why it is not one file)."""
+    sources = recording.sources
+    if len(sources) != 1:
+        return None, (f"recording {recording.id} has {len(sources)} sources (one file per "
+                      "channel); give recordings of one file each")
+    src = sources[0]
+    if src.type != "file":
+        return None, (f"recording {recording.id} is not a file (source type {src.type!r}); "
+                      "save its audio to files first")
+    bad = [t for t in _transform_names(recording) if t not in KEPT_TRANSFORMS]
+    if bad:
+        return None, (f"recording {recording.id} has transforms lalmtool does not apply "
+                      f"({', '.join(bad)}); save the transformed audio to files first")
+    return src.source, None
+
+
+def _transform_names(recording) -> list[str]:
+    return [t.get("name") if isinstance(t, dict) else type(t).__name__
+            for t in (recording.transforms or [])]
+
+
+def record(utt: str, recording, start: float, duration: float, channel,
+           supervisions: list) -> tuple[dict | None, str | None]:
+    """The manifest record of the span ``start`` + ``duration`` of ``recording`` (the channels
+    ``channel``) with ``supervisions``, or (None, why it cannot be one)."""
+    if recording is None:
+        return None, "no recording"
+    path, why = audio_file(recording)
+    if why:
+        return None, why
+    taken = sorted(channel if isinstance(channel, (list, tuple)) else [channel])
+    have = recording.sources[0].channels
+    if taken != sorted(have):
+        return None, (f"takes channel(s) {taken} of recording {recording.id} (channels {have}); "
+                      "lalmtool reads all channels down-mixed: give cuts over all of them")
+    file_seconds, why = audio_duration(path)
+    if why:
+        return None, why
+    info = sf.info(path)
+    whole = start == 0 and abs(duration - info.frames / info.samplerate) <= 1 / info.samplerate
+    if not whole:
+        why = span_problem(path, info.frames, info.samplerate, start, duration)
+        if why:
+            return None, why
+    sups = sorted(supervisions, key=lambda s: s.start)
+    text = " ".join(" ".join(s.text.split()) for s in sups if s.text and s.text.strip())
+    if not text:
+        return None, "no supervision with text"
+    rec = {"id": utt, "audio": os.path.abspath(path),
+           "duration": file_seconds if whole else duration, "text": text}
+    if not whole:
+        rec["offset"] = start
+    first = sups[0]
+    target = (first.custom or {}).get("target")
+    for key, value in (("target", target), ("lang", first.language), ("speaker", first.speaker)):
+        if value:
+            rec[key] = value
+    return rec, None
+
+
+def scan_cuts(cuts: str) -> tuple[list[dict], list[Problem]]:
+    """Records and problems of every cut of ``cuts`` (line numbers count cuts)."""
+    records, problems, seen = [], [], set()
+    for line, cut in enumerate(iter_cuts(cuts), 1):
+        why = id_problem(cut.id) or ("duplicate cut id" if cut.id in seen else None)
+        if not why and not hasattr(cut, "recording"):
+            why = (f"is a {type(cut).__name__} (not of one recording); give cuts of one "
+                   "recording each")
+        rec = None
+        if not why:
+            rec, why = record(cut.id, cut.recording, cut.start, cut.duration, cut.channel,
+                              cut.supervisions)
+        if why:
+            problems.append(Problem(cuts, line, f"cut {cut.id}: {why}",
+                                    cut.id if cut.id not in seen else None))
+        else:
+            records.append(rec)
+        seen.add(cut.id)
+    return records, problems
+
+
+def scan_supervisions(recordings: str, supervisions: str) -> tuple[list[dict], list[Problem]]:
+    """One record per supervision of ``supervisions``, over its span of its recording."""
+    lhotse = _lhotse(WHAT_IN)
+    recs = {r.id: r for r in lhotse.RecordingSet.from_file(recordings)}
+    records, problems, seen = [], [], set()
+    for line, sup in enumerate(lhotse.SupervisionSet.from_file(supervisions), 1):
+        why = id_problem(sup.id) or ("duplicate supervision id" if sup.id in seen else None)
+        rec = None
+        if not why and sup.recording_id not in recs:
+            why = f"recording {sup.recording_id} is not in {recordings}"
+        if not why:
+            rec, why = record(sup.id, recs[sup.recording_id], sup.start, sup.duration,
+                              sup.channel, [sup])
+        if why:
+            problems.append(Problem(supervisions, line, f"supervision {sup.id}: {why}",
+                                    sup.id if sup.id not in seen else None))
+        else:
+            records.append(rec)
+        seen.add(sup.id)
+    return records, problems
+
+
+def prepare_lhotse(out: str, cuts: str | None = None, recordings: str | None = None,
+                   supervisions: str | None = None, on_error: str = "fail",
+                   force: bool = False) -> dict:
+    """Writes ``out/manifest.jsonl`` (+ ``skipped.jsonl``, ``prepare.json``) from a CutSet, or
+    from a RecordingSet and a SupervisionSet; returns the set's summary."""
+    if bool(cuts) == bool(recordings or supervisions) or bool(recordings) != bool(supervisions):
+        raise ValueError("give --cuts, or --recordings and --supervisions")
+    inputs = [os.path.abspath(p) for p in (cuts, recordings, supervisions) if p]
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"lhotse manifest not found: {p}")
+    _lhotse(WHAT_IN)
+    params = {"corpus": "lhotse", "inputs": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns]
+                                             for p in inputs],
+              "on_error": on_error, "version": PREPARE_VERSION}
+    done = None if force else reuse_set(out, params)
+    if done:
+        return done
+    if cuts:
+        records, problems = scan_cuts(inputs[0])
+    else:
+        records, problems = scan_supervisions(inputs[0], inputs[1])
+    return finish_set(out, records, problems, on_error, params,
+                      f"lhotse {' + '.join(inputs)}")
+
+
+def recording_ids(paths: list[str]) -> dict[str, str]:
+    """A unique recording id per audio path: its file stem, or stem + a hash of the path when
+    two files share a stem."""
+    stems: dict[str, list[str]] = {}
+    for p in dict.fromkeys(paths):
+        stems.setdefault(os.path.splitext(os.path.basename(p))[0], []).append(p)
+    out = {}
+    for stem, ps in stems.items():
+        for p in ps:
+            out[p] = stem if len(ps) == 1 else (
+                f"{stem}-{hashlib.sha1(os.path.abspath(p).encode()).hexdigest()[:8]}")
+    return out
+
+
+def to_lhotse(manifest: str, out: str) -> int:
+    """Writes the utterances of ``manifest`` as a CutSet to ``out`` (``.jsonl.gz``, ``.jsonl``
+    or ``.json``); returns the number of cuts."""
+    from ..fileio import atomic_path
+    from ..manifest import load_manifest
+
+    lhotse = _lhotse(WHAT_OUT)
+    from lhotse.cut import MultiCut
+
+    utts, _ = load_manifest(manifest, need_text=False)
+    ids = recording_ids([u.audio for u in utts])
+    recordings, cuts = {}, []
+    for u in utts:
+        if u.audio not in recordings:
+            recordings[u.audio] = lhotse.Recording.from_file(u.audio, recording_id=ids[u.audio])
+        rec = recordings[u.audio]
+        start = u.offset or 0.0
+        duration = u.duration if u.offset is not None else rec.duration
+        channel = 0 if rec.num_channels == 1 else list(range(rec.num_channels))
+        sup = lhotse.SupervisionSegment(
+            id=u.id, recording_id=rec.id, start=0.0, duration=duration, channel=channel,
+            text=u.text or None, language=u.lang,
+            custom={"target": u.target} if u.target else None)
+        cls = lhotse.MonoCut if rec.num_channels == 1 else MultiCut
+        cuts.append(cls(id=u.id, start=start, duration=duration, channel=channel,
+                        recording=rec, supervisions=[sup]))
+    suffix = "".join(s for s in (".jsonl", ".json", ".gz") if s in os.path.basename(out))
+    with atomic_path(out) as tmp:  # lhotse picks the format from the name: keep its suffixes
+        lhotse.CutSet.from_cuts(cuts).to_file(tmp + suffix)
+        os.replace(tmp + suffix, tmp)
+    return len(cuts)

@@ -31,19 +31,17 @@ def check_boundaries(starts: np.ndarray, n_frames: int) -> None:
 
 
 def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
-    """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts."""
+    """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts
+    (``lalmtool.compress.pool_utterance``, the one implementation)."""
     import torch  # here, not at the top: a rerun of a finished stage does not import it
 
+    from .compress import pool_utterance
+
     check_boundaries(starts, len(z))
-    x = torch.from_numpy(np.ascontiguousarray(z))
-    if reduce == "pick":
-        return x[torch.from_numpy(starts.astype(np.int64))].float().numpy()
-    if reduce != "mean":
+    if reduce not in REDUCERS:
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
-    lengths = torch.from_numpy(np.diff(np.append(starts, len(z))).astype(np.int64))
-    segment_of_frame = torch.repeat_interleave(torch.arange(len(starts)), lengths)
-    sums = torch.zeros(len(starts), x.shape[1]).index_add_(0, segment_of_frame, x.float())
-    return (sums / lengths[:, None]).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(z))
+    return pool_utterance(x, torch.from_numpy(starts.astype(np.int64)), reduce).numpy()
 
 
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,

@@ -31,56 +31,43 @@ def dissimilarity(z: np.ndarray) -> np.ndarray:
         raise ValueError(f"features must be [T, D], got shape {z.shape}")
     import torch  # here, not at the top: a rerun of a finished stage imports neither
 
-    x = torch.from_numpy(np.ascontiguousarray(z)).float()  # torch casts float16 fast
-    sq = (x * x).sum(1)
-    if not torch.isfinite(sq).all():
-        if not torch.isfinite(x).all():
-            raise ValueError("features contain NaN or Inf values")
-        x, sq = x.double(), (x.double() ** 2).sum(1)  # finite but too large for float32 squares
-    dots = (x[:-1] * x[1:]).sum(1)
-    d = 1.0 - dots / torch.sqrt(torch.clamp(sq[:-1] * sq[1:], min=1e-24))
-    return d.float().numpy()
+    from . import compress
+
+    return compress.dissimilarity(torch.from_numpy(np.ascontiguousarray(z))).numpy()
 
 
-def _starts(peak_index: np.ndarray) -> np.ndarray:
-    """Segment starts from the indices t of peaks of d (a boundary between t and t + 1)."""
-    return np.concatenate([[0], np.asarray(peak_index) + 1]).astype(np.int32)
+def _detect(z: np.ndarray, method: str, k=None, threshold=None) -> np.ndarray:
+    """int32 segment starts of ``z`` by ``lalmtool.compress`` (the one implementation)."""
+    import torch
+
+    from . import compress
+
+    d = torch.from_numpy(dissimilarity(z))
+    return compress.utterance_starts(d, len(z), method, k, threshold).numpy().astype(np.int32)
 
 
 def peaks(z: np.ndarray) -> np.ndarray:
     """The paper's detector: a boundary wherever d_t is a strict local maximum."""
-    d = dissimilarity(z)
-    inner = (d[1:-1] > d[:-2]) & (d[1:-1] > d[2:])
-    return _starts(np.flatnonzero(inner) + 1)
+    return _detect(z, "peaks")
 
 
 def scpc_peakiness(d: np.ndarray) -> np.ndarray:
-    """SCPC's peakiness of each d_t: max of the first- and second-order peak heights.
+    """SCPC's peakiness of each d_t (``lalmtool.compress.scpc_peakiness``)."""
+    import torch
 
-    p1_t = min(max(d_t - d_{t-1}, 0), max(d_t - d_{t+1}, 0)) and
-    p2_t = min(max(d_t - d_{t-2}, 0), max(d_t - d_{t+2}, 0)); p2 is 0 where t±2 falls outside
-    the curve and both are 0 at the two ends (no peak at an edge, as in ``find_peaks``).
-    """
-    p = np.zeros_like(d)
-    if len(d) >= 3:
-        p[1:-1] = np.minimum(np.maximum(d[1:-1] - d[:-2], 0), np.maximum(d[1:-1] - d[2:], 0))
-    if len(d) >= 5:
-        p2 = np.minimum(np.maximum(d[2:-2] - d[:-4], 0), np.maximum(d[2:-2] - d[4:], 0))
-        p[2:-2] = np.maximum(p[2:-2], p2)
-    return p
+    from . import compress
+
+    return compress.scpc_peakiness(torch.from_numpy(np.ascontiguousarray(d))).numpy()
 
 
 def scpc(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """Segmental CPC's detector: a boundary wherever the peakiness of d_t exceeds ``threshold``."""
-    return _starts(np.flatnonzero(scpc_peakiness(dissimilarity(z)) > threshold))
+    return _detect(z, "scpc", threshold=threshold)
 
 
 def prominence(z: np.ndarray, threshold: float = 0.0) -> np.ndarray:
     """``scipy.signal.find_peaks(d, prominence=threshold)``: peaks at least that prominent."""
-    from scipy.signal import find_peaks
-
-    idx, _ = find_peaks(dissimilarity(z), prominence=threshold)
-    return _starts(idx)
+    return _detect(z, "prominence", threshold=threshold)
 
 
 def uniform(z: np.ndarray, k: int) -> np.ndarray:
@@ -105,37 +92,18 @@ def boundaries(z: np.ndarray, method: str, k: int | None = None,
 
 
 def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
-    """The threshold of ``method`` whose token rate over the whole set is closest to the target.
+    """The threshold of ``method`` whose token rate over the whole set is closest to the target
+    (``lalmtool.compress.threshold_for_rate`` over every utterance's peak scores)."""
+    import torch
 
-    A detector keeps the peaks whose score (SCPC peakiness, or prominence) passes the threshold,
-    so the token count is 1 per utterance plus the number of scores above it: sorting all scores
-    once gives the exact threshold, no search needed.
-    """
-    from scipy.signal import find_peaks
+    from . import compress
 
     scores, seconds = [], 0.0
     for utt, z, attrs in store.items():
         d = for_utterance(utt, dissimilarity, z)
-        if method == "scpc":
-            s = scpc_peakiness(d)
-            scores.append(s[s > 0])
-        else:
-            scores.append(find_peaks(d, prominence=0.0)[1]["prominences"])
+        scores.append(compress.peak_scores(torch.from_numpy(d), method))
         seconds += _duration(store, attrs, z)
-    s = np.sort(np.concatenate(scores))[::-1] if scores else np.zeros(0)
-    want = int(round(target_rate * seconds)) - len(store)  # peaks to keep
-    if seconds and (want <= 0 or want > len(s)):
-        kept = min(max(want, 0), len(s))
-        log.warning("--target-rate %g cannot be reached with %s on this set: the closest is "
-                    "%.3g tokens/s (%s)", target_rate, method, (len(store) + kept) / seconds,
-                    "one token per utterance" if kept == 0 else "every peak kept")
-    if want <= 0:
-        return float(s[0]) + 1.0 if len(s) else 0.0  # keep no peak at all
-    if want >= len(s):
-        return 0.0
-    # midway between the last score kept and the first dropped (scpc keeps scores above the
-    # threshold, find_peaks prominences at or above it: both keep exactly the `want` highest)
-    return float(s[want - 1] + s[want]) / 2
+    return compress.threshold_for_rate(scores, seconds, target_rate, method)
 
 
 def segment(feats: str, method: str, out: str, k: int | None = None,

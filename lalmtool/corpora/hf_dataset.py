@@ -13,9 +13,9 @@ The audio column is an ``Audio`` feature (or the same ``{bytes, path}`` struct) 
 decoded by ``datasets`` (that needs torchcodec/FFmpeg): each row's bytes are identified with
 soundfile and **written once, byte for byte, to ``OUT/audio/<id>.<ext>``** (``.flac``, ``.wav``,
 ``.mp3``, ``.ogg`` after their format), so extract reads exactly the audio the dataset holds.
-Disk cost: one more copy of the split's audio column, at its own compression (no re-encoding:
-FLAC stays FLAC, MP3 is not inflated to PCM; LibriSpeech train-clean-100 as FLAC Parquet is
-~6.3 GB). A row whose audio is a ``path`` to an existing file (no bytes) is used in place.
+Disk cost: one more copy of the split's audio bytes, at their own compression (no re-encoding:
+FLAC stays FLAC, MP3 is not inflated to PCM). A row whose audio is a ``path`` to an existing
+file (no bytes) is used in place, at no cost.
 
 Records: ``id`` (``--id-column``, else ``<split>-<row>`` with the row number zero-padded),
 ``audio`` (absolute path), ``duration`` (seconds, from the audio header), ``text``, and when

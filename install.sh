@@ -5,7 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The interpreter to install into (lalmtool/setup_python.py): the running python3 (an active
+# venv/conda environment, pyenv, ...), or on a stock Debian/Ubuntu python3 (PEP 668, "externally
+# managed") outside any environment a project venv in .venv, which `python3 -m pytest` (through
+# the root conftest.py) and the recipes (PYTHON=.venv/bin/python) use.
+where=$(python3 lalmtool/setup_python.py)
+
 apt_pkgs="espeak-ng flite pocketsphinx-testdata wordnet-base libsndfile1 apertium apertium-eng-spa"
+# the venv needs ensurepip; the stock python3 needs pytest to start the tests in the venv
+[ "$where" = venv ] && apt_pkgs="$apt_pkgs python3-venv python3-pytest"
 missing=""
 for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -14,6 +22,13 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq $missing
 fi
 
-python3 -m pip install -q --upgrade pip
+python=python3
+if [ "$where" = venv ]; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  python=.venv/bin/python
+  echo "install.sh: $(command -v python3) is externally managed (PEP 668): installing into" \
+    "$(pwd)/.venv (python3 -m pytest uses it; recipes: PYTHON=$(pwd)/.venv/bin/python)" >&2
+fi
+"$python" -m pip install -q --upgrade pip
 # exact releases CI tests; without -c, pyproject.toml's ranges keep an installed CUDA torch
-python3 -m pip install -q -c constraints.txt -e ".[test]"
+"$python" -m pip install -q -c constraints.txt -e ".[test]"

@@ -105,3 +105,67 @@ def test_pip_install_keeps_an_installed_cuda_torch(tmp_path):
     installs = [(i["metadata"]["name"], i["metadata"]["version"])
                 for i in json.loads(report.read_text())["install"]]
     assert installs == [("lalmtool", project()["version"])]
+
+
+# -- PEP 668: where install.sh installs (lalmtool/setup_python.py), decided without the system --
+from lalmtool import setup_python  # noqa: E402
+
+
+@pytest.mark.parametrize("marker,prefix,conda,want", [
+    (True, "/usr", "", "venv"),                   # stock Debian/Ubuntu python3, nothing active
+    (True, "/home/u/env", "", "here"),            # a venv made from it is active
+    (True, "/usr", "/opt/conda/envs/x", "here"),  # a conda environment is active
+    (False, "/usr", "", "here"),                  # pyenv, a self-built or a conda python
+])
+def test_install_target_is_a_project_venv_only_for_an_unmanaged_choice(tmp_path, marker, prefix,
+                                                                       conda, want):
+    stdlib = tmp_path / "lib" / "python3.13"
+    stdlib.mkdir(parents=True)
+    if marker:
+        (stdlib / "EXTERNALLY-MANAGED").write_text("[externally-managed]\n")
+    managed = setup_python.externally_managed(str(stdlib))
+    active = setup_python.in_environment(prefix, "/usr", {"CONDA_PREFIX": conda} if conda else {})
+    assert (managed, setup_python.choose(managed, active)) == (marker, want)
+
+
+def test_install_sh_asks_setup_python_and_installs_into_what_it_chose():
+    with open(os.path.join(ROOT, "install.sh"), encoding="utf-8") as fh:
+        script = fh.read()
+    assert "where=$(python3 lalmtool/setup_python.py)" in script
+    assert '[ -x .venv/bin/python ] || python3 -m venv .venv' in script
+    assert '"$python" -m pip install -q -c constraints.txt -e ".[test]"' in script
+    assert "\npython3 -m pip" not in script  # never pip into the interpreter PEP 668 protects
+
+
+def test_setup_python_runs_on_a_bare_interpreter_and_says_here_in_this_one():
+    out = subprocess.run([sys.executable, "-I", os.path.join(ROOT, "lalmtool", "setup_python.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == setup_python.choose(setup_python.externally_managed(),
+                                      setup_python.in_environment()) + "\n"
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/lib/python3.11/EXTERNALLY-MANAGED")
+                    or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="needs Debian's own externally managed /usr/bin/python3")
+def test_debians_own_python3_gets_the_project_venv():
+    out = subprocess.run(["/usr/bin/python3", "-I", os.path.join(ROOT, "lalmtool",
+                                                                 "setup_python.py")],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin"})
+    assert out.stdout == "venv\n"
+
+
+@pytest.mark.parametrize("venv,installed,reexec", [(True, False, True), (True, True, False),
+                                                   (False, False, False)])
+def test_pytest_from_a_stock_python3_reruns_in_the_project_venv(tmp_path, venv, installed,
+                                                                reexec):
+    python = tmp_path / ".venv" / "bin" / "python"
+    if venv:
+        python.parent.mkdir(parents=True)
+        python.write_text("#!/bin/sh\n")
+        python.chmod(0o755)
+    calls = []
+    done = setup_python.reexec_in_venv(str(tmp_path), ["-q", "tests/x.py"], installed,
+                                       execv=lambda *a: calls.append(a))
+    assert done is reexec
+    assert calls == ([(str(python), [str(python), "-m", "pytest", "-q", "tests/x.py"])]
+                     if reexec else [])

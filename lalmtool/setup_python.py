@@ -1,0 +1,61 @@
+"""Which Python ``install.sh`` installs into, and where the tests find it (standard library
+only: it runs before anything is installed, as ``python3 lalmtool/setup_python.py``).
+
+A stock Debian/Ubuntu ``python3`` is *externally managed* (PEP 668: ``EXTERNALLY-MANAGED`` in
+its standard library directory), and ``pip install`` into it stops with
+``externally-managed-environment``. There, unless a virtual environment (venv, virtualenv) or
+conda environment is active, the project gets its own venv in ``.venv/`` at the repository
+root (ESPnet's ``tools/venv`` pattern); anywhere else (an active venv or conda environment,
+pyenv, a self-built Python) the interpreter that runs ``install.sh`` is used as before.
+``python3 -m pytest`` from a stock ``python3`` then runs the tests in ``.venv`` (the root
+``conftest.py`` calls ``reexec_in_venv``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+VENV = ".venv"
+
+
+def externally_managed(stdlib: str | None = None) -> bool:
+    """Whether the interpreter whose standard library is ``stdlib`` is marked by PEP 668."""
+    return os.path.isfile(os.path.join(stdlib or sysconfig.get_path("stdlib"),
+                                       "EXTERNALLY-MANAGED"))
+
+
+def in_environment(prefix: str | None = None, base_prefix: str | None = None,
+                   environ: dict | None = None) -> bool:
+    """Whether a venv/virtualenv (``sys.prefix != sys.base_prefix``) or a conda environment
+    (``CONDA_PREFIX``) is active."""
+    environ = os.environ if environ is None else environ
+    prefix = sys.prefix if prefix is None else prefix
+    base_prefix = sys.base_prefix if base_prefix is None else base_prefix
+    return prefix != base_prefix or bool(environ.get("CONDA_PREFIX"))
+
+
+def choose(managed: bool, active: bool) -> str:
+    """``"venv"`` (make and use ``.venv``) for an externally managed interpreter outside any
+    environment, else ``"here"`` (install into the running interpreter)."""
+    return "venv" if managed and not active else "here"
+
+
+def venv_python(root: str) -> str:
+    """The project venv's interpreter under ``root``."""
+    return os.path.join(root, VENV, "bin", "python")
+
+
+def reexec_in_venv(root: str, argv: list[str], can_import: bool, execv=os.execv) -> bool:
+    """Runs ``python -m pytest argv`` again under ``root``'s ``.venv`` when this interpreter
+    cannot import lalmtool and that venv exists; False (nothing done) otherwise."""
+    python = venv_python(root)
+    if can_import or not os.access(python, os.X_OK) or os.path.realpath(
+            sys.executable) == os.path.realpath(python):
+        return False
+    execv(python, [python, "-m", "pytest", *argv])
+    return True
+
+
+if __name__ == "__main__":
+    print(choose(externally_managed(), in_environment()))

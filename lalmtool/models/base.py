@@ -6,6 +6,8 @@ as a list of float tensors ``[T_i, D]`` (one per utterance; compressed or not).
 """
 from __future__ import annotations
 
+import copy
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -14,6 +16,8 @@ import torch
 from transformers import GenerationConfig
 
 from ..fileio import model_identity
+
+log = logging.getLogger("lalmtool")
 
 
 class Backend(ABC):
@@ -127,7 +131,20 @@ class BatchLayout:
 
 class DecoderOnlyBackend(Backend):
     """What the decoder-only backends share: the audio goes into a causal LM's prompt, targets
-    end with ``end_token_id``, generation stops there or at any of the LM's eos tokens."""
+    end with ``end_token_id``, generation stops there or at any of the LM's eos tokens.
+
+    Generation is transformers' ``generate`` on the prompt's embeddings. An eager decode step
+    costs the decoder layers' own per-op overhead (on a tiny 32-layer Qwen2 on a CPU ~88 % of a
+    step; the causal mask rebuilt every step, the rotary embedding, the model's wrappers and
+    the generation loop around them ~6 %: ``benchmarks/bench_generate.py --profile``). The
+    ``compile`` option (``--backend-opt compile=true``; default false) removes that overhead in
+    greedy search: a static KV cache and the decode step compiled by ``torch.compile``
+    (inductor; CUDA graphs on CUDA, transformers' ``reduce-overhead``). The first call per batch
+    shape compiles (tens of seconds); the token ids are those of the eager path (tested on tiny
+    random models), beam search runs as without it. The static cache keeps the longest length
+    generated so far (no recompiling per length), so one long utterance makes later steps attend
+    over its length. Where compiling is unavailable or fails: one warning, then eager.
+    """
 
     tokenizer: object  # the LM's tokenizer
     end_token_id: int  # the token that closes a target
@@ -209,6 +226,69 @@ class DecoderOnlyBackend(Backend):
                      max_new_tokens: int = 200) -> torch.Tensor:
         """New token ids ``[B, N]`` for a batch of feature sequences."""
         raise NotImplementedError
+
+    #: ``compile`` option: decode steps with a static KV cache and a compiled forward
+    #: (``torch.compile``); False: transformers' dynamic cache, eager. Same token ids either way.
+    compile: bool = False
+
+    def _set_compile(self, compile) -> None:
+        """The ``compile`` constructor option (a bool; ``--backend-opt compile=true``)."""
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, not {compile!r}")
+        self.compile = compile
+
+    def _run_generate(self, lm: torch.nn.Module, config: GenerationConfig,
+                      **inputs) -> torch.Tensor:
+        """``lm.generate(**inputs)`` with ``config``; with ``compile`` on and greedy search, through
+        a static KV cache and a compiled decode step (transformers compiles no beam search: beams
+        keep the dynamic cache). Where compiling is unavailable or fails, one warning, and this
+        and every later call run eagerly (the same ids; a compile's partial work is dropped)."""
+        if self.compile and config.num_beams == 1:
+            why = compile_unavailable()
+            if why is None:
+                try:
+                    return lm.generate(**inputs, generation_config=compiled(config))
+                except Exception as e:  # noqa: BLE001 - dynamo, inductor and the C++ toolchain
+                    why = _reason(e)
+            log.warning("compile=true: compiling the decode step failed (%s); generating "
+                        "without it (transformers' dynamic KV cache, eager)", why)
+            self.compile = False
+        return lm.generate(**inputs, generation_config=config)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception in one line: its type, and the first line of what it (or, for a wrapper
+    such as dynamo's BackendCompilerFailed, the exception it was raised from) says."""
+    root = e
+    while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+        root = inner
+    lines = str(root).strip().splitlines()
+    said = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return said if root is e else f"{type(e).__name__}, from {said}"
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot run here (None when it can)."""
+    try:
+        import torch._dynamo
+    except Exception as e:  # noqa: BLE001
+        return f"torch._dynamo cannot be imported ({e})"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python/platform"
+    return None
+
+
+def compiled(config: GenerationConfig) -> GenerationConfig:
+    """``config`` generating through a static KV cache with the decode step compiled (inductor;
+    on every device: transformers compiles by itself on accelerators only)."""
+    from transformers import CompileConfig
+
+    config = copy.deepcopy(config)
+    config.cache_implementation = "static"
+    compile_config = CompileConfig(fullgraph=False)
+    compile_config._compile_all_devices = True
+    config.compile_config = compile_config
+    return config
 
 
 

@@ -39,7 +39,9 @@ Constructor options (``TrainConfig.extra`` for finetune): ``tap``, ``trim``, ``t
 (``auto``: ``chat`` when the checkpoint name contains "instruct", else ``base``), ``instruction``
 (replaces the default instruction text), ``train_projector`` (also train the projector in full:
 saved with the adapter via peft's ``modules_to_save``), ``gradient_checkpointing``, ``dtype``
-(``auto``: bfloat16 on CUDA, float32 on CPU).
+(``auto``: bfloat16 on CUDA, float32 on CPU), ``compile`` (decode: a static KV cache and a
+compiled decode step, ``--backend-opt compile=true``; default false, see
+``DecoderOnlyBackend``).
 
 Running the real checkpoint on a GPU
 ------------------------------------
@@ -143,7 +145,8 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
                  dtype: torch.dtype | str | None = None, trim: bool = True, tap: str = "pooled",
                  task: str = "transcribe", language: str = "en", target_language: str | None = None,
                  prompt_style: str = "auto", instruction: str | None = None,
-                 train_projector: bool = False, gradient_checkpointing: bool = False):
+                 train_projector: bool = False, gradient_checkpointing: bool = False,
+                 compile: bool = False):
         check_choice("tap", tap, TAPS)
         check_choice("task", task, TASKS)
         check_choice("prompt_style", prompt_style, PROMPT_STYLES)
@@ -152,6 +155,7 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         on_gpu = str(device).startswith("cuda")  # auto: bfloat16 on CUDA, float32 elsewhere
         super().__init__(model_path, device,
                          resolve_dtype(dtype, torch.bfloat16 if on_gpu else torch.float32))
+        self._set_compile(compile)
         self.trim, self.tap, self.task = trim, tap, task
         self.language, self.target_language = language, target_language
         self.instruction = instruction
@@ -320,8 +324,8 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         core = self._core()
         config = self.generation_config(beam, max_new_tokens)
         with logits_only(core.lm_head, lambda h: h[:, -1:]):  # the prefill's last
-            return core.generate(inputs_embeds=batch.inputs_embeds,
-                                 attention_mask=batch.attention_mask, generation_config=config)
+            return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
+                                      attention_mask=batch.attention_mask)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ width, default 1024), ``prompt`` (the user's instruction, default "Transcribe th
 these weights instead: ``lalmtool align``'s output directory, see ``lalmtool.align``),
 ``norm`` (``none`` | ``embedding``: rescale each projected row to the mean norm of the LLM's
 input embeddings), ``train_projector`` (default true: the projector is a ``modules_to_save``
-module), ``trim`` (extract: keep the frames that cover the audio), ``dtype``. With a speechllm directory, ``encoder``/``projector``/``stack``/``hidden``
+module), ``trim`` (extract: keep the frames that cover the audio), ``dtype``, ``compile``
+(decode: static KV cache + compiled decode step, see ``DecoderOnlyBackend``; default false). With a speechllm directory, ``encoder``/``projector``/``stack``/``hidden``
 may only repeat what its JSON says (they fix the projector's shape); ``prompt`` may change.
 There is deliberately no ``llm`` option: the LLM is ``--model``.
 
@@ -292,8 +293,10 @@ class SpeechLLMBackend(DecoderOnlyBackend):
                  projector: str | None = None, stack: int | None = None,
                  hidden: int | None = None, prompt: str | None = None, seed: int = 0,
                  train_projector: bool = True, trim: bool = True, llm: str | None = None,
-                 norm: str | None = None, init_projector: str | None = None):
+                 norm: str | None = None, init_projector: str | None = None,
+                 compile: bool = False):
         super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
+        self._set_compile(compile)
         self.spec = read_spec(model_path, encoder=encoder, projector=projector, stack=stack,
                               hidden=hidden, prompt=prompt, llm=llm, norm=norm)
         if init_projector and self.spec["weights"]:
@@ -474,8 +477,8 @@ class SpeechLLMBackend(DecoderOnlyBackend):
         core = self._core()
         embeds = core.embed(batch.input_ids, batch.audio_mask, batch.audio)
         config = self.generation_config(beam, max_new_tokens)
-        return core.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                 generation_config=config)
+        return self._run_generate(core.llm, config, inputs_embeds=embeds,
+                                  attention_mask=batch.attention_mask)
 
 
 # -- one directory for the trained model ---------------------------------------------------

@@ -29,7 +29,18 @@ QWEN2_AUDIO_7B = {
                     "sliding_window": 32768},
     "audio_token_index": 151646,
 }
-ARCHS = {"qwen2-audio-7b": QWEN2_AUDIO_7B}
+#: The 7B's 32 decoder layers at width 64 (a one-layer tower of width 16): a decode step costs
+#: almost nothing but its per-layer overhead, which it has as often per step as the 7B.
+QWEN2_AUDIO_TINY32 = {
+    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 16, "encoder_layers": 1,
+                     "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
+                     "max_source_positions": 1500},
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 32,
+                    "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "intermediate_size": 172, "vocab_size": 512,
+                    "max_position_embeddings": 8192},
+}
+ARCHS = {"qwen2-audio-7b": QWEN2_AUDIO_7B, "qwen2-audio-tiny32": QWEN2_AUDIO_TINY32}
 
 
 def arch_config(name: str | None = None, file: str | None = None):

@@ -7,8 +7,10 @@
 # Checks: extract --device cuda --dtype bfloat16 (and that its rerun loads no model), segment,
 # pool, finetune with --amp bf16 + gradient checkpointing, with --amp fp16 (gradient scaler) and
 # under torchrun (one rank), decode in bfloat16 (LoRA unmerged) and float32 (merged), a one-rank
-# torchrun decode equal to the single-process one, score; then bench_train_step.py and
-# bench_prefill.py on --arch qwen2-audio-7b. Every step prints its exit status and seconds.
+# torchrun decode equal to the single-process one, score; then bench_train_step.py,
+# bench_prefill.py and bench_generate.py (eager vs compile=true: ms per decode step next to the
+# weights' + KV cache's memory-traffic bound, whether the compiled ids equal the eager ones, and
+# where an eager step goes) on --arch qwen2-audio-7b. Every step prints its exit status and seconds.
 set -u
 cd "$(dirname "$0")/.."
 D=${D:-cuda}; ARCH=${ARCH:---arch qwen2-audio-7b}; OUT=${OUT:-/tmp/lalmtool-gpu-smoke}
@@ -53,3 +55,5 @@ print("torchrun decode == single decode:", a == b, len(a), "utterances")
 PY
 TAILN=40 step python3 benchmarks/bench_train_step.py $ARCH --device $D --dtype bfloat16 --batch 8x30 2x120 --conditions frames uniform-k3 --checkpointing off on --json $OUT/train_step.json
 TAILN=40 step python3 benchmarks/bench_prefill.py --backends qwen2-audio $ARCH --device $D --dtype bfloat16 --random-frames --seconds 30 120 600 --json $OUT/prefill.json
+TAILN=60 step python3 benchmarks/bench_generate.py $ARCH --device $D --dtype bfloat16 --seconds 30 --conditions frames uniform-k3 peaks --batch 1 8 16 --new-tokens 32 --compile off on --repeats 2 --profile --json $OUT/generate.json
+TAILN=30 step python3 benchmarks/bench_generate.py $ARCH --device $D --dtype bfloat16 --seconds 600 --conditions frames uniform-k3 --batch 1 --new-tokens 32 --compile off on --repeats 2 --json $OUT/generate_600s.json

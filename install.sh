@@ -27,7 +27,7 @@ if [ "$where" = venv ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   python=.venv/bin/python
   echo "install.sh: $(command -v python3) is externally managed (PEP 668): installing into" \
-    "$(pwd)/.venv (python3 -m pytest uses it; recipes: PYTHON=$(pwd)/.venv/bin/python)" >&2
+    "$(pwd)/.venv (python3 -m pytest and the recipes use it)" >&2
 fi
 "$python" -m pip install -q --upgrade pip
 # exact releases CI tests; without -c, pyproject.toml's ranges keep an installed CUDA torch

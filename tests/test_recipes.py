@@ -261,3 +261,22 @@ def test_mini_speechllm_smoke_run_end_to_end(tmp_path):
     assert all(12.4 < frames[s] < 13.5 and peaks[s] < frames[s] / 2 for s in frames)
     assert (exp / "RESULTS.md").exists()
     assert (exp / "speechllm" / "peaks" / "speechllm.json").exists()
+
+
+def test_recipes_find_the_project_venv_that_install_sh_makes(tmp_path):
+    """On an externally managed system Python, install.sh installs into the project's .venv: a
+    recipe run without PYTHON, whose python3 cannot import lalmtool, takes that interpreter."""
+    import shutil
+
+    shutil.copytree(os.path.join(REPO, "recipes", "utils"), tmp_path / "recipes" / "utils")
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    os.symlink(sys.executable, venv / "python")
+    script = 'recipe=t; source recipes/utils/stages.sh && echo "$python"'
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "PATH": fake_path(tmp_path)})
+    assert (r.returncode, r.stdout) == (0, f"{venv}/python\n"), r.stderr
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                       env=env)  # a python3 that has lalmtool is used as before
+    assert r.stdout == f"{shutil.which('python3')}\n"

@@ -14,10 +14,16 @@ end_stage() { echo -e "$1\t$2\t$(( $(date +%s) - stage_start ))" >> "$exp/timing
 
 # The interpreter that has lalmtool, resolved once into $python: $PYTHON (e.g. a venv's
 # bin/python while the venv is not activated; a relative path is taken from the directory the
-# recipe was started in), else python3 from PATH. Recipes run everything through it, launchers
+# recipe was started in), else the project's .venv that install.sh makes on an externally
+# managed system Python, else python3 from PATH. Recipes run everything through it, launchers
 # included: "$python" local/script.py, ${gpu_cmd:-} "$python" -m lalmtool extract ...
 resolve_python() {
-  local want=${PYTHON:-python3} found
+  local venv found want
+  venv=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.venv/bin/python
+  want=${PYTHON:-python3}
+  if [ -z "${PYTHON:-}" ] && [ -x "$venv" ] && ! python3 -c 'import lalmtool' 2> /dev/null; then
+    want=$venv
+  fi
   case "$want" in
     /*) ;;
     */*) want=${OLDPWD:-$PWD}/$want ;;  # run.sh's cd into its folder left the caller's in OLDPWD

@@ -198,3 +198,24 @@ def test_ten_minutes_fit_a_decoder_only_llm_at_k3_not_at_frame_level(tmp_path):
     s = F.finetune(k3, m, path, str(tmp_path / "lora"), F.TrainConfig(
         backend="qwen2-audio", max_steps=1, batch_size=1, warmup_steps=0))
     assert s["steps"] == 1 and math.isfinite(s["last"]["loss"])
+
+
+def test_global_positions_add_whispers_sinusoids_over_the_whole_memory(clips, tiny_whisper_lm):
+    """The encoder's positions restart in every window and joined utterance; positions=global
+    adds row 0, 1, 2, ... of Whisper's own sinusoids to the (padded) memory."""
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    from lalmtool.models.whisper import WhisperBackend
+    from lalmtool.store import Store
+
+    store = Store(clips[0])
+    feats = [torch.from_numpy(store[u]).float() for u in ("u00", "u05")]
+    plain, mask = WhisperBackend(tiny_whisper_lm)._memory(feats)
+    ordered, _ = WhisperBackend(tiny_whisper_lm, positions="global")._memory(feats)
+    width = plain.last_hidden_state.shape[1]
+    torch.testing.assert_close(ordered.last_hidden_state - plain.last_hidden_state,
+                               sinusoids(width, 32).expand(2, -1, -1))
+    assert width == feats[1].shape[0] and mask[0].sum() == feats[0].shape[0]
+    with pytest.raises(ValueError, match="unknown positions 'absolute'; choose one of window, "
+                                         "global"):
+        WhisperBackend(tiny_whisper_lm, positions="absolute")

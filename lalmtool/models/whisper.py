@@ -18,6 +18,14 @@ its first 30 s and stops, unless its LoRA was trained on long inputs (``finetune
 --concat_seconds``). ``chunk=N`` (``--backend-opt chunk=1500``) has ``decode`` cut each
 utterance into pieces of N positions and join their texts: 1500 is one encoder window of
 frames, 1500/k of a uniform pooling by k (e.g. 500 for k=3); each piece gets its own cap.
+
+The encoder adds positions 0..1499 inside each 30 s window, so the frames of a longer memory
+(several windows, or utterances joined by ``--concat_seconds``) repeat them, and cross-attention
+itself is blind to order: the decoder cannot tell which window comes first. ``positions=
+"global"`` adds Whisper's own sinusoidal encoding of each memory row's index (0, 1, 2, ... over
+the whole memory, at the scale of the encoder's positions) to the memory, in training and
+decoding alike (an adapter records it with its options), so a long-form adapter can learn the
+order. The default ``"window"`` leaves the memory as the encoder wrote it.
 """
 from __future__ import annotations
 
@@ -31,8 +39,10 @@ import torch
 from transformers import (GenerationMixin, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration, WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.modeling_whisper import sinusoids
 
-from .base import Backend, encode_in_windows, pad_features, resolve_dtype, unwrap
+from .base import (Backend, check_choice, encode_in_windows, pad_features, resolve_dtype,
+                   unwrap)
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
@@ -46,8 +56,10 @@ class WhisperBackend(Backend):
     def __init__(self, model_path: str, device: str = "cpu",
                  dtype: torch.dtype | str | None = torch.float32,
                  trim: bool = True, language: str | None = "en", task: str = "transcribe",
-                 chunk: int = 0):
+                 chunk: int = 0, positions: str = "window"):
         super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
+        check_choice("positions", positions, ("window", "global"))
+        self.positions = positions
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
             raise ValueError(f"backend option chunk must be 0 (the whole memory at once) or a "
                              f"whole number of positions per chunk (1500: one 30 s window of "
@@ -92,6 +104,8 @@ class WhisperBackend(Backend):
     # -- decoder -------------------------------------------------------------------------
     def _memory(self, feats: list[torch.Tensor]) -> tuple[BaseModelOutput, torch.Tensor]:
         padded, mask = pad_features([f.to(self.device, self.dtype) for f in feats])
+        if self.positions == "global":
+            padded = padded + sinusoids(*padded.shape[1:]).to(padded)
         return BaseModelOutput(last_hidden_state=padded), mask.to(self.device)
 
     def _token_batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

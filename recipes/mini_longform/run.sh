@@ -23,8 +23,9 @@
 #   1  extract   → $exp/feats/{frames,native}/longform
 #   2  segment   → $exp/seg/<method>/longform
 #   3  pool      → $exp/pooled/<condition>/longform
-#   4  finetune  → $exp/lora/<condition>-long/adapter (on recipes/mini's train/dev stores: its
-#                  stages 0-3 are run first for the conditions here when they are missing)
+#   4  finetune  → $exp/lora/<condition>-long/adapter: recipes/mini's short-utterance adapter
+#                  trained further on its train stores joined into long inputs (its stages 0-4 are
+#                  run first for the conditions here when they are missing)
 #   5  decode    → $exp/decode/<condition>-{whole,chunk30s}[-short]/longform, native-chunk30s,
 #                  native-longform (the anchor)
 #   6  score; local/table.py → $exp/longform.md (WER, positions, decode time and its ratio to
@@ -44,7 +45,7 @@ data=data
 seconds="60 80 100 120"
 model_name=whisper-tiny.en
 conditions="frames uniform-mean-k3 peaks"
-steps=100                  # long-form LoRA steps per condition (batch 2 of 10-120 s)
+steps=200                  # long-form LoRA steps per condition (batch 2 of 10-120 s)
 mini_exp=../mini/exp       # recipes/mini's feature stores (training data) and adapters
 mini_data=../mini/data
 batch_size=4
@@ -86,14 +87,16 @@ mini_feats() { [ "$1" = frames ] && echo "$mini_exp/feats/frames/$2" || echo "$m
 
 if run_stage 4 "long-form LoRA on joined training utterances"; then
   for cond in $conditions; do
-    if [ ! -f "$(mini_feats "$cond" train)/store.json" ] || [ ! -f "$(mini_feats "$cond" dev)/store.json" ]; then
-      log "recipes/mini has no $cond stores under $mini_exp: running its stages 0-3 for them"
-      bash ../mini/run.sh --stop_stage 3 --conditions "$conditions" --exp "$(realpath "$mini_exp")" \
+    short="$mini_exp/lora/$cond/adapter"
+    if [ ! -f "$(mini_feats "$cond" train)/store.json" ] || [ ! -f "$short/adapter_config.json" ]; then
+      log "recipes/mini has no $cond stores or adapter under $mini_exp: running its stages 0-4 for them"
+      bash ../mini/run.sh --stop_stage 4 --conditions "$conditions" --exp "$(realpath "$mini_exp")" \
         --data "$(realpath -m "$mini_data")"
     fi
     lalmtool finetune --feats "$(mini_feats "$cond" train)" --manifest "$mini_data/train/manifest.jsonl" \
       --valid-feats "$(mini_feats "$cond" dev)" --valid-manifest "$mini_data/dev/manifest.jsonl" \
-      --model "$model" --config conf/longform.yaml --max_steps="$steps" --out "$exp/lora/$cond-long"
+      --model "$model" --config conf/longform.yaml --max_steps="$steps" --init-adapter "$short" \
+      --out "$exp/lora/$cond-long"
   done
   end_stage 4 finetune
 fi

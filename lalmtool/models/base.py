@@ -134,7 +134,7 @@ class DecoderOnlyBackend(Backend):
     end with ``end_token_id``, generation stops there or at any of the LM's eos tokens.
 
     Generation is transformers' ``generate`` on the prompt's embeddings. An eager decode step
-    costs the decoder layers' own per-op overhead (on a tiny 32-layer Qwen2 on a CPU ~88 % of a
+    costs the decoder layers' own per-op overhead (on a tiny 32-layer Qwen2 on a CPU ~89 % of a
     step; the causal mask rebuilt every step, the rotary embedding, the model's wrappers and
     the generation loop around them ~6 %: ``benchmarks/bench_generate.py --profile``). The
     ``compile`` option (``--backend-opt compile=true``; default false) removes that overhead in

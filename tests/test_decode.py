@@ -219,7 +219,7 @@ def test_a_finished_decode_reruns_without_the_backend(small, tmp_path, monkeypat
     import lalmtool.decode as dec
 
     first = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
-    for name in ("_check_options", "_check_tap", "_load"):  # what imports the backend module
+    for name in ("check_backend_options", "_check_tap", "_load"):  # what imports the backend
         monkeypatch.setattr(dec, name, lambda *a, **k: pytest.fail("the backend was needed"))
     again = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
     assert again == first

@@ -9,8 +9,9 @@
 # recipes/mini (their cached features, no extraction again) into examples of 10-120 s. Each
 # recording is then decoded
 #   (a) whole, in one pass, with the long-form adapter of its condition;
-#   (b) in 30 s chunks (--backend-opt chunk=N: N positions per 30 s) with the same adapter,
-#       and with recipes/mini's short-utterance adapter when that recipe has trained one;
+#   (b) in 30 s chunks (--backend-opt chunk=N: N positions per 30 s) with an adapter trained
+#       on joined utterances of 5-30 s (conf/chunk30.yaml), and with recipes/mini's
+#       short-utterance adapter;
 #   (c) by transformers' long-form generation on the audio (timestamps, sequential seeking):
 #       the anchor (local/anchor.py);
 #   (d) native Whisper (padded 30 s windows, no LoRA) chunked window by window.
@@ -23,9 +24,10 @@
 #   1  extract   → $exp/feats/{frames,native}/longform
 #   2  segment   → $exp/seg/<method>/longform
 #   3  pool      → $exp/pooled/<condition>/longform
-#   4  finetune  → $exp/lora/<condition>-long/adapter: recipes/mini's short-utterance adapter
-#                  trained further on its train stores joined into long inputs (its stages 0-4 are
-#                  run first for the conditions here when they are missing)
+#   4  finetune  → $exp/lora/<condition>-{long,chunk}/adapter: recipes/mini's short-utterance
+#                  adapter trained further on its train stores joined into inputs of 10-120 s
+#                  (long) or 5-30 s (chunk) (its stages 0-4 are run first for the conditions
+#                  here when they are missing)
 #   5  decode    → $exp/decode/<condition>-{whole,chunk30s}[-short]/longform, native-chunk30s,
 #                  native-longform (the anchor)
 #   6  score; local/table.py → $exp/longform.md (WER, positions, decode time and its ratio to
@@ -48,7 +50,7 @@ conditions="frames uniform-mean-k3 peaks"
 steps=200                  # long-form LoRA steps per condition (batch 2 of 10-120 s)
 mini_exp=../mini/exp       # recipes/mini's feature stores (training data) and adapters
 mini_data=../mini/data
-batch_size=4
+batch_size=1              # recordings per decode call: one, as the anchor decodes them
 
 source ../utils/parse_options.sh
 mkdir -p "$exp"
@@ -97,6 +99,9 @@ if run_stage 4 "long-form LoRA on joined training utterances"; then
       --valid-feats "$(mini_feats "$cond" dev)" --valid-manifest "$mini_data/dev/manifest.jsonl" \
       --model "$model" --config conf/longform.yaml --max_steps="$steps" --init-adapter "$short" \
       --out "$exp/lora/$cond-long"
+    lalmtool finetune --feats "$(mini_feats "$cond" train)" --manifest "$mini_data/train/manifest.jsonl" \
+      --valid-feats "$(mini_feats "$cond" dev)" --valid-manifest "$mini_data/dev/manifest.jsonl" \
+      --model "$model" --config conf/chunk30.yaml --init-adapter "$short" --out "$exp/lora/$cond-chunk"
   done
   end_stage 4 finetune
 fi
@@ -109,8 +114,9 @@ if run_stage 5 "decode (whole recordings, 30 s chunks, the anchor)"; then
     long=(--adapter "$exp/lora/$cond-long/adapter")
     decode_condition "$cond" longform "$cond-whole" --model "$model" "${long[@]}" \
       --batch-size "$batch_size" --condition "$cond-whole"
-    decode_condition "$cond" longform "$cond-chunk30s" --model "$model" "${long[@]}" \
-      --batch-size "$batch_size" --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s"
+    decode_condition "$cond" longform "$cond-chunk30s" --model "$model" \
+      --adapter "$exp/lora/$cond-chunk/adapter" --batch-size "$batch_size" \
+      --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s"
     short="$mini_exp/lora/$cond/adapter"
     if [ -f "$short/adapter_config.json" ]; then
       decode_condition "$cond" longform "$cond-chunk30s-short" --model "$model" --adapter "$short" \

@@ -41,9 +41,12 @@ def wer(recs: list[dict]) -> float:
 
 
 def adapter_of(name: str, info: dict) -> str:
+    """Which adapter a decode of run.sh used, from its name."""
     if not info.get("lora"):
         return "none"
-    return "short utterances" if name.endswith("-short") else "long inputs"
+    if name.endswith("-short"):
+        return "short utterances (recipes/mini)"
+    return "joined to 5-30 s" if name.endswith("-chunk30s") else "joined to 10-120 s"
 
 
 def main(exp: str, set_name: str) -> None:

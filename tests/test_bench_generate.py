@@ -6,15 +6,8 @@ import os
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 16, "encoder_layers": 1,
-                     "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
-                     "max_source_positions": 1500},
-    "text_config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-                    "vocab_size": 512, "max_position_embeddings": 120},
-}
+from test_benchmarks import ROOT, TINY  # the same tiny Qwen2-Audio architecture
+
 #: TINY's decoder as one step reads it: per layer q (32x32 + 32), k and v (16x32 + 16 each:
 #: 2 KV heads of 8), o (32x32), gate/up/down (3 x 32x64), two norms (2 x 32) = 9,344; two
 #: layers, the final norm (32) and the head (512x32): 35,104 float32 parameters.

@@ -609,10 +609,7 @@ def report(exp_dir) -> None:
     """Collect every scored condition under EXP_DIR into RESULTS.md, results.json, results.png."""
     from .report import report as run
 
-    rows = _run(run, exp_dir)
-    if not rows:
-        click.echo(f"no scored results under {exp_dir}")
-        return
+    _run(run, exp_dir)  # nothing to report is an error there
     click.echo(open(os.path.join(exp_dir, "RESULTS.md"), encoding="utf-8").read().rstrip())
 
 

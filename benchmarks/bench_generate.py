@@ -141,7 +141,7 @@ def never_stop(be) -> None:
     """Generation runs to max_new_tokens: the end tokens become an id beyond the vocabulary."""
     _, head, _ = llm_parts(be)
     never = int(head.weight.shape[0])
-    be._stop_ids = lambda: [never]
+    be.stop_ids = lambda: [never]
 
 
 def timed(be, feats: list[torch.Tensor], beam: int, n: int, sync) -> tuple[float, torch.Tensor]:

@@ -166,14 +166,11 @@ class DecoderOnlyBackend(Backend):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(config, "max_position_embeddings", None)
 
-    def stop_ids(self) -> list[int]:
-        return self._stop_ids()
-
     def new_token_ids(self, feats: list[torch.Tensor], beam: int,
                       max_new_tokens: int) -> torch.Tensor:
         return self.generate_ids(feats, beam, max_new_tokens)
 
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
         """Tokens that end generation: the target's end token and the LM's eos tokens."""
         eos = self._llm().generation_config.eos_token_id
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -218,9 +215,9 @@ class DecoderOnlyBackend(Backend):
                            labels.to(dev) if texts is not None else None)
 
     def generation_config(self, beam: int, max_new_tokens: int) -> GenerationConfig:
-        """Greedy (``beam`` 1) or beam search, stopping at ``_stop_ids``."""
+        """Greedy (``beam`` 1) or beam search, stopping at ``stop_ids``."""
         return GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
-                                eos_token_id=self._stop_ids(), pad_token_id=self._pad_id())
+                                eos_token_id=self.stop_ids(), pad_token_id=self._pad_id())
 
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
                      max_new_tokens: int = 200) -> torch.Tensor:

@@ -220,17 +220,23 @@ def prepare_covost2(cv_root, covost_root, src_lang, tgt_lang, splits, out, on_er
 @click.option("--id-column", "--id_column", help="Utterance id column (default: <split>-<row>).")
 @click.option("--speaker-column", "--speaker_column", help="Speaker column.")
 @click.option("--lang", help="Language code written into every record (e.g. en).")
+@click.option("--target-lang", "--target_lang", help="Target language code written into every "
+              "record (e.g. en), as prepare covost2 writes it.")
+@click.option("--text-case", "--text_case", type=click.Choice(["keep", "lower"]), default="keep",
+              show_default=True, help="lower: lower-case the text, as prepare librispeech does "
+              "by default.")
 @click.option("--on-error", "--on_error", type=ON_ERROR, default="fail", show_default=True)
 @click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
 def prepare_hf_dataset(path, split, out, audio_column, text_column, target_column, id_column,
-                       speaker_column, lang, on_error, force) -> None:
+                       speaker_column, lang, target_lang, text_case, on_error, force) -> None:
     """A local Hugging Face dataset (one split, Audio column) → OUT/manifest.jsonl."""
     from .corpora.hf_dataset import prepare_hf_dataset as run
 
     _print_prepared([_run(run, path, split, out, audio_column=audio_column,
                           text_column=text_column, target_column=target_column,
                           id_column=id_column, speaker_column=speaker_column, lang=lang,
-                          on_error=on_error, force=force)])
+                          on_error=on_error, force=force, text_case=text_case,
+                          target_lang=target_lang)])
 
 
 @prepare.command("lhotse")
@@ -241,15 +247,30 @@ def prepare_hf_dataset(path, split, out, audio_column, text_column, target_colum
 @click.option("--supervisions", type=click.Path(exists=True, dir_okay=False),
               help="SupervisionSet (with --recordings).")
 @click.option("--out", required=True, help="Set folder: OUT/manifest.jsonl.")
+@click.option("--ids", type=click.Choice(["cut", "supervision"]), default="cut",
+              show_default=True, help="Name each utterance by its cut, or by its cut's one "
+              "supervision (the corpus id, e.g. 1272-128104-0000).")
+@click.option("--lang", help="Language code written into every record, in place of the "
+              "supervisions' (e.g. en for lhotse's 'English').")
+@click.option("--target-lang", "--target_lang", help="Target language code written into every "
+              "record (e.g. en).")
+@click.option("--target-key", "--target_key", help="The supervisions' custom key holding the "
+              "translation (the records' target); a cut without one is a problem.")
+@click.option("--text-case", "--text_case", type=click.Choice(["keep", "lower"]), default="keep",
+              show_default=True, help="lower: lower-case the text, as prepare librispeech does "
+              "by default.")
 @click.option("--on-error", "--on_error", type=ON_ERROR, default="fail", show_default=True)
 @click.option("--force", is_flag=True, help="Prepare again even if prepared with these options.")
-def prepare_lhotse(cuts, recordings, supervisions, out, on_error, force) -> None:
+def prepare_lhotse(cuts, recordings, supervisions, out, ids, lang, target_lang, target_key,
+                   text_case, on_error, force) -> None:
     """lhotse cuts (or recordings + supervisions) → OUT/manifest.jsonl; a cut inside a longer
     recording becomes a span (offset, duration) that extract reads alone."""
     from .corpora.lhotse_io import prepare_lhotse as run
 
     _print_prepared([_run(run, out, cuts=cuts, recordings=recordings,
-                          supervisions=supervisions, on_error=on_error, force=force)])
+                          supervisions=supervisions, on_error=on_error, force=force, ids=ids,
+                          text_case=text_case, lang=lang, target_lang=target_lang,
+                          target_key=target_key)])
 
 
 @manifest.command("to-lhotse")

@@ -6,8 +6,11 @@ Sources, local only (nothing is downloaded; a path that does not exist is an err
   splits; ``state.json``: a single split, taken whole), opened with ``datasets.load_from_disk``
   (memory-mapped, no copy);
 * Parquet or Arrow files: one file, or a directory of them in the Hub's layouts
-  (``data/<split>-00000-of-00002.parquet``, ``<config>/<split>/0000.parquet``, ...), the split's
-  files found by ``datasets``' own split patterns and read as a stream (no cache copy).
+  (``data/<split>-00000-of-00002.parquet``, ``<config>/<split>/0000.parquet``, ...), read as a
+  stream (no cache copy). The split's files are those under ``<path>/<split>/`` when that folder
+  exists (so the Hub's per-config folders, e.g. LibriSpeech's ``all/train.clean.100/`` or
+  ``clean/validation/``, give exactly the split named), else those ``datasets``' own split
+  patterns find.
 
 The audio column is an ``Audio`` feature (or the same ``{bytes, path}`` struct) and is never
 decoded by ``datasets`` (that needs torchcodec/FFmpeg): each row's bytes are identified with
@@ -18,8 +21,10 @@ FLAC stays FLAC, MP3 is not inflated to PCM). A row whose audio is a ``path`` to
 file (no bytes) is used in place, at no cost.
 
 Records: ``id`` (``--id-column``, else ``<split>-<row>`` with the row number zero-padded),
-``audio`` (absolute path), ``duration`` (seconds, from the audio header), ``text``, and when
-asked ``target``, ``speaker``, ``lang``. Problems, each named by row: no audio, bytes soundfile
+``audio`` (absolute path), ``duration`` (seconds, from the audio header), ``text`` (spaces
+folded; ``text_case="lower"`` lower-cases it, as ``prepare librispeech`` does by default), and
+when asked ``target``, ``lang``, ``target_lang``, ``speaker``: the same fields, in the same
+order, as ``prepare librispeech`` and ``prepare covost2`` write. Problems, each named by row: no audio, bytes soundfile
 cannot read, a path that is not a file, empty text or target, an unusable or repeated id.
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ WHAT = "prepare hf-dataset"
 EXTENSIONS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "W64": "w64", "FLAC": "flac",
               "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+TEXT_CASES = ("keep", "lower")
 
 
 def open_split(path: str, split: str | None):
@@ -71,6 +77,9 @@ def split_files(path: str, split: str | None) -> list[str]:
         if os.path.splitext(path)[1] not in FILE_BUILDERS:
             raise ValueError(f"{path}: not a .parquet or .arrow file, nor a dataset directory")
         return [os.path.abspath(path)]
+    own = _split_folder(path, split)
+    if own:
+        return own
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
@@ -90,6 +99,22 @@ def split_files(path: str, split: str | None) -> list[str]:
     if len(exts) > 1:
         raise ValueError(f"{path}: split {split!r} mixes {' and '.join(sorted(exts))} files")
     return found[split]
+
+
+def _split_folder(path: str, split: str | None) -> list[str]:
+    """The data files under ``path/split/`` (all of one kind), or [] when there is no such
+    folder or it holds none."""
+    if not split or split in (".", "..") or os.sep in split:
+        return []
+    folder = os.path.join(os.path.abspath(path), split)
+    if not os.path.isdir(folder):
+        return []
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+                   if os.path.splitext(f)[1] in FILE_BUILDERS)
+    exts = {os.path.splitext(f)[1] for f in files}
+    if len(exts) > 1:
+        raise ValueError(f"{folder}: split {split!r} mixes {' and '.join(sorted(exts))} files")
+    return files
 
 
 def raw_audio(ds, column: str, columns: list[str]):
@@ -150,7 +175,8 @@ def write_audio(data: bytes, out_dir: str, utt: str) -> tuple[str | None, str | 
 
 def scan(ds, source: str, split: str, out_dir: str, audio_column: str, text_column: str,
          target_column: str | None = None, id_column: str | None = None,
-         speaker_column: str | None = None, lang: str | None = None
+         speaker_column: str | None = None, lang: str | None = None,
+         target_lang: str | None = None, text_case: str = "keep"
          ) -> tuple[list[dict], list[Problem]]:
     """Records and problems of every row (audio written under ``out_dir/audio``)."""
     optional = [c for c in (target_column, id_column, speaker_column) if c]
@@ -176,12 +202,15 @@ def scan(ds, source: str, split: str, out_dir: str, audio_column: str, text_colu
         if why:
             problems.append(Problem(where, None, why, utt))
             continue
+        text = " ".join(rec[text_column].split())
         record = {"id": utt, "audio": path, "duration": duration,
-                  "text": " ".join(rec[text_column].split())}
+                  "text": text.lower() if text_case == "lower" else text}
         if target_column:
             record["target"] = " ".join(rec[target_column].split())
         if lang:
             record["lang"] = lang
+        if target_lang:
+            record["target_lang"] = target_lang
         if speaker_column and rec[speaker_column] is not None:
             record["speaker"] = str(rec[speaker_column])
         records.append(record)
@@ -200,9 +229,12 @@ def prepare_hf_dataset(path: str, split: str, out: str, audio_column: str = "aud
                        text_column: str = "text", target_column: str | None = None,
                        id_column: str | None = None, speaker_column: str | None = None,
                        lang: str | None = None, on_error: str = "fail",
-                       force: bool = False) -> dict:
+                       force: bool = False, text_case: str = "keep",
+                       target_lang: str | None = None) -> dict:
     """Writes ``out/manifest.jsonl`` (+ ``skipped.jsonl``, ``prepare.json``, ``audio/``) for
     one split of a local dataset; returns the set's summary."""
+    if text_case not in TEXT_CASES:
+        raise ValueError(f"text_case must be one of {', '.join(TEXT_CASES)}, not {text_case!r}")
     source = os.path.abspath(path)
     ds, opened = open_split(source, split)
     params = {"corpus": "hf-dataset", "path": source, "split": split, "opened": opened,
@@ -210,11 +242,15 @@ def prepare_hf_dataset(path: str, split: str, out: str, audio_column: str = "aud
               "target_column": target_column, "id_column": id_column,
               "speaker_column": speaker_column, "lang": lang, "on_error": on_error,
               "version": PREPARE_VERSION}
+    for key, value, default in (("text_case", text_case, "keep"),
+                                ("target_lang", target_lang, None)):
+        if value != default:  # absent when default: sets prepared before stay reusable
+            params[key] = value
     done = None if force else reuse_set(out, params)
     if done:
         return done
     records, problems = scan(ds, source, split, out, audio_column, text_column, target_column,
-                             id_column, speaker_column, lang)
+                             id_column, speaker_column, lang, target_lang, text_case)
     try:
         return finish_set(out, records, problems, on_error, params,
                           f"dataset {source} (split {split})")

@@ -12,6 +12,15 @@ one file per channel), transforms other than resampling (lalmtool would not appl
 of some channels of a multi-channel recording (lalmtool reads the channels down-mixed), a
 missing or unreadable file, a span beyond the file's end, no text.
 
+Options for a corpus recipe whose manifests must equal those of the raw corpus: ``ids=
+"supervision"`` names each record by its cut's one supervision (lhotse's ``CutSet.from_manifests``
+names cuts ``<recording>-<n>``, its supervisions keep the corpus ids such as
+``1272-128104-0000``; a cut with other than one supervision is then a problem); ``lang`` and
+``target_lang`` are written into every record (``lang`` in place of the supervision's, which
+lhotse's recipes write as a name such as ``English``); ``text_case="lower"`` lower-cases the
+text; ``target_key`` names the supervision's ``custom`` key that holds the translation, and a
+cut without one is then a problem.
+
 Out (``to_lhotse``): one recording per audio file (``Recording.from_file``; its id the file's
 stem, made unique), one cut per utterance over its span (the whole file without ``offset``)
 with one supervision holding ``text``, ``lang`` and ``target``.
@@ -29,6 +38,8 @@ from ..extras import require
 
 WHAT_IN, WHAT_OUT = "prepare lhotse", "manifest to-lhotse"
 KEPT_TRANSFORMS = ("Resample",)  # extract resamples to the encoder's rate anyway
+IDS = ("cut", "supervision")
+TEXT_CASES = ("keep", "lower")
 
 
 def _lhotse(what: str):
@@ -63,9 +74,11 @@ def _transform_names(recording) -> list[str]:
 
 
 def record(utt: str, recording, start: float, duration: float, channel,
-           supervisions: list) -> tuple[dict | None, str | None]:
+           supervisions: list, opts: dict | None = None) -> tuple[dict | None, str | None]:
     """The manifest record of the span ``start`` + ``duration`` of ``recording`` (the channels
-    ``channel``) with ``supervisions``, or (None, why it cannot be one)."""
+    ``channel``) with ``supervisions``, or (None, why it cannot be one). ``opts``: ``text_case``,
+    ``lang``, ``target_lang``, ``target_key`` (see the module's docstring)."""
+    opts = opts or {}
     if recording is None:
         return None, "no recording"
     path, why = audio_file(recording)
@@ -89,40 +102,58 @@ def record(utt: str, recording, start: float, duration: float, channel,
     text = " ".join(" ".join(s.text.split()) for s in sups if s.text and s.text.strip())
     if not text:
         return None, "no supervision with text"
+    first = sups[0]
+    target_key = opts.get("target_key")
+    target = (first.custom or {}).get(target_key or "target")
+    if target_key:
+        if not (isinstance(target, str) and target.strip()):
+            return None, f"no translation (the supervision's custom {target_key!r})"
+        target = " ".join(target.split())
     rec = {"id": utt, "audio": os.path.abspath(path),
-           "duration": file_seconds if whole else duration, "text": text}
+           "duration": file_seconds if whole else duration,
+           "text": text.lower() if opts.get("text_case") == "lower" else text}
     if not whole:
         rec["offset"] = start
-    first = sups[0]
-    target = (first.custom or {}).get("target")
-    for key, value in (("target", target), ("lang", first.language), ("speaker", first.speaker)):
+    for key, value in (("target", target), ("lang", opts.get("lang") or first.language),
+                       ("target_lang", opts.get("target_lang")), ("speaker", first.speaker)):
         if value:
             rec[key] = value
     return rec, None
 
 
-def scan_cuts(cuts: str) -> tuple[list[dict], list[Problem]]:
-    """Records and problems of every cut of ``cuts`` (line numbers count cuts)."""
+def scan_cuts(cuts: str, ids: str = "cut", opts: dict | None = None
+              ) -> tuple[list[dict], list[Problem]]:
+    """Records and problems of every cut of ``cuts`` (line numbers count cuts); each record is
+    named by its cut's id, or with ``ids="supervision"`` by its cut's one supervision's."""
     records, problems, seen = [], [], set()
     for line, cut in enumerate(iter_cuts(cuts), 1):
-        why = id_problem(cut.id) or ("duplicate cut id" if cut.id in seen else None)
+        utt, why = cut.id, None
+        if ids == "supervision":
+            sups = list(cut.supervisions)
+            if len(sups) == 1:
+                utt = sups[0].id
+            else:
+                why = (f"has {len(sups)} supervisions; naming utterances by their supervision "
+                       "needs one per cut")
+        why = why or id_problem(utt) or ("duplicate utterance id" if utt in seen else None)
         if not why and not hasattr(cut, "recording"):
             why = (f"is a {type(cut).__name__} (not of one recording); give cuts of one "
                    "recording each")
         rec = None
         if not why:
-            rec, why = record(cut.id, cut.recording, cut.start, cut.duration, cut.channel,
-                              cut.supervisions)
+            rec, why = record(utt, cut.recording, cut.start, cut.duration, cut.channel,
+                              cut.supervisions, opts)
         if why:
             problems.append(Problem(cuts, line, f"cut {cut.id}: {why}",
-                                    cut.id if cut.id not in seen else None))
+                                    utt if utt not in seen else None))
         else:
             records.append(rec)
-        seen.add(cut.id)
+        seen.add(utt)
     return records, problems
 
 
-def scan_supervisions(recordings: str, supervisions: str) -> tuple[list[dict], list[Problem]]:
+def scan_supervisions(recordings: str, supervisions: str, opts: dict | None = None
+                      ) -> tuple[list[dict], list[Problem]]:
     """One record per supervision of ``supervisions``, over its span of its recording."""
     lhotse = _lhotse(WHAT_IN)
     recs = {r.id: r for r in lhotse.RecordingSet.from_file(recordings)}
@@ -134,7 +165,7 @@ def scan_supervisions(recordings: str, supervisions: str) -> tuple[list[dict], l
             why = f"recording {sup.recording_id} is not in {recordings}"
         if not why:
             rec, why = record(sup.id, recs[sup.recording_id], sup.start, sup.duration,
-                              sup.channel, [sup])
+                              sup.channel, [sup], opts)
         if why:
             problems.append(Problem(supervisions, line, f"supervision {sup.id}: {why}",
                                     sup.id if sup.id not in seen else None))
@@ -146,11 +177,17 @@ def scan_supervisions(recordings: str, supervisions: str) -> tuple[list[dict], l
 
 def prepare_lhotse(out: str, cuts: str | None = None, recordings: str | None = None,
                    supervisions: str | None = None, on_error: str = "fail",
-                   force: bool = False) -> dict:
+                   force: bool = False, ids: str = "cut", text_case: str = "keep",
+                   lang: str | None = None, target_lang: str | None = None,
+                   target_key: str | None = None) -> dict:
     """Writes ``out/manifest.jsonl`` (+ ``skipped.jsonl``, ``prepare.json``) from a CutSet, or
     from a RecordingSet and a SupervisionSet; returns the set's summary."""
     if bool(cuts) == bool(recordings or supervisions) or bool(recordings) != bool(supervisions):
         raise ValueError("give --cuts, or --recordings and --supervisions")
+    if ids not in IDS:
+        raise ValueError(f"ids must be one of {', '.join(IDS)}, not {ids!r}")
+    if text_case not in TEXT_CASES:
+        raise ValueError(f"text_case must be one of {', '.join(TEXT_CASES)}, not {text_case!r}")
     inputs = [os.path.abspath(p) for p in (cuts, recordings, supervisions) if p]
     for p in inputs:
         if not os.path.isfile(p):
@@ -159,13 +196,19 @@ def prepare_lhotse(out: str, cuts: str | None = None, recordings: str | None = N
     params = {"corpus": "lhotse", "inputs": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns]
                                              for p in inputs],
               "on_error": on_error, "version": PREPARE_VERSION}
+    opts = {k: v for k, v in (("text_case", text_case), ("lang", lang),
+                              ("target_lang", target_lang), ("target_key", target_key))
+            if v and v != "keep"}
+    if cuts and ids != "cut":
+        opts["ids"] = ids
+    params.update(opts)  # only what is not the default: sets prepared before stay reusable
     done = None if force else reuse_set(out, params)
     if done:
         return done
     if cuts:
-        records, problems = scan_cuts(inputs[0])
+        records, problems = scan_cuts(inputs[0], ids, opts)
     else:
-        records, problems = scan_supervisions(inputs[0], inputs[1])
+        records, problems = scan_supervisions(inputs[0], inputs[1], opts)
     return finish_set(out, records, problems, on_error, params,
                       f"lhotse {' + '.join(inputs)}")
 

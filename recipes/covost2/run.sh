@@ -11,11 +11,28 @@
 # Expected layout:
 #   $cv_root/clips/*.mp3                              Common Voice release of --src_lang
 #   $covost_root/covost_v2.<src>_<tgt>.tsv            path sentence translation client_id split
+# Or, in place of them (stage 0 only; the manifests hold the same ids, texts, targets, speakers
+# and durations, so results are comparable):
+#   --hf_dataset DIR   a local copy of a Hugging Face CoVoST 2 dataset (facebook/covost2 columns:
+#                      audio sentence translation client_id id), one language pair: a save_to_disk
+#                      directory or Parquet files; nothing is downloaded. Columns:
+#                      --hf_audio_column audio, --hf_text_column sentence (text),
+#                      --hf_target_column translation (target), --hf_id_column id,
+#                      --hf_speaker_column client_id. Set → split: train=train dev=validation
+#                      test=test; --hf_splits "set=split ..." overrides entries. The audio bytes
+#                      are written once to $data/<set>/audio/<id>.<mp3|...>.
+#   --lhotse_cuts X    lhotse CutSets whose supervisions hold the transcript as text and the
+#                      translation in custom["target"] (--lhotse_target_key; as `lalmtool
+#                      manifest to-lhotse` writes them): a directory holding
+#                      covost2_cuts_<set>.jsonl.gz, a pattern "DIR/cuts_{set}.jsonl.gz", or
+#                      "set=FILE ..." words. Utterances are named by their supervision
+#                      (--lhotse_ids cut: by cut); lang and target_lang are --src_lang/--tgt_lang.
 #
 # Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk and GPU
 # memory as in recipes/librispeech: stores are fp16, D × 2 bytes × frames/s (Qwen2-Audio
 # D=1280 at 25/s: 230 MB per hour of audio; CoVoST 2 es→en train is ~113 h: ~26 GB frames).
-#   0  prepare   → $data/{train,dev,test}/manifest.jsonl (lalmtool prepare covost2): text =
+#   0  prepare   → $data/{train,dev,test}/manifest.jsonl (lalmtool prepare covost2, or
+#                  hf-dataset / lhotse): text =
 #                  transcript, target = translation, lang, target_lang                 CPU
 #   1  extract   → $exp/feats/frames/<set>          GPU: whole model in bf16, ~17 GB
 #   2  segment   → $exp/seg/<method>/<set>          int32 boundaries (MBs); CPU
@@ -28,6 +45,7 @@
 #                  zh, ja-mecab, ko-mecab, else 13a), asr: WER; $exp/RESULTS.md, results.png
 #
 # Usage: bash recipes/covost2/run.sh --cv_root DIR --covost_root DIR [--src_lang es]
+#          (or --hf_dataset DIR [--hf_splits "set=split ..."], or --lhotse_cuts DIR|PATTERN)
 #          [--tgt_lang en] [--tasks "st asr"] [--stage N] [--stop_stage M] [--backend B]
 #          [--model M] [--conditions "..."] [--nj N] [--exp DIR] [--data DIR]
 #          [--cmd local|"srun ..."] [--gpu_cmd "..."] [--config FILE]
@@ -39,6 +57,16 @@ stage=0
 stop_stage=6
 cv_root=
 covost_root=
+hf_dataset=                  # a local HF dataset in place of the clips and TSV (see above)
+hf_splits=                   # "set=split ..." over train=train dev=validation test=test
+hf_audio_column=audio
+hf_text_column=sentence
+hf_target_column=translation
+hf_id_column=id              # empty: ids <split>-<row>
+hf_speaker_column=client_id
+lhotse_cuts=                 # lhotse CutSets in place of the clips and TSV (see above)
+lhotse_ids=supervision       # supervision | cut: what names an utterance
+lhotse_target_key=target     # the supervisions' custom key holding the translation
 src_lang=es
 tgt_lang=en
 tasks="st asr"               # st: translate (BLEU/chrF), asr: transcribe (WER)
@@ -70,6 +98,7 @@ train_config=${train_config:-conf/$backend.yaml}
 mkdir -p "$exp"
 recipe=covost2
 source ../utils/stages.sh
+source ../utils/sources.sh
 sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
 
 # backend options of a task: what to do with the audio, in which languages
@@ -87,13 +116,26 @@ task_opts() {  # task_opts st|asr → KEY=VALUE words
 field_of() { [ "$1" = st ] && echo target || echo text; }
 
 if run_stage 0 "prepare manifests (CoVoST 2 $src_lang→$tgt_lang)"; then
-  [ -n "$cv_root" ] && [ -n "$covost_root" ] || {
-    echo "stage 0 needs --cv_root DIR (clips/*.mp3) and --covost_root DIR (covost_v2.*.tsv)" >&2
-    exit 1; }
-  ${cpu_cmd} "$python" -m lalmtool prepare covost2 --cv-root "$cv_root" \
-    --covost-root "$covost_root" \
-    --src-lang "$src_lang" --tgt-lang "$tgt_lang" --splits "$sets" --out "$data" \
-    --on-error "$on_error"
+  one_source cv_root+covost_root hf_dataset lhotse_cuts || exit 1
+  if [ -n "$hf_dataset" ]; then
+    prepare_hf_sets "train=train dev=validation test=test" --audio-column "$hf_audio_column" \
+      --text-column "$hf_text_column" --target-column "$hf_target_column" \
+      ${hf_id_column:+--id-column "$hf_id_column"} \
+      ${hf_speaker_column:+--speaker-column "$hf_speaker_column"} \
+      --lang "$src_lang" --target-lang "$tgt_lang" || exit 1
+  elif [ -n "$lhotse_cuts" ]; then
+    prepare_lhotse_sets covost2 --ids "$lhotse_ids" --lang "$src_lang" \
+      --target-lang "$tgt_lang" --target-key "$lhotse_target_key" || exit 1
+  else
+    [ -n "$cv_root" ] && [ -n "$covost_root" ] || {
+      echo "stage 0 needs --cv_root DIR (clips/*.mp3) and --covost_root DIR (covost_v2.*.tsv)," \
+        "or --hf_dataset DIR, or --lhotse_cuts DIR|PATTERN" >&2
+      exit 1; }
+    ${cpu_cmd} "$python" -m lalmtool prepare covost2 --cv-root "$cv_root" \
+      --covost-root "$covost_root" \
+      --src-lang "$src_lang" --tgt-lang "$tgt_lang" --splits "$sets" --out "$data" \
+      --on-error "$on_error"
+  fi
   end_stage 0 prepare
 fi
 

@@ -7,12 +7,33 @@
 # Expected layout (as unpacked from openslr.org/12):
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+# Or, in place of the raw tree (stage 0 only; the manifests hold the same ids, texts, speakers
+# and durations, so results are comparable):
+#   --hf_dataset DIR   a local copy of the Hugging Face LibriSpeech (openslr/librispeech_asr):
+#                      a save_to_disk directory, or the Parquet files of one config (e.g. its
+#                      all/ folder); nothing is downloaded. Columns: --hf_audio_column audio,
+#                      --hf_text_column text, --hf_id_column id, --hf_speaker_column speaker_id.
+#                      Set → split: config "all" names (the default map):
+#                        train-clean-100=train.clean.100 train-clean-360=train.clean.360
+#                        train-other-500=train.other.500 dev-clean=validation.clean
+#                        dev-other=validation.other test-clean=test.clean test-other=test.other
+#                      --hf_splits "set=split ..." overrides entries, e.g. for config "clean":
+#                        --hf_splits "train-clean-100=train.100 dev-clean=validation test-clean=test"
+#                      (a set in neither map is read from the split of its own name). The audio
+#                      bytes are written once to $data/<set>/audio/<id>.flac.
+#   --lhotse_cuts X    lhotse manifests: a directory holding librispeech_cuts_<set>.jsonl.gz
+#                      (icefall's data/fbank) or librispeech_recordings_<set>.jsonl.gz +
+#                      librispeech_supervisions_<set>.jsonl.gz (what `lhotse prepare
+#                      librispeech` writes), or a pattern "DIR/cuts_{set}.jsonl.gz", or
+#                      "set=FILE ..." words. Utterances are named by their supervision (the
+#                      corpus id; --lhotse_ids cut names them by cut); lang is "en".
 #
 # Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk is for
 # train-clean-100 (100.6 h) + the four dev/test sets (21.5 h); stores are fp16: D × 2 bytes ×
 # frames/s (Qwen2-Audio tower D=1280 at 25/s: 230 MB per hour; Whisper tiny.en D=384 at 50/s:
 # 138 MB per hour). GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
-#   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech)  ~30 MB; CPU
+#   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech, or
+#                  hf-dataset / lhotse)  ~30 MB; CPU (hf-dataset: + the audio, ~6.3 GB)
 #   1  extract   → $exp/feats/frames/<subset>   encoder frames                    qwen2-audio 28 GB
 #                  (whisper-tiny.en 17 GB); GPU: the whole model in bf16, ~17 GB (+ < 1 GB)
 #   2  segment   → $exp/seg/<method>/<subset>   boundaries, int32 (< 50 MB); CPU
@@ -29,6 +50,7 @@
 # keep decides the training targets; scoring normalises case and punctuation on both sides.
 #
 # Usage: bash recipes/librispeech/run.sh --librispeech_root DIR [--stage N] [--stop_stage M]
+#          (or --hf_dataset DIR [--hf_splits "set=split ..."], or --lhotse_cuts DIR|PATTERN)
 #          [--train_set S] [--dev_set S] [--test_sets "S ..."] [--backend B] [--model M]
 #          [--conditions "frames peaks uniform-mean-k3 ..."] [--nj N] [--exp DIR] [--data DIR]
 #          [--cmd local|"srun ..."] [--gpu_cmd "srun --gres=gpu:1 ..."] [--config FILE]
@@ -40,6 +62,14 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=6
 librispeech_root=
+hf_dataset=                  # a local HF dataset in place of the raw tree (see above)
+hf_splits=                   # "set=split ..." over the default map (see above)
+hf_audio_column=audio
+hf_text_column=text
+hf_id_column=id              # empty: ids <split>-<row>
+hf_speaker_column=speaker_id
+lhotse_cuts=                 # lhotse manifests in place of the raw tree (see above)
+lhotse_ids=supervision       # supervision | cut: what names an utterance
 train_set=train-clean-100
 dev_set=dev-clean            # validation loss during finetune
 test_sets="dev-clean test-clean dev-other test-other"
@@ -69,22 +99,39 @@ train_config=${train_config:-conf/$backend.yaml}
 mkdir -p "$exp"
 recipe=librispeech
 source ../utils/stages.sh
+source ../utils/sources.sh
 sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
+# HF LibriSpeech (openslr/librispeech_asr, config "all"): recipe set → dataset split
+hf_default_splits="train-clean-100=train.clean.100 train-clean-360=train.clean.360
+  train-other-500=train.other.500 dev-clean=validation.clean dev-other=validation.other
+  test-clean=test.clean test-other=test.other"
 
-if run_stage 0 "prepare manifests from $librispeech_root"; then
-  [ -n "$librispeech_root" ] || { echo "stage 0 needs --librispeech_root DIR" >&2; exit 1; }
-  for set in $sets; do  # a subset the tree lacks: name the option that lists it
-    [ -d "$librispeech_root/$set" ] && continue
-    from=--test_sets; [ "$set" = "$dev_set" ] && from=--dev_set
-    [ "$set" = "$train_set" ] && from=--train_set
-    there=$(cd "$librispeech_root" 2> /dev/null && ls -d -- */ 2> /dev/null | tr -d / | xargs)
-    echo "stage 0: LibriSpeech subset $set (from $from) not found in $librispeech_root," \
-      "which holds: ${there:-no subset}; give --train_set, --dev_set and --test_sets" \
-      "subsets that are there" >&2
-    exit 1
-  done
-  ${cpu_cmd} "$python" -m lalmtool prepare librispeech --root "$librispeech_root" \
-    --subsets "$sets" --out "$data" --text-case "$text_case" --on-error "$on_error"
+if run_stage 0 "prepare manifests from ${hf_dataset:-${lhotse_cuts:-$librispeech_root}}"; then
+  one_source librispeech_root hf_dataset lhotse_cuts || exit 1
+  if [ -n "$hf_dataset" ]; then
+    prepare_hf_sets "$hf_default_splits" --audio-column "$hf_audio_column" \
+      --text-column "$hf_text_column" ${hf_id_column:+--id-column "$hf_id_column"} \
+      ${hf_speaker_column:+--speaker-column "$hf_speaker_column"} --lang en \
+      --text-case "$text_case" || exit 1
+  elif [ -n "$lhotse_cuts" ]; then
+    prepare_lhotse_sets librispeech --ids "$lhotse_ids" --lang en --text-case "$text_case" \
+      || exit 1
+  else
+    [ -n "$librispeech_root" ] || { echo "stage 0 needs --librispeech_root DIR (or" \
+      "--hf_dataset DIR, or --lhotse_cuts DIR|PATTERN)" >&2; exit 1; }
+    for set in $sets; do  # a subset the tree lacks: name the option that lists it
+      [ -d "$librispeech_root/$set" ] && continue
+      from=--test_sets; [ "$set" = "$dev_set" ] && from=--dev_set
+      [ "$set" = "$train_set" ] && from=--train_set
+      there=$(cd "$librispeech_root" 2> /dev/null && ls -d -- */ 2> /dev/null | tr -d / | xargs)
+      echo "stage 0: LibriSpeech subset $set (from $from) not found in $librispeech_root," \
+        "which holds: ${there:-no subset}; give --train_set, --dev_set and --test_sets" \
+        "subsets that are there" >&2
+      exit 1
+    done
+    ${cpu_cmd} "$python" -m lalmtool prepare librispeech --root "$librispeech_root" \
+      --subsets "$sets" --out "$data" --text-case "$text_case" --on-error "$on_error"
+  fi
   end_stage 0 prepare
 fi
 

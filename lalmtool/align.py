@@ -33,16 +33,27 @@ in ``summary.json``.
 
 Output directory::
 
-    OUT/config.yaml, OUT/inputs.json     the options and the inputs' fingerprint
+    OUT/run.json, OUT/config.yaml        the options and the inputs by content
     OUT/log.jsonl                        step, loss, lr (and valid_wer at validations)
-    OUT/checkpoints/step-N/state.pt      resumable (projector, blank, optimizer, RNG, position)
+    OUT/checkpoints/step-N/              resumable (projector, blank, optimizer, RNG, position)
     OUT/projector.safetensors            the projector (best on validation WER, else last)
     OUT/ctc.safetensors                  blank vector, class token ids (``vocab``), scale
     OUT/summary.json                     steps, best/initial validation WER, skipped utterances
 
-A rerun resumes from the last checkpoint and ends with the same weights as an uninterrupted
-run; a rerun with other inputs or options refuses, naming what differs (``--force`` starts
-over).
+The run is the training core's (``lalmtool.trainer``, shared with ``lalmtool finetune``): a
+rerun resumes from the last checkpoint and ends with the same weights as an uninterrupted run,
+a finished run is reused, a rerun with other inputs or options refuses, naming what differs
+(``--force`` starts over), ``patience`` stops early.
+
+Whisper (``--backend whisper``): the same CTC head on Whisper's own encoder frames, through a
+learnt linear map onto the decoder's token embeddings (no stacking: one position per frame).
+It needs no LLM and trains in minutes on a CPU; ``ctc-segment`` then cuts Whisper's frames
+where its best class changes, for ``pool`` and a Whisper LoRA like any other compressor::
+
+    lalmtool align --backend whisper --feats exp/feats/frames/train \
+        --manifest data/train/manifest.jsonl --model whisper-tiny.en --out exp/align/whisper
+    lalmtool ctc-segment --align exp/align/whisper --feats exp/feats/frames/test \
+        --model whisper-tiny.en --out exp/seg/ctc/test
 
 CTC-based compression, ``lalmtool ctc-segment``: the aligned projector's best class per stacked
 position cuts the encoder frames into runs; each run of one token (``blank=join``: blank runs
@@ -54,18 +65,14 @@ adaptive rate, against the unsupervised ``peaks`` and uniform pooling at the sam
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import glob
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,80 +80,44 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .finetune import Examples, latest_checkpoint, truncate_log
-from .models import load_backend
+from . import trainer
+from .finetune import Examples
+from .lock import output_lock
+from .models import check_backend_options, load_backend
 from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
 from .fileio import file_sha256, write_atomic
-from .parallel import add_utterance, new_stats, progress
+from .parallel import add_utterance, check_out, new_stats
 from .store import ShardResult, Store, StoreError, fingerprint
+from .trainer import TrainingOptions, option
 
 log = logging.getLogger("lalmtool")
 
 CTC_FILE = "ctc.safetensors"
 VOCABS = ("train", "full")
+BACKENDS = ("speechllm", "whisper")  # what align trains: a projector, or an encoder-side head
 BLANK_RUNS = ("join", "keep")  # ctc-segment: blank runs join the token before them, or not
 CTC_SEGMENT_VERSION = 1
 
 
 @dataclass
-class AlignConfig:
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=20, metadata={"help": "linear warm-up, then linear decay"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "utterances per step"})
-    clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
-    scale: float = field(default=16.0, metadata={"help": "logit = scale * cosine"})
-    vocab: str = field(default="train", metadata={
-        "help": "train: the token ids of the training texts; full: every embedding row"})
-    seed: int = field(default=0, metadata={"help": "shuffling and blank initialisation"})
-    valid_every: int = field(default=50, metadata={"help": "steps between validations"})
-    patience: int = field(default=0, metadata={
-        "help": "stop after this many validations without a better WER (0: never)"})
-    save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    log_every: int = field(default=10, metadata={"help": "steps between log records"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    text_field: str = field(default="text", metadata={"help": "manifest field to align to"})
-    extra: dict = field(default_factory=dict, metadata={
-        "help": "speechllm options: encoder, projector, stack, hidden (see models/speechllm)"})
+class AlignConfig(TrainingOptions):
+    """The options of ``lalmtool align`` (``--help`` lists them with this help text)."""
 
-    @classmethod
-    def load(cls, path: str | None, overrides: dict | None = None) -> "AlignConfig":
-        """From a YAML file (optional) plus ``key=value`` overrides, names and types checked
-        (``backend: speechllm`` may stand in the file: it is the only backend aligned)."""
-        hints = typing.get_type_hints(cls)
-        values = {}
-        if path:
-            with open(path, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-        values.update(overrides or {})
-        if values.pop("backend", "speechllm") != "speechllm":
-            raise ValueError("align trains the projector of the speechllm backend only")
-        unknown = sorted(set(values) - set(hints))
-        if unknown:
-            raise ValueError(f"unknown align option(s) {unknown}; known: {sorted(hints)}")
-        for key, value in values.items():
-            kind = hints[key]
-            if kind in (int, float) and not isinstance(value, (int, float)):
-                try:
-                    values[key] = kind(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"align option {key} must be a number, not {value!r}")
-        for key, low in (("max_steps", 1), ("batch_size", 1), ("valid_every", 1),
-                         ("save_every", 1), ("log_every", 1), ("keep_checkpoints", 1),
-                         ("warmup_steps", 0), ("patience", 0), ("clip", 0)):
-            if key in values and values[key] < low:
-                raise ValueError(f"align option {key} must be >= {low}, not {values[key]!r}")
-        for key in ("lr", "scale"):
-            if key in values and not values[key] > 0:
-                raise ValueError(f"align option {key} must be > 0, not {values[key]!r}")
-        if values.get("vocab", "train") not in VOCABS:
-            raise ValueError(f"align option vocab must be one of {VOCABS}, not "
-                             f"{values['vocab']!r}")
-        return cls(**values)
+    WHAT = "align option"
+    COMMAND = "align"
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+    max_steps: int = option(300, "optimizer steps to train")
+    batch_size: int = option(16, "utterances per step")
+    backend: str = option("speechllm", "speechllm: align its projector onto the LLM's input "
+                                       "embeddings; whisper: a CTC head mapping the encoder "
+                                       "frames onto the decoder's token embeddings", BACKENDS)
+    scale: float = option(16.0, "logit = scale * cosine")
+    vocab: str = option("train", "train: the token ids of the training texts; full: every "
+                                 "embedding row", VOCABS)
+
+    def check(self) -> None:
+        super().check()
+        self.need(self.scale > 0, "scale", "> 0")
 
 
 # -- the CTC head --------------------------------------------------------------------------
@@ -196,21 +167,43 @@ def ctc_positions_needed(labels: list[int]) -> int:
 
 
 class Aligner:
-    """The projector of a speechllm backend, its CTC head and the label vocabulary."""
+    """A CTC head onto frozen token-embedding rows and its label vocabulary: for speechllm the
+    backend's projector (stacked encoder frames → the LLM's input embeddings), for whisper a
+    linear map of each encoder frame onto the decoder's token embeddings."""
 
-    def __init__(self, be, vocab: list[int], scale: float):
-        self.be, self.stack = be, be.stack
-        self.projector = be.model.projector.float()
-        rows = be.model.llm.get_input_embeddings().weight
+    def __init__(self, be, backend: str, vocab: list[int], scale: float):
+        self.be, self.backend = be, backend
+        if backend == "speechllm":
+            self.stack, self.projector = be.stack, be.model.projector.float()
+            rows = be.model.llm.get_input_embeddings().weight
+        else:
+            self.stack = 1
+            rows = be.model.get_decoder().get_input_embeddings().weight
+            self.projector = nn.Linear(be.model.config.d_model, rows.shape[1])
         self.vocab = list(vocab)
         self.index = {t: i + 1 for i, t in enumerate(self.vocab)}  # 0 is the blank
         self.head = CosineCTCHead(rows[torch.tensor(self.vocab)], scale)
+
+    @staticmethod
+    def embedding_rows(be, backend: str) -> int:
+        """How many token-embedding rows the model has (``vocab=full``)."""
+        module = be.model.llm if backend == "speechllm" else be.model.get_decoder()
+        return module.get_input_embeddings().weight.shape[0]
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters()) + [self.head.blank]
 
     def train(self, mode: bool = True) -> None:
         self.projector.train(mode)
+
+    def weights(self) -> dict:
+        """What a checkpoint holds of it: the projector (or head) and the blank vector."""
+        return {"projector": self.projector.state_dict(), "blank": self.head.blank.detach()}
+
+    def restore(self, ck: dict) -> None:
+        self.projector.load_state_dict(ck["projector"])
+        with torch.no_grad():
+            self.head.blank.copy_(ck["blank"])
 
     def labels(self, text: str) -> list[int] | None:
         """Class indices of ``text``'s tokens, or None if one is outside the vocabulary."""
@@ -278,115 +271,105 @@ def _feasible(al: Aligner, ex: Examples) -> tuple[dict[str, list[int]], list[dic
 
 
 # -- the run -------------------------------------------------------------------------------
+#: What a run writes into OUT (removed when it starts over).
+RUN_OUTPUTS = ("checkpoints", "best", "last", "log.jsonl", "summary.json", PROJECTOR_FILE,
+               CTC_FILE, "inputs.json")
+
+
+def _backend(cfg: AlignConfig, model: str):
+    be = load_backend(cfg.backend, model, **cfg.extra)
+    be.model.requires_grad_(False)
+    return be
+
+
 def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
           valid_feats: str | None = None, valid_manifest: str | None = None,
           init: str | None = None, force: bool = False) -> dict:
-    """Trains the projector (and the blank) with CTC; returns the run's summary."""
+    """Trains the projector (or whisper's head) and the blank with CTC, on the training core
+    (``lalmtool.trainer``); returns the run's summary. A finished run is reused."""
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together")
+    check_out(out, feats, *filter(None, [valid_feats]))
+    check_backend_options(cfg.backend, cfg.extra, "(--backend-opt)")
     train = Examples(feats, manifest, cfg.text_field)
     valid = Examples(valid_feats, valid_manifest, cfg.text_field) if valid_feats else None
-    inputs = _inputs(train, manifest, model, cfg, valid, valid_manifest, init)
-    _prepare_out(out, cfg, inputs, force)
 
-    _seed_all(cfg.seed)
-    be = load_backend("speechllm", model, **cfg.extra)
-    be.model.requires_grad_(False)
-    texts = [train.text[u] for u in train.ids]
-    if cfg.vocab == "full":
-        vocab = list(range(be.model.llm.get_input_embeddings().weight.shape[0]))
-    else:
-        vocab = train_vocab(be.tokenizer, texts)
-    al = Aligner(be, vocab, cfg.scale)
-    if init:
-        _load_init(al, init)
-    for p in al.parameters():
-        p.requires_grad_(True)
-    usable, skipped = _feasible(al, train)
-    if skipped:
-        log.warning("align: %d of %d training utterance(s) skipped (labels longer than their "
-                    "audio positions after stacking by %d), e.g. %s", len(skipped),
-                    len(train.ids), al.stack, ", ".join(s["id"] for s in skipped[:5]))
-    if not usable:
-        raise ValueError(f"align: none of the {len(train.ids)} utterances of {feats} has "
-                         f"fewer CTC labels than audio positions (stack {al.stack}); use a "
-                         "smaller stack or less compression")
-    ids = [u for u in train.ids if u in usable]
+    def inputs() -> dict:
+        return _inputs(train, manifest, model, cfg, valid, valid_manifest, init)
 
-    params = al.parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    state = {"step": 0, "position": [0, 0], "best": None, "best_step": None, "bad": 0,
-             "initial_wer": None}
-    ckpt = latest_checkpoint(out)
-    if ckpt:
-        state = _load_checkpoint(ckpt, al, opt, sched)
-        log.info("align: resuming from %s (step %d of %d)", ckpt, state["step"], cfg.max_steps)
-        truncate_log(out, state["step"])
-    elif valid:
-        state["initial_wer"] = _validate(al, valid)
-        state["best"], state["best_step"] = state["initial_wer"], 0
-        _save_weights(al, os.path.join(out, "best"))
-        _log(out, {"step": 0, "valid_wer": state["initial_wer"]})
-        _save_checkpoint(out, al, opt, sched, state, cfg)
+    with output_lock(out):
+        done = None if force else trainer.finished(out, cfg, inputs, CTC_FILE)
+        if done is not None:
+            log.info("%s: finished with these inputs and settings, nothing to do", out)
+            return done
+        recorded = inputs()
+        trainer.seed_all(cfg.seed)
+        be = _backend(cfg, model)
+        if cfg.vocab == "full":
+            vocab = list(range(Aligner.embedding_rows(be, cfg.backend)))
+        else:
+            vocab = train_vocab(be.tokenizer, [train.text[u] for u in train.ids])
+        al = Aligner(be, cfg.backend, vocab, cfg.scale)
+        if init:
+            _load_init(al, init)
+        for p in al.parameters():
+            p.requires_grad_(True)
+        usable, skipped = _feasible(al, train)
+        if skipped:
+            log.warning("align: %d of %d training utterance(s) skipped (labels longer than "
+                        "their audio positions after stacking by %d), e.g. %s", len(skipped),
+                        len(train.ids), al.stack, ", ".join(s["id"] for s in skipped[:5]))
+        if not usable:
+            raise ValueError(f"align: none of the {len(train.ids)} utterances of {feats} has "
+                             f"fewer CTC labels than audio positions (stack {al.stack}); use a "
+                             "smaller stack or less compression")
+        trainer.prepare_out(out, cfg, recorded, force, "an align run", RUN_OUTPUTS)
+        ids = [u for u in train.ids if u in usable]
+        run = trainer.Run(out, cfg, trainer.Dist(), al, al.parameters(), cfg.max_steps, al)
+        run.state["initial_wer"] = None
+        if not trainer.resume(run, al.restore) and valid:
+            run.state["initial_wer"] = _validate(run, valid)
+            _save_checkpoint(run)
+        stream = trainer.data_stream(
+            lambda epoch: _batches(trainer.shuffled(ids, cfg.seed, epoch), cfg.batch_size),
+            tuple(run.state["position"]), f"no training utterances in {feats}")
 
-    stream = _batches(ids, cfg, tuple(state["position"]))
-    bar = progress(total=cfg.max_steps, initial=state["step"], desc="align", unit="step")
-    al.train()
-    t0, seen = time.perf_counter(), 0
-    while state["step"] < cfg.max_steps and not _stopped(state, cfg):
-        position, batch = next(stream)
-        fb, _ = train.batch(batch)
-        loss = al.loss(fb, [usable[u] for u in batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        sched.step()
-        state["step"] += 1
-        state["position"] = list(position)
-        seen += len(batch)
-        step = state["step"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            el = time.perf_counter() - t0
-            _log(out, {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                       "utt_per_s": seen / el if el else None})
-        if valid and (step % cfg.valid_every == 0 or step == cfg.max_steps):
-            vwer = _validate(al, valid)
-            _log(out, {"step": step, "valid_wer": vwer})
-            if vwer < state["best"]:
-                state["best"], state["best_step"], state["bad"] = vwer, step, 0
-                _save_weights(al, os.path.join(out, "best"))
-            else:
-                state["bad"] += 1
-        if step % cfg.save_every == 0 or step == cfg.max_steps or _stopped(state, cfg):
-            _save_checkpoint(out, al, opt, sched, state, cfg)
-    bar.close()
+        def loss_of(batch: list[str]):
+            return al.loss(train.batch(batch)[0], [usable[u] for u in batch]), len(batch)
+
+        trainer.fit(run, lambda: trainer.train_step(run, loss_of, stream),
+                    (lambda: _validate(run, valid)) if valid else None,
+                    lambda: _save_checkpoint(run), "align", "utt_per_s")
+        return _export(run, feats, init, skipped, len(ids))
+
+
+def _export(run: trainer.Run, feats: str, init: str | None, skipped: list[dict],
+            used: int) -> dict:
+    """OUT/last; the best (by validation WER, else the last) weights copied to OUT; summary."""
+    out, al, state = run.out, run.job, run.state
     _save_weights(al, os.path.join(out, "last"))
-    final = os.path.join(out, "best" if valid else "last")
+    final = os.path.join(out, "best" if state["best_step"] is not None else "last")
     for name in (PROJECTOR_FILE, CTC_FILE):
         tmp = os.path.join(out, name + ".tmp")
         shutil.copyfile(os.path.join(final, name), tmp)
         os.replace(tmp, os.path.join(out, name))
-    summary = {"out": out, "steps": state["step"], "stopped_early": _stopped(state, cfg),
+    summary = {"out": out, "steps": state["step"], "stopped_early": run.stopped,
                "best_valid_wer": state["best"], "best_step": state["best_step"],
                "initial_valid_wer": state["initial_wer"], "vocab_size": len(al.vocab),
-               "utterances": len(ids), "skipped": len(skipped),
-               "skipped_ids": [s["id"] for s in skipped], "skipped_why": skipped,
-               "projector": os.path.join(out, PROJECTOR_FILE), "init": init,
-               "feats": os.path.abspath(feats)}
+               "utterances": used,
+               "skipped": len(skipped), "skipped_ids": [s["id"] for s in skipped],
+               "skipped_why": skipped, "projector": os.path.join(out, PROJECTOR_FILE),
+               "init": init, "feats": os.path.abspath(feats), "backend": run.cfg.backend}
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
-def _stopped(state: dict, cfg: AlignConfig) -> bool:
-    return bool(cfg.patience) and state["bad"] >= cfg.patience
+def _validate(run: trainer.Run, valid: Examples) -> float:
+    return trainer.validation(run, lambda: _valid_wer(run.job, valid),
+                              lambda path: _save_weights(run.job, path), "valid_wer")
 
 
-def _validate(al: Aligner, ex: Examples, batch_size: int = 32) -> float:
+def _valid_wer(al: Aligner, ex: Examples, batch_size: int = 32) -> float:
     refs, hyps = [], []
     for i in range(0, len(ex.ids), batch_size):
         fb, texts = ex.batch(ex.ids[i : i + batch_size])
@@ -395,30 +378,12 @@ def _validate(al: Aligner, ex: Examples, batch_size: int = 32) -> float:
     return wer(refs, hyps)
 
 
-def _batches(ids: list[str], cfg: AlignConfig, start: tuple[int, int]):
-    """((epoch, index of the next batch), batch) forever: a seeded shuffle per epoch."""
-    epoch, index = start
-    while True:
-        order = list(ids)
-        random.Random(cfg.seed * 100003 + epoch).shuffle(order)
-        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        for i in range(index, len(batches)):
-            yield (epoch, i + 1), batches[i]
-        epoch, index = epoch + 1, 0
+def _batches(order: list[str], size: int) -> list[list[str]]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def _lr_lambda(cfg: AlignConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        return max(0.0, 1 - (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return f
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def _save_checkpoint(run: trainer.Run) -> None:
+    trainer.save_checkpoint(run, run.job.weights)
 
 
 # -- CTC-greedy transcripts from an alignment ----------------------------------------------
@@ -434,11 +399,13 @@ def load_aligner(align_dir: str, model: str) -> Aligner:
     check_alignment(align_dir)
     path = os.path.join(align_dir, CTC_FILE)
     with open(os.path.join(align_dir, "config.yaml"), encoding="utf-8") as fh:
-        extra = dict((yaml.safe_load(fh) or {}).get("extra") or {})
+        config = yaml.safe_load(fh) or {}
+    extra = dict(config.get("extra") or {})
     extra.pop("init_projector", None)
-    be = load_backend("speechllm", model, **extra)
+    backend = config.get("backend", "speechllm")
+    be = load_backend(backend, model, **extra)
     ctc = load_file(path)
-    al = Aligner(be, ctc["vocab"].tolist(), float(ctc["scale"]))
+    al = Aligner(be, backend, ctc["vocab"].tolist(), float(ctc["scale"]))
     _load_init(al, align_dir)
     return al
 
@@ -476,7 +443,7 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
     info = {"set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
             "params": params, "condition": f"{label} (CTC greedy)", "decoder": "ctc-greedy",
             "feats": os.path.abspath(feats), "model": model, "align": os.path.abspath(align_dir),
-            "adapter": None, "lora": False, "backend": "speechllm", "utterances": len(rows),
+            "adapter": None, "lora": False, "backend": al.backend, "utterances": len(rows),
             "audio_seconds": audio_s, "audio_tokens": tokens,
             "tokens_per_s": tokens / audio_s if audio_s else None,
             "source_frame_rate": src_rate,
@@ -551,12 +518,19 @@ def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: 
 def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
             valid: Examples | None, valid_manifest: str | None, init: str | None) -> dict:
     """What determines the result besides the options: stores, texts, model, init weights."""
-    from .models.speechllm import read_spec
+    if cfg.backend == "speechllm":
+        from .models.speechllm import read_spec
 
-    spec = read_spec(model, **{k: v for k, v in cfg.extra.items()
-                               if k in ("encoder", "projector", "stack", "hidden", "norm")})
+        spec = read_spec(model, **{k: v for k, v in cfg.extra.items()
+                                   if k in ("encoder", "projector", "stack", "hidden", "norm")})
+        identity = {k: str(spec[k]) for k in ("llm", "encoder", "weights")}
+    else:
+        from .assets import resolve_model
+        from .finetune import _identity
+
+        identity = _identity(resolve_model(model))
     out = {"feats": train.store.fingerprint, "texts": fingerprint(train.text),
-           "model": {k: str(spec[k]) for k in ("llm", "encoder", "weights")},
+           "model": identity,
            "valid_feats": valid.store.fingerprint if valid else None,
            "valid_texts": fingerprint(valid.text) if valid else None,
            "init": None}
@@ -572,32 +546,6 @@ def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
             os.path.join(init_projector, PROJECTOR_FILE)
         out["init_projector"] = file_sha256(file) if os.path.exists(file) else file
     return out
-
-
-def _prepare_out(out: str, cfg: AlignConfig, inputs: dict, force: bool) -> None:
-    """Refuses to resume a run made with other inputs or options (names what differs)."""
-    cfg_path, in_path = os.path.join(out, "config.yaml"), os.path.join(out, "inputs.json")
-    if force and os.path.isdir(out):
-        for name in ("checkpoints", "best", "last", "log.jsonl", "summary.json",
-                     PROJECTOR_FILE, CTC_FILE):
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else \
-                (os.remove(path) if os.path.exists(path) else None)
-    if os.path.exists(cfg_path) and os.path.exists(in_path) and \
-            (latest_checkpoint(out) or os.path.exists(os.path.join(out, "summary.json"))):
-        with open(cfg_path, encoding="utf-8") as fh:
-            old_cfg = yaml.safe_load(fh) or {}
-        with open(in_path, encoding="utf-8") as fh:
-            old_in = json.load(fh)
-        new_cfg = dataclasses.asdict(cfg)
-        differ = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-        differ += sorted(k for k in set(old_in) | set(inputs) if old_in.get(k) != inputs.get(k))
-        if differ:
-            raise ValueError(f"{out} holds an alignment run with other {', '.join(differ)}; "
-                             "use another --out, or --force to start over")
-    os.makedirs(out, exist_ok=True)
-    write_atomic(cfg_path, cfg.to_yaml())
-    write_atomic(in_path, json.dumps(inputs, indent=1, sort_keys=True))
 
 
 def _ctc_state(al: Aligner) -> dict[str, torch.Tensor]:
@@ -628,40 +576,3 @@ def _load_init(al: Aligner, init: str) -> None:
     if os.path.exists(ctc):
         with torch.no_grad():
             al.head.blank.copy_(load_file(ctc)["blank"])
-
-
-def _save_checkpoint(out, al, opt, sched, state, cfg) -> None:
-    final = os.path.join(out, "checkpoints", f"step-{state['step']}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate()}
-    torch.save({"projector": al.projector.state_dict(), "blank": al.head.blank.detach(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "state": state, "rng": rng}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    steps = sorted(glob.glob(os.path.join(out, "checkpoints", "step-*[0-9]")),
-                   key=lambda d: int(d.rsplit("-", 1)[1]))
-    for old in steps[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path, al, opt, sched) -> dict:
-    ck = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    al.projector.load_state_dict(ck["projector"])
-    with torch.no_grad():
-        al.head.blank.copy_(ck["blank"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    np.random.set_state(ck["rng"]["numpy"])
-    random.setstate(ck["rng"]["python"])
-    return ck["state"]
-
-
-def _log(out: str, rec: dict) -> None:
-    with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec) + "\n")
-    log.info("align %s", rec)

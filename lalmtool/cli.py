@@ -405,21 +405,31 @@ def pool(feats, segments, reduce, out, nj, force) -> None:
 
 
 class _TrainingCommand(click.Command):
-    """finetune: its own options plus one per training option (``TrainConfig``'s fields, with
-    their help and defaults), added when the command runs so that ``lalmtool --help`` does not
-    import torch. ``--max_steps`` is accepted for ``--max-steps``."""
+    """finetune, align: their own options plus one per training option (the fields of the
+    command's options class, ``CONFIG``, with their help, defaults and allowed values), added
+    when the command runs so that ``lalmtool --help`` does not import torch. ``--max_steps`` is
+    accepted for ``--max-steps``."""
+
+    CONFIG = "finetune:TrainConfig"
+
+    def config(self):
+        import importlib
+
+        module, name = self.CONFIG.split(":")
+        return getattr(importlib.import_module(f"lalmtool.{module}"), name)
 
     def get_params(self, ctx):
         if not any(p.name == "lr" for p in self.params):
             import dataclasses
 
-            from .finetune import TrainConfig
-
-            for f in dataclasses.fields(TrainConfig):
+            for f in dataclasses.fields(self.config()):
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
                 kind = {"int": "INT", "float": "FLOAT", "float | None": "FLOAT", "dict": "YAML",
                         "list[str] | str | None": "LIST|REGEX",
                         "list[float] | float | None": "SECONDS|[MIN,MAX]"}.get(str(f.type), "TEXT")
+                choices = f.metadata.get("choices")
+                if choices:
+                    kind = "|".join(choices)
                 self.params.append(click.Option(
                     [f"--{f.name.replace('_', '-')}", f.name], default=None, metavar=kind,
                     help=f"{f.metadata['help']}  [default: "
@@ -436,6 +446,19 @@ class _TrainingCommand(click.Command):
         return super().parse_args(ctx, fixed)
 
 
+class _AlignCommand(_TrainingCommand):
+    CONFIG = "align:AlignConfig"
+
+
+def _training_config(cls, config_path: str | None, options: dict, backend_opt) -> object:
+    """The options of a training command: --config, then --key value, then --backend-opt
+    (merged into ``extra``); every error is one line, before anything is written."""
+    given = _run(parse_overrides, [f"{k}={v}" for k, v in options.items() if v is not None])
+    cfg = _run(cls.load, config_path, given)
+    cfg.extra = {**cfg.extra, **_backend_opts(backend_opt)}
+    return cfg
+
+
 @main.command(cls=_TrainingCommand)
 @click.option("--feats", required=True, help="Training feature store (frames or pooled).")
 @click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
@@ -449,12 +472,14 @@ class _TrainingCommand(click.Command):
 @click.option("--init-projector", help="speechllm: start the projector from `lalmtool align`'s "
               "output (sets extra.init_projector).")
 @click.option("--force", is_flag=True, help="Start over, discarding an earlier run in --out.")
+@BACKEND_OPT
 def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
-             init_adapter, init_projector, force, **options) -> None:
+             init_adapter, init_projector, force, backend_opt, **options) -> None:
     """Train LoRA adapters on the decoder from stored features.
 
-    Training options (from --backend on) take a YAML value, as --key value or --key=value
-    (e.g. --lr 3e-4 --max-steps=400 --target-modules '[q_proj, v_proj]'). A rerun resumes
+    Training options (from --lr on) take a YAML value, as --key value or --key=value
+    (e.g. --lr 3e-4 --max-steps=400 --target-modules '[q_proj, v_proj]'); backend options
+    as --backend-opt key=value (or --extra '{key: value}'). A rerun resumes
     from the last checkpoint of the same run; other settings or inputs are refused (--force
     starts over).
     """
@@ -462,8 +487,7 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
 
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
-    given = [f"{k}={v}" for k, v in options.items() if v is not None]
-    cfg = _run(TrainConfig.load, config_path, _run(parse_overrides, given))
+    cfg = _training_config(TrainConfig, config_path, options, backend_opt)
     if init_projector:
         cfg.extra = {**cfg.extra, "init_projector": os.path.abspath(init_projector)}
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
@@ -472,32 +496,32 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
                  ["condition", "steps", "loss", "best_valid_loss", "best_step", "adapter"])
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(cls=_AlignCommand)
 @click.option("--feats", required=True, help="Training feature store (frames or pooled).")
 @click.option("--manifest", "manifest_path", required=True, help="Manifest with the texts.")
-@click.option("--model", required=True, help="The LLM (or a speechllm directory).")
+@click.option("--model", required=True, help="The LLM (or a speechllm directory); for "
+              "--backend whisper the Whisper checkpoint.")
 @click.option("--out", required=True, help="Output directory (projector, checkpoints, logs).")
-@click.option("--config", "config_path", help="YAML options (see lalmtool.align.AlignConfig).")
+@click.option("--config", "config_path", help="YAML options (options below override it).")
 @click.option("--valid-feats", help="Validation feature store (CTC-greedy WER in the log).")
 @click.option("--valid-manifest", help="Validation manifest.")
 @click.option("--init", "init", help="Start from an earlier alignment's output directory.")
 @click.option("--force", is_flag=True, help="Start over, discarding an earlier run in --out.")
 @BACKEND_OPT
-@click.pass_context
-def align(ctx, feats, manifest_path, model, out, config_path, valid_feats, valid_manifest, init,
-          force, backend_opt) -> None:
-    """Align a speechllm projector to the LLM's token embeddings with CTC (before finetune).
+def align(feats, manifest_path, model, out, config_path, valid_feats, valid_manifest, init,
+          force, backend_opt, **options) -> None:
+    """Align a CTC head onto the model's token embeddings: a speechllm projector before
+    finetune, or a head on Whisper's encoder frames for ctc-segment.
 
-    Options as --key=value (e.g. --max_steps=300 --lr=1e-3 --patience=2); see
-    lalmtool.align.AlignConfig. A rerun resumes; pass the result to finetune's
-    --init-projector.
+    Options (from --lr on) as --key value or --key=value (e.g. --max-steps=300 --lr=1e-3
+    --patience=2). A rerun resumes; pass the result to finetune's --init-projector or to
+    ctc-segment's --align.
     """
     from .align import AlignConfig, align as run
 
     if bool(valid_feats) != bool(valid_manifest):
         raise click.UsageError("--valid-feats and --valid-manifest go together")
-    cfg = _run(AlignConfig.load, config_path, _run(parse_overrides, ctx.args))
-    cfg.extra = {**cfg.extra, **_backend_opts(backend_opt)}
+    cfg = _training_config(AlignConfig, config_path, options, backend_opt)
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
              valid_manifest=valid_manifest, init=init, force=force)
     s.pop("skipped_why", None)

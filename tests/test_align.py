@@ -187,9 +187,12 @@ def test_resume_gives_the_same_projector_bit_for_bit(data, tiny_llm, tmp_path): 
 def test_other_options_or_inputs_refuse_and_force_starts_over(data, tiny_llm,  # noqa: F811
                                                                tmp_path):
     run(data, tmp_path / "al", tiny_llm, max_steps=2)
-    with pytest.raises(ValueError, match=r"other lr, max_steps; use another --out, or --force"):
+    with pytest.raises(ValueError, match=r"an align run with another configuration or other "
+                                         r"inputs \(lr: 0\.01 there, 0\.001 now; max_steps: 2 "
+                                         r"there, 3 now\); use another --out, or --force"):
         run(data, tmp_path / "al", tiny_llm, max_steps=3, lr=1e-3)
-    with pytest.raises(ValueError, match=r"other valid_texts"):
+    with pytest.raises(ValueError, match=r"\(--valid-texts: [0-9a-f]{12} there, [0-9a-f]{12} "
+                                         r"now\)"):
         align(data["feats"], data["manifest"], tiny_llm, str(tmp_path / "al"),
               cfg(data, max_steps=2), valid_feats=data["valid_feats"],
               valid_manifest=data["manifest"])
@@ -222,10 +225,12 @@ def test_cli_reports_skips_and_fails_in_one_line(data, tiny_llm, tmp_path):  # n
     assert r.exit_code == 1 and "vocab must be one of" in r.output
     r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
                                            str(tmp_path / "x"), "--max_steps=0"])
-    assert r.exit_code == 1 and "Error: align option max_steps must be >= 1, not 0" in r.output
+    assert r.exit_code == 1 and "Error: align option max_steps must be >= 1 (no steps would " \
+                                "write untrained weights), not 0" in r.output
     r = CliRunner().invoke(main, common + ["--manifest", data["manifest"], "--out",
                                            str(tmp_path / "x"), "--max_step=3"])
-    assert r.exit_code == 1 and "unknown align option(s) ['max_step']" in r.output
+    assert r.exit_code == 2 and "No such option '--max_step'" in r.output
+    assert not (tmp_path / "x").exists()  # every option error before anything is written
 
 
 def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  # noqa: F811

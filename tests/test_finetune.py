@@ -150,10 +150,10 @@ def test_ddp_two_processes_equals_gradient_accumulation(train_set, tiny_whisper_
     ({"save_every": 0}, "save_every must be >= 1, not 0"),
     ({"grad_accum": 0}, "grad_accum must be >= 1, not 0"),
     ({"max_steps": "abc"}, "max_steps must be an integer, not 'abc'"),
-    ({"max_steps": 0}, r"max_steps must be >= 1 \(no steps would write an untrained adapter\)"),
+    ({"max_steps": 0}, r"max_steps must be >= 1 \(no steps would write untrained weights\)"),
     ({"max_steps": -5}, "max_steps must be >= 1 .*not -5"),
     ({"lr": 0}, "lr must be > 0, not 0.0"),
-    ({"amp": "fp8"}, "amp must be auto, bf16, fp16 or off, not 'fp8'"),
+    ({"amp": "fp8"}, "amp must be one of auto, bf16, fp16, off, not 'fp8'"),
     ({"backend": "gpt"}, "backend must be one of whisper, qwen2-audio, speechllm, not 'gpt'"),
     ({"max_step": 3},
      r"unknown training option 'max_step' \(did you mean max_steps or warmup_steps\?\)"),
@@ -408,14 +408,14 @@ def test_fp16_uses_a_gradient_scaler_that_is_checkpointed_and_restored(train_set
     assert scales == [1024.0, 1024.0]
 
 
-def test_trainable_projector_keeps_float32_master_weights_under_bf16(tiny_whisper, tmp_path):
+def test_trainable_projector_keeps_float32_master_weights_under_bf16(tiny_whisper, smollm2,
+                                                                     tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from conftest import tone, write_manifest
-    from lalmtool.assets import fetch
     import soundfile as sf
 
-    tok = AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(smollm2)
     llm = str(tmp_path / "llm")
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(

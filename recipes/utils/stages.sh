@@ -39,12 +39,89 @@ resolve_python() {
 }
 python=$(resolve_python) || exit 1
 
-# condition name (frames, peaks, uniform-mean-k3, uniform-pick-k2, ...) → segmentation,
-# its lalmtool segment options, the pooling reducer, and the feature store of a set
-seg_of() { case "$1" in peaks) echo "peaks";; *-k*) echo "uniform-k${1##*-k}";; esac; }
-seg_args() { case "$1" in peaks) echo "--method peaks";; uniform-k*) echo "--method uniform --k ${1#uniform-k}";; esac; }
-reduce_of() { case "$1" in *-pick-*) echo pick;; *) echo mean;; esac; }
-feats_of() { [ "$1" = frames ] && echo "$exp/feats/frames/$2" || echo "$exp/pooled/$1/$2"; }
+# Condition names (what --conditions takes) → segmentation, its lalmtool segment options, the
+# pooling reducer, and the feature store of a set:
+#   frames | native                  the encoder frames (trimmed | padded 30 s windows), no pooling
+#   METHOD[-REDUCE][-PARAM]          `lalmtool segment --method METHOD` + `pool --reduce REDUCE`
+#     METHOD  peaks | uniform | scpc | prominence | ctc
+#     REDUCE  mean (default) | pick
+#     PARAM   kK   uniform every K frames (--k K)
+#             rR   --target-rate R tokens/s (uniform, scpc, prominence; picked per set)
+#             tX   --threshold X (scpc, prominence)
+#             blankjoin | blankkeep   ctc: `lalmtool ctc-segment --blank join|keep` (the CTC
+#                  boundaries come from an aligned projector, not from `segment`: see seg_cmd)
+#     e.g. peaks, uniform-mean-k3, uniform-pick-k2, prominence-mean-r5, scpc-mean-r10, scpc-t0.1
+#   SOURCE+STEP                      STEP (a name above) applied to the pooled features of the
+#                                    condition SOURCE, e.g. peaks+uniform-mean-k3 (peaks tokens
+#                                    pooled by 3), peaks+prominence-mean-r10
+# The segmentation (seg_of) names $exp/seg/<seg>/<set>: METHOD[-PARAM], prefixed by SOURCE+ for
+# a chained step; the pooled store is $exp/pooled/<condition>/<set>.
+cond_ok() {  # cond_ok COND: true for a valid name, else an error on stderr naming it
+  local c=$1 last=${1##*+} method param
+  [ "$c" = frames ] || [ "$c" = native ] && return 0
+  if [[ "$c" == *+* ]]; then
+    cond_ok "${c%+*}" || return 1
+    [[ "$last" == ctc* ]] && { echo "condition $c: ctc cannot follow another condition" >&2; return 1; }
+  fi
+  if [[ ! "$last" =~ ^(peaks|uniform|scpc|prominence|ctc)(-(mean|pick))?(-(k[0-9]+|r[0-9]+(\.[0-9]+)?|t[0-9]+(\.[0-9]+)?|blankjoin|blankkeep))?$ ]]; then
+    echo "condition $c: not a condition name (frames, native, METHOD[-mean|-pick][-kK|-rR|-tX], SOURCE+STEP; see recipes/utils/stages.sh)" >&2
+    return 1
+  fi
+  method=${BASH_REMATCH[1]} param=${BASH_REMATCH[5]}
+  case "$method:$param" in
+    peaks:) ;;
+    uniform:k*|uniform:r*) [ "${param#k}" != 0 ] || { echo "condition $c: k must be >= 1" >&2; return 1; } ;;
+    scpc:|scpc:r*|scpc:t*|prominence:|prominence:r*|prominence:t*) ;;
+    ctc:blank*) ;;
+    *) echo "condition $c: $method ${param:+does not take $param}${param:-needs a parameter}" \
+         "(uniform: kK or rR; scpc, prominence: rR or tX; peaks: none; ctc: blankjoin or blankkeep)" >&2
+       return 1 ;;
+  esac
+}
+cond_src() {  # the condition whose features COND's last step compresses (frames unless chained)
+  [[ "$1" == *+* ]] && echo "${1%+*}" || echo frames
+}
+seg_of() {  # COND → its segmentation's name, e.g. uniform-mean-k3 → uniform-k3
+  local c=$1 last=${1##*+} pre=
+  [[ "$c" == *+* ]] && pre="${c%+*}+"
+  last=${last/-mean/}; last=${last/-pick/}
+  echo "$pre$last"
+}
+seg_args() {  # segmentation name → `lalmtool segment` options (ctc: none, see seg_cmd)
+  local s=${1##*+} method param
+  method=${s%%-*} param=
+  [ "$method" = "$s" ] || param=${s#*-}
+  case "$param" in
+    "") echo "--method $method" ;;
+    k*) echo "--method $method --k ${param#k}" ;;
+    r*) echo "--method $method --target-rate ${param#r}" ;;
+    t*) echo "--method $method --threshold ${param#t}" ;;
+    blank*) ;;
+  esac
+}
+reduce_of() { case "${1##*+}" in *-pick|*-pick-*) echo pick;; *) echo mean;; esac; }
+feats_of() {  # feats_of COND SET: the feature store COND's decoder input is read from
+  case "$1" in
+    frames|native) echo "$exp/feats/$1/$2" ;;
+    *) echo "$exp/pooled/$1/$2" ;;
+  esac
+}
+# seg_cmd COND SET: the segmentation of COND's last step over the features of its source.
+# A ctc condition is cut by `lalmtool ctc-segment --align DIR --blank join|keep` from a
+# projector aligned by `lalmtool align` (recipes/mini_speechllm stage 8 does it for the
+# speechllm backend); its place is here, not yet wired to the whisper recipes.
+seg_cmd() {
+  local cond=$1 set=$2 seg
+  seg=$(seg_of "$cond")
+  case "${seg##*+}" in
+    ctc-*)
+      echo "condition $cond: CTC segmentation (lalmtool align + ctc-segment) is not part of" \
+        "this recipe yet" >&2
+      return 1 ;;
+  esac
+  ${cpu_cmd:-} "$python" -m lalmtool segment --feats "$(feats_of "$(cond_src "$cond")" "$set")" \
+    $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+}
 
 # stage 1: encoder frames of every set given, with the recipe's ${extract_opts[@]}
 extract_sets() {
@@ -55,28 +132,47 @@ extract_sets() {
   done
 }
 
-# stage 2: each distinct segmentation of $conditions on the frames of every set given
+# stage 2: each distinct segmentation of $conditions on the frames of every set given (a
+# chained condition's: that of the condition it starts from; its own step runs in stage 3)
 segment_sets() {
-  local seg set
-  for seg in $(for c in $conditions; do [ "$c" = frames ] || seg_of "$c"; done | sort -u); do
+  local c root seg set _segmented=
+  for c in $conditions; do cond_ok "$c" || return 1; done
+  for root in $(for c in $conditions; do echo "${c%%+*}"; done | awk '!seen[$0]++'); do
+    case "$root" in frames|native) continue ;; esac
+    seg=$(seg_of "$root")
+    [[ " $_segmented " == *" $seg "* ]] && continue
+    _segmented+=" $seg"
     for set in "$@"; do
-      ${cpu_cmd:-} "$python" -m lalmtool segment \
-        --feats "$exp/feats/frames/$set" $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+      seg_cmd "$root" "$set" || return 1
     done
   done
 }
 
-# stage 3: every condition of $conditions but frames, pooled for every set given
+# stage 3: every condition of $conditions but frames, pooled for every set given; a chained
+# condition pools its source first, then segments and pools its own step
 pool_sets() {
-  local cond set
+  local cond set _pooled=
+  for cond in $conditions; do cond_ok "$cond" || return 1; done
   for cond in $conditions; do
-    [ "$cond" = frames ] && continue
+    case "$cond" in frames|native) continue ;; esac
     for set in "$@"; do
-      ${cpu_cmd:-} "$python" -m lalmtool pool --feats "$exp/feats/frames/$set" \
-        --segments "$exp/seg/$(seg_of "$cond")/$set" \
-        --reduce "$(reduce_of "$cond")" --out "$exp/pooled/$cond/$set"
+      pool_condition "$cond" "$set" || return 1
     done
   done
+}
+pool_condition() {  # pool_condition COND SET (each condition and set once per pool_sets call)
+  local cond=$1 set=$2 src
+  src=$(cond_src "$cond")
+  case "$cond" in frames|native) return 0 ;; esac
+  [[ " ${_pooled:-} " == *" $cond:$set "* ]] && return 0
+  if [ "$src" != frames ]; then
+    pool_condition "$src" "$set" || return 1
+    seg_cmd "$cond" "$set" || return 1
+  fi
+  ${cpu_cmd:-} "$python" -m lalmtool pool --feats "$(feats_of "$src" "$set")" \
+    --segments "$exp/seg/$(seg_of "$cond")/$set" \
+    --reduce "$(reduce_of "$cond")" --out "$(feats_of "$cond" "$set")"
+  _pooled+=" $cond:$set"
 }
 
 # stage 4: finetune_condition COND NAME [OPTIONS...]: LoRA on COND's features of $train_set,

@@ -2,7 +2,7 @@
 """Data preparation for the mini recipe: synthetic English speech plus 5 real LibriVox clips.
 
     python3 recipes/mini/local/prepare_data.py --out data [--n-train 2000] [--n-dev 100]
-        [--n-test 100] [--seed 0] [--nj 2]
+        [--n-test 100] [--n-unseen 0] [--seed 0] [--nj 2]
 
 Writes, for each of train, dev and test, ``DATA_DIR/<set>/manifest.jsonl`` and
 ``DATA_DIR/<set>/wav/*.wav`` (16 kHz mono PCM16): WordNet usage examples (see corpus.py)
@@ -10,6 +10,12 @@ spoken by espeak-ng and flite voices with varied accent, speed and pitch (see tt
 Sentences are split between the sets before synthesis, so no dev or test sentence is ever
 in train. ``DATA_DIR/librivox/manifest.jsonl`` points at the 5 LibriVox utterances of
 Debian's pocketsphinx-testdata (absolute paths, already 16 kHz).
+
+``--n-unseen N`` (default 0: not made) adds ``DATA_DIR/unseen``: N held-out sentences of 7-20
+words (2-10 s) spoken by voices that no training set uses (``UNSEEN_VOICES``: espeak-ng variants
+and an accent that tts.py leaves out, and flite's 8 kHz ``kal``), one voice after another. Its
+sentences come after room for ``RESERVED_TRAIN`` training sentences and recipes/mini_longform's
+recordings in the shuffled pool, so they are in no other set for any ``--n-train`` up to that.
 
 Manifest lines: {"id", "audio" (relative to the manifest's folder), "text", "duration",
 "lang": "en", "voice"}. Everything is determined by the seed and the sizes: the same
@@ -39,6 +45,20 @@ import tts  # noqa: E402
 
 PREP_VERSION = 1  # bump when a change to this code changes the audio or the manifests
 LIBRIVOX_DIR = "/usr/share/pocketsphinx/test/data/librivox"
+#: the unseen set's sentences follow room for this many training sentences and for
+#: recipes/mini_longform's long recordings (up to 6 x 40 sentences) in the shuffled pool
+RESERVED_TRAIN = 5000
+RESERVED_LONGFORM = 240
+UNSEEN_WORDS = (7, 20)  # words per unseen sentence: 2-10 s at these voices' speeds
+#: voices that tts.random_voice never draws: espeak-ng variants it leaves out (f4, f1, david,
+#: belinda, anika), an accent it leaves out (en-us-nyc) and flite's 8 kHz diphone voice kal
+UNSEEN_VOICES = (tts.Voice("espeak", "en-us+f4", 150, 50),
+                 tts.Voice("espeak", "en-gb+david", 150, 45),
+                 tts.Voice("espeak", "en-us+belinda", 150, 50),
+                 tts.Voice("espeak", "en-gb+f1", 150, 50),
+                 tts.Voice("espeak", "en-gb-x-rp+anika", 150, 50),
+                 tts.Voice("espeak", "en-us-nyc+m3", 150, 50),
+                 tts.Voice("flite", "kal", 1.0))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,17 +67,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-dev", type=int, default=100)
     p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--n-unseen", type=int, default=0,
+                   help="utterances of the unseen-voices test set (0: not made)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nj", type=int, default=os.cpu_count() or 1,
                    help="parallel synthesis processes (default: all cores)")
     p.add_argument("--flite-share", type=float, default=tts.FLITE_SHARE,
                    help="fraction of utterances spoken by flite, the rest by espeak-ng")
     args = p.parse_args(argv)
-    for name in ("n_train", "n_dev", "n_test"):
+    for name in ("n_train", "n_dev", "n_test", "n_unseen"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     if not 0.0 <= args.flite_share <= 1.0:
         p.error("--flite-share must lie in [0, 1]")
+    if args.n_unseen and args.n_train > RESERVED_TRAIN:
+        p.error(f"--n-unseen needs --n-train <= {RESERVED_TRAIN} (its sentences follow those)")
     return args
 
 
@@ -118,7 +142,31 @@ def plan_sets(args: argparse.Namespace, flite_voices: list[str]) -> dict[str, li
             items.append({"id": utt, "text": text, "voice": voice,
                           "audio": f"wav/{utt}_{digest}.wav"})
         plans[name] = items
+    if getattr(args, "n_unseen", 0):
+        plans["unseen"] = plan_unseen(sentences, exclude, args)
     return plans
+
+
+def plan_unseen(sentences: list[str], exclude: tuple[str, ...],
+                args: argparse.Namespace) -> list[dict]:
+    """The unseen-voices set: held-out sentences of ``UNSEEN_WORDS`` words, one voice of
+    ``UNSEEN_VOICES`` after another."""
+    sizes = {"test": args.n_test, "dev": args.n_dev, "train": RESERVED_TRAIN,
+             "longform": RESERVED_LONGFORM}
+    sizes["unseen"] = len(sentences) - sum(sizes.values()) - len(exclude)
+    pool = corpus.split_sentences(sentences, sizes, args.seed, exclude=exclude)["unseen"]
+    lo, hi = UNSEEN_WORDS
+    chosen = [s for s in pool if lo <= len(s.split()) <= hi][:args.n_unseen]
+    if len(chosen) < args.n_unseen:
+        raise corpus.CorpusError(f"only {len(chosen)} held-out sentences of {lo}-{hi} words "
+                                 f"for --n-unseen {args.n_unseen}")
+    items = []
+    for i, text in enumerate(chosen):
+        voice = UNSEEN_VOICES[i % len(UNSEEN_VOICES)]
+        utt = f"mini-unseen-{i:05d}"
+        digest = hashlib.sha1(f"{PREP_VERSION}|{text}|{voice.tag}".encode()).hexdigest()[:10]
+        items.append({"id": utt, "text": text, "voice": voice, "audio": f"wav/{utt}_{digest}.wav"})
+    return items
 
 
 def plan_params(name: str, items: list[dict], args: argparse.Namespace) -> dict:
@@ -257,7 +305,9 @@ def main(argv=None) -> int:
         librivox = prepare_librivox(args.out)
         plans = plan_sets(args, flite_voices)
         summaries = [summarize("librivox", librivox)]
-        for name in ("train", "dev", "test"):
+        for name in ("train", "dev", "test", "unseen"):
+            if name not in plans:
+                continue
             records = build_set(args.out, name, plans[name], args)
             summaries.append(summarize(name, records))
     except (tts.TTSError, corpus.CorpusError, FileNotFoundError) as e:

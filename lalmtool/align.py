@@ -290,7 +290,7 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together")
     check_out(out, feats, *filter(None, [valid_feats]))
-    check_backend_options(cfg.backend, cfg.extra, "(--backend-opt)")
+    check_backend_options(cfg.backend, cfg.extra, "from --backend-opt")
     train = Examples(feats, manifest, cfg.text_field)
     valid = Examples(valid_feats, valid_manifest, cfg.text_field) if valid_feats else None
 

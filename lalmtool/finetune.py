@@ -241,7 +241,6 @@ def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
                          "--valid-manifest)")
-    check_backend_options(cfg.backend, cfg.extra, "from --extra")
     train = Examples(feats, manifest, cfg.text_field, cfg.concat_group)
     valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group) \
         if valid_feats else None
@@ -366,6 +365,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     A rerun into ``out`` resumes the same run (same configuration and inputs) or is refused;
     ``force`` starts over."""
     check_out(out, feats, *filter(None, [valid_feats]))  # before OUT/.lock is written
+    check_backend_options(cfg.backend, cfg.extra, "from --backend-opt or --extra")
     dist = _distributed(cfg)
 
     def inputs() -> dict:

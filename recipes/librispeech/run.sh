@@ -33,7 +33,7 @@
 # frames/s (Qwen2-Audio tower D=1280 at 25/s: 230 MB per hour; Whisper tiny.en D=384 at 50/s:
 # 138 MB per hour). GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
 #   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech, or
-#                  hf-dataset / lhotse)  ~30 MB; CPU (hf-dataset: + the audio, ~6.3 GB)
+#                  hf-dataset / lhotse)  ~30 MB; CPU (hf-dataset: + a copy of the FLAC, ~7.6 GB)
 #   1  extract   → $exp/feats/frames/<subset>   encoder frames                    qwen2-audio 28 GB
 #                  (whisper-tiny.en 17 GB); GPU: the whole model in bf16, ~17 GB (+ < 1 GB)
 #   2  segment   → $exp/seg/<method>/<subset>   boundaries, int32 (< 50 MB); CPU

@@ -147,8 +147,7 @@ def test_study_conditions_derived_from_the_rates():
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "uniform-mean-k10 prominence-mean-r5 scpc-mean-r5 peaks+prominence-mean-r5 "
-        "peaks+uniform-mean-k3 uniform-mean-k5 prominence-mean-r10 scpc-mean-r10 "
-        "peaks+prominence-mean-r10",
+        "peaks+uniform-mean-k3 uniform-mean-k5 prominence-mean-r10 scpc-mean-r10",
         "uniform-mean-k17 prominence-mean-r3 scpc-mean-r3 peaks+prominence-mean-r3 "
         "peaks+uniform-mean-k5",
     ]

@@ -15,9 +15,9 @@
 #   6  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #   7  (opt-in: --stage 7 --stop_stage 7) the equal-rate study: for each rate R of $rates
 #      tokens/s, uniform-mean-k{50/R}, prominence-mean-rR and scpc-mean-rR (threshold picked
-#      per set for R tokens/s: `lalmtool segment --target-rate R`), peaks+prominence-mean-rR
-#      (prominence over the peaks tokens) and peaks+uniform-mean-kK where peaks' ~15 tokens/s
-#      pooled by K reach R; each + LoRA (conf/lora.yaml, $steps steps), decoded with it on
+#      per set for R tokens/s: `lalmtool segment --target-rate R`), and where they reach R
+#      (R <= 5) peaks+prominence-mean-rR (prominence over the peaks tokens: at most ~1/3 of
+#      them) and peaks+uniform-mean-kK (peaks' ~15 tokens/s pooled by K); each + LoRA (conf/lora.yaml, $steps steps), decoded with it on
 #      $study_sets next to native Whisper and the adapters of $conditions (stage 4);
 #      → $exp/RESULTS.md, $exp/results_methods.png, $exp/rates.md (the study's table)
 #
@@ -73,7 +73,9 @@ rate_conditions_for() {
   for r in "$@"; do
     k=$(( (50 + r / 2) / r ))   # Whisper's 50 frames/s, pooled by k
     kp=$(( (15 + r / 2) / r ))  # peaks: ~15 tokens/s (3.3 frames per token), pooled by kp
-    echo "uniform-mean-k$k prominence-mean-r$r scpc-mean-r$r peaks+prominence-mean-r$r"
+    echo "uniform-mean-k$k prominence-mean-r$r scpc-mean-r$r"
+    # prominence keeps at most every local maximum of the peaks tokens' dissimilarity: ~1/3
+    [ $(( 3 * r )) -le 16 ] && echo "peaks+prominence-mean-r$r"
     if [ "$kp" -ge 2 ] && [ $(( 150 / kp )) -ge $(( 9 * r )) ]; then
       echo "peaks+uniform-mean-k$kp"
     fi

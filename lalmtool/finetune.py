@@ -45,7 +45,7 @@ from . import trainer
 from .fileio import iter_jsonl, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
-from .models import (BACKENDS, backend_default, check_backend_options, load_adapter,
+from .models import (BACKENDS, check_backend_options, check_tap, load_adapter,
                      load_backend)
 from .parallel import check_out
 from .pool import condition_of
@@ -250,21 +250,10 @@ def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
 
 
 def _check_tap(store: Store, cfg: TrainConfig) -> None:
-    """Refuses features tapped elsewhere in the encoder than the training backend reads them.
-
-    The tap is recorded by extract (``meta["tap"]`` or its ``backend_opts``); segment and pool
-    keep their source's meta under ``source_meta``."""
-    meta = store.meta
-    while "source_meta" in meta:
-        meta = meta["source_meta"]
-    default = backend_default(cfg.backend, "tap")
-    stored = meta.get("tap") or (meta.get("backend_opts") or {}).get("tap") or default
-    wanted = cfg.extra.get("tap") or default
-    if stored != wanted:
-        raise ValueError(
-            f"{store.path} holds features tapped at {stored!r} (see its store.json), but "
-            f"training would read them as tap={wanted!r}: pass --extra '{{tap: {stored}}}' "
-            "or use a store extracted with the tap you want")
+    """Refuses features tapped elsewhere in the encoder than the training backend reads them."""
+    check_tap(store, cfg.backend, {"training": cfg.extra.get("tap")},
+              "pass --backend-opt tap=<the store's tap>, or use a store extracted at the tap "
+              "you want")
 
 
 # -- the run's identity --------------------------------------------------------------------

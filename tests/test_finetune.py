@@ -270,13 +270,13 @@ def test_tap_of_the_store_must_match_the_backend_options():
     pooled = SimpleNamespace(path="P", meta={"stage": "pool", "source_meta": {
         "stage": "segment", "source_meta": {"stage": "extract",
                                             "backend_opts": {"tap": "prepool"}}}})
-    with pytest.raises(ValueError, match="P holds features tapped at 'prepool' .* "
-                                         "read them as tap='pooled'"):
+    with pytest.raises(ValueError, match=r"^tap mismatch: store 'prepool', training 'pooled' "
+                                         r"\(P\); pass --backend-opt tap="):
         F._check_tap(pooled, F.TrainConfig(backend="qwen2-audio"))
     F._check_tap(pooled, F.TrainConfig(backend="qwen2-audio", extra={"tap": "prepool"}))
     plain = SimpleNamespace(path="Q", meta={"stage": "extract", "backend_opts": {}})
     F._check_tap(plain, F.TrainConfig(backend="qwen2-audio"))  # both the default tap
-    with pytest.raises(ValueError, match="Q holds features tapped at 'pooled'"):
+    with pytest.raises(ValueError, match="tap mismatch: store 'pooled', training 'prepool' "):
         F._check_tap(plain, F.TrainConfig(backend="qwen2-audio", extra={"tap": "prepool"}))
 
 
@@ -551,7 +551,7 @@ def test_bad_extra_is_refused_before_anything_is_written(train_set, tiny_whisper
     feats, m = train_set
     out = tmp_path / "x"
     with pytest.raises(ValueError, match=r"backend 'whisper' has no option bogus_key \(from "
-                                         r"--extra\); it takes chunk, dtype, language"):
+                                         r"--backend-opt or --extra\); it takes chunk, dtype"):
         F.finetune(feats, m, tiny_whisper_lm, str(out),
                    F.TrainConfig(**{**CFG, "max_steps": 1}, extra={"bogus_key": 1}))
     assert not (out / "run.json").exists()

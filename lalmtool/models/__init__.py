@@ -57,6 +57,26 @@ def check_backend_options(name: str, opts: dict, where: str) -> None:
                          f"takes {', '.join(sorted(set(params) - fixed))}")
 
 
+def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> None:
+    """The encoder tap of ``store``'s features agrees with each of ``taps`` (where it is set:
+    its value, None for the backend's default); else one message naming each, and ``fix``.
+
+    The tap is what extract recorded in the store's ``backend_opts`` (segment and pool keep
+    their source's meta under ``source_meta``). Checked for backends with a ``tap`` option, on
+    stores extracted with that backend."""
+    default = backend_default(backend, "tap")
+    meta = store.meta
+    while "source_meta" in meta:
+        meta = meta["source_meta"]
+    if default is None or meta.get("backend", backend) != backend:
+        return
+    found = {"store": (meta.get("backend_opts") or {}).get("tap") or default,
+             **{where: tap or default for where, tap in taps.items()}}
+    if len(set(found.values())) > 1:
+        raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in found.items())} "
+                         f"({store.path}); {fix}")
+
+
 def training_options(adapter: str | None, backend: str) -> dict:
     """The backend options (``extra``) of the finetune run that wrote ``adapter`` (its
     ``config.yaml`` beside it), if known; refuses an adapter that is missing or was trained for

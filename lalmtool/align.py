@@ -88,7 +88,8 @@ from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_fram
 from .fileio import file_sha256, write_atomic
 from .parallel import add_utterance, check_out, new_stats
 from .store import ShardResult, Store, StoreError, fingerprint
-from .trainer import TrainingOptions, option
+from .options import option
+from .trainer import TrainingOptions
 
 log = logging.getLogger("lalmtool")
 

@@ -121,6 +121,19 @@ def assets_list() -> None:
     _print_table(list_assets(), ["name", "fetched", "path", "description"])
 
 
+# -- backends ------------------------------------------------------------------------------
+@main.command("backends")
+@click.argument("name", required=False, type=click.Choice(sorted(BACKENDS)))
+def backends(name: str | None) -> None:
+    """The backends and the options each takes (--backend-opt key=value): default, allowed
+    values and help; NAME shows one."""
+    from .models import backend_options
+
+    rows = [{"backend": b, **row} for b in ([name] if name else sorted(BACKENDS))
+            for row in backend_options(b).describe()]
+    _print_table(rows, ["backend", "option", "default", "choices", "help"])
+
+
 # -- manifests -----------------------------------------------------------------------------
 @main.group()
 def manifest() -> None:
@@ -294,7 +307,8 @@ _common = [
 
 BACKEND_OPT = click.option(
     "--backend-opt", multiple=True, metavar="KEY=VALUE",
-    help="Backend option, repeatable (e.g. tap=prepool, task=translate, language=de).")
+    help="Backend option, repeatable (e.g. tap=prepool, task=translate, language=de); "
+         "`lalmtool backends` lists them.")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -8,6 +8,7 @@ rank's own GPU (``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ import numpy as np
 from .audio import audio_identity, load_audio
 from .lock import output_lock
 from .manifest import Utterance, load_manifest
-from .models import BACKENDS, check_backend_options, load_backend
+from .models import BACKENDS, backend_options, check_backend_options, load_backend
 from .fileio import model_identity
 from .parallel import resolve_device, run_sharded
 from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerprint, plan_shards
@@ -63,7 +64,10 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     check_backend_opts(backend, backend_opts)
     meta = {"stage": "extract", "backend": backend, "model": model,
             "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
-            "backend_opts": backend_opts, "request": request}
+            "backend_opts": backend_opts, "request": request,
+            # every option of the backend, as it ran (the given ones and the defaults)
+            "backend_options": dataclasses.asdict(backend_options(backend)(
+                **backend_opts, dtype=dtype, trim=trim))}
     from .models.base import DTYPES  # torch: imported only when there is work to do
 
     opts = {"device": resolve_device(device), "dtype": DTYPES[dtype], "trim": trim,

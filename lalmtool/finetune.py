@@ -50,7 +50,8 @@ from .models import (BACKENDS, check_backend_options, check_tap, load_adapter,
 from .parallel import check_out
 from .pool import condition_of
 from .store import Store
-from .trainer import TrainingOptions, option, shuffled
+from .options import option
+from .trainer import TrainingOptions, shuffled
 
 log = logging.getLogger("lalmtool")
 

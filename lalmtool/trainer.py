@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import glob
 import json
 import logging
@@ -35,16 +34,15 @@ import random
 import re
 import shutil
 import time
-import types
 import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import yaml
 
 from . import record
 from .fileio import read_json, write_atomic
+from .options import Options, option
 from .parallel import progress
 
 log = logging.getLogger("lalmtool")
@@ -55,26 +53,16 @@ RESUMABLE = ("keep_checkpoints", "dist_timeout")
 
 
 # -- options -------------------------------------------------------------------------------
-def option(default, help: str, choices: tuple | None = None):
-    """A training option: its default, one line of help (``--help``) and, for a name, the
-    values it may take."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 #: ``--dtype`` names (extract, decode) accepted for ``amp``, so one spelling works everywhere.
 AMP_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "off"}
 
 
 @dataclass
-class TrainingOptions:
+class TrainingOptions(Options):
     """The options every training job has; a job's own options extend these. Values are
     checked on construction (types coerced from YAML strings, ranges and names checked), so a
     wrong option is one line before anything is written."""
 
-    #: how the options are named in messages, and the command whose --help lists them
     WHAT: typing.ClassVar[str] = "training option"
     COMMAND: typing.ClassVar[str] = "finetune"
 
@@ -103,22 +91,13 @@ class TrainingOptions:
                              "key=value)")
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, coerce(self.WHAT, f.name, hints[f.name], getattr(self, f.name)))
-        self.amp = AMP_NAMES.get(self.amp, self.amp)
-        self.check()
-
-    def need(self, ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise ValueError(f"{self.WHAT} {key} must be {rule}, not {getattr(self, key)!r}")
+        if isinstance(self.amp, str):
+            self.amp = AMP_NAMES.get(self.amp, self.amp)
+        super().__post_init__()
 
     def check(self) -> None:
         """One clear message per out-of-range option (subclasses add their own rules)."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices:
-                self.need(getattr(self, f.name) in choices, f.name, f"one of {', '.join(choices)}")
+        super().check()
         for key in ("batch_size", "grad_accum", "valid_every", "save_every", "log_every",
                     "keep_checkpoints"):
             self.need(getattr(self, key) >= 1, key, ">= 1")
@@ -127,72 +106,6 @@ class TrainingOptions:
         self.need(self.lr > 0, "lr", "> 0")
         for key in ("weight_decay", "warmup_steps", "clip", "patience"):
             self.need(getattr(self, key) >= 0, key, ">= 0")
-
-    @classmethod
-    def load(cls, path: str | None, overrides: dict | None = None):
-        """From a YAML file (optional) plus ``key=value`` overrides, names and types checked."""
-        values = {}
-        if path:
-            with open(path, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: a configuration is a YAML mapping of option: value")
-        values.update(overrides or {})
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=3)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise ValueError(f"unknown {cls.WHAT} {key!r}{hint}; `lalmtool {cls.COMMAND} "
-                                 "--help` lists them all")
-        return cls(**values)
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-                for f in dataclasses.fields(cls)}
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
-
-
-def coerce(what: str, key: str, hint, value):
-    """``value`` as the option's type (YAML gives ``3e-4`` as a string); else a clear error."""
-    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in kinds:
-        return None
-    for kind in kinds:
-        if kind is int and not isinstance(value, bool):
-            if isinstance(value, int):
-                return value
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if number.is_integer():
-                return int(number)
-        elif kind is float and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(number):
-                return number
-        elif kind is str and isinstance(value, str):
-            return value
-        elif typing.get_origin(kind) is list and isinstance(value, list):
-            item = typing.get_args(kind)[0]
-            if item is str and all(isinstance(v, str) for v in value):
-                return value
-            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                     and math.isfinite(v) for v in value):
-                return [float(v) for v in value]
-        elif kind is dict and isinstance(value, dict):
-            return value
-    names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-             type(None): "null", list[float]: "a list of numbers"}
-    wanted = " or ".join(names.get(k, "a list of names") for k in kinds)
-    raise ValueError(f"{what} {key} must be {wanted}, not {value!r}")
 
 
 # -- processes -----------------------------------------------------------------------------

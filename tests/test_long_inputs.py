@@ -216,6 +216,6 @@ def test_global_positions_add_whispers_sinusoids_over_the_whole_memory(clips, ti
     torch.testing.assert_close(ordered.last_hidden_state - plain.last_hidden_state,
                                sinusoids(width, 32).expand(2, -1, -1))
     assert width == feats[1].shape[0] and mask[0].sum() == feats[0].shape[0]
-    with pytest.raises(ValueError, match="unknown positions 'absolute'; choose one of window, "
-                                         "global"):
+    with pytest.raises(ValueError, match="^whisper backend option positions must be one of "
+                                         "window, global, not 'absolute'$"):
         WhisperBackend(tiny_whisper_lm, positions="absolute")

@@ -26,42 +26,47 @@ def backend_class(name: str) -> type:
 
 
 def load_backend(name: str, model: str, **kwargs) -> Backend:
-    """Instantiates backend ``name`` on ``model`` (a local directory, asset name or hub id)."""
+    """Instantiates backend ``name`` on ``model`` (a local directory, asset name or hub id)
+    with its options ``kwargs`` (and ``device``), checked first."""
     from ..assets import resolve_model
 
+    check_backend_options(name, {k: v for k, v in kwargs.items() if k != "device"},
+                          "given to load_backend")
     return backend_class(name)(resolve_model(model), **kwargs)
 
 
-def _parameters(name: str) -> dict:
-    import inspect
-
-    return dict(inspect.signature(backend_class(name)).parameters)
+def backend_options(name: str) -> type:
+    """Backend ``name``'s options dataclass (``lalmtool.options.Options``: each field's
+    default, help and allowed values)."""
+    return backend_class(name).Options
 
 
 def backend_default(name: str, option: str):
     """The default of backend ``name``'s option ``option`` (None if it has no such option)."""
-    param = _parameters(name).get(option)
-    return None if param is None or param.default is param.empty else param.default
+    return backend_options(name).defaults().get(option)
 
 
 def check_backend_options(name: str, opts: dict, where: str) -> None:
-    """Every key of ``opts`` is an option backend ``name`` takes; else one message naming the
-    unknown keys, where they came from (``where``) and the options there are."""
-    params = _parameters(name)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    fixed = {"model_path", "device"}
-    unknown = sorted(set(opts) - set(params) | fixed & set(opts))
+    """Every key of ``opts`` is an option backend ``name`` takes, with a value it accepts;
+    else one message naming the unknown keys (or the bad value), where they came from
+    (``where``) and the options there are."""
+    cls = backend_options(name)
+    known = list(cls.defaults())
+    unknown = sorted(set(opts) - set(known))
     if unknown:
         raise ValueError(f"backend {name!r} has no option {', '.join(unknown)} ({where}); it "
-                         f"takes {', '.join(sorted(set(params) - fixed))}")
+                         f"takes {', '.join(sorted(known))}")
+    try:
+        cls(**opts)
+    except ValueError as e:
+        raise ValueError(f"{e} ({where})") from None
 
 
 def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> None:
     """The encoder tap of ``store``'s features agrees with each of ``taps`` (where it is set:
     its value, None for the backend's default); else one message naming each, and ``fix``.
 
-    The tap is what extract recorded in the store's ``backend_opts`` (segment and pool keep
+    The tap is what extract recorded in the store's ``backend_options`` (segment and pool keep
     their source's meta under ``source_meta``). Checked for backends with a ``tap`` option, on
     stores extracted with that backend."""
     default = backend_default(backend, "tap")
@@ -70,7 +75,8 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
         meta = meta["source_meta"]
     if default is None or meta.get("backend", backend) != backend:
         return
-    found = {"store": (meta.get("backend_opts") or {}).get("tap") or default,
+    recorded = meta.get("backend_options") or meta.get("backend_opts") or {}
+    found = {"store": recorded.get("tap") or default,
              **{where: tap or default for where, tap in taps.items()}}
     if len(set(found.values())) > 1:
         raise ValueError(f"tap mismatch: {', '.join(f'{k} {v!r}' for k, v in found.items())} "

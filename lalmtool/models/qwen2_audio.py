@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,8 @@ from transformers import (AutoProcessor, AutoTokenizer, Qwen2AudioForConditional
                           WhisperFeatureExtractor)
 from transformers.masking_utils import create_bidirectional_mask
 
-from .base import (DecoderOnlyBackend, check_choice, encode_in_windows,
+from ..options import Options, option
+from .base import (DTYPES, DecoderOnlyBackend, encode_in_windows,
                    next_token_targets, resolve_dtype, token_mean_loss)
 
 WINDOW_SECONDS = 30
@@ -134,38 +136,62 @@ class SplicedBatch:
                 "position_ids": self.position_ids}
 
 
+@dataclass
+class Qwen2AudioOptions(Options):
+    """The qwen2-audio backend's options (``--backend-opt key=value``)."""
+
+    WHAT = "qwen2-audio backend option"
+
+    dtype: typing.Any = option(None, "weights' dtype (null or auto: bfloat16 on CUDA, float32 "
+                                     "elsewhere)", ("auto", *DTYPES))
+    trim: bool = option(True, "keep only the frames that cover the audio of each 30 s window")
+    tap: str = option("pooled", "where the audio tower's frames are taken: pooled (its output, "
+                                "25/s, what the LLM reads) or prepool (before its pooling, "
+                                "50/s)", TAPS)
+    task: str = option("transcribe", "the prompt's task", TASKS)
+    language: str = option("en", "the language spoken (in the prompt)")
+    target_language: str | None = option(None, "translate: the language to translate into")
+    prompt_style: str = option("auto", "base (the pretrained model's prompt), chat (the "
+                                       "instruct model's) or auto (chat when the model's name "
+                                       "says instruct)", PROMPT_STYLES)
+    instruction: str | None = option(None, "the prompt's instruction text instead of the "
+                                           "task's default")
+    train_projector: bool = option(False, "finetune also trains the audio projector in full")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass "
+                                                 "(long inputs: less memory, ~30 % more time)")
+    compile: bool = option(False, "torch.compile the decoder step (GPU generation)")
+
+    def check(self) -> None:
+        super().check()
+        if self.task == "translate" and not self.target_language and self.instruction is None:
+            raise ValueError("task 'translate' needs target_language (e.g. 'de') or an "
+                             "instruction")
+
+
 class Qwen2AudioBackend(DecoderOnlyBackend):
+    Options = Qwen2AudioOptions
     name = "qwen2-audio"
     #: q/k/v/o and gate/up/down of every decoder layer; the audio tower's layers never match.
     default_lora_targets = (r".*language_model\.layers\.\d+\."
                             r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                             r"|mlp\.(gate_proj|up_proj|down_proj))")
 
-    def __init__(self, model_path: str, device: str = "cpu",
-                 dtype: torch.dtype | str | None = None, trim: bool = True, tap: str = "pooled",
-                 task: str = "transcribe", language: str = "en", target_language: str | None = None,
-                 prompt_style: str = "auto", instruction: str | None = None,
-                 train_projector: bool = False, gradient_checkpointing: bool = False,
-                 compile: bool = False):
-        check_choice("tap", tap, TAPS)
-        check_choice("task", task, TASKS)
-        check_choice("prompt_style", prompt_style, PROMPT_STYLES)
-        if task == "translate" and not target_language and instruction is None:
-            raise ValueError("task 'translate' needs target_language (e.g. 'de') or an instruction")
+    def __init__(self, model_path: str, device: str = "cpu", **options):
+        o = self.options = Qwen2AudioOptions(**options)
         on_gpu = str(device).startswith("cuda")  # auto: bfloat16 on CUDA, float32 elsewhere
         super().__init__(model_path, device,
-                         resolve_dtype(dtype, torch.bfloat16 if on_gpu else torch.float32))
-        self._set_compile(compile)
-        self.trim, self.tap, self.task = trim, tap, task
-        self.language, self.target_language = language, target_language
-        self.instruction = instruction
-        self.prompt_style = prompt_style if prompt_style != "auto" else (
+                         resolve_dtype(o.dtype, torch.bfloat16 if on_gpu else torch.float32))
+        self._set_compile(o.compile)
+        self.trim, self.tap, self.task = o.trim, o.tap, o.task
+        self.language, self.target_language = o.language, o.target_language
+        self.instruction = o.instruction
+        self.prompt_style = o.prompt_style if o.prompt_style != "auto" else (
             "chat" if "instruct" in str(model_path).lower() else "base")
         self.model = Qwen2AudioForConditionalGeneration.from_pretrained(
             model_path, dtype=self.dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)
-        self.modules_to_save = ["multi_modal_projector"] if train_projector else []
-        if gradient_checkpointing:
+        self.modules_to_save = ["multi_modal_projector"] if o.train_projector else []
+        if o.gradient_checkpointing:
             self.model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
 

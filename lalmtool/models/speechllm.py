@@ -69,6 +69,7 @@ import logging
 import math
 import os
 import shutil
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..fileio import model_identity
 from . import training_options
-from .base import (DecoderOnlyBackend, check_choice, next_token_targets,
+from ..options import Options, option
+from .base import (DTYPES, DecoderOnlyBackend, check_choice, next_token_targets,
                    resolve_dtype, token_mean_loss)
 
 log = logging.getLogger("lalmtool")
@@ -283,29 +285,61 @@ def portable_name(path: str) -> str:
 
 
 # -- the backend ---------------------------------------------------------------------------
+@dataclass
+class SpeechLLMOptions(Options):
+    """The speechllm backend's options (``--backend-opt key=value``); those left null come
+    from a speechllm directory's JSON, else from the defaults (``DEFAULTS``)."""
+
+    WHAT = "speechllm backend option"
+
+    dtype: typing.Any = option(None, "weights' dtype (null: float32)", ("auto", *DTYPES))
+    encoder: str | None = option(None, "the speech encoder (a Whisper checkpoint, asset name "
+                                       "or hub id) when --model is the LLM itself")
+    projector: str | None = option(None, f"projector kind (default {DEFAULTS['projector']})",
+                                   PROJECTORS)
+    stack: int | None = option(None, f"encoder frames stacked per LLM position (default "
+                                     f"{DEFAULTS['stack']})")
+    hidden: int | None = option(None, f"the mlp projector's width (default "
+                                      f"{DEFAULTS['hidden']})")
+    prompt: str | None = option(None, "the instruction after the audio (default "
+                                      f"{DEFAULTS['prompt']!r})")
+    seed: int = option(0, "seed of a fresh projector's initialisation")
+    train_projector: bool = option(True, "finetune trains the projector in full")
+    trim: bool = option(True, "keep only the frames that cover the audio of each 30 s window")
+    llm: str | None = option(None, "not an option: the LLM is --model")
+    norm: str | None = option(None, "projector output: none, or embedding (rescaled to the "
+                                    "LLM's mean embedding norm; after align)", NORMS)
+    init_projector: str | None = option(None, "start the projector from `lalmtool align`'s "
+                                              "output directory")
+    compile: bool = option(False, "torch.compile the decoder step (GPU generation)")
+
+    def check(self) -> None:
+        super().check()
+        for key in ("stack", "hidden"):
+            self.need(getattr(self, key) is None or getattr(self, key) >= 1, key, ">= 1")
+
+
 class SpeechLLMBackend(DecoderOnlyBackend):
     name = "speechllm"
     #: q/k/v/o of every attention layer inside the LLM (the projector never matches).
     default_lora_targets = r"llm\..*\.(q_proj|k_proj|v_proj|o_proj)"
 
-    def __init__(self, model_path: str, device: str = "cpu",
-                 dtype: torch.dtype | str | None = None, encoder: str | None = None,
-                 projector: str | None = None, stack: int | None = None,
-                 hidden: int | None = None, prompt: str | None = None, seed: int = 0,
-                 train_projector: bool = True, trim: bool = True, llm: str | None = None,
-                 norm: str | None = None, init_projector: str | None = None,
-                 compile: bool = False):
-        super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
-        self._set_compile(compile)
-        self.spec = read_spec(model_path, encoder=encoder, projector=projector, stack=stack,
-                              hidden=hidden, prompt=prompt, llm=llm, norm=norm)
-        if init_projector and self.spec["weights"]:
+    Options = SpeechLLMOptions
+
+    def __init__(self, model_path: str, device: str = "cpu", **options):
+        o = self.options = SpeechLLMOptions(**options)
+        super().__init__(model_path, device, resolve_dtype(o.dtype, torch.float32))
+        self._set_compile(o.compile)
+        self.spec = read_spec(model_path, encoder=o.encoder, projector=o.projector,
+                              stack=o.stack, hidden=o.hidden, prompt=o.prompt, llm=o.llm,
+                              norm=o.norm)
+        if o.init_projector and self.spec["weights"]:
             raise ValueError(f"speechllm: init_projector starts a fresh model's projector, but "
                              f"--model {model_path} already holds a trained one")
-        self.init_projector = init_projector
+        self.init_projector = o.init_projector
         self.stack, self.prompt = self.spec["stack"], self.spec["prompt"]
-        self.seed, self.trim = seed, trim
-        self.modules_to_save = ["projector"] if train_projector else []
+        self.seed, self.trim = o.seed, o.trim
+        self.modules_to_save = ["projector"] if o.train_projector else []
         self._model: nn.Module | None = None
 
     # -- loading (lazy: extract needs no LLM, finetune/decode no encoder weights) ----------

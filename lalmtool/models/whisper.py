@@ -33,6 +33,8 @@ import contextlib
 import copy
 import functools
 import math
+import typing
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,36 +43,56 @@ from transformers import (GenerationMixin, WhisperFeatureExtractor,
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import sinusoids
 
-from .base import (Backend, check_choice, encode_in_windows, pad_features, resolve_dtype,
-                   unwrap)
+from ..options import Options, option
+from .base import (DTYPES, Backend, encode_in_windows, pad_features,
+                   resolve_dtype, unwrap)
 
 WINDOW_SECONDS = 30
 HOP = 160  # mel hop at 16 kHz; the encoder's second convolution halves the frame rate
 
 
+@dataclass
+class WhisperOptions(Options):
+    """The whisper backend's options (``--backend-opt key=value``)."""
+
+    WHAT = "whisper backend option"
+
+    dtype: typing.Any = option("float32", "weights' dtype", ("auto", *DTYPES))
+    trim: bool = option(True, "keep only the frames that cover the audio of each 30 s window "
+                              "(false: all 1500, as Whisper itself decodes)")
+    language: str | None = option("en", "language token of a multilingual Whisper")
+    task: str = option("transcribe", "task token of a multilingual Whisper",
+                       ("transcribe", "translate"))
+    chunk: int = option(0, "decode the memory this many positions at a time (0: all at once; "
+                           "1500: one 30 s window of frames)")
+    positions: str = option("window", "window: the encoder's positions 0..1499 in each 30 s "
+                                      "window, as Whisper; global: Whisper's sinusoids added "
+                                      "over the whole memory (long inputs, joined utterances)",
+                            ("window", "global"))
+
+    def check(self) -> None:
+        super().check()
+        self.need(self.chunk >= 0, "chunk", "0 (the whole memory at once) or a whole number "
+                                            "of positions per chunk (1500: one 30 s window of "
+                                            "frames)")
+
+
 class WhisperBackend(Backend):
     name = "whisper"
+    Options = WhisperOptions
     default_lora_targets = (r".*decoder\.layers\.\d+\."
                             r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)")
 
-    def __init__(self, model_path: str, device: str = "cpu",
-                 dtype: torch.dtype | str | None = torch.float32,
-                 trim: bool = True, language: str | None = "en", task: str = "transcribe",
-                 chunk: int = 0, positions: str = "window"):
-        super().__init__(model_path, device, resolve_dtype(dtype, torch.float32))
-        check_choice("positions", positions, ("window", "global"))
-        self.positions = positions
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-            raise ValueError(f"backend option chunk must be 0 (the whole memory at once) or a "
-                             f"whole number of positions per chunk (1500: one 30 s window of "
-                             f"frames), not {chunk!r}")
-        self.trim, self.chunk = trim, chunk
+    def __init__(self, model_path: str, device: str = "cpu", **options):
+        o = self.options = WhisperOptions(**options)
+        super().__init__(model_path, device, resolve_dtype(o.dtype, torch.float32))
+        self.positions, self.trim, self.chunk = o.positions, o.trim, o.chunk
         self.model = WhisperForConditionalGeneration.from_pretrained(
             model_path, dtype=self.dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)
         multilingual = bool(getattr(self.model.generation_config, "is_multilingual", False))
-        self.language = language if multilingual else None
-        self.task = task if multilingual else None
+        self.language = o.language if multilingual else None
+        self.task = o.task if multilingual else None
 
     @functools.cached_property
     def tokenizer(self) -> WhisperTokenizer:

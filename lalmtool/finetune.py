@@ -45,7 +45,7 @@ from . import trainer
 from .fileio import iter_jsonl, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
-from .models import (BACKENDS, check_backend_options, check_tap, load_adapter,
+from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, load_adapter,
                      load_backend)
 from .parallel import check_out
 from .pool import condition_of
@@ -468,6 +468,8 @@ def _export(run: trainer.Run, feats: str, model: str) -> dict:
         _set_base_model(tmp, base)
         write_atomic(os.path.join(tmp, "README.md"),
                      adapter_readme(run, summary, base, "best" if use_best else "last"))
+        write_atomic(os.path.join(tmp, BACKEND_FILE), json.dumps(
+            {"backend": run.cfg.backend, "backend_options": run.cfg.extra}, indent=1))
         shutil.rmtree(summary["adapter"], ignore_errors=True)
         os.replace(tmp, summary["adapter"])
         write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))

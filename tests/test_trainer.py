@@ -139,3 +139,24 @@ def test_the_data_order_resumes_at_any_micro_batch():
     assert sorted(b[0] for _, b in seen[:3]) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="^empty$"):
         next(trainer.data_stream(lambda epoch: [], (0, 0), "empty"))
+
+
+def test_the_adapter_carries_its_backend_options_beside_its_weights(whisper_data,
+                                                                    tiny_whisper_lm, tmp_path):
+    import shutil
+
+    from lalmtool.finetune import TrainConfig, finetune
+    from lalmtool.models import training_options
+
+    d = whisper_data
+    s = finetune(d["feats"], d["manifest"], tiny_whisper_lm, str(tmp_path / "ft"),
+                 TrainConfig(max_steps=1, warmup_steps=0, lora_r=2,
+                             extra={"positions": "global"}))
+    moved = tmp_path / "elsewhere" / "adapter"  # copied alone: no run (config.yaml) around it
+    shutil.copytree(s["adapter"], moved)
+    assert json.loads((moved / "backend.json").read_text()) == {
+        "backend": "whisper", "backend_options": {"positions": "global"}}
+    assert training_options(str(moved), "whisper") == {"positions": "global"}
+    with pytest.raises(ValueError, match=r"was trained with the whisper backend \(.*backend.json"
+                                         r"\); decode it with --backend whisper"):
+        training_options(str(moved), "qwen2-audio")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -83,32 +84,41 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
                          f"({store.path}); {fix}")
 
 
+#: Written into every adapter directory by finetune: the backend and its options.
+BACKEND_FILE = "backend.json"
+
+
 def training_options(adapter: str | None, backend: str) -> dict:
-    """The backend options (``extra``) of the finetune run that wrote ``adapter`` (its
-    ``config.yaml`` beside it), if known; refuses an adapter that is missing or was trained for
-    another backend."""
+    """The backend options the adapter was trained with: ``adapter/backend.json`` (beside its
+    weights), else the ``config.yaml`` of the finetune run around it (older adapters); refuses
+    an adapter that is missing or was trained for another backend."""
     if not adapter:
         return {}
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json); "
                          "pass OUT/adapter of `lalmtool finetune`")
-    cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
-    if not os.path.exists(cfg):
+    beside = os.path.join(adapter, BACKEND_FILE)
+    run_cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
+    if os.path.exists(beside):
+        with open(beside, encoding="utf-8") as fh:
+            run = json.load(fh)
+        source, options = beside, run.get("backend_options")
+    elif os.path.exists(run_cfg):
+        with open(run_cfg, encoding="utf-8") as fh:
+            run = yaml.safe_load(fh) or {}
+        source, options = run_cfg, run.get("extra")
+    else:
         return {}
-    with open(cfg, encoding="utf-8") as fh:
-        run = yaml.safe_load(fh) or {}
     trained = run.get("backend", backend)
     if trained != backend:
         raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
-                         f"({cfg}); decode it with --backend {trained}")
-    return dict(run.get("extra") or {})
+                         f"({source}); decode it with --backend {trained}")
+    return dict(options or {})
 
 
 def load_adapter(model, adapter: str, trainable: bool = False):
     """``model`` wrapped with the peft adapter in directory ``adapter``; an adapter that is
     damaged or does not fit the model is one message naming it and what differs."""
-    import json
-
     from peft import PeftModel
 
     try:

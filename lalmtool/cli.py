@@ -10,6 +10,7 @@ import warnings
 import click
 
 from . import score as score_mod
+from .methods import METHODS, REDUCERS
 from .models import BACKENDS
 
 ON_ERROR = click.Choice(["fail", "skip"])
@@ -383,8 +384,7 @@ def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size
 
 @main.command()
 @click.option("--feats", required=True, help="Feature store to segment.")
-@click.option("--method", type=click.Choice(["peaks", "scpc", "prominence", "uniform"]),
-              required=True)
+@click.option("--method", type=click.Choice(list(METHODS)), required=True)
 @click.option("--k", type=int, help="Segment length for uniform.")
 @click.option("--threshold", type=float, help="Peakiness (scpc) or prominence threshold.")
 @click.option("--target-rate", type=float,
@@ -405,7 +405,7 @@ def segment(feats, method, k, threshold, target_rate, out, on_error, nj, force) 
 @main.command()
 @click.option("--feats", required=True, help="Feature store the boundaries index.")
 @click.option("--segments", required=True, help="Boundary store from `lalmtool segment`.")
-@click.option("--reduce", type=click.Choice(["mean", "pick"]), default="mean",
+@click.option("--reduce", type=click.Choice(REDUCERS), default="mean",
               show_default=True, help="Average each segment, or keep its first frame.")
 @click.option("--out", required=True, help="Pooled feature store directory to write.")
 @common

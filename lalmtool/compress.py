@@ -36,10 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .methods import METHODS, REDUCERS, THRESHOLD_METHODS
+
 log = logging.getLogger("lalmtool")
-METHODS = ("peaks", "scpc", "prominence", "uniform")
-THRESHOLD_METHODS = ("scpc", "prominence")
-REDUCERS = ("mean", "pick")
 
 
 @dataclass
@@ -102,22 +101,34 @@ def prominences(d: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return idx, props["prominences"]
 
 
+def _prominent(d: torch.Tensor, threshold: float) -> torch.Tensor:
+    idx, prom = prominences(d)
+    keep = idx[prom >= threshold]  # find_peaks(d, prominence=threshold)
+    return _starts(torch.from_numpy(keep).to(d.device))
+
+
+def _uniform(n_frames: int, k: int | None, device) -> torch.Tensor:
+    if not k or k < 1:
+        raise ValueError(f"uniform needs k >= 1, got {k}")
+    return torch.arange(0, n_frames, int(k), dtype=torch.int64, device=device)
+
+
+#: each method of ``lalmtool.methods.METHODS``: (d, n_frames, k, threshold) → segment starts
+DETECTORS = {
+    "peaks": lambda d, n, k, t: peak_starts(d),
+    "scpc": lambda d, n, k, t: _starts(torch.nonzero(scpc_peakiness(d) > (t or 0.0)).flatten()),
+    "prominence": lambda d, n, k, t: _prominent(d, t or 0.0),
+    "uniform": lambda d, n, k, t: _uniform(n, k, d.device),
+}
+assert DETECTORS.keys() == METHODS.keys()
+
+
 def utterance_starts(d: torch.Tensor, n_frames: int, method: str, k: int | None = None,
                      threshold: float | None = None) -> torch.Tensor:
     """Segment starts of one utterance of ``n_frames`` frames whose dissimilarity is ``d``."""
-    if method == "peaks":
-        return peak_starts(d)
-    if method == "scpc":
-        return _starts(torch.nonzero(scpc_peakiness(d) > (threshold or 0.0)).flatten())
-    if method == "prominence":
-        idx, prom = prominences(d)
-        keep = idx[prom >= (threshold or 0.0)]  # find_peaks(d, prominence=threshold)
-        return _starts(torch.from_numpy(keep).to(d.device))
-    if method == "uniform":
-        if not k or k < 1:
-            raise ValueError(f"uniform needs k >= 1, got {k}")
-        return torch.arange(0, n_frames, int(k), dtype=torch.int64, device=d.device)
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in DETECTORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHODS)}")
+    return DETECTORS[method](d, n_frames, k, threshold)
 
 
 def _lengths(x: torch.Tensor, lengths) -> list[int]:
@@ -214,7 +225,7 @@ def compress(x: torch.Tensor, method: str = "peaks", reduce: str = "mean",
     """Compresses ``x`` (``[T, D]``, or ``[B, T, D]`` with ``lengths``) with ``method`` and
     ``reduce``; ``target_rate`` (tokens/s, needs ``frame_rate``) sets ``k`` or the threshold."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHODS)}")
     utts = _utterances(x, lengths)
     ds = [dissimilarity(z) for z in utts]
     if target_rate is not None:

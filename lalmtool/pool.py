@@ -13,12 +13,12 @@ import os
 import numpy as np
 
 from .lock import output_lock
+from .methods import REDUCERS
 from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
                        summarize)
 from .store import ShardResult, Store, StoreError, fingerprint
 
 STAGE_VERSION = 1
-REDUCERS = ("mean", "pick")
 
 
 def check_boundaries(starts: np.ndarray, n_frames: int) -> None:

@@ -15,14 +15,13 @@ import os
 import numpy as np
 
 from .lock import output_lock
+from .methods import METHODS, THRESHOLD_METHODS
 from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
                        summarize)
 from .store import ShardResult, Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
-METHODS = ("peaks", "scpc", "prominence", "uniform")
-THRESHOLD_METHODS = ("scpc", "prominence")
 
 
 def dissimilarity(z: np.ndarray) -> np.ndarray:
@@ -79,16 +78,12 @@ def uniform(z: np.ndarray, k: int) -> np.ndarray:
 
 def boundaries(z: np.ndarray, method: str, k: int | None = None,
                threshold: float | None = None) -> np.ndarray:
-    """Dispatches to the detector ``method`` with its parameter."""
-    if method == "peaks":
-        return peaks(z)
-    if method == "scpc":
-        return scpc(z, threshold or 0.0)
-    if method == "prominence":
-        return prominence(z, threshold or 0.0)
+    """The detector ``method`` (``lalmtool.methods.METHODS``) with its parameter."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHODS)}")
     if method == "uniform":
         return uniform(z, int(k) if k else 0)
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return _detect(z, method, threshold=threshold or 0.0)
 
 
 def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
@@ -149,7 +144,7 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
 def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
     """ValueError for options out of range, missing, or ignored by ``method``."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHODS)}")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
     if k is not None and method != "uniform":

@@ -416,6 +416,7 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
                set_name: str | None = None, batch_size: int = 32) -> dict:
     """CTC-greedy transcripts of a feature store by an aligned projector alone (no LLM), in
     ``lalmtool decode``'s format (``OUT/hyp.jsonl``, ``OUT/decode.json``) for score/report."""
+    from .decode import write_decode
     from .manifest import read_manifest
     from .pool import condition_of
 
@@ -438,23 +439,11 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
             if u in refs:
                 rec["ref"] = refs[u]
             rows.append(rec)
-    audio_s, tokens = sum(r["duration"] for r in rows), sum(r["tokens"] for r in rows)
-    secs = sum(r["seconds"] for r in rows)
-    src_rate = float(store.meta.get("source_frame_rate", store.meta.get("frame_rate", 0.0)))
     info = {"set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
             "params": params, "condition": f"{label} (CTC greedy)", "decoder": "ctc-greedy",
             "feats": os.path.abspath(feats), "model": model, "align": os.path.abspath(align_dir),
-            "adapter": None, "lora": False, "backend": al.backend, "utterances": len(rows),
-            "audio_seconds": audio_s, "audio_tokens": tokens,
-            "tokens_per_s": tokens / audio_s if audio_s else None,
-            "source_frame_rate": src_rate,
-            "compression_ratio": src_rate * audio_s / tokens if tokens else None,
-            "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None}
-    os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, "hyp.jsonl"),
-                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
-    return info
+            "adapter": None, "lora": False, "backend": al.backend}
+    return write_decode(out, store, rows, info)
 
 
 def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "join",

@@ -219,12 +219,22 @@ def _decode_into(part: str, be, store: Store, plan: dict[str, list[tuple[int, in
 
 
 def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> dict:
-    """Rank 0: every rank's part → hyp.jsonl (sorted by id) and decode.json (``info`` with the
-    totals and rates); removes the parts. Returns decode.json's content."""
+    """Rank 0: every rank's part → hyp.jsonl and decode.json (``write_decode``); removes the
+    parts. Returns decode.json's content."""
     records = {}
     for p in sorted(glob.glob(os.path.join(out, "hyp.part*.jsonl"))):
         records.update(_read_part(p))
-    rows = [records[u] for u in sorted(records)]
+    info = write_decode(out, store, [records[u] for u in sorted(records)],
+                        {**info, "fingerprint": fp, "inputs": inputs})
+    for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
+        os.remove(p)
+    return info
+
+
+def write_decode(out: str, store: Store, rows: list[dict], info: dict) -> dict:
+    """OUT/hyp.jsonl (``rows``: id, hyp, tokens, duration, seconds, [ref, cut, ...]) and
+    OUT/decode.json (``info`` with the set's totals and rates), as score and report read them;
+    for ``decode`` and for other decoders (``ctc-decode``). Returns decode.json's content."""
     audio_s = sum(r["duration"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     secs = sum(r["seconds"] for r in rows)
@@ -238,17 +248,15 @@ def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> d
         "decode_seconds": secs, "utt_per_s": len(rows) / secs if secs else None,
         "cut": sorted(r["id"] for r in rows if r.get("cut")),
         "peak_rss_mb": _peak_rss_mb(),
-        "fingerprint": fp, "inputs": inputs,
     }
     if info["cut"]:
         log.warning("%s: %d hypothesis(es) stopped at their token cap, possibly incomplete or "
                     "repeating (\"cut\": true in hyp.jsonl): %s%s", out, len(info["cut"]),
                     ", ".join(info["cut"][:5]), " ..." if len(info["cut"]) > 5 else "")
+    os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "hyp.jsonl"),
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(os.path.join(out, "decode.json"), json.dumps(info, indent=1))
-    for p in glob.glob(os.path.join(out, "hyp.part*.jsonl")):
-        os.remove(p)
     return info
 
 

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from . import record
 from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
@@ -465,19 +466,17 @@ def _clear_stale(out: str, fp: str, inputs: dict, force: bool, old: dict | None)
                                                        indent=1))
 
 
+#: decode's inputs that are recorded by content (hashes), said in words when they differ
+_INPUT_WORDS = {"feats": "the store differs", "model": "its weights differ",
+                "adapter": "its weights differ", "manifest": "its content differs"}
+
+
 def _differences(old: dict | None, new: dict) -> str:
-    """Which inputs differ, e.g. ``adapter, manifest differ``."""
+    """Which inputs differ, e.g. ``--adapter: its weights differ; --beam: 1 there, 4 now``."""
     if old is None:
         return "not recorded: made by an older lalmtool"
-    keys = [k for k in new if fingerprint(old.get(k)) != fingerprint(new[k])]
-    names = {"feats": "--feats (the store)", "model": "--model (its weights)",
-             "adapter": "--adapter (its weights)", "manifest": "--manifest (its content)",
-             "backend_opts": f"backend options ({old.get('backend_opts')} there, "
-                             f"{new.get('backend_opts')} now)"}
-    shown = [names.get(k, f"--{k.replace('_', '-')} ({old.get(k)} there, {new[k]} now)")
-             for k in keys]
-    return ", ".join(shown) + (" differ" if len(shown) > 1 else " differs") if shown else \
-        "the same inputs, recorded differently"
+    diffs = record.differences({"inputs": old}, {"inputs": new}, labels=_INPUT_WORDS)
+    return "; ".join(diffs) or "the same inputs, recorded differently"
 
 
 def _read_part(path: str) -> dict[str, dict]:

@@ -52,10 +52,11 @@ def _describe_input(value) -> str:
 
 
 def differences(old: dict, new: dict, defaults: dict | None = None,
-                resumable: tuple[str, ...] = ()) -> list[str]:
+                resumable: tuple[str, ...] = (), labels: dict | None = None) -> list[str]:
     """Each difference between two records, one readable item per setting or input:
-    ``lr: 0.005 there, 0.001 now`` or ``--feats: exp/a (fingerprint 3f2a...) there, ...``."""
-    defaults = defaults or {}
+    ``lr: 0.005 there, 0.001 now`` or ``--feats: exp/a (fingerprint 3f2a...) there, ...``;
+    an input named in ``labels`` is said in words (``--adapter: its weights differ``)."""
+    defaults, labels = defaults or {}, labels or {}
     diffs = []
     for section in dict.fromkeys([*new, *old]):
         was, now = old.get(section) or {}, new.get(section) or {}
@@ -66,7 +67,9 @@ def differences(old: dict, new: dict, defaults: dict | None = None,
                 continue  # an option added since that record, at its default
             if _content(was.get(key)) == _content(now.get(key)):
                 continue
-            if section == "inputs":
+            if section == "inputs" and key in labels:
+                diffs.append(f"--{key.replace('_', '-')}: {labels[key]}")
+            elif section == "inputs":
                 diffs.append(f"--{key.replace('_', '-')}: {_describe_input(was.get(key))} "
                              f"there, {_describe_input(now.get(key))} now")
             else:

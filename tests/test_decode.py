@@ -92,7 +92,7 @@ def test_resume_from_partial_hypotheses(stores, tiny_en, tmp_path):
     relabelled = decode(stores["pooled"], tiny_en, str(out), max_new_tokens=30, label="peaks-other")
     assert relabelled["condition"] == json.load(open(out / "decode.json"))["condition"] == "peaks-other"
     assert os.path.getmtime(out / "hyp.jsonl") == before and full["condition"] == "peaks-mean"
-    with pytest.raises(StoreError, match=r"--max-new-tokens \(30 there, 31 now\) differs"):
+    with pytest.raises(StoreError, match=r"--max-new-tokens: 30 there, 31 now\)"):
         decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31)
     assert decode(stores["pooled"], tiny_en, str(out), max_new_tokens=31,
                   force=True)["fingerprint"] != full["fingerprint"]
@@ -163,7 +163,7 @@ def test_other_inputs_are_refused_naming_what_differs(small, tmp_path):
     b = lora_adapter(small["model"], tmp_path / "b", seed=2)
     with_a = decode(small["feats"], small["model"], out, adapter=a, force=True, **kw)
     before = snapshot(small["out"])
-    with pytest.raises(StoreError, match=r"other inputs \(--adapter \(its weights\) differs\)"):
+    with pytest.raises(StoreError, match=r"other inputs \(--adapter: its weights differ\)"):
         decode(small["feats"], small["model"], out, adapter=b, **kw)
     assert snapshot(small["out"]) == before
     # the references changed: the manifest's content is an input
@@ -171,7 +171,7 @@ def test_other_inputs_are_refused_naming_what_differs(small, tmp_path):
     rows[0]["text"] = "another reference"
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(StoreError, match=r"--manifest \(its content\) differs"):
+    with pytest.raises(StoreError, match=r"\(--manifest: its content differs\)"):
         decode(small["feats"], small["model"], out, adapter=a, manifest=str(changed), **kw)
     redone = decode(small["feats"], small["model"], out, adapter=a, manifest=str(changed),
                     force=True, **kw)
@@ -184,7 +184,7 @@ def test_other_inputs_are_refused_naming_what_differs(small, tmp_path):
     assert again["fingerprint"] == redone["fingerprint"]
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "dropout": 0.5}))
-    with pytest.raises(StoreError, match=r"--model \(its weights\) differs"):
+    with pytest.raises(StoreError, match=r"\(--model: its weights differ\)"):
         decode(small["feats"], str(copy), out, adapter=a, manifest=str(changed), **kw)
 
 

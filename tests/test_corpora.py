@@ -102,7 +102,7 @@ def test_librispeech_text_case_keep(tmp_path):
                      "BUT IN LESS THAN FIVE MINUTES THE STAIRCASE GROANED"]
 
 
-def test_librispeech_rerun_reuses_and_option_change_rebuilds(tmp_path):
+def test_librispeech_rerun_reuses_and_option_change_rebuilds(tmp_path, caplog):
     root = make_librispeech(tmp_path / "LS", {"dev-clean": LIBRI["dev-clean"]})
     out = str(tmp_path / "d")
     prepare_librispeech(root, ["dev-clean"], out)
@@ -111,8 +111,11 @@ def test_librispeech_rerun_reuses_and_option_change_rebuilds(tmp_path):
     again = prepare_librispeech(root, ["dev-clean"], out)
     assert again[0]["reused"] is True and again[0]["utterances"] == 3
     assert os.stat(manifest).st_mtime_ns == before
-    rebuilt = prepare_librispeech(root, ["dev-clean"], out, text_case="keep")
+    with caplog.at_level("INFO", logger="lalmtool"):
+        rebuilt = prepare_librispeech(root, ["dev-clean"], out, text_case="keep")
     assert rebuilt[0]["reused"] is False
+    assert f"{os.path.join(out, 'dev-clean')} was prepared with other settings (text_case: " \
+           "'lower' there, 'keep' now); preparing it again" in caplog.text
     assert read_jsonl(manifest)[1]["text"] == "GO DO YOU HEAR"
 
 

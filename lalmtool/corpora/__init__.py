@@ -13,11 +13,13 @@ the existing set without reading the corpus again; other options rebuild it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 import soundfile as sf
 
+from .. import record
 from ..fileio import write_atomic
 from ..store import check_dataset_name
 
@@ -101,13 +103,17 @@ def finish_set(out_dir: str, records: list[dict], problems: list[Problem], on_er
 
 
 def reuse_set(out_dir: str, params: dict) -> dict | None:
-    """The summary of a set already prepared with ``params`` (and its manifest intact), or None."""
+    """The summary of a set already prepared with ``params`` (and its manifest intact), or None
+    (what differs is logged: the set is prepared again)."""
     try:
-        with open(os.path.join(out_dir, "prepare.json"), encoding="utf-8") as fh:
-            done = json.load(fh)
+        done = record.read(os.path.join(out_dir, "prepare.json"))
     except (OSError, ValueError):
         return None
-    if (not isinstance(done, dict) or done.get("params") != params
-            or not os.path.exists(os.path.join(out_dir, "manifest.jsonl"))):
+    if not isinstance(done, dict) or not os.path.exists(os.path.join(out_dir, "manifest.jsonl")):
+        return None
+    diffs = record.differences({"config": done.get("params") or {}}, {"config": params})
+    if diffs:
+        logging.getLogger("lalmtool").info("%s was prepared with other settings (%s); preparing "
+                                           "it again", out_dir, "; ".join(diffs))
         return None
     return {**done["summary"], "reused": True}

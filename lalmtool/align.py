@@ -84,7 +84,7 @@ from . import trainer
 from .finetune import Examples
 from .lock import output_lock
 from .models import check_backend_options, load_backend
-from .models.speechllm import PROJECTOR_FILE, load_projector_weights, stack_frames
+from .models.speechllm import PROJECTOR_FILE, Projector, load_projector_weights, stack_frames
 from .fileio import file_sha256, write_atomic
 from .parallel import add_utterance, check_out, new_stats
 from .store import ShardResult, Store, StoreError, fingerprint
@@ -115,10 +115,13 @@ class AlignConfig(TrainingOptions):
     scale: float = option(16.0, "logit = scale * cosine")
     vocab: str = option("train", "train: the token ids of the training texts; full: every "
                                  "embedding row", VOCABS)
+    head_hidden: int = option(0, "whisper: the head is linear (0) or an MLP with one hidden "
+                                 "layer of this many units")
 
     def check(self) -> None:
         super().check()
         self.need(self.scale > 0, "scale", "> 0")
+        self.need(self.head_hidden >= 0, "head_hidden", ">= 0")
 
 
 # -- the CTC head --------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class Aligner:
     backend's projector (stacked encoder frames → the LLM's input embeddings), for whisper a
     linear map of each encoder frame onto the decoder's token embeddings."""
 
-    def __init__(self, be, backend: str, vocab: list[int], scale: float):
+    def __init__(self, be, backend: str, vocab: list[int], scale: float, hidden: int = 0):
         self.be, self.backend = be, backend
         if backend == "speechllm":
             self.stack, self.projector = be.stack, be.model.projector.float()
@@ -180,7 +183,8 @@ class Aligner:
         else:
             self.stack = 1
             rows = be.model.get_decoder().get_input_embeddings().weight
-            self.projector = nn.Linear(be.model.config.d_model, rows.shape[1])
+            self.projector = Projector(be.model.config.d_model, rows.shape[1],
+                                       "mlp" if hidden else "linear", hidden)
         self.vocab = list(vocab)
         self.index = {t: i + 1 for i, t in enumerate(self.vocab)}  # 0 is the blank
         self.head = CosineCTCHead(rows[torch.tensor(self.vocab)], scale)
@@ -310,7 +314,7 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
             vocab = list(range(Aligner.embedding_rows(be, cfg.backend)))
         else:
             vocab = train_vocab(be.tokenizer, [train.text[u] for u in train.ids])
-        al = Aligner(be, cfg.backend, vocab, cfg.scale)
+        al = Aligner(be, cfg.backend, vocab, cfg.scale, cfg.head_hidden)
         if init:
             _load_init(al, init)
         for p in al.parameters():
@@ -406,7 +410,8 @@ def load_aligner(align_dir: str, model: str) -> Aligner:
     backend = config.get("backend", "speechllm")
     be = load_backend(backend, model, **extra)
     ctc = load_file(path)
-    al = Aligner(be, backend, ctc["vocab"].tolist(), float(ctc["scale"]))
+    al = Aligner(be, backend, ctc["vocab"].tolist(), float(ctc["scale"]),
+                 int(config.get("head_hidden") or 0))
     _load_init(al, align_dir)
     return al
 

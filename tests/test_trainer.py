@@ -43,7 +43,7 @@ def test_whisper_head_learns_the_transcripts_and_ctc_segment_cuts_by_its_rule(
     assert s["initial_valid_wer"] > 0.5 and s["best_valid_wer"] == 0.0
     al = load_aligner(str(tmp_path / "al"), tiny_whisper_lm)
     assert (al.backend, al.stack) == ("whisper", 1)
-    assert tuple(al.projector.weight.shape) == (32, 32)  # encoder d_model -> decoder embeddings
+    assert tuple(al.projector.net[0].weight.shape) == (32, 32)  # encoder -> decoder embeddings
     from lalmtool.align import ctc_segment
     from lalmtool.store import Store
 
@@ -56,6 +56,14 @@ def test_whisper_head_learns_the_transcripts_and_ctc_segment_cuts_by_its_rule(
     # blank runs joined: one segment per token the head emits (the transcript's tokens)
     tokens = sum(len(al.labels(t)) for t in TEXTS.values())
     assert info["tokens"] == tokens == sum(len(seg[u]) for u in TEXTS)
+
+
+def test_whisper_head_may_be_an_mlp(whisper_data, tiny_whisper_lm, tmp_path):
+    d = whisper_data
+    align(d["feats"], d["manifest"], tiny_whisper_lm, str(tmp_path / "al"),
+          wcfg(max_steps=2, head_hidden=8))
+    al = load_aligner(str(tmp_path / "al"), tiny_whisper_lm)
+    assert [tuple(p.shape) for p in al.projector.parameters()] == [(8, 32), (8,), (32, 8), (32,)]
 
 
 def test_a_finished_align_run_is_reused_and_patience_stops_early(whisper_data,

@@ -31,32 +31,47 @@ import rates_table  # noqa: E402
 
 def stages(script: str, exp: str = "E", cpu_cmd: str = "echo") -> subprocess.CompletedProcess:
     """``script`` run after sourcing recipes/utils/stages.sh (commands echoed by default);
-    the interpreter's path in the output reads PY."""
+    the interpreter's path in the output reads PY, the experiment directory E."""
     src = (f'recipe=t stage=0 stop_stage=0 exp={exp} data=D; source recipes/utils/stages.sh; '
            f'cpu_cmd="{cpu_cmd}"; {script}')
     r = subprocess.run(["bash", "-c", src], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                             "PYTHONPATH": REPO})
-    r.stdout = r.stdout.replace(sys.executable, "PY")
+    r.stdout = r.stdout.replace(sys.executable, "PY").replace(exp, "E")
+    r.stderr = r.stderr.replace(exp, "E")
     return r
+
+
+def seg_store_json(exp, seg: str, set_: str, threshold: float) -> None:
+    """A boundary store's store.json as `lalmtool segment --target-rate` leaves it."""
+    d = exp / "seg" / seg / set_
+    d.mkdir(parents=True)
+    (d / "store.json").write_text(json.dumps({"kind": "seg", "meta": {
+        "method": seg.split("+")[-1].split("-")[0],
+        "params": {"threshold": threshold, "target_rate": 5.0}}}))
 
 
 # ------------------------------------------------------------- condition names → commands
 
-def test_condition_names_give_these_segment_and_pool_commands():
+def test_condition_names_give_these_segment_and_pool_commands(tmp_path):
+    exp = tmp_path / "exp"  # thresholds that --target-rate picked on train
+    seg_store_json(exp, "prominence-r5", "train", 0.11643573641777039)
+    seg_store_json(exp, "scpc-r10", "train", 0.047195494174957275)
+    seg_store_json(exp, "peaks+prominence-r10", "train", 0.0)
     conds = ("frames peaks uniform-mean-k3 uniform-pick-k3 prominence-mean-r5 scpc-mean-r10 "
              "scpc-pick-t0.1 uniform-mean-r5 peaks+uniform-mean-k3 peaks+prominence-mean-r10")
-    r = stages(f'conditions="{conds}"; segment_sets test; echo ---; pool_sets test')
+    r = stages(f'conditions="{conds}"; segment_sets test; echo ---; pool_sets test', exp=str(exp))
     assert r.returncode == 0, r.stderr
     seg, pool = (part.strip().splitlines() for part in r.stdout.split("---"))
     cmd = "PY -m lalmtool "
     assert seg == [
         cmd + "segment --feats E/feats/frames/test --method peaks --out E/seg/peaks/test",
         cmd + "segment --feats E/feats/frames/test --method uniform --k 3 --out E/seg/uniform-k3/test",
-        cmd + "segment --feats E/feats/frames/test --method prominence --target-rate 5 "
-              "--out E/seg/prominence-r5/test",
-        cmd + "segment --feats E/feats/frames/test --method scpc --target-rate 10 "
-              "--out E/seg/scpc-r10/test",
+        # a rate's threshold: the one picked on train, applied to every other set
+        cmd + "segment --feats E/feats/frames/test --method prominence "
+              "--threshold 0.11643573641777039 --out E/seg/prominence-r5/test",
+        cmd + "segment --feats E/feats/frames/test --method scpc "
+              "--threshold 0.047195494174957275 --out E/seg/scpc-r10/test",
         cmd + "segment --feats E/feats/frames/test --method scpc --threshold 0.1 "
               "--out E/seg/scpc-t0.1/test",
         cmd + "segment --feats E/feats/frames/test --method uniform --target-rate 5 "
@@ -76,28 +91,46 @@ def test_condition_names_give_these_segment_and_pool_commands():
               "--out E/seg/peaks+uniform-k3/test",
         cmd + "pool --feats E/pooled/peaks/test --segments E/seg/peaks+uniform-k3/test "
               "--reduce mean --out E/pooled/peaks+uniform-mean-k3/test",
-        cmd + "segment --feats E/pooled/peaks/test --method prominence --target-rate 10 "
+        cmd + "segment --feats E/pooled/peaks/test --method prominence --threshold 0.0 "
               "--out E/seg/peaks+prominence-r10/test",
         cmd + "pool --feats E/pooled/peaks/test --segments E/seg/peaks+prominence-r10/test "
               "--reduce mean --out E/pooled/peaks+prominence-mean-r10/test",
     ]
 
 
-def test_a_chained_condition_alone_segments_and_pools_its_source_first():
-    r = stages('conditions="uniform-pick-k2+scpc-mean-r4"; segment_sets dev; echo ---; '
-               'pool_sets dev')
+def test_a_rate_is_picked_on_train_then_its_threshold_read_for_the_other_sets(tmp_path):
+    exp = tmp_path / "exp"
+    r = stages('conditions="prominence-mean-r5"; segment_sets train dev', exp=str(exp))
+    assert r.stdout.splitlines() == [
+        "PY -m lalmtool segment --feats E/feats/frames/train --method prominence "
+        "--target-rate 5 --out E/seg/prominence-r5/train"]
+    assert r.stderr == ("condition prominence-mean-r5: segment train first: its threshold for 5 "
+                        "tokens/s (in E/seg/prominence-r5/train) is used for dev\n")
+    seg_store_json(exp, "prominence-r5", "dev", 0.25)  # rate_set names the set that picks it
+    r = stages('rate_set=dev conditions="prominence-mean-r5"; segment_sets dev test', exp=str(exp))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "PY -m lalmtool segment --feats E/feats/frames/dev --method uniform --k 2 "
-        "--out E/seg/uniform-k2/dev",
+        "PY -m lalmtool segment --feats E/feats/frames/dev --method prominence "
+        "--target-rate 5 --out E/seg/prominence-r5/dev",
+        "PY -m lalmtool segment --feats E/feats/frames/test --method prominence "
+        "--threshold 0.25 --out E/seg/prominence-r5/test"]
+
+
+def test_a_chained_condition_alone_segments_and_pools_its_source_first():
+    r = stages('conditions="uniform-pick-k2+scpc-mean-r4"; segment_sets train; echo ---; '
+               'pool_sets train')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "PY -m lalmtool segment --feats E/feats/frames/train --method uniform --k 2 "
+        "--out E/seg/uniform-k2/train",
         "---",
-        "PY -m lalmtool pool --feats E/feats/frames/dev --segments E/seg/uniform-k2/dev "
-        "--reduce pick --out E/pooled/uniform-pick-k2/dev",
-        "PY -m lalmtool segment --feats E/pooled/uniform-pick-k2/dev --method scpc "
-        "--target-rate 4 --out E/seg/uniform-pick-k2+scpc-r4/dev",
-        "PY -m lalmtool pool --feats E/pooled/uniform-pick-k2/dev "
-        "--segments E/seg/uniform-pick-k2+scpc-r4/dev --reduce mean "
-        "--out E/pooled/uniform-pick-k2+scpc-mean-r4/dev",
+        "PY -m lalmtool pool --feats E/feats/frames/train --segments E/seg/uniform-k2/train "
+        "--reduce pick --out E/pooled/uniform-pick-k2/train",
+        "PY -m lalmtool segment --feats E/pooled/uniform-pick-k2/train --method scpc "
+        "--target-rate 4 --out E/seg/uniform-pick-k2+scpc-r4/train",
+        "PY -m lalmtool pool --feats E/pooled/uniform-pick-k2/train "
+        "--segments E/seg/uniform-pick-k2+scpc-r4/train --reduce mean "
+        "--out E/pooled/uniform-pick-k2+scpc-mean-r4/train",
     ]
 
 
@@ -189,15 +222,22 @@ def test_target_rate_reaches_the_rate_within_5_percent(tmp_path, method, rate):
     assert Store(seg).meta["params"]["target_rate"] == rate
 
 
-def test_a_rate_condition_of_the_recipe_makes_a_store_at_its_rate(tmp_path):
+def test_a_rate_condition_of_the_recipe_makes_stores_at_its_rate(tmp_path):
     exp = tmp_path / "exp"
-    frames_store(exp / "feats" / "frames" / "test")
-    r = stages('conditions="prominence-mean-r5"; segment_sets test > /dev/null && '
-               'pool_sets test > /dev/null && echo done', exp=str(exp), cpu_cmd="")
+    frames_store(exp / "feats" / "frames" / "train", seed=0)
+    frames_store(exp / "feats" / "frames" / "test", seed=1)
+    r = stages('conditions="prominence-mean-r5"; segment_sets train test > /dev/null && '
+               'pool_sets train test > /dev/null && echo done', exp=str(exp), cpu_cmd="")
     assert r.returncode == 0 and r.stdout == "done\n", r.stderr
-    pooled = exp / "pooled" / "prominence-mean-r5" / "test"
-    assert abs(tokens_per_s(str(pooled)) - 5.0) <= 0.25
-    assert Store(str(pooled)).meta["method"] == "prominence"
+    train, test = (exp / "pooled" / "prominence-mean-r5" / s for s in ("train", "test"))
+    assert abs(tokens_per_s(str(train)) - 5.0) <= 0.25
+    seg_train, seg_test = (Store(str(exp / "seg" / "prominence-r5" / s)) for s in ("train", "test"))
+    threshold = seg_train.meta["params"]["threshold"]
+    assert seg_test.meta["params"] == {"threshold": threshold}  # train's, not test's own
+    frames = Store(str(exp / "feats" / "frames" / "test"))
+    assert sum(len(Store(str(test)).dataset(u)) for u in frames.ids) == sum(
+        len(S.prominence(frames[u].astype(np.float32), threshold)) for u in frames.ids)
+    assert Store(str(test)).meta["method"] == "prominence"
 
 
 def test_peaks_tokens_pooled_by_3_are_a_third_of_the_peaks_tokens(tmp_path):

@@ -14,15 +14,15 @@
 #   5  decode    → $exp/decode/<condition>[-lora]/<set>/hyp.jsonl
 #   6  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #   7  (opt-in: --stage 7 --stop_stage 7) the equal-rate study: for each rate R of $rates
-#      tokens/s, uniform-mean-k{50/R}, prominence-mean-rR and scpc-mean-rR (threshold picked
-#      per set for R tokens/s: `lalmtool segment --target-rate R`), and where they reach R
+#      tokens/s, uniform-mean-k{50/R}, prominence-mean-rR and scpc-mean-rR (the threshold
+#      that `lalmtool segment --target-rate R` picks on train, used on every set), and where they reach R
 #      (R <= 5) peaks+prominence-mean-rR (prominence over the peaks tokens: at most ~1/3 of
 #      them) and peaks+uniform-mean-kK (peaks' ~15 tokens/s pooled by K); each + LoRA (conf/lora.yaml, $steps steps), decoded with it on
 #      $study_sets next to native Whisper and the adapters of $conditions (stage 4);
 #      → $exp/RESULTS.md, $exp/results_methods.png, $exp/rates.md (the study's table)
 #
 # Condition names (--conditions, --rate_conditions): frames, peaks, uniform-mean-k3,
-# uniform-pick-k2, prominence-mean-r5 (target rate 5 tokens/s), scpc-mean-t0.1 (threshold),
+# uniform-pick-k2, prominence-mean-r5 (5 tokens/s on train), scpc-mean-t0.1 (threshold),
 # peaks+uniform-mean-k3 (a step over another condition's tokens); recipes/utils/stages.sh
 # describes them all.
 # Test sets: test (held-out synthetic sentences), librivox (5 real clips), unseen (--n_unseen

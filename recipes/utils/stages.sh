@@ -46,7 +46,9 @@ python=$(resolve_python) || exit 1
 #     METHOD  peaks | uniform | scpc | prominence | ctc
 #     REDUCE  mean (default) | pick
 #     PARAM   kK   uniform every K frames (--k K)
-#             rR   --target-rate R tokens/s (uniform, scpc, prominence; picked per set)
+#             rR   R tokens/s: uniform --target-rate R (k from the frame rate); scpc and
+#                  prominence: the threshold that `segment --target-rate R` picks on
+#                  $rate_set (default train), then that --threshold on every other set
 #             tX   --threshold X (scpc, prominence)
 #             blankjoin | blankkeep   ctc: `lalmtool ctc-segment --blank join|keep` (the CTC
 #                  boundaries come from an aligned projector, not from `segment`: see seg_cmd)
@@ -111,7 +113,7 @@ feats_of() {  # feats_of COND SET: the feature store COND's decoder input is rea
 # projector aligned by `lalmtool align` (recipes/mini_speechllm stage 8 does it for the
 # speechllm backend); its place is here, not yet wired to the whisper recipes.
 seg_cmd() {
-  local cond=$1 set=$2 seg
+  local cond=$1 set=$2 seg args ref thr
   seg=$(seg_of "$cond")
   case "${seg##*+}" in
     ctc-*)
@@ -119,8 +121,24 @@ seg_cmd() {
         "this recipe yet" >&2
       return 1 ;;
   esac
+  args=$(seg_args "$seg")
+  case "$args" in
+    "--method scpc --target-rate "*|"--method prominence --target-rate "*)
+      if [ "$set" != "${rate_set:-train}" ]; then
+        ref="$exp/seg/$seg/${rate_set:-train}"
+        thr=$(store_threshold "$ref") || {
+          echo "condition $cond: segment ${rate_set:-train} first: its threshold for" \
+            "${args##* } tokens/s (in $ref) is used for $set" >&2
+          return 1; }
+        args="${args%% --target-rate*} --threshold $thr"
+      fi ;;
+  esac
   ${cpu_cmd:-} "$python" -m lalmtool segment --feats "$(feats_of "$(cond_src "$cond")" "$set")" \
-    $(seg_args "$seg") --out "$exp/seg/$seg/$set"
+    $args --out "$exp/seg/$seg/$set"
+}
+store_threshold() {  # store_threshold SEGSTORE: the threshold a finished boundary store used
+  [ -f "$1/store.json" ] && "$python" -c 'import json, sys
+print(repr(float(json.load(open(sys.argv[1]))["meta"]["params"]["threshold"])))' "$1/store.json"
 }
 
 # stage 1: encoder frames of every set given, with the recipe's ${extract_opts[@]}

@@ -80,15 +80,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import trainer
+from . import record, trainer
+from .fileio import file_sha256, write_atomic
 from .finetune import Examples
 from .lock import output_lock
 from .models import check_backend_options, load_backend
 from .models.speechllm import PROJECTOR_FILE, Projector, load_projector_weights, stack_frames
-from .fileio import file_sha256, write_atomic
+from .options import option
 from .parallel import add_utterance, check_out, new_stats
 from .store import ShardResult, Store, StoreError, fingerprint
-from .options import option
 from .trainer import TrainingOptions
 
 log = logging.getLogger("lalmtool")
@@ -521,9 +521,8 @@ def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
         identity = {k: str(spec[k]) for k in ("llm", "encoder", "weights")}
     else:
         from .assets import resolve_model
-        from .finetune import _identity
 
-        identity = _identity(resolve_model(model))
+        identity = record.identity(resolve_model(model))
     out = {"feats": train.store.fingerprint, "texts": fingerprint(train.text),
            "model": identity,
            "valid_feats": valid.store.fingerprint if valid else None,

@@ -41,16 +41,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import trainer
-from .fileio import iter_jsonl, model_identity, read_json, write_atomic
+from . import record, trainer
+from .fileio import iter_jsonl, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
 from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, load_adapter,
                      load_backend)
+from .options import option
 from .parallel import check_out
 from .pool import condition_of
 from .store import Store
-from .options import option
 from .trainer import TrainingOptions, shuffled
 
 log = logging.getLogger("lalmtool")
@@ -279,22 +279,14 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
                          "the adapter/ directory of a finetune run")
     return {
         "feats": store(feats), "manifest": manifest_of(manifest),
-        "model": {"path": model, "identity": _identity(resolve_model(model))},
+        "model": {"path": model, "identity": record.identity(resolve_model(model))},
         "init_adapter": {"path": os.path.abspath(init_adapter),
-                         "identity": _identity(init_adapter)} if init_adapter else None,
+                         "identity": record.identity(init_adapter)} if init_adapter else None,
         "valid_feats": store(valid_feats) if valid_feats else None,
         "valid_manifest": manifest_of(valid_manifest) if valid_manifest else None,
-        "init_projector": {"path": os.path.abspath(projector), "identity": _identity(projector)}
+        "init_projector": {"path": os.path.abspath(projector), "identity": record.identity(projector)}
         if projector else None,
     }
-
-
-def _identity(path: str) -> dict:
-    """A checkpoint directory's content identity (not its name), or a file's sha256."""
-    if os.path.isdir(path) or not os.path.isfile(path):
-        return {k: v for k, v in model_identity(path).items() if k != "dir"}
-    with open(path, "rb") as fh:
-        return {"sha256": hashlib.sha256(fh.read()).hexdigest()}
 
 
 def _distributed(cfg: TrainConfig) -> trainer.Dist:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from .fileio import read_json, write_atomic
+from .fileio import file_sha256, model_identity, read_json, write_atomic
 
 _MISSING = object()
 
@@ -28,6 +28,13 @@ def read(path: str, hint: str = "use --force to start over") -> dict | None:
 
 def write(path: str, record: dict) -> None:
     write_atomic(path, json.dumps(record, indent=1))
+
+
+def identity(path: str) -> dict:
+    """A checkpoint directory's content identity (not its name), or a file's sha256."""
+    if os.path.isdir(path) or not os.path.isfile(path):
+        return {k: v for k, v in model_identity(path).items() if k != "dir"}
+    return {"sha256": file_sha256(path)}
 
 
 def _content(value):

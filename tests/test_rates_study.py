@@ -166,11 +166,25 @@ def test_bad_condition_names_stop_the_stage_naming_them(name, message):
     assert r.stderr.startswith(message), r.stderr
 
 
-def test_ctc_condition_has_its_place_but_is_not_run_by_segment():
-    r = stages('conditions="ctc-mean-blankkeep"; segment_sets test; echo "rc=$?"')
-    assert r.stdout == "rc=1\n"
-    assert r.stderr == ("condition ctc-mean-blankkeep: CTC segmentation (lalmtool align + "
-                        "ctc-segment) is not part of this recipe yet\n")
+def test_a_ctc_condition_trains_its_head_once_then_cuts_each_set_by_it():
+    show = 'show() { echo "$@" >&2; }; cpu_cmd=show; model=M train_set=train dev_set=dev; '
+    r = stages(show + 'conditions="ctc-mean-blankkeep"; segment_sets train test')
+    assert r.returncode == 0, r.stderr
+    align = ("PY -m lalmtool align --backend whisper --feats E/feats/frames/train --manifest "
+             "D/train/manifest.jsonl --valid-feats E/feats/frames/dev --valid-manifest "
+             "D/dev/manifest.jsonl --model M --out E/align/whisper")
+    cut = ("PY -m lalmtool ctc-segment --align E/align/whisper --feats E/feats/frames/{} "
+           "--model M --blank keep --out E/seg/ctc-blankkeep/{}")
+    # the head is trained by the first set's align; the next set's align finds it finished
+    defaults = " --max-steps=400 --lr=3e-3 --valid-every=100 --save-every=100"
+    assert r.stderr.replace(sys.executable, "PY").splitlines() == [
+        align + defaults, cut.format("train", "train"), align + defaults,
+        cut.format("test", "test")]
+    r = stages(show + 'conditions="ctc-mean-blankjoin"; align_opts=(--max-steps=5 --patience=2); '
+                      'ctc_backend=speechllm; segment_sets test')
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.replace(sys.executable, "PY").splitlines()[0] == align.replace(
+        "whisper", "speechllm") + " --max-steps=5 --patience=2"
 
 
 def test_study_conditions_derived_from_the_rates():

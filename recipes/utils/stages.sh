@@ -51,7 +51,7 @@ python=$(resolve_python) || exit 1
 #                  $rate_set (default train), then that --threshold on every other set
 #             tX   --threshold X (scpc, prominence)
 #             blankjoin | blankkeep   ctc: `lalmtool ctc-segment --blank join|keep` (the CTC
-#                  boundaries come from an aligned projector, not from `segment`: see seg_cmd)
+#                  boundaries come from a CTC head trained by `lalmtool align`: ctc_seg_cmd)
 #     e.g. peaks, uniform-mean-k3, uniform-pick-k2, prominence-mean-r5, scpc-mean-r10, scpc-t0.1
 #   SOURCE+STEP                      STEP (a name above) applied to the pooled features of the
 #                                    condition SOURCE, e.g. peaks+uniform-mean-k3 (peaks tokens
@@ -108,6 +108,21 @@ feats_of() {  # feats_of COND SET: the feature store COND's decoder input is rea
     *) echo "$exp/pooled/$1/$2" ;;
   esac
 }
+# ctc_seg_cmd SEG SET: a ctc-blankjoin|ctc-blankkeep segmentation of SET's frames, by a CTC
+# head that `lalmtool align` trains once on $train_set (validated on $dev_set) into
+# $exp/align/$ctc_backend: for whisper (the default) a head on the encoder frames, for
+# speechllm its projector; ${align_opts[@]} are align's options (the defaults below if unset).
+ctc_seg_cmd() {
+  local seg=$1 set=$2 al="$exp/align/${ctc_backend:-whisper}"
+  local opts=("${align_opts[@]:---max-steps=400 --lr=3e-3 --valid-every=100 --save-every=100}")
+  [ ${#align_opts[@]} -gt 0 ] || read -r -a opts <<< "${opts[0]}"
+  ${cpu_cmd:-} "$python" -m lalmtool align --backend "${ctc_backend:-whisper}" \
+    --feats "$exp/feats/frames/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
+    --valid-feats "$exp/feats/frames/$dev_set" --valid-manifest "$data/$dev_set/manifest.jsonl" \
+    --model "$model" --out "$al" "${opts[@]}" > /dev/null || return 1
+  ${cpu_cmd:-} "$python" -m lalmtool ctc-segment --align "$al" --feats "$exp/feats/frames/$set" \
+    --model "$model" --blank "${seg##*-blank}" --out "$exp/seg/$seg/$set"
+}
 # seg_cmd COND SET: the segmentation of COND's last step over the features of its source.
 # A ctc condition is cut by `lalmtool ctc-segment --align DIR --blank join|keep` from a
 # projector aligned by `lalmtool align` (recipes/mini_speechllm stage 8 does it for the
@@ -116,10 +131,7 @@ seg_cmd() {
   local cond=$1 set=$2 seg args ref thr
   seg=$(seg_of "$cond")
   case "${seg##*+}" in
-    ctc-*)
-      echo "condition $cond: CTC segmentation (lalmtool align + ctc-segment) is not part of" \
-        "this recipe yet" >&2
-      return 1 ;;
+    ctc-*) ctc_seg_cmd "$seg" "$set"; return ;;
   esac
   args=$(seg_args "$seg")
   case "$args" in

@@ -335,11 +335,21 @@ def plot_rows(rows: list[dict], path: str) -> bool:
     methods = sorted({r["method"] for r in points})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
 
+    _save_panels(path, sorted(panels.items()),
+                 lambda ax, key, prs: _plot_panel(ax, *key, prs, colours))
+    return True
+
+
+def _save_panels(path: str, panels: list[tuple], draw) -> None:
+    """A figure of ``panels`` (key, value), three per row, each drawn by ``draw(ax, key,
+    value)``, written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.2 * nrow), squeeze=False)
-    for ax, ((set_name, metric), prs) in zip(axes.flat, sorted(panels.items())):
-        _plot_panel(ax, set_name, metric, prs, colours)
+    for ax, (key, value) in zip(axes.flat, panels):
+        draw(ax, key, value)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -348,7 +358,6 @@ def plot_rows(rows: list[dict], path: str) -> bool:
             fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-    return True
 
 
 def _value(row: dict) -> float | None:
@@ -411,19 +420,8 @@ def plot_methods(rows: list[dict], path: str) -> bool:
         return False
     sets = sorted({set_name for set_name, _ in curves})
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sets)}
-    ncol = min(3, len(panels))
-    nrow = math.ceil(len(panels) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.5 * ncol, 4.2 * nrow), squeeze=False)
-    for ax, ((method, metric), lines) in zip(axes.flat, sorted(panels.items())):
-        _plot_method_panel(ax, method, metric, lines, colours)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    _save_panels(path, sorted(panels.items()),
+                 lambda ax, key, lines: _plot_method_panel(ax, *key, lines, colours))
     return True
 
 

@@ -46,6 +46,20 @@ def venv_python(root: str) -> str:
     return os.path.join(root, VENV, "bin", "python")
 
 
+#: What the tests import beyond the standard library: an interpreter without them is not the
+#: one install.sh installed into. (lalmtool itself is no sign: from the repository root its
+#: source and ``lalmtool.egg-info`` are importable from any interpreter.)
+REQUIRED = ("numpy", "torch", "transformers")
+
+
+def has_requirements(find_spec=None) -> bool:
+    """Whether this interpreter can import what the tests need (``REQUIRED``)."""
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+    return all(find_spec(name) is not None for name in REQUIRED)
+
+
 def reexec_in_venv(root: str, argv: list[str], can_import: bool, execv=os.execv) -> bool:
     """Runs ``python -m pytest argv`` again under ``root``'s ``.venv`` when this interpreter
     cannot import lalmtool and that venv exists; False (nothing done) otherwise."""

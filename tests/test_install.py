@@ -207,3 +207,25 @@ def test_pytest_from_a_stock_python3_reruns_in_the_project_venv(tmp_path, venv, 
     assert done is reexec
     assert calls == ([(str(python), [str(python), "-m", "pytest", "-q", "tests/x.py"])]
                      if reexec else [])
+
+
+def test_the_test_interpreter_is_judged_by_what_it_can_import_not_by_lalmtool(tmp_path):
+    """From the repository root any python3 finds lalmtool's source and lalmtool.egg-info (an
+    editable install writes it there): Debian's own python3 took that as installed and ran
+    the tests without numpy instead of rerunning them in .venv."""
+    import importlib.util
+
+    spec = importlib.util.find_spec
+    assert setup_python.has_requirements(spec) is True  # this interpreter has them all
+    missing = []
+    assert setup_python.has_requirements(
+        lambda name: missing.append(name) if name == "torch" else spec(name)) is False
+    assert missing == ["torch"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(  # Debian's python3 has no numpy; from the root it sees lalmtool
+        ["/usr/bin/python3", "-c", "import lalmtool.setup_python as s; "
+                                   "print(s.has_requirements())"],
+        cwd=root, capture_output=True, text=True, env={"PATH": "/usr/bin"})
+    if out.returncode or not os.path.exists("/usr/lib/python3.11/EXTERNALLY-MANAGED"):
+        pytest.skip("no stock Debian python3 here")
+    assert out.stdout == "False\n"

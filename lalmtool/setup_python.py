@@ -60,12 +60,17 @@ def has_requirements(find_spec=None) -> bool:
     return all(find_spec(name) is not None for name in REQUIRED)
 
 
-def reexec_in_venv(root: str, argv: list[str], can_import: bool, execv=os.execv) -> bool:
+def reexec_in_venv(root: str, argv: list[str], can_import: bool, execv=os.execv,
+                   prefix: str | None = None) -> bool:
     """Runs ``python -m pytest argv`` again under ``root``'s ``.venv`` when this interpreter
-    cannot import lalmtool and that venv exists; False (nothing done) otherwise."""
+    cannot import what the tests need and that venv exists; False (nothing done) otherwise.
+
+    Whether this is already the venv's interpreter is told by ``sys.prefix`` (``prefix``):
+    the venv's ``bin/python`` is a link to the very interpreter it was made from."""
     python = venv_python(root)
+    prefix = sys.prefix if prefix is None else prefix
     if can_import or not os.access(python, os.X_OK) or os.path.realpath(
-            sys.executable) == os.path.realpath(python):
+            prefix) == os.path.realpath(os.path.join(root, VENV)):
         return False
     execv(python, [python, "-m", "pytest", *argv])
     return True

@@ -229,3 +229,18 @@ def test_the_test_interpreter_is_judged_by_what_it_can_import_not_by_lalmtool(tm
     if out.returncode or not os.path.exists("/usr/lib/python3.11/EXTERNALLY-MANAGED"):
         pytest.skip("no stock Debian python3 here")
     assert out.stdout == "False\n"
+
+
+def test_the_venv_made_from_this_python3_is_told_apart_by_its_prefix(tmp_path):
+    """The venv's bin/python links to the interpreter it was made from (Debian's
+    /usr/bin/python3): their real paths are equal, so only sys.prefix says which one runs."""
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    calls = []
+    execv = lambda path, argv: calls.append(path)  # noqa: E731
+    assert setup_python.reexec_in_venv(str(tmp_path), ["-q"], False, execv,
+                                       prefix=sys.base_prefix) is True
+    assert setup_python.reexec_in_venv(str(tmp_path), ["-q"], False, execv,
+                                       prefix=str(tmp_path / ".venv")) is False
+    assert calls == [str(python)]  # once: from the system python, never from the venv

@@ -191,8 +191,9 @@ def prepare_out(out: str, cfg: TrainingOptions, inputs: dict, force: bool, what:
     if not force:
         if not os.path.exists(path) and any(os.path.exists(os.path.join(out, p))
                                             for p in outputs):
-            raise ValueError(f"{out} holds {what} that does not record its inputs (made by an "
-                             "older lalmtool); use another --out, or --force to start over")
+            raise ValueError(f"{out} holds {what} without {RUN_FILE} (made by an older "
+                             "lalmtool): its inputs cannot be compared; use another --out, or "
+                             "--force to start over")
         record.check(path, new, what, type(cfg).defaults(), RESUMABLE)
     if force or not os.path.exists(path) or latest_checkpoint(out) is None:
         for name in (*outputs, RUN_FILE, "config.yaml"):

@@ -5,6 +5,7 @@ Mechanics on the random 1-layer Whisper with tiny.en's tokenizer (conftest's tin
 and random frame stores; no real weights are trained.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -168,3 +169,24 @@ def test_the_adapter_carries_its_backend_options_beside_its_weights(whisper_data
     with pytest.raises(ValueError, match=r"was trained with the whisper backend \(.*backend.json"
                                          r"\); decode it with --backend whisper"):
         training_options(str(moved), "qwen2-audio")
+
+
+def test_an_out_without_a_run_record_is_refused_and_force_starts_over(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    cfg = trainer.TrainingOptions()
+    with pytest.raises(ValueError, match=rf"^{out} holds a finetune run without run.json \(made "
+                                         r"by an older lalmtool\): its inputs cannot be "
+                                         r"compared; use another --out, or --force"):
+        trainer.prepare_out(str(out), cfg, {"feats": "f"}, False, "a finetune run",
+                            ("log.jsonl",))
+    assert (out / "log.jsonl").exists()  # nothing removed
+    trainer.prepare_out(str(out), cfg, {"feats": "f"}, True, "a finetune run", ("log.jsonl",))
+    assert sorted(os.listdir(out)) == ["config.yaml", "run.json"]
+    assert json.loads((out / "run.json").read_text())["inputs"] == {"feats": "f"}
+    # the same record again: continued; another input: refused, naming it
+    trainer.prepare_out(str(out), cfg, {"feats": "f"}, False, "a finetune run", ("log.jsonl",))
+    with pytest.raises(ValueError, match=r"\(--feats: f there, g now\)"):
+        trainer.prepare_out(str(out), cfg, {"feats": "g"}, False, "a finetune run",
+                            ("log.jsonl",))

@@ -72,8 +72,23 @@ def reexec_in_venv(root: str, argv: list[str], can_import: bool, execv=os.execv,
     if can_import or not os.access(python, os.X_OK) or os.path.realpath(
             prefix) == os.path.realpath(os.path.join(root, VENV)):
         return False
+    _release_capture()
     execv(python, [python, "-m", "pytest", *argv])
     return True
+
+
+def _release_capture() -> None:
+    """pytest captures file descriptors 1 and 2 while it imports conftest files: give them
+    back, or the rerun's whole output would go to pytest's capture file."""
+    import gc
+
+    try:
+        from _pytest.capture import CaptureManager
+    except ImportError:  # not under pytest
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, CaptureManager):
+            obj.stop_global_capturing()
 
 
 if __name__ == "__main__":

@@ -244,3 +244,20 @@ def test_the_venv_made_from_this_python3_is_told_apart_by_its_prefix(tmp_path):
     assert setup_python.reexec_in_venv(str(tmp_path), ["-q"], False, execv,
                                        prefix=str(tmp_path / ".venv")) is False
     assert calls == [str(python)]  # once: from the system python, never from the venv
+
+
+def test_the_rerun_in_the_venv_prints_its_output_and_returns_its_status(tmp_path):
+    """The rerun replaces the pytest that imports conftest.py; that pytest had redirected
+    stdout and stderr into its capture files, and the rerun's report went there, unseen."""
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\necho \"rerun: $*\"\necho oops >&2\nexit 3\n")
+    python.chmod(0o755)
+    (tmp_path / "conftest.py").write_text(
+        "from lalmtool.setup_python import reexec_in_venv\n"
+        f"reexec_in_venv({str(tmp_path)!r}, ['-q', 'x'], False)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert (r.returncode, r.stdout, r.stderr) == (3, "rerun: -m pytest -q x\n", "oops\n")

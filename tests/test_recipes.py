@@ -274,12 +274,18 @@ def test_recipes_find_the_project_venv_that_install_sh_makes(tmp_path):
     shutil.copytree(os.path.join(REPO, "recipes", "utils"), tmp_path / "recipes" / "utils")
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)
-    os.symlink(sys.executable, venv / "python")
+    # a script, not a link: a link to a venv's python outside that venv loses the venv
+    (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "python").chmod(0o755)
     script = 'recipe=t; source recipes/utils/stages.sh && echo "$python"'
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "PATH": fake_path(tmp_path)})
     assert (r.returncode, r.stdout) == (0, f"{venv}/python\n"), r.stderr
+    good = tmp_path / "good"  # a python3 that has lalmtool is used as before
+    good.mkdir()
+    (good / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (good / "python3").chmod(0o755)
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                       env=env)  # a python3 that has lalmtool is used as before
-    assert r.stdout == f"{shutil.which('python3')}\n"
+                       env={**env, "PATH": f"{good}:{env['PATH']}"})
+    assert r.stdout == f"{good}/python3\n", r.stderr

@@ -173,7 +173,8 @@ def ctc_positions_needed(labels: list[int]) -> int:
 class Aligner:
     """A CTC head onto frozen token-embedding rows and its label vocabulary: for speechllm the
     backend's projector (stacked encoder frames → the LLM's input embeddings), for whisper a
-    linear map of each encoder frame onto the decoder's token embeddings."""
+    linear map (or, with ``hidden``, an MLP) of each encoder frame onto the decoder's token
+    embeddings."""
 
     def __init__(self, be, backend: str, vocab: list[int], scale: float, hidden: int = 0):
         self.be, self.backend = be, backend
@@ -336,7 +337,7 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
             run.state["initial_wer"] = _validate(run, valid)
             _save_checkpoint(run)
         stream = trainer.data_stream(
-            lambda epoch: _batches(trainer.shuffled(ids, cfg.seed, epoch), cfg.batch_size),
+            lambda epoch: trainer.batches(trainer.shuffled(ids, cfg.seed, epoch), cfg.batch_size),
             tuple(run.state["position"]), f"no training utterances in {feats}")
 
         def loss_of(batch: list[str]):
@@ -381,10 +382,6 @@ def _valid_wer(al: Aligner, ex: Examples, batch_size: int = 32) -> float:
         refs += texts
         hyps += al.transcribe(fb)
     return wer(refs, hyps)
-
-
-def _batches(order: list[str], size: int) -> list[list[str]]:
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def _save_checkpoint(run: trainer.Run) -> None:

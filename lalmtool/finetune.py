@@ -206,7 +206,7 @@ def epoch_batches(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list
     total duration."""
     items = shuffled(joined_examples(ex, cfg, epoch, fits), cfg.seed, epoch)
     if not cfg.batch_seconds:
-        return [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+        return trainer.batches(items, cfg.batch_size)
     batches, cur, total = [], [], 0.0
     for item in items:
         seconds = ex.seconds(item)
@@ -284,7 +284,8 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
                          "identity": record.identity(init_adapter)} if init_adapter else None,
         "valid_feats": store(valid_feats) if valid_feats else None,
         "valid_manifest": manifest_of(valid_manifest) if valid_manifest else None,
-        "init_projector": {"path": os.path.abspath(projector), "identity": record.identity(projector)}
+        "init_projector": {"path": os.path.abspath(projector),
+                           "identity": record.identity(projector)}
         if projector else None,
     }
 
@@ -488,7 +489,8 @@ def _set_base_model(adapter: str, base: str) -> None:
 def adapter_readme(run: trainer.Run, summary: dict, base: str, which: str) -> str:
     """What the adapter is: backend, base model, condition, training data, steps, losses."""
     cfg = run.cfg
-    inputs = read_json(os.path.join(run.out, trainer.RUN_FILE), "use --force to start over")["inputs"]
+    inputs = read_json(os.path.join(run.out, trainer.RUN_FILE),
+                       "use --force to start over")["inputs"]
     last = summary["last"] or {}
     loss = f"{last['loss']:.4f}" if isinstance(last.get("loss"), float) else "not logged"
     valid = (f"best validation loss {summary['best_valid_loss']:.4f} at step "

@@ -233,6 +233,11 @@ def shuffled(items: list, seed: int, epoch: int) -> list:
     return items
 
 
+def batches(items: list, size: int) -> list[list]:
+    """``items`` cut into micro-batches of ``size`` (the last one shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def data_stream(epoch_batches, start: tuple[int, int], empty: str):
     """Yields ((epoch, index of the next micro-batch), micro-batch) forever, from ``start``;
     ``epoch_batches(epoch)`` gives an epoch's micro-batches (``empty``: the error if none)."""
@@ -272,21 +277,19 @@ class Run:
     params: list
     total: int
     job: typing.Any = None
-    opt: torch.optim.Optimizer = None
-    sched: torch.optim.lr_scheduler.LRScheduler = None
-    scaler: torch.amp.GradScaler = None
     state: dict = field(default_factory=lambda: {"step": 0, "position": (0, 0), "best": None,
                                                  "best_step": None, "bad": 0})
+    # made from the above: AdamW over ``params``, the schedule, the fp16 gradient scaler
+    opt: torch.optim.Optimizer = field(init=False)
+    sched: torch.optim.lr_scheduler.LRScheduler = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self):
         cfg = self.cfg
-        if self.opt is None:
-            self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if self.sched is None:
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total))
-        if self.scaler is None:
-            self.scaler = torch.amp.GradScaler(self.dist.device.split(":")[0],
-                                               enabled=amp_kind(cfg, self.dist.device) == "fp16")
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total))
+        self.scaler = torch.amp.GradScaler(self.dist.device.split(":")[0],
+                                           enabled=amp_kind(cfg, self.dist.device) == "fp16")
 
     @property
     def stopped(self) -> bool:

@@ -28,11 +28,10 @@ def backend_class(name: str) -> type:
 
 def load_backend(name: str, model: str, **kwargs) -> Backend:
     """Instantiates backend ``name`` on ``model`` (a local directory, asset name or hub id)
-    with its options ``kwargs`` (and ``device``), checked first."""
+    with its options ``kwargs`` (and ``device``); the commands check the options first
+    (``check_backend_options``), and the backend's options dataclass checks them again."""
     from ..assets import resolve_model
 
-    check_backend_options(name, {k: v for k, v in kwargs.items() if k != "device"},
-                          "given to load_backend")
     return backend_class(name)(resolve_model(model), **kwargs)
 
 

@@ -406,14 +406,18 @@ def segment(feats, method, k, threshold, target_rate, out, on_error, nj, force) 
 @click.option("--feats", required=True, help="Feature store the boundaries index.")
 @click.option("--segments", required=True, help="Boundary store from `lalmtool segment`.")
 @click.option("--reduce", type=click.Choice(REDUCERS), default="mean",
-              show_default=True, help="Average each segment, or keep its first frame.")
+              show_default=True, help="Average each segment (mean), keep its first frame (pick), "
+              "or apply a learnt pooler (learnt, with --pooler).")
+@click.option("--pooler", default=None,
+              help="With --reduce learnt: the adapter directory of a `finetune --segments` run "
+                   "(it holds the pooler trained with that adapter).")
 @click.option("--out", required=True, help="Pooled feature store directory to write.")
 @common
-def pool(feats, segments, reduce, out, nj, force) -> None:
+def pool(feats, segments, reduce, pooler, out, nj, force) -> None:
     """Reduce each segment to one vector: the compressed audio tokens."""
     from .pool import pool_store
 
-    s = _run(pool_store, feats, segments, reduce, out, nj=nj, force=force)
+    s = _run(pool_store, feats, segments, reduce, out, nj=nj, force=force, pooler=pooler)
     _print_stage(s, ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
                      "compression"])
 
@@ -485,10 +489,16 @@ def _training_config(cls, config_path: str | None, options: dict, backend_opt) -
 @click.option("--init-adapter", help="Start from this adapter instead of a fresh LoRA.")
 @click.option("--init-projector", help="speechllm: start the projector from `lalmtool align`'s "
               "output (sets extra.init_projector).")
+@click.option("--segments", help="Boundaries of the --feats frames (`lalmtool segment`): train "
+              "a learnt pooler with the LoRA (then `pool --reduce learnt --pooler ADAPTER`).")
+@click.option("--valid-segments", help="With --segments: boundaries of the --valid-feats frames.")
+@click.option("--teacher", help="With --segments: an adapter trained on the frames, distilled "
+              "from (its weight: --distill).")
 @click.option("--force", is_flag=True, help="Start over, discarding an earlier run in --out.")
 @BACKEND_OPT
 def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_manifest,
-             init_adapter, init_projector, force, backend_opt, **options) -> None:
+             init_adapter, init_projector, segments, valid_segments, teacher, force,
+             backend_opt, **options) -> None:
     """Train LoRA adapters on the decoder from stored features.
 
     Training options (from --lr on) take a YAML value, as --key value or --key=value
@@ -505,7 +515,8 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
     if init_projector:
         cfg.extra = {**cfg.extra, "init_projector": os.path.abspath(init_projector)}
     s = _run(run, feats, manifest_path, model, out, cfg, valid_feats=valid_feats,
-             valid_manifest=valid_manifest, init_adapter=init_adapter, force=force)
+             valid_manifest=valid_manifest, init_adapter=init_adapter, force=force,
+             segments=segments, valid_segments=valid_segments, teacher=teacher)
     _print_table([{**s, "loss": (s["last"] or {}).get("loss")}],
                  ["condition", "steps", "loss", "best_valid_loss", "best_step", "adapter"])
 

@@ -72,6 +72,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     check_out(out, feats)  # hypotheses never go into the store
     rank, world = dist_info()
     store = _feature_store(feats)
+    _check_pooler(store, adapter)
     model_dir = _model_dir(model)
     opts = {**training_options(adapter, backend), **(backend_opts or {})}
     method, params, default_label = condition_of(store)
@@ -420,6 +421,19 @@ def _check_tap(store: Store, backend: str, opts: dict, adapter: str | None) -> N
         taps["adapter"] = training_options(adapter, backend).get("tap")
     check_tap(store, backend, taps, "decode a store extracted at the adapter's tap, or give "
                                     "the matching --backend-opt tap=...")
+
+
+def _check_pooler(store: Store, adapter: str | None) -> None:
+    """An adapter trained with a learnt pooler reads the stores that pooler wrote, only."""
+    from .pooler import has_pooler, weights_identity
+
+    if has_pooler(adapter) and \
+            (store.meta.get("pooler") or {}).get("identity") != weights_identity(adapter):
+        raise ValueError(
+            f"--adapter {adapter} was trained with its own learnt pooler and {store.path} was "
+            f"not pooled by it: write this set's store with `lalmtool pool --reduce learnt "
+            f"--pooler {adapter} --feats FRAMES --segments BOUNDARIES --out DIR` and decode "
+            "that")
 
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:

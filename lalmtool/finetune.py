@@ -21,6 +21,15 @@ Output directory::
     OUT/last/                  the adapter after the last step
     OUT/summary.json           steps, losses, condition, paths
 
+With ``segments`` (``--segments``, boundaries of the frames in ``feats``) the reducer is
+learnt: a ``lalmtool.pooler.LearntPooler`` turns each segment's frames into its token inside
+the training step and is trained with the LoRA (its weights in every checkpoint, and in
+OUT/adapter/pooler.safetensors); ``lalmtool pool --reduce learnt --pooler OUT/adapter`` then
+writes the pooled stores that ``decode`` reads with this adapter. With ``teacher``
+(``--teacher``, an adapter trained on the frames) and ``distill`` > 0, the loss is
+``(1 - distill)`` x cross-entropy + ``distill`` x the KL divergence from the teacher's token
+distributions on the same frames to the student's on the pooled tokens.
+
 The run, step by step: ``_distributed`` (set-up), ``_data``, ``_model``, then the training core
 (``lalmtool.trainer``, shared with ``lalmtool align``: run record, resume, loop, checkpoints)
 with finetune's ``_train_step``, ``_validate`` and ``_save_checkpoint``, and at the end
@@ -50,6 +59,8 @@ from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, l
 from .options import option
 from .parallel import check_out
 from .pool import condition_of
+from .pooler import LearntPooler
+from .pooler import save as save_pooler
 from .store import Store
 from .trainer import TrainingOptions, shuffled
 
@@ -88,6 +99,17 @@ class TrainConfig(TrainingOptions):
     concat_group: str | None = option(
         None, "with concat_seconds: the manifest field that joined utterances share (e.g. "
               "speaker, chapter, recording); null: any consecutive utterances")
+    # a learnt pooler (with --segments) and distillation (with --teacher)
+    pooler_heads: int = option(8, "with --segments: heads of the learnt pooler (each weighs "
+                                  "the frames of a segment for its slice of the dimensions)")
+    pooler_rank: int = option(64, "with --segments: rank of the learnt pooler's stacked-frames "
+                                  "term (0: attention pooling alone)")
+    pooler_width: int | None = option(
+        None, "with --segments: places in a segment with their own pooler weights (later "
+              "frames share the last); null: the longest segment of the training boundaries")
+    distill: float = option(0.0, "with --teacher: weight of the KL divergence to the teacher's "
+                                 "token distributions ((1 - distill) x cross-entropy + distill "
+                                 "x KL)")
     device: str = option("auto", "auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, "
                                  "cuda or cuda:N")
     dist_timeout: float = option(600.0, "under torchrun: seconds a rank waits for the others "
@@ -103,6 +125,13 @@ class TrainConfig(TrainingOptions):
              "> 0 (or null)")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         need(self.dist_timeout > 0, "dist_timeout", "> 0 seconds")
+        need(self.pooler_heads >= 1, "pooler_heads", ">= 1")
+        need(self.pooler_rank >= 0, "pooler_rank", ">= 0")
+        need(self.pooler_width is None or self.pooler_width >= 1, "pooler_width",
+             ">= 1 (or null)")
+        need(0 <= self.distill <= 1, "distill", "in [0, 1]")
+        need(not self.distill or self.backend == "whisper", "distill",
+             "0 for this backend (distillation is built for whisper)")
         if self.concat_seconds is not None:
             bounds = concat_range(self)
             need(len(bounds) == 2 and 0 <= bounds[0] <= bounds[1] and bounds[1] > 0,
@@ -127,8 +156,9 @@ class Examples:
     ``concat_seconds``)."""
 
     def __init__(self, feats: str, manifest: str, text_field: str = "text",
-                 group_field: str | None = None):
+                 group_field: str | None = None, segments: str | None = None):
         self.store = Store(feats)
+        self.segments = _segments_of(self.store, segments) if segments else None
         utts, _ = load_manifest(manifest, check_audio=False, need_text=text_field == "text")
         text = {u.id: getattr(u, text_field) for u in utts if getattr(u, text_field)}
         missing = [u for u in self.store.ids if u not in text]
@@ -153,8 +183,36 @@ class Examples:
             texts.append(" ".join(self.text[u].strip() for u in ids))
         return feats, texts
 
+    def starts(self, items: list) -> list[torch.Tensor]:
+        """Each example's segment starts (joined utterances: shifted by the frames before)."""
+        out = []
+        for item in items:
+            offset, starts = 0, []
+            for u in parts(item):
+                starts.append(self.segments[u].astype(np.int64) + offset)
+                offset += int(self.store.dataset(u).shape[0])
+            out.append(torch.from_numpy(np.concatenate(starts)))
+        return out
+
     def seconds(self, item) -> float:
         return sum(self.duration[u] for u in parts(item))
+
+
+def _segments_of(store: Store, segments: str) -> Store:
+    """The boundary store ``segments`` of ``store``'s frames, checked: a ``segment`` store of
+    these very features covering every utterance."""
+    seg = Store(segments)
+    if seg.kind != "seg":
+        raise ValueError(f"--segments {segments} is a {seg.kind} store, not boundaries: give "
+                         "a store from `lalmtool segment` (or ctc-segment) of the features")
+    if seg.meta.get("source_fingerprint") != store.fingerprint:
+        raise ValueError(f"--segments {segments} was cut from {seg.meta.get('source')}, whose "
+                         f"content differs from {store.path}; segment {store.path} itself")
+    missing = [u for u in store.ids if u not in seg]
+    if missing:
+        raise ValueError(f"--segments {segments} has no boundaries for {len(missing)} "
+                         f"utterance(s) of {store.path} (e.g. {missing[:3]})")
+    return seg
 
 
 def parts(item) -> tuple[str, ...]:
@@ -237,14 +295,20 @@ def length_check(be, ex: Examples):
 
 
 def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
-          valid_manifest: str | None) -> tuple[Examples, Examples | None]:
-    """The training (and validation) examples, their stores checked against the backend."""
+          valid_manifest: str | None, segments: dict) -> tuple[Examples, Examples | None]:
+    """The training (and validation) examples, their stores checked against the backend;
+    ``segments`` holds the boundary stores (``train``, ``valid``) of a learnt pooler."""
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
                          "--valid-manifest)")
-    train = Examples(feats, manifest, cfg.text_field, cfg.concat_group)
-    valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group) \
-        if valid_feats else None
+    if segments.get("train") and valid_feats and not segments.get("valid"):
+        raise ValueError("--segments with --valid-feats needs --valid-segments (the "
+                         "boundaries of the validation frames)")
+    if segments.get("valid") and not segments.get("train"):
+        raise ValueError("--valid-segments needs --segments")
+    train = Examples(feats, manifest, cfg.text_field, cfg.concat_group, segments.get("train"))
+    valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group,
+                     segments.get("valid")) if valid_feats else None
     for ex in filter(None, (train, valid)):
         _check_tap(ex.store, cfg)
     return train, valid
@@ -260,10 +324,12 @@ def _check_tap(store: Store, cfg: TrainConfig) -> None:
 # -- the run's identity --------------------------------------------------------------------
 def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | None = None,
                     valid_manifest: str | None = None, init_adapter: str | None = None,
-                    projector: str | None = None) -> dict:
+                    projector: str | None = None, segments: dict | None = None,
+                    teacher: str | None = None) -> dict:
     """What a run is trained from, by content: stores by fingerprint, manifests by sha256,
-    the model, the initial adapter and projector (speechllm's ``extra.init_projector``) by
-    their identity (not their names or paths)."""
+    the model, the initial adapter and projector (speechllm's ``extra.init_projector``), the
+    teacher adapter by their identity (not their names or paths); ``segments``: the boundary
+    stores (``train``, ``valid``) of a learnt pooler."""
     from .assets import resolve_model
 
     def store(path):
@@ -274,9 +340,11 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
             return {"path": os.path.abspath(path),
                     "sha256": hashlib.sha256(fh.read()).hexdigest()}
 
-    if init_adapter and not os.path.isfile(os.path.join(init_adapter, "adapter_config.json")):
-        raise ValueError(f"--init-adapter {init_adapter}: no adapter_config.json there; pass "
-                         "the adapter/ directory of a finetune run")
+    for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
+        if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "
+                             "directory of a finetune run")
+    segments = segments or {}
     return {
         "feats": store(feats), "manifest": manifest_of(manifest),
         "model": {"path": model, "identity": record.identity(resolve_model(model))},
@@ -287,6 +355,10 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
         "init_projector": {"path": os.path.abspath(projector),
                            "identity": record.identity(projector)}
         if projector else None,
+        "segments": store(segments["train"]) if segments.get("train") else None,
+        "valid_segments": store(segments["valid"]) if segments.get("valid") else None,
+        "teacher": {"path": os.path.abspath(teacher), "identity": record.identity(teacher)}
+        if teacher else None,
     }
 
 
@@ -316,16 +388,57 @@ def _model(cfg: TrainConfig, model: str, device: str, init_adapter: str | None):
     return be, be.model
 
 
+def _pooler(cfg: TrainConfig, train: Examples, device: str) -> LearntPooler:
+    """A learnt pooler for the training features (seeded: the same weights on every rerun),
+    as wide as the longest training segment unless ``pooler_width`` says."""
+    dim = int(train.store.dataset(train.ids[0]).shape[1])
+    width = cfg.pooler_width or max(
+        int(np.diff(train.segments[u], append=train.store.dataset(u).shape[0]).max())
+        for u in train.ids)
+    torch.manual_seed(cfg.seed)
+    return LearntPooler(dim, cfg.pooler_heads, cfg.pooler_rank, width).to(device)
+
+
+def _teacher(cfg: TrainConfig, model: str, device: str, adapter: str):
+    """The frozen teacher of distillation: the backend with the ``--teacher`` adapter."""
+    be = load_backend(cfg.backend, model, device=device, **cfg.extra)
+    be.model = load_adapter(be.model, adapter).eval().requires_grad_(False)
+    return be
+
+
 @dataclass
 class Job:
     """finetune's side of the run: the backend (``be.model`` is the peft model, DDP-wrapped
-    under torchrun), the unwrapped peft model, the long-input length check and the validation
-    examples."""
+    under torchrun), the unwrapped peft model, the long-input length check, the validation
+    examples, and with ``--segments`` the learnt pooler (with ``--teacher`` the teacher)."""
 
     be: typing.Any
     peft_model: torch.nn.Module
     fits: typing.Any = None  # length_check of the training examples (long inputs), or None
     valid_items: list | None = None
+    pooler: LearntPooler | None = None
+    teacher: typing.Any = None
+
+    def loss(self, ex: Examples, items: list, distill: float = 0.0) -> tuple[torch.Tensor, int]:
+        """The training loss of a micro-batch (mean over its target tokens, and their count):
+        the decoder's cross-entropy on the stored (or, with a pooler, learnt-pooled) features,
+        mixed with the KL divergence from the teacher's distributions when ``distill`` > 0."""
+        feats, texts = ex.batch(items)
+        if self.pooler is None:
+            return self.be.loss(feats, texts)
+        device = next(self.pooler.parameters()).device
+        tokens = [self.pooler(f.to(device), s) for f, s in zip(feats, ex.starts(items))]
+        if not distill:
+            return self.be.loss(tokens, texts)
+        logits, labels = self.be.token_logits(tokens, texts)
+        with torch.no_grad():
+            target, _ = self.teacher.token_logits(feats, texts)
+        keep = labels != -100
+        student, target = logits[keep].float(), target[keep].float()
+        ce = torch.nn.functional.cross_entropy(student, labels[keep])
+        kl = torch.nn.functional.kl_div(student.log_softmax(-1), target.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        return (1 - distill) * ce + distill * kl, int(keep.sum())
 
 
 def _total_steps(cfg: TrainConfig, train: Examples, world: int, fits=None) -> int:
@@ -342,33 +455,54 @@ def _total_steps(cfg: TrainConfig, train: Examples, world: int, fits=None) -> in
 
 def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
              valid_feats: str | None = None, valid_manifest: str | None = None,
-             init_adapter: str | None = None, force: bool = False) -> dict:
+             init_adapter: str | None = None, force: bool = False,
+             segments: str | None = None, valid_segments: str | None = None,
+             teacher: str | None = None) -> dict:
     """Trains LoRA adapters on ``model``'s decoder; returns a summary (steps, losses, paths).
 
-    A rerun into ``out`` resumes the same run (same configuration and inputs) or is refused;
-    ``force`` starts over."""
-    check_out(out, feats, *filter(None, [valid_feats]))  # before OUT/.lock is written
+    ``segments`` (and ``valid_segments``): boundaries of the frames in ``feats`` (and
+    ``valid_feats``): a learnt pooler is trained with the LoRA; ``teacher``: an adapter on
+    the frames to distil from (``cfg.distill``). A rerun into ``out`` resumes the same run
+    (same configuration and inputs) or is refused; ``force`` starts over."""
+    check_out(out, feats, *filter(None, [valid_feats, segments, valid_segments, teacher]))
     check_backend_options(cfg.backend, cfg.extra, "from --backend-opt or --extra")
+    if bool(teacher) != bool(cfg.distill):
+        raise ValueError("--teacher and distill > 0 go together (distill: the weight of the "
+                         "teacher's term in the loss)")
+    if teacher and not segments:
+        raise ValueError("--teacher needs --segments: the teacher reads the frames the learnt "
+                         "pooler pools")
     dist = _distributed(cfg)
+    if segments and dist.world > 1:
+        raise ValueError("--segments (a learnt pooler) trains in one process; run it without "
+                         "torchrun")
+    bounds = {"train": segments, "valid": valid_segments}
+    for store, seg in ((feats, segments), (valid_feats, valid_segments)):
+        if store and seg:  # before OUT is made
+            _segments_of(Store(store), seg)
 
     def inputs() -> dict:
         return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
-                               init_adapter, cfg.extra.get("init_projector"))
+                               init_adapter, cfg.extra.get("init_projector"), bounds, teacher)
 
     with output_lock(out):
         done = None if force else trainer.finished(out, cfg, inputs, "adapter")
         if done is not None:  # before the data checks, which import the backend: seconds
             log.info("%s: finished with these inputs and settings, nothing to do", out)
             return done
-        train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest)
+        train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest, bounds)
         if dist.rank == 0:
             trainer.prepare_out(out, cfg, inputs(), force, "a finetune run", RUN_OUTPUTS)
         dist.barrier("the start of training")
         be, peft_model = _model(cfg, model, dist.device, init_adapter)
         fits = length_check(be, train) if cfg.concat_seconds is not None else None
+        job = Job(be, peft_model, fits,
+                  pooler=_pooler(cfg, train, dist.device) if segments else None,
+                  teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
         run = trainer.Run(out, cfg, dist, peft_model,
-                          [p for p in peft_model.parameters() if p.requires_grad],
-                          _total_steps(cfg, train, dist.world, fits), Job(be, peft_model, fits))
+                          params + (list(job.pooler.parameters()) if job.pooler else []),
+                          _total_steps(cfg, train, dist.world, fits), job)
         trainer.resume(run, lambda ck: _restore(run, ck))
         if dist.world > 1:
             be.model = run.model = torch.nn.parallel.DistributedDataParallel(peft_model)
@@ -376,7 +510,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             run.job.valid_items = joined_examples(valid, cfg, 0,
                                                   fits and length_check(be, valid))
         _train(run, train, valid)
-        return _export(run, feats, model)
+        return _export(run, feats, model, segments)
 
 
 def _train(run: trainer.Run, train: Examples, valid: Examples | None) -> None:
@@ -389,29 +523,30 @@ def _train(run: trainer.Run, train: Examples, valid: Examples | None) -> None:
 
 def _train_step(run: trainer.Run, train: Examples, stream) -> tuple[float, int, object]:
     """One optimizer step: the decoder's loss over target tokens (loss, tokens, norm)."""
-    return trainer.train_step(run, lambda ids: run.job.be.loss(*train.batch(ids)), stream)
+    return trainer.train_step(run, lambda ids: run.job.loss(train, ids, run.cfg.distill),
+                              stream)
 
 
 def _validate(run: trainer.Run, valid: Examples) -> None:
     """Validation loss; the best adapter so far goes to OUT/best."""
     trainer.validation(
-        run, lambda: evaluate(run.job.be, valid, run.cfg, run.dist.device, run.job.valid_items),
-        lambda path: _save_adapter(run.job.peft_model, path), "valid_loss")
+        run, lambda: evaluate(run.job, valid, run.cfg, run.dist.device, run.job.valid_items),
+        lambda path: _save_adapter(run.job, path), "valid_loss")
 
 
 @torch.no_grad()
-def evaluate(be, ex: Examples, cfg: TrainConfig, device: str, items: list | None = None) -> float:
-    """Token-weighted mean loss over a validation set's ``items`` (default: every utterance
-    alone), dropout off."""
-    module = be.model.module if hasattr(be.model, "module") else be.model
+def evaluate(job: Job, ex: Examples, cfg: TrainConfig, device: str,
+             items: list | None = None) -> float:
+    """Token-weighted cross-entropy over a validation set's ``items`` (default: every
+    utterance alone), dropout off."""
+    module = job.be.model.module if hasattr(job.be.model, "module") else job.be.model
     was_training = module.training
     module.eval()
     total, tokens = 0.0, 0
     items = ex.ids if items is None else items
     for i in range(0, len(items), cfg.batch_size):
-        feats_b, texts = ex.batch(items[i : i + cfg.batch_size])
         with trainer.autocast(cfg, device):
-            loss, n = be.loss(feats_b, texts)
+            loss, n = job.loss(ex, items[i : i + cfg.batch_size])
         total += float(loss) * n
         tokens += n
     module.train(was_training)
@@ -421,37 +556,45 @@ def evaluate(be, ex: Examples, cfg: TrainConfig, device: str, items: list | None
 def _save_checkpoint(run: trainer.Run) -> None:
     from peft.utils import get_peft_model_state_dict
 
-    trainer.save_checkpoint(run, lambda: {"adapter": get_peft_model_state_dict(
-        run.job.peft_model)})
+    pooler = run.job.pooler
+    trainer.save_checkpoint(run, lambda: {
+        "adapter": get_peft_model_state_dict(run.job.peft_model),
+        **({"pooler": pooler.state_dict()} if pooler else {})})
 
 
 def _restore(run: trainer.Run, ck: dict) -> None:
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(run.job.peft_model, ck["adapter"])
+    if run.job.pooler is not None:
+        run.job.pooler.load_state_dict(ck["pooler"])
 
 
 # -- the adapter ---------------------------------------------------------------------------
-def _save_adapter(peft_model, path: str) -> None:
+def _save_adapter(job: Job, path: str) -> None:
+    """The adapter (and the learnt pooler trained with it) into ``path``, whole or not at all."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
+    job.peft_model.save_pretrained(tmp)
+    if job.pooler is not None:
+        save_pooler(job.pooler, tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
-def _export(run: trainer.Run, feats: str, model: str) -> dict:
+def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> dict:
     """OUT/last, OUT/adapter (the best by validation loss of this run, else the last) with a
     README.md and the base model named as the user gave it; OUT/summary.json."""
     out, state, rank = run.out, run.state, run.dist.rank
-    condition = condition_of(Store(feats))[2]
+    condition = condition_of(Store(segments), "learnt")[2] if segments else \
+        condition_of(Store(feats))[2]
     last = trainer.last_record(out)
     summary = {"out": out, "steps": state["step"], "last": last,
                "best_valid_loss": state["best"], "best_step": state["best_step"],
                "adapter": os.path.join(out, "adapter"), "feats": os.path.abspath(feats),
                "condition": condition}
     if rank == 0:
-        _save_adapter(run.job.peft_model, os.path.join(out, "last"))
+        _save_adapter(run.job, os.path.join(out, "last"))
         use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))
         final = os.path.join(out, "best" if use_best else "last")
         tmp = os.path.join(out, "adapter.tmp")

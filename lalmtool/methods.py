@@ -7,5 +7,7 @@ loading numpy or torch; ``lalmtool.compress`` holds the implementation of each n
 #: ``lalmtool ctc-segment`` (it needs an aligned CTC head, see ``lalmtool align``).
 METHODS = {"peaks": None, "scpc": "threshold", "prominence": "threshold", "uniform": "k"}
 THRESHOLD_METHODS = tuple(m for m, p in METHODS.items() if p == "threshold")
-#: how a segment becomes one token: its mean (pooling) or its first frame (downsampling)
-REDUCERS = ("mean", "pick")
+#: how a segment becomes one token: its mean (pooling), its first frame (downsampling) or a
+#: learnt pooling (``lalmtool.pooler``: trained by ``finetune --segments``, read by
+#: ``pool --pooler``)
+REDUCERS = ("mean", "pick", "learnt")

@@ -3,7 +3,9 @@
 ``reduce="mean"`` averages the frames of each segment (uniform boundaries every k frames give
 uniform average pooling; the last, shorter segment is the mean of the frames it has, which is
 ``avg_pool1d(..., ceil_mode=True)``); ``reduce="pick"`` keeps the first frame of each segment
-(uniform boundaries give uniform downsampling, ``z[::k]``).
+(uniform boundaries give uniform downsampling, ``z[::k]``); ``reduce="learnt"`` applies the
+pooler that ``lalmtool finetune --segments`` trained with its adapter (``--pooler ADAPTER``,
+``lalmtool.pooler``).
 """
 from __future__ import annotations
 
@@ -30,9 +32,11 @@ def check_boundaries(starts: np.ndarray, n_frames: int) -> None:
                          f"T={n_frames}; got {starts[:8].tolist()}...")
 
 
-def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
+def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean",
+         pooler=None) -> np.ndarray:
     """One vector per segment ``[S, D]`` (float32) from frames ``[T, D]`` and segment starts
-    (``lalmtool.compress.pool_utterance``, the one implementation)."""
+    (``lalmtool.compress.pool_utterance``, the one implementation; ``learnt``: ``pooler``, a
+    ``lalmtool.pooler.LearntPooler``)."""
     import torch  # here, not at the top: a rerun of a finished stage does not import it
 
     from .compress import pool_utterance
@@ -41,14 +45,24 @@ def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean") -> np.ndarray:
     if reduce not in REDUCERS:
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
     x = torch.from_numpy(np.ascontiguousarray(z))
-    return pool_utterance(x, torch.from_numpy(starts.astype(np.int64)), reduce).numpy()
+    s = torch.from_numpy(starts.astype(np.int64))
+    if reduce == "learnt":
+        with torch.inference_mode():
+            return pooler(x, s).numpy()
+    return pool_utterance(x, s, reduce).numpy()
 
 
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
-               force: bool = False) -> dict:
-    """Writes the pooled features of every utterance of ``segments`` to the store ``out``."""
+               force: bool = False, pooler: str | None = None) -> dict:
+    """Writes the pooled features of every utterance of ``segments`` to the store ``out``
+    (``reduce="learnt"``: with the pooler saved in the adapter directory ``pooler``)."""
+    from . import pooler as learnt
+
     if reduce not in REDUCERS:
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
+    if (reduce == "learnt") != bool(pooler):
+        raise ValueError("--reduce learnt and --pooler ADAPTER go together: the learnt pooler "
+                         "is the one `lalmtool finetune --segments` saved with its adapter")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
     check_out(out, feats, segments)
@@ -59,27 +73,40 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     if seg.meta.get("source_fingerprint") != src.fingerprint:
         raise StoreError(f"{segments} was segmented from {seg.meta.get('source')}, whose "
                          f"content differs from {feats}; rerun `lalmtool segment` on {feats}.")
+    if pooler:  # a clear error before anything is written
+        dim = learnt.load(pooler).config["dim"]
+        have = {int(src.dataset(u).shape[1]) for u in src.ids[:1]}
+        if have and have != {dim}:
+            raise ValueError(f"--pooler {pooler} pools {dim}-dimensional frames, {feats} holds "
+                             f"{have.pop()}-dimensional ones: give the features the pooler was "
+                             "trained on (the same model and tap)")
     rate = float(src.meta["frame_rate"])
+    used = {"path": os.path.abspath(pooler), "identity": learnt.weights_identity(pooler)} \
+        if pooler else None
     fp = fingerprint({"stage": "pool", "version": STAGE_VERSION, "source": src.fingerprint,
-                      "segments": seg.fingerprint, "reduce": reduce})
+                      "segments": seg.fingerprint, "reduce": reduce,
+                      **({"pooler": used["identity"]} if used else {})})
     tokens = sum(len(seg.dataset(u)) for u in seg.ids)
     seconds = sum(float(seg.attrs(u)["duration"]) for u in seg.ids)
     meta = {"stage": "pool", "method": seg.meta["method"], "params": seg.meta["params"],
             "reduce": reduce, "frame_rate": tokens / seconds if seconds else 0.0,
             "source_frame_rate": float(src.meta.get("source_frame_rate", rate)),
             "source": os.path.abspath(feats), "segments": os.path.abspath(segments),
-            "source_meta": src.meta}
+            "source_meta": src.meta, **({"pooler": used} if used else {})}
     shards = {name.replace("seg.", "pooled.", 1): ids for name, ids in seg.shards.items()}
     shards = {name: [u for u in ids if u in seg] for name, ids in shards.items()}
-    factory = functools.partial(_worker, feats, segments, reduce)
+    factory = functools.partial(_worker, feats, segments, reduce, pooler)
     with output_lock(out):
         stats, skipped = run_sharded(out, "pooled", fp, meta, shards, factory, nj=nj,
                                      force=force, desc=f"pool {reduce}")
     return summarize(stats, rate, out, skipped)
 
 
-def _worker(feats: str, segments: str, reduce: str):
+def _worker(feats: str, segments: str, reduce: str, pooler: str | None):
+    from . import pooler as learnt
+
     src, seg = Store(feats), Store(segments)
+    module = learnt.load(pooler) if pooler else None
 
     def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         result = ShardResult()
@@ -87,22 +114,23 @@ def _worker(feats: str, segments: str, reduce: str):
         for utt in ids:
             tick(1)
             z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
-            pooled = for_utterance(utt, pool, z, starts, reduce).astype(np.float16)
+            pooled = for_utterance(utt, pool, z, starts, reduce, module).astype(np.float16)
             add_utterance(result, stats, utt, pooled, len(z), float(attrs["duration"]))
         return result, stats
 
     return run
 
 
-def condition_of(store: Store) -> tuple[str, dict, str]:
-    """(method, parameters, label) of the compression a store holds; the label is the
-    condition's name that recipes, decode and reports use (``frames``, ``uniform-mean-k3``)."""
+def condition_of(store: Store, reduce: str | None = None) -> tuple[str, dict, str]:
+    """(method, parameters, label) of the compression a store holds (a boundary store: with
+    ``reduce``); the label is the condition's name that recipes, decode and reports use
+    (``frames``, ``uniform-mean-k3``, ``uniform-learnt-k10``)."""
     meta = store.meta
     if store.kind == "feats":
         method = "frames" if meta.get("trim", True) else "native"
         return method, {}, method
     method, params = meta["method"], dict(meta.get("params", {}))
-    params["reduce"] = meta.get("reduce", "mean")
+    params["reduce"] = reduce or meta.get("reduce", "mean")
     label = "-".join([method, params["reduce"]] + [
         f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
         for k, v in params.items() if k not in ("reduce", "target_rate")])

@@ -143,11 +143,17 @@ class WhisperBackend(Backend):
             labels[i, len(prefix) - 1 : len(s) - 1] = torch.tensor(s[len(prefix):])
         return inputs.to(self.device), labels.to(self.device)
 
-    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+    def token_logits(self, feats: list[torch.Tensor],
+                     texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's logits ``[B, L, V]`` for ``texts`` given ``feats`` (teacher-forced),
+        and the labels ``[B, L]`` they predict (-100 where nothing is learnt)."""
         memory, mask = self._memory(feats)
         inputs, labels = self._token_batch(texts)
         with cross_attention_mask(self.model, mask):
-            logits = self.model(encoder_outputs=memory, decoder_input_ids=inputs).logits
+            return self.model(encoder_outputs=memory, decoder_input_ids=inputs).logits, labels
+
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        logits, labels = self.token_logits(feats, texts)
         n = int((labels != -100).sum())
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),

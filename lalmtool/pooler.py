@@ -1,0 +1,112 @@
+"""The learnt reducer (``reduce="learnt"``): each segment's token from its frames by a small
+module trained jointly with the LoRA.
+
+``lalmtool finetune --segments SEG`` trains it (on frames and their boundaries, with the
+decoder's loss) and saves it into the adapter directory (``pooler.safetensors`` and
+``pooler.json``); ``lalmtool pool --reduce learnt --pooler ADAPTER`` then writes the pooled
+store that ``decode`` reads with that adapter, like any other condition.
+
+A segment's token is
+
+* per head (a slice of ``dim / heads`` feature dimensions), a softmax-weighted mean of the
+  segment's frames, each frame's score a linear function of the frame plus a bias for its
+  place in the segment (attention pooling);
+* plus a low-rank map of the segment's frames stacked in order (``rank`` dimensions; the
+  frame at place ``j`` of the segment goes through its own ``dim x rank`` down-projection,
+  places from ``width - 1`` on share the last one), projected back to ``dim``.
+
+Scores and the up-projection start at zero, so before training the token is exactly the
+segment's mean (``reduce="mean"``): training only moves away from uniform average pooling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from .fileio import write_atomic
+
+WEIGHTS_FILE = "pooler.safetensors"
+CONFIG_FILE = "pooler.json"
+
+
+class LearntPooler(torch.nn.Module):
+    """Attention pooling plus a low-rank stacked-frames term, per segment (module doc)."""
+
+    def __init__(self, dim: int, heads: int = 8, rank: int = 64, width: int = 10):
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"pooler heads={heads}: must be >= 1 and divide the feature "
+                             f"dimension {dim}")
+        if rank < 0 or width < 1:
+            raise ValueError(f"pooler rank={rank}, width={width}: need rank >= 0, width >= 1")
+        self.config = {"dim": dim, "heads": heads, "rank": rank, "width": width}
+        self.score = torch.nn.Linear(dim, heads)
+        self.place = torch.nn.Parameter(torch.zeros(width, heads))
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+        self.down = torch.nn.Parameter(torch.empty(dim, width, rank).uniform_(
+            -1 / math.sqrt(dim * width), 1 / math.sqrt(dim * width)))
+        self.up = torch.nn.Parameter(torch.zeros(rank, dim))
+
+    def forward(self, z: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[S, D]`` (float32) of frames ``z`` ``[T, D]`` cut at ``starts`` (the first
+        frame of each segment, as ``lalmtool segment`` stores them)."""
+        c = self.config
+        x = z.float()
+        n, dim, heads = len(x), c["dim"], c["heads"]
+        starts = starts.to(device=x.device, dtype=torch.int64)
+        lengths = torch.diff(starts, append=torch.tensor([n], device=x.device))
+        seg = torch.repeat_interleave(torch.arange(len(starts), device=x.device), lengths)
+        place = (torch.arange(n, device=x.device) - starts[seg]).clamp(max=c["width"] - 1)
+        scores = self.score(x) + self.place[place]  # [T, H]
+        top = torch.full((len(starts), heads), -torch.inf, device=x.device).scatter_reduce(
+            0, seg[:, None].expand(-1, heads), scores, "amax")
+        w = torch.exp(scores - top[seg])
+        w = w / torch.zeros_like(top).index_add(0, seg, w)[seg]
+        tokens = torch.zeros(len(starts), heads, dim // heads, device=x.device).index_add(
+            0, seg, w[..., None] * x.view(n, heads, dim // heads)).reshape(len(starts), dim)
+        if c["rank"]:
+            low = (x @ self.down.reshape(dim, -1)).view(n, c["width"], c["rank"])
+            low = low[torch.arange(n, device=x.device), place]  # [T, rank]
+            tokens = tokens + torch.zeros(len(starts), c["rank"], device=x.device).index_add(
+                0, seg, low) @ self.up
+        return tokens
+
+
+def save(pooler: LearntPooler, directory: str) -> None:
+    """Writes the pooler's weights and shape into ``directory`` (an adapter's)."""
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(directory, WEIGHTS_FILE + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in
+               pooler.state_dict().items()}, tmp)
+    os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
+    write_atomic(os.path.join(directory, CONFIG_FILE), json.dumps(pooler.config, indent=1))
+
+
+def has_pooler(directory: str | None) -> bool:
+    return bool(directory) and os.path.isfile(os.path.join(directory, WEIGHTS_FILE))
+
+
+def load(directory: str) -> LearntPooler:
+    """The pooler a finetune run saved into ``directory`` (its adapter), in eval mode."""
+    from safetensors.torch import load_file
+
+    if not has_pooler(directory):
+        raise ValueError(f"--pooler {directory}: no {WEIGHTS_FILE} there; give the adapter "
+                         "directory of a `lalmtool finetune --segments ...` run (it trains the "
+                         "learnt pooler)")
+    with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as fh:
+        pooler = LearntPooler(**json.load(fh))
+    pooler.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+    return pooler.eval()
+
+
+def weights_identity(directory: str) -> dict:
+    """The content identity of a saved pooler (what pooled stores and decode compare)."""
+    from . import record
+
+    return record.identity(os.path.join(directory, WEIGHTS_FILE))

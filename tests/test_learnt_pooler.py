@@ -1,0 +1,175 @@
+"""The learnt pooler (``finetune --segments``, ``pool --reduce learnt``) and distillation
+(``finetune --teacher``) on a tiny random Whisper."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lalmtool import finetune as F
+from lalmtool.compress import pool_utterance
+from lalmtool.decode import decode
+from lalmtool.pool import condition_of, pool_store
+from lalmtool.pooler import LearntPooler, load
+from lalmtool.segment import segment
+from lalmtool.store import Store
+from test_finetune import CFG, adapter, assert_same, train_set  # noqa: F401 - the fixture
+
+
+def test_at_initialisation_the_learnt_pooler_is_the_mean():
+    torch.manual_seed(0)
+    z, starts = torch.randn(23, 16), torch.tensor([0, 5, 6, 15])
+    p = LearntPooler(16, heads=4, rank=3, width=4)
+    torch.testing.assert_close(p(z, starts), pool_utterance(z, starts, "mean"))
+    # uniform windows: avg_pool1d with ceil_mode (the last window is the mean of what it has)
+    u = torch.arange(0, 23, 5)
+    ref = torch.nn.functional.avg_pool1d(z.T[None], 5, 5, ceil_mode=True)[0].T
+    ref[-1] = z[20:].mean(0)
+    torch.testing.assert_close(p(z, u), ref)
+
+
+def test_the_learnt_pooler_rule_on_known_weights():
+    z = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 0.0], [7.0, 1.0]])
+    p = LearntPooler(2, heads=2, rank=1, width=2)
+    with torch.no_grad():
+        p.place[1] = torch.tensor([np.log(3.0), 0.0])  # head 0: the 2nd place weighs 3x
+        p.score.weight[1] = torch.tensor([0.0, np.log(2.0)])  # head 1: weight 2 ** z[:, 1]
+        p.down.zero_()
+        p.down[0, 0, 0], p.down[1, 1, 0] = 1.0, 10.0  # stacked: z[first, 0] + 10 z[second, 1]
+        p.up[0] = torch.tensor([1.0, -1.0])
+    # segments [0, 1] and [2, 3, ...]: places 0, 1 (and later frames share place 1)
+    out = p(z, torch.tensor([0, 2]))
+    w1 = torch.tensor([2.0 ** 2, 2.0 ** 6]) / (2.0 ** 2 + 2.0 ** 6)
+    seg0 = torch.tensor([(1 + 3 * 3) / 4, float(w1 @ torch.tensor([2.0, 6.0]))])
+    seg0 += (1 + 10 * 6) * torch.tensor([1.0, -1.0])
+    w1 = torch.tensor([1.0, 2.0]) / 3
+    seg1 = torch.tensor([(5 + 3 * 7) / 4, float(w1 @ torch.tensor([0.0, 1.0]))])
+    seg1 += (5 + 10 * 1) * torch.tensor([1.0, -1.0])
+    torch.testing.assert_close(out, torch.stack([seg0, seg1]))
+
+
+def test_bad_pooler_shapes_are_refused():
+    with pytest.raises(ValueError, match="heads=5: must be >= 1 and divide the feature "
+                                         "dimension 16"):
+        LearntPooler(16, heads=5)
+
+
+@pytest.fixture(scope="module")
+def k3(train_set, tmp_path_factory):  # noqa: F811
+    feats, _ = train_set
+    d = tmp_path_factory.mktemp("k3")
+    segment(feats, "uniform", str(d / "seg"), k=3)
+    return str(d / "seg")
+
+
+def pooler_weights(path):
+    return load_file(os.path.join(path, "pooler.safetensors"))
+
+
+def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
+        train_set, k3, tiny_whisper_lm, tmp_path, monkeypatch):  # noqa: F811
+    feats, m = train_set
+    cfg = F.TrainConfig(**CFG, pooler_heads=4, pooler_rank=8)
+    s = F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), cfg, segments=k3)
+    assert s["condition"] == "uniform-learnt-k3"
+    ref = pooler_weights(tmp_path / "a" / "adapter")
+    assert json.loads((tmp_path / "a" / "adapter" / "pooler.json").read_text()) == \
+        {"dim": 32, "heads": 4, "rank": 8, "width": 3}
+    assert float(ref["score.weight"].abs().max()) > 1e-3  # trained away from the mean
+    assert float(ref["up"].abs().max()) > 1e-3
+
+    real_save = F._save_checkpoint
+
+    def crash_at_step_6(run):
+        if run.state["step"] == 6:
+            raise KeyboardInterrupt("killed")
+        real_save(run)
+
+    monkeypatch.setattr(F, "_save_checkpoint", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg, segments=k3)
+    monkeypatch.setattr(F, "_save_checkpoint", real_save)
+    F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg, segments=k3)
+    assert_same(pooler_weights(tmp_path / "b" / "adapter"), ref)
+    assert_same(adapter(tmp_path / "b" / "adapter"), adapter(tmp_path / "a" / "adapter"))
+
+    # the pooled store holds the trained pooler's tokens; its condition names the pooler
+    ad = str(tmp_path / "a" / "adapter")
+    out = pool_store(feats, k3, "learnt", str(tmp_path / "pooled"), pooler=ad)
+    store, seg, frames, pooler = Store(out["store"]), Store(k3), Store(feats), load(ad)
+    for u in frames.ids:
+        want = pooler(torch.from_numpy(frames[u].astype(np.float32)),
+                      torch.from_numpy(seg[u].astype(np.int64))).detach().numpy()
+        np.testing.assert_allclose(store[u].astype(np.float32), want, atol=2e-3, rtol=2e-3)
+    assert condition_of(store)[2] == "uniform-learnt-k3"
+    # the adapter decodes that store, and refuses the frames (never pooled by its pooler)
+    info = decode(out["store"], tiny_whisper_lm, str(tmp_path / "dec"), adapter=ad,
+                  max_new_tokens=5)
+    assert (info["condition"], info["adapter_condition"]) == ("uniform-learnt-k3", None)
+    with pytest.raises(ValueError, match="trained with its own learnt pooler .* was not "
+                                         "pooled by it: write this set's store with "
+                                         "`lalmtool pool --reduce learnt"):
+        decode(feats, tiny_whisper_lm, str(tmp_path / "dec2"), adapter=ad, max_new_tokens=5)
+    # a pool store with another adapter's pooler is another store (not reused)
+    with pytest.raises(ValueError, match="--reduce learnt and --pooler ADAPTER go together"):
+        pool_store(feats, k3, "learnt", str(tmp_path / "p2"))
+    with pytest.raises(ValueError, match="no pooler.safetensors there"):
+        pool_store(feats, k3, "learnt", str(tmp_path / "p3"), pooler=str(tmp_path))
+
+
+def test_segments_of_other_features_are_refused(train_set, k3, tiny_whisper_lm,
+                                                 tmp_path):  # noqa: F811
+    feats, m = train_set
+    pooled = pool_store(feats, k3, "mean", str(tmp_path / "pooled"))["store"]
+    seg = str(tmp_path / "seg")
+    segment(pooled, "uniform", seg, k=2)
+    with pytest.raises(ValueError, match="was cut from .* whose content differs from"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), F.TrainConfig(**CFG),
+                   segments=seg)
+    assert not (tmp_path / "a").exists()
+
+
+def test_distillation_term_is_zero_when_the_student_reads_what_the_teacher_reads(
+        train_set, tiny_whisper_lm, tmp_path):  # noqa: F811
+    feats, m = train_set
+    segment(feats, "uniform", str(tmp_path / "k1"), k=1)
+    segment(feats, "uniform", str(tmp_path / "k3"), k=3)
+    cfg = F.TrainConfig(**CFG)
+    be, peft_model = F._model(cfg, tiny_whisper_lm, "cpu", None)
+    for k, kl_is_zero in (("k1", True), ("k3", False)):
+        ex = F.Examples(feats, m, segments=str(tmp_path / k))
+        job = F.Job(be, peft_model, pooler=F._pooler(cfg, ex, "cpu"), teacher=be)
+        items = ex.ids[:4]
+        ce, n = job.loss(ex, items)
+        kl, n1 = job.loss(ex, items, distill=1.0)
+        half, _ = job.loss(ex, items, distill=0.5)
+        assert n == n1 == sum(be.text_tokens(ex.text[u]) + 1 for u in items)
+        if kl_is_zero:  # one frame per segment: the pooled tokens are the frames
+            assert float(kl) == 0.0
+        else:  # the tiny random decoder barely reads its input, but it does
+            assert float(kl) > 1e-7
+        torch.testing.assert_close(half, 0.5 * ce + 0.5 * kl, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_is_recorded_and_goes_with_distill(train_set, k3, tiny_whisper_lm,
+                                                   tmp_path):  # noqa: F811
+    feats, m = train_set
+    F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "t"), F.TrainConfig(**CFG))
+    teacher = str(tmp_path / "t" / "adapter")
+    with pytest.raises(ValueError, match="--teacher and distill > 0 go together"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"), F.TrainConfig(**CFG),
+                   segments=k3, teacher=teacher)
+    with pytest.raises(ValueError, match="--teacher needs --segments"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"),
+                   F.TrainConfig(**CFG, distill=0.5), teacher=teacher)
+    cfg = F.TrainConfig(**CFG, distill=0.5)
+    F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"), cfg, segments=k3,
+               teacher=teacher)
+    inputs = json.loads((tmp_path / "s" / "run.json").read_text())["inputs"]
+    assert inputs["teacher"]["path"] == teacher
+    assert inputs["segments"]["fingerprint"] == Store(k3).fingerprint
+    with pytest.raises(ValueError, match="distill: 0.5 there, 0.25 now"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"),
+                   F.TrainConfig(**CFG, distill=0.25), segments=k3, teacher=teacher)

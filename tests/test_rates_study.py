@@ -136,7 +136,7 @@ def test_a_chained_condition_alone_segments_and_pools_its_source_first():
 
 def test_feature_store_and_segmentation_of_each_name():
     r = stages('for c in frames native peaks uniform-pick-k2 prominence-mean-r5 '
-               'peaks+uniform-mean-k3 ctc-mean-blankjoin; do '
+               'peaks+uniform-mean-k3 ctc-mean-blankjoin uniform-learnt-k10-kd; do '
                'echo "$c|$(feats_of $c test)|$(seg_of $c)|$(reduce_of $c)|$(cond_src $c)"; done')
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
@@ -147,6 +147,7 @@ def test_feature_store_and_segmentation_of_each_name():
         "prominence-mean-r5|E/pooled/prominence-mean-r5/test|prominence-r5|mean|frames",
         "peaks+uniform-mean-k3|E/pooled/peaks+uniform-mean-k3/test|peaks+uniform-k3|mean|peaks",
         "ctc-mean-blankjoin|E/pooled/ctc-mean-blankjoin/test|ctc-blankjoin|mean|frames",
+        "uniform-learnt-k10-kd|E/pooled/uniform-learnt-k10-kd/test|uniform-k10|learnt|frames",
     ]
 
 
@@ -159,6 +160,7 @@ def test_feature_store_and_segmentation_of_each_name():
     ("uniform-mean-k0", "condition uniform-mean-k0: k must be >= 1"),
     ("peaks+ctc-mean-blankjoin", "condition peaks+ctc-mean-blankjoin: ctc cannot follow another"),
     ("bogus+uniform-mean-k3", "condition bogus: not a condition name"),
+    ("uniform-mean-k10-kd", "condition uniform-mean-k10-kd: -kd (distillation) is for a learnt"),
 ])
 def test_bad_condition_names_stop_the_stage_naming_them(name, message):
     r = stages(f'conditions="peaks {name}"; segment_sets test || echo "rc=$?"')
@@ -193,11 +195,51 @@ def test_study_conditions_derived_from_the_rates():
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
-        "uniform-mean-k10 prominence-mean-r5 scpc-mean-r5 peaks+prominence-mean-r5 "
-        "peaks+uniform-mean-k3 uniform-mean-k5 prominence-mean-r10 scpc-mean-r10",
-        "uniform-mean-k17 prominence-mean-r3 scpc-mean-r3 peaks+prominence-mean-r3 "
-        "peaks+uniform-mean-k5",
+        "uniform-mean-k10 uniform-learnt-k10-kd prominence-mean-r5 scpc-mean-r5 "
+        "peaks+prominence-mean-r5 peaks+uniform-mean-k3 uniform-mean-k5 uniform-learnt-k5-kd "
+        "prominence-mean-r10 scpc-mean-r10",
+        "uniform-mean-k17 uniform-learnt-k17-kd prominence-mean-r3 scpc-mean-r3 "
+        "peaks+prominence-mean-r3 peaks+uniform-mean-k5",
     ]
+
+
+def test_a_learnt_condition_trains_its_pooler_with_its_lora_then_pools_each_set_by_it(
+        tmp_path):
+    exp = tmp_path / "exp"
+    run = ('gpu_cmd=echo model=M train_set=train dev_set=dev; '
+           'conditions="uniform-learnt-k10-kd"; segment_sets test; echo ---; pool_sets test; '
+           'echo ---; finetune_condition uniform-learnt-k10-kd uniform-learnt-k10-kd --config C '
+           '|| echo "rc=$?"; echo ---; decode_condition uniform-learnt-k10-kd test L || '
+           'echo "rc=$?"')
+    r = stages(run, exp=str(exp))
+    seg, pool, tune, dec = (part.strip() for part in r.stdout.split("---"))
+    assert seg == ("PY -m lalmtool segment --feats E/feats/frames/test --method uniform --k 10 "
+                   "--out E/seg/uniform-k10/test")
+    assert pool == ""  # no pooler before its finetune
+    assert (tune, dec) == ("rc=1", "rc=1")
+    assert r.stderr.splitlines() == [
+        "condition uniform-learnt-k10-kd distils from the adapter of frames: finetune frames "
+        "first (list it before uniform-learnt-k10-kd in --conditions)",
+        "condition uniform-learnt-k10-kd: finetune it first (stage 4 trains its pooler)"]
+    for path in ("frames/adapter/adapter_config.json",
+                 "uniform-learnt-k10-kd/adapter/pooler.safetensors"):
+        (exp / "lora" / path).parent.mkdir(parents=True, exist_ok=True)
+        (exp / "lora" / path).write_text("")
+    r = stages(run, exp=str(exp))
+    assert r.returncode == 0, r.stderr
+    seg, pool, tune, dec = (part.strip().splitlines() for part in r.stdout.split("---"))
+    learnt = "PY -m lalmtool pool --feats E/feats/frames/test --segments E/seg/uniform-k10/test " \
+             "--reduce learnt --pooler E/lora/uniform-learnt-k10-kd/adapter " \
+             "--out E/pooled/uniform-learnt-k10-kd/test"
+    assert pool == [learnt]
+    assert tune == [
+        "PY -m lalmtool finetune --feats E/feats/frames/train --manifest D/train/manifest.jsonl "
+        "--valid-feats E/feats/frames/dev --valid-manifest D/dev/manifest.jsonl "
+        "--out E/lora/uniform-learnt-k10-kd --segments E/seg/uniform-k10/train "
+        "--valid-segments E/seg/uniform-k10/dev --teacher E/lora/frames/adapter --distill 0.5 "
+        "--config C"]
+    assert dec == [learnt, "PY -m lalmtool decode --feats E/pooled/uniform-learnt-k10-kd/test "
+                           "--set test --manifest D/test/manifest.jsonl --out E/decode/L/test"]
 
 
 # ------------------------------------------------------------- rate control

@@ -53,7 +53,7 @@ n_train=1000
 n_test=100
 steps=300
 model_name=whisper-tiny.en
-conditions="frames peaks uniform-mean-k2 uniform-mean-k3 uniform-pick-k2 uniform-pick-k3 uniform-mean-k10"
+conditions="frames peaks uniform-mean-k2 uniform-mean-k3 uniform-pick-k2 uniform-pick-k3 uniform-mean-k10 uniform-learnt-k10-kd"
 test_sets="test librivox"
 n_unseen=36              # utterances of the unseen-voices set (when a set named unseen is used)
 rates="5 10"             # stage 7: whole tokens/s
@@ -79,7 +79,7 @@ rate_conditions_for() {
   for r in "$@"; do
     k=$(( (50 + r / 2) / r ))   # Whisper's 50 frames/s, pooled by k
     kp=$(( (15 + r / 2) / r ))  # peaks: ~15 tokens/s (3.3 frames per token), pooled by kp
-    echo "uniform-mean-k$k prominence-mean-r$r scpc-mean-r$r"
+    echo "uniform-mean-k$k uniform-learnt-k$k-kd prominence-mean-r$r scpc-mean-r$r"
     # prominence keeps at most every local maximum of the peaks tokens' dissimilarity: ~1/3
     [ $(( 3 * r )) -le 16 ] && echo "peaks+prominence-mean-r$r"
     if [ "$kp" -ge 2 ] && [ $(( 150 / kp )) -ge $(( 9 * r )) ]; then

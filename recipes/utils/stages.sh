@@ -42,9 +42,11 @@ python=$(resolve_python) || exit 1
 # Condition names (what --conditions takes) → segmentation, its lalmtool segment options, the
 # pooling reducer, and the feature store of a set:
 #   frames | native                  the encoder frames (trimmed | padded 30 s windows), no pooling
-#   METHOD[-REDUCE][-PARAM]          `lalmtool segment --method METHOD` + `pool --reduce REDUCE`
+#   METHOD[-REDUCE][-PARAM][-kd]     `lalmtool segment --method METHOD` + `pool --reduce REDUCE`
 #     METHOD  peaks | uniform | scpc | prominence | ctc
-#     REDUCE  mean (default) | pick
+#     REDUCE  mean (default) | pick | learnt: a pooler trained with the condition's LoRA
+#             (`finetune --segments` on the source's features), then `pool --reduce learnt
+#             --pooler` with its adapter for every set it decodes
 #     PARAM   kK   uniform every K frames (--k K)
 #             rR   R tokens/s: uniform --target-rate R (k from the frame rate); scpc and
 #                  prominence: the threshold that `segment --target-rate R` picks on
@@ -52,7 +54,10 @@ python=$(resolve_python) || exit 1
 #             tX   --threshold X (scpc, prominence)
 #             blankjoin | blankkeep   ctc: `lalmtool ctc-segment --blank join|keep` (the CTC
 #                  boundaries come from a CTC head trained by `lalmtool align`: ctc_seg_cmd)
-#     e.g. peaks, uniform-mean-k3, uniform-pick-k2, prominence-mean-r5, scpc-mean-r10, scpc-t0.1
+#     -kd     (learnt only) distilled from the adapter of the source condition (frames unless
+#             chained; list it first): `finetune --teacher` with --distill ${distill:-0.5}
+#     e.g. peaks, uniform-mean-k3, uniform-pick-k2, prominence-mean-r5, scpc-mean-r10, scpc-t0.1,
+#          uniform-learnt-k10-kd
 #   SOURCE+STEP                      STEP (a name above) applied to the pooled features of the
 #                                    condition SOURCE, e.g. peaks+uniform-mean-k3 (peaks tokens
 #                                    pooled by 3), peaks+prominence-mean-r10
@@ -65,11 +70,15 @@ cond_ok() {  # cond_ok COND: true for a valid name, else an error on stderr nami
     cond_ok "${c%+*}" || return 1
     [[ "$last" == ctc* ]] && { echo "condition $c: ctc cannot follow another condition" >&2; return 1; }
   fi
-  if [[ ! "$last" =~ ^(peaks|uniform|scpc|prominence|ctc)(-(mean|pick))?(-(k[0-9]+|r[0-9]+(\.[0-9]+)?|t[0-9]+(\.[0-9]+)?|blankjoin|blankkeep))?$ ]]; then
-    echo "condition $c: not a condition name (frames, native, METHOD[-mean|-pick][-kK|-rR|-tX], SOURCE+STEP; see recipes/utils/stages.sh)" >&2
+  if [[ ! "$last" =~ ^(peaks|uniform|scpc|prominence|ctc)(-(mean|pick|learnt))?(-(k[0-9]+|r[0-9]+(\.[0-9]+)?|t[0-9]+(\.[0-9]+)?|blankjoin|blankkeep))?(-kd)?$ ]]; then
+    echo "condition $c: not a condition name (frames, native, METHOD[-mean|-pick|-learnt][-kK|-rR|-tX][-kd], SOURCE+STEP; see recipes/utils/stages.sh)" >&2
     return 1
   fi
   method=${BASH_REMATCH[1]} param=${BASH_REMATCH[5]}
+  if [ -n "${BASH_REMATCH[8]}" ] && [ "${BASH_REMATCH[3]}" != learnt ]; then
+    echo "condition $c: -kd (distillation) is for a learnt pooler: METHOD-learnt-...-kd" >&2
+    return 1
+  fi
   case "$method:$param" in
     peaks:) ;;
     uniform:k*|uniform:r*) [ "${param#k}" != 0 ] || { echo "condition $c: k must be >= 1" >&2; return 1; } ;;
@@ -86,7 +95,7 @@ cond_src() {  # the condition whose features COND's last step compresses (frames
 seg_of() {  # COND → its segmentation's name, e.g. uniform-mean-k3 → uniform-k3
   local c=$1 last=${1##*+} pre=
   [[ "$c" == *+* ]] && pre="${c%+*}+"
-  last=${last/-mean/}; last=${last/-pick/}
+  last=${last/-mean/}; last=${last/-pick/}; last=${last/-learnt/}; last=${last%-kd}
   echo "$pre$last"
 }
 seg_args() {  # segmentation name → `lalmtool segment` options (ctc: none, see seg_cmd)
@@ -101,7 +110,9 @@ seg_args() {  # segmentation name → `lalmtool segment` options (ctc: none, see
     blank*) ;;
   esac
 }
-reduce_of() { case "${1##*+}" in *-pick|*-pick-*) echo pick;; *) echo mean;; esac; }
+reduce_of() {
+  case "${1##*+}" in *-pick|*-pick-*) echo pick;; *-learnt|*-learnt-*) echo learnt;; *) echo mean;; esac
+}
 feats_of() {  # feats_of COND SET: the feature store COND's decoder input is read from
   case "$1" in
     frames|native) echo "$exp/feats/$1/$2" ;;
@@ -195,25 +206,43 @@ pool_condition() {  # pool_condition COND SET (each condition and set once per p
   src=$(cond_src "$cond")
   case "$cond" in frames|native) return 0 ;; esac
   [[ " ${_pooled:-} " == *" $cond:$set "* ]] && return 0
+  local pooler=()
+  if [ "$(reduce_of "$cond")" = learnt ]; then  # pooled by the pooler its finetune trained
+    [ -f "$exp/lora/$cond/adapter/pooler.safetensors" ] || return 0
+    pooler=(--pooler "$exp/lora/$cond/adapter")
+  fi
   if [ "$src" != frames ]; then
     pool_condition "$src" "$set" || return 1
     seg_cmd "$cond" "$set" || return 1
   fi
   ${cpu_cmd:-} "$python" -m lalmtool pool --feats "$(feats_of "$src" "$set")" \
     --segments "$exp/seg/$(seg_of "$cond")/$set" \
-    --reduce "$(reduce_of "$cond")" --out "$(feats_of "$cond" "$set")"
+    --reduce "$(reduce_of "$cond")" "${pooler[@]}" --out "$(feats_of "$cond" "$set")"
   _pooled+=" $cond:$set"
 }
 
 # stage 4: finetune_condition COND NAME [OPTIONS...]: LoRA on COND's features of $train_set,
-# validated on $dev_set's, written to $exp/lora/NAME
+# validated on $dev_set's, written to $exp/lora/NAME; a learnt condition trains its pooler
+# with it on its source's features and boundaries (-kd: distilled from the source's adapter)
 finetune_condition() {
-  local cond=$1 name=$2
+  local cond=$1 name=$2 src feats=$1 learnt=()
   shift 2
-  ${gpu_cmd:-} "$python" -m lalmtool finetune --feats "$(feats_of "$cond" "$train_set")" \
+  if [ "$(reduce_of "$cond")" = learnt ]; then
+    src=$(cond_src "$cond") feats=$src
+    [ "$src" = frames ] || pool_condition "$src" "$train_set"
+    learnt=(--segments "$exp/seg/$(seg_of "$cond")/$train_set"
+            --valid-segments "$exp/seg/$(seg_of "$cond")/$dev_set")
+    if [[ "$cond" == *-kd ]]; then
+      [ -f "$exp/lora/$src/adapter/adapter_config.json" ] || {
+        echo "condition $cond distils from the adapter of $src: finetune $src first (list it" \
+          "before $cond in --conditions)" >&2; return 1; }
+      learnt+=(--teacher "$exp/lora/$src/adapter" --distill "${distill:-0.5}")
+    fi
+  fi
+  ${gpu_cmd:-} "$python" -m lalmtool finetune --feats "$(feats_of "$feats" "$train_set")" \
     --manifest "$data/$train_set/manifest.jsonl" \
-    --valid-feats "$(feats_of "$cond" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
-    --out "$exp/lora/$name" "$@"
+    --valid-feats "$(feats_of "$feats" "$dev_set")" --valid-manifest "$data/$dev_set/manifest.jsonl" \
+    --out "$exp/lora/$name" "${learnt[@]}" "$@"
 }
 
 # stage 5: decode_condition COND SET NAME [OPTIONS...]: COND's features of SET, decoded into
@@ -221,6 +250,11 @@ finetune_condition() {
 decode_condition() {
   local cond=$1 set=$2 name=$3
   shift 3
+  if [ "$(reduce_of "$cond")" = learnt ]; then  # its pooler comes with its adapter
+    [ -f "$exp/lora/$cond/adapter/pooler.safetensors" ] || {
+      echo "condition $cond: finetune it first (stage 4 trains its pooler)" >&2; return 1; }
+    pool_condition "$cond" "$set" || return 1
+  fi
   ${gpu_cmd:-} "$python" -m lalmtool decode --feats "$(feats_of "$cond" "$set")" --set "$set" \
     --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/$name/$set" "$@"
 }

@@ -593,6 +593,9 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
                "best_valid_loss": state["best"], "best_step": state["best_step"],
                "adapter": os.path.join(out, "adapter"), "feats": os.path.abspath(feats),
                "condition": condition}
+    if run.job.pooler is not None:  # what the learnt compressor costs, next to the LoRA's
+        summary["pooler"] = {**run.job.pooler.config, "parameters": sum(
+            p.numel() for p in run.job.pooler.parameters())}
     if rank == 0:
         _save_adapter(run.job, os.path.join(out, "last"))
         use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))
@@ -655,6 +658,12 @@ def adapter_readme(run: trainer.Run, summary: dict, base: str, which: str) -> st
             + (f" (same {cfg.concat_group})" if cfg.concat_group else "")
             if cfg.concat_seconds is not None else ""),
         f"- started from: {start}",
+        *([f"- learnt pooler (pooler.safetensors, trained with the LoRA on "
+           f"{inputs['segments']['path']}): {summary['pooler']}; write the stores it reads "
+           "with `lalmtool pool --reduce learnt --pooler <this directory>`"]
+          if summary.get("pooler") else []),
+        *([f"- distilled from {inputs['teacher']['path']} (distill {cfg.distill:g})"]
+          if inputs.get("teacher") else []),
         f"- LoRA: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets "
         f"{cfg.target_modules or 'the backend default'}",
         f"- steps: {summary['steps']} (lr {cfg.lr:g}, {cfg.schedule} schedule, batch "

@@ -74,6 +74,11 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     cfg = F.TrainConfig(**CFG, pooler_heads=4, pooler_rank=8)
     s = F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), cfg, segments=k3)
     assert s["condition"] == "uniform-learnt-k3"
+    # 32 x 4 scores + 4 biases, 3 x 4 place biases, 32 x 3 x 8 down, 8 x 32 up
+    assert s["pooler"] == {"dim": 32, "heads": 4, "rank": 8, "width": 3,
+                           "parameters": 128 + 4 + 12 + 768 + 256}
+    assert "`lalmtool pool --reduce learnt --pooler <this directory>`" in \
+        (tmp_path / "a" / "adapter" / "README.md").read_text()
     ref = pooler_weights(tmp_path / "a" / "adapter")
     assert json.loads((tmp_path / "a" / "adapter" / "pooler.json").read_text()) == \
         {"dim": 32, "heads": 4, "rank": 8, "width": 3}

@@ -129,9 +129,10 @@ if run_stage 5 "decode"; then
     "$python" -m lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
     for cond in $conditions; do  # as it is, and with the condition's own adapter
-      decode_condition "$cond" "$set" "$cond" --model "$model" --max-new-tokens 120
+      decode_condition "$cond" "$set" "$cond" --model "$model" --max-new-tokens 120 \
+        --condition "$cond"
       decode_condition "$cond" "$set" "$cond-lora" --model "$model" --max-new-tokens 120 \
-        --adapter "$exp/lora/$cond/adapter"
+        --adapter "$exp/lora/$cond/adapter" --condition "$cond"
     done
   done
   end_stage 5 decode

@@ -185,7 +185,8 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
         "set, then tokens/s (descending).", "",
         "Columns: **#** row (paths in the second table); **set** evaluation set; **method** "
         "compression method (`frames` = uncompressed encoder frames, `uniform-mean` = average "
-        "pooling, `uniform-pick` = downsampling, `peaks` = segmentation at cosine-distance peaks); "
+        "pooling, `uniform-pick` = downsampling, `uniform-learnt` = a pooling learnt with the "
+        "LoRA, `peaks` = segmentation at cosine-distance peaks); "
         "**condition** the decode stage's label; **params** compression parameters; **LoRA** "
         "whether the decoder ran with a LoRA adapter (`<condition> adapter`: one trained on "
         "another condition's features, i.e. not re-aligned to these); **tokens/s** audio tokens "

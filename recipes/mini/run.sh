@@ -14,7 +14,8 @@
 #   5  decode    → $exp/decode/<condition>[-lora]/<set>/hyp.jsonl
 #   6  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #   7  (opt-in: --stage 7 --stop_stage 7) the equal-rate study: for each rate R of $rates
-#      tokens/s, uniform-mean-k{50/R}, prominence-mean-rR and scpc-mean-rR (the threshold
+#      tokens/s, uniform-mean-k{50/R}, uniform-learnt-k{50/R}-kd (a pooling learnt with the
+#      LoRA, distilled from the frames adapter), prominence-mean-rR and scpc-mean-rR (the threshold
 #      that `lalmtool segment --target-rate R` picks on train, used on every set), and where
 #      they reach R (R <= 5) peaks+prominence-mean-rR (prominence over the peaks tokens: at
 #      most ~1/3 of them) and peaks+uniform-mean-kK (peaks' ~15 tokens/s pooled by K); each +
@@ -25,10 +26,12 @@
 #      30.15 / 4.23 / 29.78; uniform-mean-k5 18.93 / 8.45 / 22.57 (10.2); prominence-mean-r10
 #      21.04 / 8.45 / 25.39 (10.0); uniform-mean-k10 24.40 / 8.45 / 36.05 (5.2);
 #      prominence-mean-r5 29.17 / 36.62 / 32.29 (5.0; 5.5 on unseen); scpc-mean-r5 38.01 /
-#      40.85 / 50.16 (5.1): no compressor is within 1.1x native on unseen voices at 5 tokens/s
+#      40.85 / 50.16 (5.1); uniform-learnt-k10-kd 21.88 / 9.86 / 27.90 (5.2): at 5 tokens/s
+#      only the learnt pooling is within 1.1x native on unseen voices (0.94x)
 #
 # Condition names (--conditions, --rate_conditions): frames, peaks, uniform-mean-k3,
 # uniform-pick-k2, prominence-mean-r5 (5 tokens/s on train), scpc-mean-t0.1 (threshold),
+# uniform-learnt-k10-kd (a pooler trained with the LoRA, distilled from frames' adapter),
 # peaks+uniform-mean-k3 (a step over another condition's tokens); recipes/utils/stages.sh
 # describes them all.
 # Test sets: test (held-out synthetic sentences), librivox (5 real clips), unseen (--n_unseen

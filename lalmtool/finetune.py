@@ -301,11 +301,6 @@ def _data(cfg: TrainConfig, feats: str, manifest: str, valid_feats: str | None,
     if bool(valid_feats) != bool(valid_manifest):
         raise ValueError("valid_feats and valid_manifest go together (--valid-feats, "
                          "--valid-manifest)")
-    if segments.get("train") and valid_feats and not segments.get("valid"):
-        raise ValueError("--segments with --valid-feats needs --valid-segments (the "
-                         "boundaries of the validation frames)")
-    if segments.get("valid") and not segments.get("train"):
-        raise ValueError("--valid-segments needs --segments")
     train = Examples(feats, manifest, cfg.text_field, cfg.concat_group, segments.get("train"))
     valid = Examples(valid_feats, valid_manifest, cfg.text_field, cfg.concat_group,
                      segments.get("valid")) if valid_feats else None
@@ -476,6 +471,11 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     if segments and dist.world > 1:
         raise ValueError("--segments (a learnt pooler) trains in one process; run it without "
                          "torchrun")
+    if segments and valid_feats and not valid_segments:
+        raise ValueError("--segments with --valid-feats needs --valid-segments (the "
+                         "boundaries of the validation frames)")
+    if valid_segments and not segments:
+        raise ValueError("--valid-segments needs --segments")
     bounds = {"train": segments, "valid": valid_segments}
     for store, seg in ((feats, segments), (valid_feats, valid_segments)):
         if store and seg:  # before OUT is made

@@ -53,9 +53,13 @@ class LearntPooler(torch.nn.Module):
 
     def forward(self, z: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """Tokens ``[S, D]`` (float32) of frames ``z`` ``[T, D]`` cut at ``starts`` (the first
-        frame of each segment, as ``lalmtool segment`` stores them)."""
+        frame of each segment, as ``lalmtool segment`` stores them); in float32 under any
+        autocast."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self._tokens(z.float(), starts)
+
+    def _tokens(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         c = self.config
-        x = z.float()
         n, dim, heads = len(x), c["dim"], c["heads"]
         starts = starts.to(device=x.device, dtype=torch.int64)
         lengths = torch.diff(starts, append=torch.tensor([n], device=x.device))

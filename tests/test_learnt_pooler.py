@@ -50,6 +50,19 @@ def test_the_learnt_pooler_rule_on_known_weights():
     torch.testing.assert_close(out, torch.stack([seg0, seg1]))
 
 
+def test_the_pooler_computes_in_float32_under_autocast():
+    torch.manual_seed(0)
+    p = LearntPooler(16, heads=4, rank=3, width=4)
+    with torch.no_grad():
+        p.up.normal_()
+        p.score.weight.normal_()
+    z, starts = torch.randn(23, 16).bfloat16(), torch.tensor([0, 5, 6, 15])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = p(z, starts)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, p(z.float(), starts))
+
+
 def test_bad_pooler_shapes_are_refused():
     with pytest.raises(ValueError, match="heads=5: must be >= 1 and divide the feature "
                                          "dimension 16"):

@@ -16,6 +16,7 @@ from lalmtool.pooler import LearntPooler, load
 from lalmtool.segment import segment
 from lalmtool.store import Store
 from test_finetune import CFG, adapter, assert_same, train_set  # noqa: F401 - the fixture
+from test_rates_study import frames_store
 
 
 def test_at_initialisation_the_learnt_pooler_is_the_mean():
@@ -135,6 +136,12 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
         pool_store(feats, k3, "learnt", str(tmp_path / "p2"))
     with pytest.raises(ValueError, match="no pooler.safetensors there"):
         pool_store(feats, k3, "learnt", str(tmp_path / "p3"), pooler=str(tmp_path))
+    other = frames_store(tmp_path / "f16")  # 16-dimensional frames of another model
+    segment(other, "uniform", str(tmp_path / "s16"), k=3)
+    with pytest.raises(ValueError, match="pools 32-dimensional frames, .* holds 16-dimensional "
+                                         "ones"):
+        pool_store(other, str(tmp_path / "s16"), "learnt", str(tmp_path / "p4"), pooler=ad)
+    assert not (tmp_path / "p4").exists()
 
 
 def test_segments_of_other_features_are_refused(train_set, k3, tiny_whisper_lm,

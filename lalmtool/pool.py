@@ -75,10 +75,10 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                          f"content differs from {feats}; rerun `lalmtool segment` on {feats}.")
     if pooler:  # a clear error before anything is written
         dim = learnt.load(pooler).config["dim"]
-        have = {int(src.dataset(u).shape[1]) for u in src.ids[:1]}
-        if have and have != {dim}:
+        have = int(src.dataset(src.ids[0]).shape[1]) if src.ids else dim
+        if have != dim:
             raise ValueError(f"--pooler {pooler} pools {dim}-dimensional frames, {feats} holds "
-                             f"{have.pop()}-dimensional ones: give the features the pooler was "
+                             f"{have}-dimensional ones: give the features the pooler was "
                              "trained on (the same model and tap)")
     rate = float(src.meta["frame_rate"])
     used = {"path": os.path.abspath(pooler), "identity": learnt.weights_identity(pooler)} \

@@ -155,10 +155,18 @@ def boundaries(x: torch.Tensor, method: str, k: int | None = None,
             for z in _utterances(x, lengths)]
 
 
-def pool_utterance(z: torch.Tensor, starts: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+def pool_utterance(z: torch.Tensor, starts: torch.Tensor, reduce: str = "mean",
+                   pooler=None) -> torch.Tensor:
     """One float32 vector per segment ``[S, D]`` of one utterance's frames ``z`` ``[T, D]``
-    (``mean`` differentiable with respect to ``z``)."""
+    (``mean`` and ``learnt`` differentiable with respect to ``z``; ``learnt``: ``pooler``, a
+    trained ``lalmtool.pooler.LearntPooler``, e.g. ``lalmtool.pooler.load(ADAPTER)``)."""
     starts = starts.to(device=z.device, dtype=torch.int64)
+    if reduce == "learnt":
+        if pooler is None:
+            raise ValueError("reduce='learnt' needs its trained pooler: "
+                             "pooler=lalmtool.pooler.load(ADAPTER) (the adapter directory of a "
+                             "`lalmtool finetune --segments` run)")
+        return pooler(z, starts)
     if reduce == "pick":
         return z[starts].float()
     if reduce != "mean":
@@ -173,13 +181,13 @@ def pool_utterance(z: torch.Tensor, starts: torch.Tensor, reduce: str = "mean") 
 
 
 def pool(x: torch.Tensor, starts: list[torch.Tensor], reduce: str = "mean",
-         lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+         lengths=None, pooler=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens ``[S, D]`` or zero-padded ``[B, S_max, D]`` in ``x``'s dtype, tokens per
-    utterance) from frames and each utterance's segment starts."""
+    utterance) from frames and each utterance's segment starts (``learnt``: by ``pooler``)."""
     utts = _utterances(x, lengths)
     if len(starts) != len(utts):
         raise ValueError(f"{len(starts)} boundary lists for {len(utts)} utterances")
-    out = [pool_utterance(z, s, reduce).to(x.dtype) for z, s in zip(utts, starts)]
+    out = [pool_utterance(z, s, reduce, pooler).to(x.dtype) for z, s in zip(utts, starts)]
     counts = torch.tensor([len(t) for t in out], dtype=torch.int64)
     if x.dim() == 2:
         return out[0], counts
@@ -221,9 +229,10 @@ def peak_scores(d: torch.Tensor, method: str) -> np.ndarray:
 def compress(x: torch.Tensor, method: str = "peaks", reduce: str = "mean",
              k: int | None = None, threshold: float | None = None,
              target_rate: float | None = None, frame_rate: float | None = None,
-             lengths=None, seconds=None) -> Compressed:
+             lengths=None, seconds=None, pooler=None) -> Compressed:
     """Compresses ``x`` (``[T, D]``, or ``[B, T, D]`` with ``lengths``) with ``method`` and
-    ``reduce``; ``target_rate`` (tokens/s, needs ``frame_rate``) sets ``k`` or the threshold."""
+    ``reduce`` (``learnt``: with ``pooler``, ``lalmtool.pooler.load(ADAPTER)``);
+    ``target_rate`` (tokens/s, needs ``frame_rate``) sets ``k`` or the threshold."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(METHODS)}")
     utts = _utterances(x, lengths)
@@ -242,7 +251,7 @@ def compress(x: torch.Tensor, method: str = "peaks", reduce: str = "mean",
             raise ValueError("target_rate needs a method with a threshold "
                              f"({', '.join(THRESHOLD_METHODS)}) or uniform; peaks has none")
     starts = [utterance_starts(d, len(z), method, k, threshold) for d, z in zip(ds, utts)]
-    tokens, counts = pool(x, starts, reduce, lengths)
+    tokens, counts = pool(x, starts, reduce, lengths, pooler)
     params = {"k": k} if method == "uniform" else (
         {"threshold": threshold or 0.0} if method in THRESHOLD_METHODS else {})
     return Compressed(tokens, counts, starts, params)

@@ -45,11 +45,9 @@ def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean",
     if reduce not in REDUCERS:
         raise ValueError(f"unknown reducer {reduce!r}; choose one of {REDUCERS}")
     x = torch.from_numpy(np.ascontiguousarray(z))
-    s = torch.from_numpy(starts.astype(np.int64))
-    if reduce == "learnt":
-        with torch.inference_mode():
-            return pooler(x, s).numpy()
-    return pool_utterance(x, s, reduce).numpy()
+    with torch.inference_mode():
+        return pool_utterance(x, torch.from_numpy(starts.astype(np.int64)), reduce,
+                              pooler).numpy()
 
 
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lalmtool import finetune as F
-from lalmtool.compress import pool_utterance
+from lalmtool.compress import compress, pool_utterance
 from lalmtool.decode import decode
 from lalmtool.pool import condition_of, pool_store
 from lalmtool.pooler import LearntPooler, load
@@ -123,6 +123,16 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
                       torch.from_numpy(seg[u].astype(np.int64))).detach().numpy()
         np.testing.assert_allclose(store[u].astype(np.float32), want, atol=2e-3, rtol=2e-3)
     assert condition_of(store)[2] == "uniform-learnt-k3"
+    # the Python API gives the same tokens (batched, zero-padded)
+    lengths = torch.tensor([len(frames[u]) for u in frames.ids])
+    x = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(frames[u].astype(np.float32))
+                                         for u in frames.ids], batch_first=True)
+    api = compress(x, "uniform", "learnt", k=3, lengths=lengths, pooler=pooler)
+    for i, u in enumerate(frames.ids):
+        np.testing.assert_allclose(api.tokens[i, : api.lengths[i]].detach().numpy(),
+                                   store[u].astype(np.float32), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="reduce='learnt' needs its trained pooler"):
+        compress(x, "uniform", "learnt", k=3, lengths=lengths)
     # the adapter decodes that store, and refuses the frames (never pooled by its pooler)
     info = decode(out["store"], tiny_whisper_lm, str(tmp_path / "dec"), adapter=ad,
                   max_new_tokens=5)

@@ -208,3 +208,25 @@ def test_teacher_is_recorded_and_goes_with_distill(train_set, k3, tiny_whisper_l
     with pytest.raises(ValueError, match="distill: 0.5 there, 0.25 now"):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"),
                    F.TrainConfig(**CFG, distill=0.25), segments=k3, teacher=teacher)
+
+
+def test_cli_trains_a_pooler_and_pools_with_it(train_set, k3, tiny_whisper_lm,
+                                               tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from lalmtool.cli import main
+
+    feats, m = train_set
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["finetune", "--feats", feats, "--manifest", m, "--model",
+                                  tiny_whisper_lm, "--out", str(out), "--segments", k3,
+                                  "--max-steps=2", "--pooler-heads=2", "--pooler-rank=0"])
+    assert r.exit_code == 0, r.output
+    assert "uniform-learnt-k3" in r.output
+    assert json.loads((out / "adapter" / "pooler.json").read_text()) == \
+        {"dim": 32, "heads": 2, "rank": 0, "width": 3}
+    r = CliRunner().invoke(main, ["pool", "--feats", feats, "--segments", k3, "--reduce",
+                                  "learnt", "--pooler", str(out / "adapter"), "--out",
+                                  str(tmp_path / "pooled")])
+    assert r.exit_code == 0, r.output
+    assert Store(str(tmp_path / "pooled")).meta["pooler"]["path"] == str(out / "adapter")

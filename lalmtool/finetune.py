@@ -58,7 +58,7 @@ from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, l
                      load_backend)
 from .options import option
 from .parallel import check_out
-from .pool import condition_of
+from .pool import boundaries_of, condition_of
 from .pooler import LearntPooler
 from .pooler import save as save_pooler
 from .store import Store
@@ -201,13 +201,7 @@ class Examples:
 def _segments_of(store: Store, segments: str) -> Store:
     """The boundary store ``segments`` of ``store``'s frames, checked: a ``segment`` store of
     these very features covering every utterance."""
-    seg = Store(segments)
-    if seg.kind != "seg":
-        raise ValueError(f"--segments {segments} is a {seg.kind} store, not boundaries: give "
-                         "a store from `lalmtool segment` (or ctc-segment) of the features")
-    if seg.meta.get("source_fingerprint") != store.fingerprint:
-        raise ValueError(f"--segments {segments} was cut from {seg.meta.get('source')}, whose "
-                         f"content differs from {store.path}; segment {store.path} itself")
+    seg = boundaries_of(store, segments)
     missing = [u for u in store.ids if u not in seg]
     if missing:
         raise ValueError(f"--segments {segments} has no boundaries for {len(missing)} "

@@ -50,6 +50,19 @@ def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean",
                               pooler).numpy()
 
 
+def boundaries_of(src: Store, segments: str) -> Store:
+    """The boundary store ``segments``, checked to hold boundaries of ``src``'s very features."""
+    seg = Store(segments)
+    if seg.kind != "seg":
+        raise StoreError(f"{segments} is a {seg.kind} store, not boundaries: give --segments "
+                         "a store from `lalmtool segment`")
+    if seg.meta.get("source_fingerprint") != src.fingerprint:
+        raise StoreError(f"{segments} was segmented from {seg.meta.get('source')}, whose "
+                         f"content differs from {src.path}; rerun `lalmtool segment` on "
+                         f"{src.path}.")
+    return seg
+
+
 def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                force: bool = False, pooler: str | None = None) -> dict:
     """Writes the pooled features of every utterance of ``segments`` to the store ``out``
@@ -64,13 +77,8 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
     check_out(out, feats, segments)
-    src, seg = Store(feats), Store(segments)
-    if seg.kind != "seg":
-        raise StoreError(f"{segments} is a {seg.kind} store, not boundaries: give --segments "
-                         "a store from `lalmtool segment`")
-    if seg.meta.get("source_fingerprint") != src.fingerprint:
-        raise StoreError(f"{segments} was segmented from {seg.meta.get('source')}, whose "
-                         f"content differs from {feats}; rerun `lalmtool segment` on {feats}.")
+    src = Store(feats)
+    seg = boundaries_of(src, segments)
     if pooler:  # a clear error before anything is written
         dim = learnt.load(pooler).config["dim"]
         have = int(src.dataset(src.ids[0]).shape[1]) if src.ids else dim

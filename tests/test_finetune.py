@@ -43,6 +43,17 @@ def assert_same(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4)
 
 
+def killed_at_step(step: int):
+    """finetune's checkpoint writer, killed when it would write step ``step``'s."""
+    real_save = F._save_checkpoint
+
+    def save(run):
+        if run.state["step"] == step:
+            raise KeyboardInterrupt("killed")
+        real_save(run)
+    return save
+
+
 CFG = dict(max_steps=8, batch_size=3, save_every=2, log_every=1, warmup_steps=2, lr=5e-3)
 
 
@@ -77,13 +88,7 @@ def test_resume_after_interruption_gives_the_same_adapter(train_set, tiny_whispe
     ref = adapter(tmp_path / "a" / "adapter")
 
     real_save = F._save_checkpoint
-
-    def crash_at_step_5(run):
-        if run.state["step"] == 6:
-            raise KeyboardInterrupt("killed")
-        real_save(run)
-
-    monkeypatch.setattr(F, "_save_checkpoint", crash_at_step_5)
+    monkeypatch.setattr(F, "_save_checkpoint", killed_at_step(6))
     with pytest.raises(KeyboardInterrupt):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg)
     assert F.latest_checkpoint(str(tmp_path / "b")).endswith("step-4")

@@ -14,8 +14,9 @@ from lalmtool.decode import decode
 from lalmtool.pool import condition_of, pool_store
 from lalmtool.pooler import LearntPooler, load
 from lalmtool.segment import segment
-from lalmtool.store import Store
-from test_finetune import CFG, adapter, assert_same, train_set  # noqa: F401 - the fixture
+from lalmtool.store import Store, StoreError
+from test_finetune import (CFG, adapter, assert_same, killed_at_step,  # noqa: F401
+                           train_set)
 from test_rates_study import frames_store
 
 
@@ -100,13 +101,7 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     assert float(ref["up"].abs().max()) > 1e-3
 
     real_save = F._save_checkpoint
-
-    def crash_at_step_6(run):
-        if run.state["step"] == 6:
-            raise KeyboardInterrupt("killed")
-        real_save(run)
-
-    monkeypatch.setattr(F, "_save_checkpoint", crash_at_step_6)
+    monkeypatch.setattr(F, "_save_checkpoint", killed_at_step(6))
     with pytest.raises(KeyboardInterrupt):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg, segments=k3)
     monkeypatch.setattr(F, "_save_checkpoint", real_save)
@@ -160,7 +155,7 @@ def test_segments_of_other_features_are_refused(train_set, k3, tiny_whisper_lm,
     pooled = pool_store(feats, k3, "mean", str(tmp_path / "pooled"))["store"]
     seg = str(tmp_path / "seg")
     segment(pooled, "uniform", seg, k=2)
-    with pytest.raises(ValueError, match="was cut from .* whose content differs from"):
+    with pytest.raises(StoreError, match="was segmented from .* whose content differs from"):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), F.TrainConfig(**CFG),
                    segments=seg)
     assert not (tmp_path / "a").exists()

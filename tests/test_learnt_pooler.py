@@ -225,3 +225,13 @@ def test_cli_trains_a_pooler_and_pools_with_it(train_set, k3, tiny_whisper_lm,
                                   str(tmp_path / "pooled")])
     assert r.exit_code == 0, r.output
     assert Store(str(tmp_path / "pooled")).meta["pooler"]["path"] == str(out / "adapter")
+
+
+def test_joined_utterances_keep_each_ones_segments(train_set, k3):  # noqa: F811
+    feats, m = train_set
+    ex = F.Examples(feats, m, segments=k3)
+    n0 = len(ex.store["u00"])
+    joined, alone = ex.starts([("u00", "u01"), "u02"])
+    want = np.concatenate([ex.segments["u00"], ex.segments["u01"] + n0])
+    assert joined.tolist() == want.tolist() and want[len(ex.segments["u00"])] == n0
+    assert alone.tolist() == ex.segments["u02"].tolist() == list(range(0, len(ex.store["u02"]), 3))

@@ -9,9 +9,10 @@ Reads ``EXP/decode/native/<set>/results.json`` and ``EXP/decode/<condition>-lora
 results.json`` (written by ``lalmtool score``) and writes one markdown table: a line per
 condition (native Whisper first, then by tokens/s on the first set, highest first) with its
 tokens/s and WER % on every set, the ratio of its WER on the last set to native Whisper's
-there, and whether it meets the study's target: at most ``--target-rate`` tokens/s on every
+there, whether it meets the study's target (at most ``--target-rate`` tokens/s on every
 set, WER on the last set within ``--target-ratio`` times native's, and on the first set not
-above the ``--reference`` condition's.
+above the ``--reference`` condition's), and what a learnt compressor costs to train (its
+parameters and steps, from ``EXP/lora/<condition>/summary.json``).
 """
 from __future__ import annotations
 
@@ -32,13 +33,31 @@ def load(exp: str, name: str, set_name: str) -> dict | None:
 
 
 def collect(exp: str, sets: list[str], conditions: list[str]) -> list[dict]:
-    """One row per condition with any scored set: name, decode dir, and per set its results."""
+    """One row per condition with any scored set: name, decode dir, per set its results, and
+    its training summary (None for native Whisper or an unfinished run)."""
     rows = []
     for cond, name in [("native", "native")] + [(c, f"{c}-lora") for c in conditions]:
         res = {s: load(exp, name, s) for s in sets}
         if any(res.values()):
-            rows.append({"condition": cond, "decode": name, "results": res})
+            rows.append({"condition": cond, "decode": name, "results": res,
+                         "training": _summary(os.path.join(exp, "lora", cond, "summary.json"))})
     return rows
+
+
+def _summary(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def training_cost(row: dict) -> str:
+    """A learnt compressor's parameters and the steps it trained with the LoRA, else –."""
+    pooler = (row.get("training") or {}).get("pooler")
+    if not pooler:
+        return "–"
+    return f"{pooler['parameters']:,} parameters, {row['training']['steps']} steps with the LoRA"
 
 
 def _num(res: dict | None, key: str) -> float | None:
@@ -80,9 +99,9 @@ def table(rows: list[dict], sets: list[str], target_rate: float, target_ratio: f
     head = (["condition"] + [f"tokens/s {s}" for s in sets]
             + [f"WER % {s} ({words[s]} words)" if words[s] else f"WER % {s}" for s in sets]
             + [f"{last} WER / native's", f"target (<= {target_rate:g} tokens/s, {last} <= "
-               f"{target_ratio:g}x native, {first} <= {reference})"])
+               f"{target_ratio:g}x native, {first} <= {reference})", "learnt compressor"])
     lines = ["| " + " | ".join(head) + " |",
-             "|---|" + "---:|" * (2 * len(sets) + 1) + "---|"]
+             "|---|" + "---:|" * (2 * len(sets) + 1) + "---|---|"]
     base = _num(native and native["results"][last], "wer_pct")
     for r in rows:
         lora = "" if r["condition"] == "native" else " + LoRA"
@@ -93,6 +112,7 @@ def table(rows: list[dict], sets: list[str], target_rate: float, target_ratio: f
         cells.append(_fmt(wer / base, 2) + "x" if wer is not None and base else "–")
         cells.append("–" if r["condition"] == "native" else
                      verdict(r, sets, native, ref, target_rate, target_ratio))
+        cells.append(training_cost(r))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -240,6 +240,22 @@ def test_a_learnt_condition_trains_its_pooler_with_its_lora_then_pools_each_set_
         "--config C"]
     assert dec == [learnt, "PY -m lalmtool decode --feats E/pooled/uniform-learnt-k10-kd/test "
                            "--set test --manifest D/test/manifest.jsonl --out E/decode/L/test"]
+    # a store written by this pooler is pooled as before (the tool skips it); one written by
+    # the pooler of an earlier run of the adapter is replaced (--force)
+    store = exp / "pooled" / "uniform-learnt-k10-kd" / "test"
+    store.mkdir(parents=True)
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of b""
+    for sha, force in ((empty, ""), ("0" * 64, " --force")):
+        (store / "store.json").write_text(json.dumps(
+            {"kind": "pooled", "meta": {"pooler": {"identity": {"sha256": sha}}}}))
+        r = stages('conditions="uniform-learnt-k10-kd"; pool_sets test', exp=str(exp))
+        assert r.stdout.splitlines() == [learnt.replace(" --out", force + " --out")]
+
+
+def test_a_failed_pool_stops_the_stage():
+    r = stages('conditions="uniform-mean-k3 peaks"; pool_sets test || echo "rc=$?"',
+               cpu_cmd="false")
+    assert r.stdout == "rc=1\n"
 
 
 # ------------------------------------------------------------- rate control

@@ -206,10 +206,12 @@ pool_condition() {  # pool_condition COND SET (each condition and set once per p
   src=$(cond_src "$cond")
   case "$cond" in frames|native) return 0 ;; esac
   [[ " ${_pooled:-} " == *" $cond:$set "* ]] && return 0
-  local pooler=()
+  local pooler=() adapter="$exp/lora/$cond/adapter"
   if [ "$(reduce_of "$cond")" = learnt ]; then  # pooled by the pooler its finetune trained
-    [ -f "$exp/lora/$cond/adapter/pooler.safetensors" ] || return 0
-    pooler=(--pooler "$exp/lora/$cond/adapter")
+    [ -f "$adapter/pooler.safetensors" ] || return 0
+    pooler=(--pooler "$adapter")
+    # a retrained pooler replaces the stores that the one before it wrote
+    pooled_by_another "$(feats_of "$cond" "$set")" "$adapter" && pooler+=(--force)
   fi
   if [ "$src" != frames ]; then
     pool_condition "$src" "$set" || return 1
@@ -217,8 +219,15 @@ pool_condition() {  # pool_condition COND SET (each condition and set once per p
   fi
   ${cpu_cmd:-} "$python" -m lalmtool pool --feats "$(feats_of "$src" "$set")" \
     --segments "$exp/seg/$(seg_of "$cond")/$set" \
-    --reduce "$(reduce_of "$cond")" "${pooler[@]}" --out "$(feats_of "$cond" "$set")"
+    --reduce "$(reduce_of "$cond")" "${pooler[@]}" --out "$(feats_of "$cond" "$set")" \
+    || return 1
   _pooled+=" $cond:$set"
+}
+pooled_by_another() {  # pooled_by_another STORE ADAPTER: STORE exists, pooled by another pooler
+  [ -f "$1/store.json" ] || return 1
+  [ "$("$python" -c 'import json, sys
+print(json.load(open(sys.argv[1]))["meta"].get("pooler", {}).get("identity", {}).get("sha256"))' \
+    "$1/store.json")" != "$(sha256sum "$2/pooler.safetensors" | cut -d" " -f1)" ]
 }
 
 # stage 4: finetune_condition COND NAME [OPTIONS...]: LoRA on COND's features of $train_set,

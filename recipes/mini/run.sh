@@ -26,8 +26,9 @@
 #      30.15 / 4.23 / 29.78; uniform-mean-k5 18.93 / 8.45 / 22.57 (10.2); prominence-mean-r10
 #      21.04 / 8.45 / 25.39 (10.0); uniform-mean-k10 24.40 / 8.45 / 36.05 (5.2);
 #      prominence-mean-r5 29.17 / 36.62 / 32.29 (5.0; 5.5 on unseen); scpc-mean-r5 38.01 /
-#      40.85 / 50.16 (5.1); uniform-learnt-k10-kd 21.88 / 9.86 / 27.90 (5.2): at 5 tokens/s
-#      only the learnt pooling is within 1.1x native on unseen voices (0.94x)
+#      40.85 / 50.16 (5.1); uniform-learnt-k10-kd 21.88 / 9.86 / 27.90 (5.2), -k5-kd 17.25 /
+#      7.04 / 19.44 (10.2): at 5 tokens/s only the learnt pooling is within 1.1x native on
+#      unseen voices (0.94x)
 #
 # Condition names (--conditions, --rate_conditions): frames, peaks, uniform-mean-k3,
 # uniform-pick-k2, prominence-mean-r5 (5 tokens/s on train), scpc-mean-t0.1 (threshold),

@@ -493,6 +493,11 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         job = Job(be, peft_model, fits,
                   pooler=_pooler(cfg, train, dist.device) if segments else None,
                   teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
+        if job.pooler is not None:
+            log.info("finetune: a learnt pooler (%s, %d parameters) trained with the LoRA on %s"
+                     "%s", job.pooler.config, job.pooler.size,
+                     segments, f", distilled from {teacher} (distill {cfg.distill:g})"
+                     if teacher else "")
         params = [p for p in peft_model.parameters() if p.requires_grad]
         run = trainer.Run(out, cfg, dist, peft_model,
                           params + (list(job.pooler.parameters()) if job.pooler else []),
@@ -588,8 +593,7 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
                "adapter": os.path.join(out, "adapter"), "feats": os.path.abspath(feats),
                "condition": condition}
     if run.job.pooler is not None:  # what the learnt compressor costs, next to the LoRA's
-        summary["pooler"] = {**run.job.pooler.config, "parameters": sum(
-            p.numel() for p in run.job.pooler.parameters())}
+        summary["pooler"] = {**run.job.pooler.config, "parameters": run.job.pooler.size}
     if rank == 0:
         _save_adapter(run.job, os.path.join(out, "last"))
         use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))

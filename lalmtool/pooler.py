@@ -51,6 +51,11 @@ class LearntPooler(torch.nn.Module):
             -1 / math.sqrt(dim * width), 1 / math.sqrt(dim * width)))
         self.up = torch.nn.Parameter(torch.zeros(rank, dim))
 
+    @property
+    def size(self) -> int:
+        """Its number of parameters (what it adds to the LoRA's)."""
+        return sum(p.numel() for p in self.parameters())
+
     def forward(self, z: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """Tokens ``[S, D]`` (float32) of frames ``z`` ``[T, D]`` cut at ``starts`` (the first
         frame of each segment, as ``lalmtool segment`` stores them); in float32 under any

@@ -329,10 +329,6 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
             return {"path": os.path.abspath(path),
                     "sha256": hashlib.sha256(fh.read()).hexdigest()}
 
-    for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
-        if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "
-                             "directory of a finetune run")
     segments = segments or {}
     return {
         "feats": store(feats), "manifest": manifest_of(manifest),
@@ -474,6 +470,10 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     for store, seg in ((feats, segments), (valid_feats, valid_segments)):
         if store and seg:  # before OUT is made
             _segments_of(Store(store), seg)
+    for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
+        if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "
+                             "directory of a finetune run")
 
     def inputs() -> dict:
         return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,

@@ -195,6 +195,10 @@ def test_teacher_is_recorded_and_goes_with_distill(train_set, k3, tiny_whisper_l
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"),
                    F.TrainConfig(**CFG, distill=0.5), teacher=teacher)
     cfg = F.TrainConfig(**CFG, distill=0.5)
+    with pytest.raises(ValueError, match="--teacher .*t: no adapter_config.json there"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"), cfg, segments=k3,
+                   teacher=str(tmp_path / "t"))
+    assert not (tmp_path / "s").exists()
     F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "s"), cfg, segments=k3,
                teacher=teacher)
     inputs = json.loads((tmp_path / "s" / "run.json").read_text())["inputs"]

@@ -198,6 +198,15 @@ class Examples:
         return sum(self.duration[u] for u in parts(item))
 
 
+def _check_pooler(cfg: TrainConfig, feats: str) -> None:
+    """The learnt pooler's heads divide the features' dimension (before OUT is made)."""
+    store = Store(feats)
+    dim = int(store.dataset(store.ids[0]).shape[1]) if store.ids else cfg.pooler_heads
+    if dim % cfg.pooler_heads:
+        raise ValueError(f"pooler_heads={cfg.pooler_heads} does not divide the dimension "
+                         f"{dim} of {feats}; give a divisor of {dim}")
+
+
 def _segments_of(store: Store, segments: str) -> Store:
     """The boundary store ``segments`` of ``store``'s frames, checked: a ``segment`` store of
     these very features covering every utterance."""
@@ -470,6 +479,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     for store, seg in ((feats, segments), (valid_feats, valid_segments)):
         if store and seg:  # before OUT is made
             _segments_of(Store(store), seg)
+    if segments:
+        _check_pooler(cfg, feats)
     for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "

@@ -149,7 +149,7 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     assert not (tmp_path / "p4").exists()
 
 
-def test_segments_of_other_features_are_refused(train_set, k3, tiny_whisper_lm,
+def test_segments_of_other_features_and_bad_heads_are_refused(train_set, k3, tiny_whisper_lm,
                                                  tmp_path):  # noqa: F811
     feats, m = train_set
     pooled = pool_store(feats, k3, "mean", str(tmp_path / "pooled"))["store"]
@@ -158,6 +158,9 @@ def test_segments_of_other_features_are_refused(train_set, k3, tiny_whisper_lm,
     with pytest.raises(StoreError, match="was segmented from .* whose content differs from"):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), F.TrainConfig(**CFG),
                    segments=seg)
+    with pytest.raises(ValueError, match="pooler_heads=3 does not divide the dimension 32 of "):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"),
+                   F.TrainConfig(**CFG, pooler_heads=3), segments=k3)
     assert not (tmp_path / "a").exists()
 
 

@@ -490,7 +490,8 @@ def _training_config(cls, config_path: str | None, options: dict, backend_opt) -
 @click.option("--init-projector", help="speechllm: start the projector from `lalmtool align`'s "
               "output (sets extra.init_projector).")
 @click.option("--segments", help="Boundaries of the --feats frames (`lalmtool segment`): train "
-              "a learnt pooler with the LoRA (then `pool --reduce learnt --pooler ADAPTER`).")
+              "a learnt pooler with the LoRA (then `pool --reduce learnt --pooler ADAPTER`; "
+              "an --init-adapter's pooler is continued).")
 @click.option("--valid-segments", help="With --segments: boundaries of the --valid-feats frames.")
 @click.option("--teacher", help="With --segments: an adapter trained on the frames, distilled "
               "from (its weight: --distill).")

@@ -59,7 +59,8 @@ from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, l
 from .options import option
 from .parallel import check_out
 from .pool import boundaries_of, condition_of
-from .pooler import LearntPooler
+from .pooler import LearntPooler, has_pooler
+from .pooler import load as load_pooler
 from .pooler import save as save_pooler
 from .store import Store
 from .trainer import TrainingOptions, shuffled
@@ -382,9 +383,13 @@ def _model(cfg: TrainConfig, model: str, device: str, init_adapter: str | None):
     return be, be.model
 
 
-def _pooler(cfg: TrainConfig, train: Examples, device: str) -> LearntPooler:
-    """A learnt pooler for the training features (seeded: the same weights on every rerun),
-    as wide as the longest training segment unless ``pooler_width`` says."""
+def _pooler(cfg: TrainConfig, train: Examples, device: str,
+            init_adapter: str | None) -> LearntPooler:
+    """A learnt pooler for the training features: the one ``init_adapter`` holds (continued),
+    else a new one (seeded: the same weights on every rerun), as wide as the longest training
+    segment unless ``pooler_width`` says."""
+    if has_pooler(init_adapter):
+        return load_pooler(init_adapter).train().to(device)
     dim = int(train.store.dataset(train.ids[0]).shape[1])
     width = cfg.pooler_width or max(
         int(np.diff(train.segments[u], append=train.store.dataset(u).shape[0]).max())
@@ -502,7 +507,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         be, peft_model = _model(cfg, model, dist.device, init_adapter)
         fits = length_check(be, train) if cfg.concat_seconds is not None else None
         job = Job(be, peft_model, fits,
-                  pooler=_pooler(cfg, train, dist.device) if segments else None,
+                  pooler=_pooler(cfg, train, dist.device, init_adapter) if segments else None,
                   teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
         if job.pooler is not None:
             log.info("finetune: a learnt pooler (%s, %d parameters) trained with the LoRA on %s"

@@ -108,6 +108,11 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "b"), cfg, segments=k3)
     assert_same(pooler_weights(tmp_path / "b" / "adapter"), ref)
     assert_same(adapter(tmp_path / "b" / "adapter"), adapter(tmp_path / "a" / "adapter"))
+    # --init-adapter continues its pooler too (at lr 1e-8 it stays where it was)
+    F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "c"), F.TrainConfig(**{
+        **CFG, "lr": 1e-8}, pooler_heads=2), segments=k3,
+        init_adapter=str(tmp_path / "a" / "adapter"))
+    assert_same(pooler_weights(tmp_path / "c" / "adapter"), ref, atol=1e-5)
 
     # the pooled store holds the trained pooler's tokens; its condition names the pooler
     ad = str(tmp_path / "a" / "adapter")
@@ -173,7 +178,7 @@ def test_distillation_term_is_zero_when_the_student_reads_what_the_teacher_reads
     be, peft_model = F._model(cfg, tiny_whisper_lm, "cpu", None)
     for k, kl_is_zero in (("k1", True), ("k3", False)):
         ex = F.Examples(feats, m, segments=str(tmp_path / k))
-        job = F.Job(be, peft_model, pooler=F._pooler(cfg, ex, "cpu"), teacher=be)
+        job = F.Job(be, peft_model, pooler=F._pooler(cfg, ex, "cpu", None), teacher=be)
         items = ex.ids[:4]
         ce, n = job.loss(ex, items)
         kl, n1 = job.loss(ex, items, distill=1.0)

@@ -252,6 +252,25 @@ def test_a_learnt_condition_trains_its_pooler_with_its_lora_then_pools_each_set_
         assert r.stdout.splitlines() == [learnt.replace(" --out", force + " --out")]
 
 
+def test_a_chained_learnt_condition_cuts_its_source_tokens_then_trains_on_them(tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "lora" / "peaks" / "adapter").mkdir(parents=True)
+    (exp / "lora" / "peaks" / "adapter" / "adapter_config.json").write_text("")
+    r = stages('gpu_cmd=echo model=M train_set=train dev_set=dev; '
+               'finetune_condition peaks+uniform-learnt-k3-kd N', exp=str(exp))
+    assert r.returncode == 0, r.stderr
+    pool = "PY -m lalmtool pool --feats E/feats/frames/{0} --segments E/seg/peaks/{0} " \
+           "--reduce mean --out E/pooled/peaks/{0}"
+    cut = "PY -m lalmtool segment --feats E/pooled/peaks/{0} --method uniform --k 3 " \
+          "--out E/seg/peaks+uniform-k3/{0}"
+    assert r.stdout.splitlines() == [
+        pool.format("train"), cut.format("train"), pool.format("dev"), cut.format("dev"),
+        "PY -m lalmtool finetune --feats E/pooled/peaks/train --manifest D/train/manifest.jsonl "
+        "--valid-feats E/pooled/peaks/dev --valid-manifest D/dev/manifest.jsonl --out E/lora/N "
+        "--segments E/seg/peaks+uniform-k3/train --valid-segments E/seg/peaks+uniform-k3/dev "
+        "--teacher E/lora/peaks/adapter --distill 0.5"]
+
+
 def test_a_failed_pool_stops_the_stage():
     r = stages('conditions="uniform-mean-k3 peaks"; pool_sets test || echo "rc=$?"',
                cpu_cmd="false")

@@ -234,11 +234,15 @@ print(json.load(open(sys.argv[1]))["meta"].get("pooler", {}).get("identity", {})
 # validated on $dev_set's, written to $exp/lora/NAME; a learnt condition trains its pooler
 # with it on its source's features and boundaries (-kd: distilled from the source's adapter)
 finetune_condition() {
-  local cond=$1 name=$2 src feats=$1 learnt=()
+  local cond=$1 name=$2 src feats=$1 learnt=() s
   shift 2
   if [ "$(reduce_of "$cond")" = learnt ]; then
     src=$(cond_src "$cond") feats=$src
-    [ "$src" = frames ] || pool_condition "$src" "$train_set"
+    if [ "$src" != frames ]; then  # a chained step: its boundaries over its source's tokens
+      for s in "$train_set" "$dev_set"; do
+        { pool_condition "$src" "$s" && seg_cmd "$cond" "$s"; } || return 1
+      done
+    fi
     learnt=(--segments "$exp/seg/$(seg_of "$cond")/$train_set"
             --valid-segments "$exp/seg/$(seg_of "$cond")/$dev_set")
     if [[ "$cond" == *-kd ]]; then

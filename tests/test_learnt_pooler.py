@@ -166,6 +166,12 @@ def test_segments_of_other_features_and_bad_heads_are_refused(train_set, k3, tin
     with pytest.raises(ValueError, match="pooler_heads=3 does not divide the dimension 32 of "):
         F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"),
                    F.TrainConfig(**CFG, pooler_heads=3), segments=k3)
+    with pytest.raises(ValueError, match="--segments with --valid-feats needs --valid-segments"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), F.TrainConfig(**CFG),
+                   valid_feats=feats, valid_manifest=m, segments=k3)
+    with pytest.raises(ValueError, match="--valid-segments needs --segments"):
+        F.finetune(feats, m, tiny_whisper_lm, str(tmp_path / "a"), F.TrainConfig(**CFG),
+                   valid_feats=feats, valid_manifest=m, valid_segments=k3)
     assert not (tmp_path / "a").exists()
 
 

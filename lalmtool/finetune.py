@@ -199,7 +199,7 @@ class Examples:
         return sum(self.duration[u] for u in parts(item))
 
 
-def _check_pooler(cfg: TrainConfig, feats: str) -> None:
+def _check_pooler_heads(cfg: TrainConfig, feats: str) -> None:
     """The learnt pooler's heads divide the features' dimension (before OUT is made)."""
     store = Store(feats)
     dim = int(store.dataset(store.ids[0]).shape[1]) if store.ids else cfg.pooler_heads
@@ -485,7 +485,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if store and seg:  # before OUT is made
             _segments_of(Store(store), seg)
     if segments:
-        _check_pooler(cfg, feats)
+        _check_pooler_heads(cfg, feats)
     for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "

@@ -79,6 +79,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     check_out(out, feats, segments)
     src = Store(feats)
     seg = boundaries_of(src, segments)
+    used = None  # the learnt pooler, by path and identity
     if pooler:  # a clear error before anything is written
         dim = learnt.load(pooler).config["dim"]
         have = int(src.dataset(src.ids[0]).shape[1]) if src.ids else dim
@@ -86,9 +87,8 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
             raise ValueError(f"--pooler {pooler} pools {dim}-dimensional frames, {feats} holds "
                              f"{have}-dimensional ones: give the features the pooler was "
                              "trained on (the same model and tap)")
+        used = {"path": os.path.abspath(pooler), "identity": learnt.weights_identity(pooler)}
     rate = float(src.meta["frame_rate"])
-    used = {"path": os.path.abspath(pooler), "identity": learnt.weights_identity(pooler)} \
-        if pooler else None
     fp = fingerprint({"stage": "pool", "version": STAGE_VERSION, "source": src.fingerprint,
                       "segments": seg.fingerprint, "reduce": reduce,
                       **({"pooler": used["identity"]} if used else {})})

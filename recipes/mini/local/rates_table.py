@@ -22,14 +22,18 @@ import os
 import sys
 
 
-def load(exp: str, name: str, set_name: str) -> dict | None:
-    """A scored decode's results.json, or None when that decode was not scored."""
-    path = os.path.join(exp, "decode", name, set_name, "results.json")
+def read_json(path: str) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (OSError, ValueError):
         return None
+
+
+def load(exp: str, name: str, set_name: str) -> dict | None:
+    """A scored decode's results.json, or None when that decode was not scored."""
+    return read_json(os.path.join(exp, "decode", name, set_name, "results.json"))
 
 
 def collect(exp: str, sets: list[str], conditions: list[str]) -> list[dict]:
@@ -40,16 +44,8 @@ def collect(exp: str, sets: list[str], conditions: list[str]) -> list[dict]:
         res = {s: load(exp, name, s) for s in sets}
         if any(res.values()):
             rows.append({"condition": cond, "decode": name, "results": res,
-                         "training": _summary(os.path.join(exp, "lora", cond, "summary.json"))})
+                         "training": read_json(os.path.join(exp, "lora", cond, "summary.json"))})
     return rows
-
-
-def _summary(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
 
 
 def training_cost(row: dict) -> str:

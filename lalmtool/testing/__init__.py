@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
 
-from .models.qwen2_audio import AUDIO_TOKEN
+from ..models.qwen2_audio import AUDIO_TOKEN
 
 #: The special tokens of Qwen2-Audio's tokenizer (``<|endoftext|>`` first: eos and padding).
 QWEN2_AUDIO_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN,

@@ -15,6 +15,11 @@ BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",
     "qwen2-audio": "lalmtool.models.qwen2_audio:Qwen2AudioBackend",
     "speechllm": "lalmtool.models.speechllm:SpeechLLMBackend",
+    # transformers' audio LLMs: one generic backend, one registered name per family
+    # (``audio-llm`` reads the family from the checkpoint's config.json)
+    "audio-llm": "lalmtool.models.audio_llm:AudioLLMBackend",
+    **{family: f"lalmtool.models.audio_llm:AudioLLMBackend@{family}" for family in (
+        "qwen2-audio-chat",)},
 }
 
 
@@ -23,7 +28,9 @@ def backend_class(name: str) -> type:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    cls, _, family = cls.partition("@")
+    found = getattr(importlib.import_module(module), cls)
+    return found.for_family(family) if family else found
 
 
 def load_backend(name: str, model: str, **kwargs) -> Backend:

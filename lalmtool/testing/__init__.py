@@ -56,3 +56,19 @@ def write_random_qwen2_audio(path: str, hidden: int = 32, layers: int = 2, heads
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
     model.save_pretrained(path)
     return path
+
+
+#: A random checkpoint writer per audio LLM family of ``lalmtool.models.audio_llm`` (its module
+#: in this package and the function there): ``write_random_audio_llm`` calls them.
+AUDIO_LLM_WRITERS = {
+    "qwen2-audio-chat": "lalmtool.testing:write_random_qwen2_audio",
+}
+
+
+def write_random_audio_llm(family: str, path: str, seed: int = 0) -> str:
+    """Writes a tiny random checkpoint of audio LLM ``family`` (model, processor, tokenizer
+    with the family's special tokens and chat template) to ``path``; for mechanics tests."""
+    import importlib
+
+    module, function = AUDIO_LLM_WRITERS[family].split(":")
+    return getattr(importlib.import_module(module), function)(path, seed=seed)

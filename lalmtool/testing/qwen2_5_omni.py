@@ -67,8 +67,8 @@ def _processor():
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "n"), ("i", "n")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
+    for token in [a + b for a, b in merges] + SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", unk_token=None,
                          additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768,
@@ -100,8 +100,10 @@ def _config(ids: dict, vocab_size: int):
         audio_end_token_id=ids["<|audio_eos|>"], vision_start_token_id=ids["<|vision_bos|>"],
         vision_end_token_id=ids["<|vision_eos|>"], vision_token_id=ids["<|vision_pad|>"],
         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"], user_token_id=ids["<|im_start|>"])
-    codec = 64  # the talker's codec vocabulary; its special codes are the last ones
+        pad_token_id=ids["<|endoftext|>"])
+    # The talker's codec vocabulary (its special codes the last ones), as large as the thinker's,
+    # which its tts_text_* ids index.
+    codec = vocab_size + 4
     talker = dict(
         vocab_size=codec, embedding_size=HIDDEN, hidden_size=TALKER_HIDDEN,
         intermediate_size=2 * TALKER_HIDDEN, num_hidden_layers=1, num_attention_heads=2,

@@ -61,8 +61,10 @@ def write_random(path: str, seed: int = 0) -> str:
     layer, 128 mel bins, 1500 source positions: one 30 s window), the projector that stacks 4
     encoder frames into one audio token (12.5 a second), and a 2-layer Llama decoder of width 64
     over the tiny tekken vocabulary (1000 special ranks + 264 byte-level tokens). The projector's
-    weights are drawn with unit variance so that a random decoder's output depends on the audio;
-    ``</s>`` ends generation and ``<pad>`` pads, as in the real checkpoint.
+    weights are drawn with unit variance, and the rest with std 0.5 (the text config's
+    ``initializer_range``, which Voxtral uses for every module) so that attention is sharp enough
+    for a random decoder's greedy output, not only its logits, to depend on the audio. ``</s>``
+    ends generation and ``<pad>`` pads, as in the real checkpoint.
     """
     from transformers import (MistralCommonBackend, VoxtralConfig,
                               VoxtralForConditionalGeneration, VoxtralProcessor,
@@ -81,7 +83,8 @@ def write_random(path: str, seed: int = 0) -> str:
         text_config=dict(model_type="llama", vocab_size=vocab_size, hidden_size=64,
                          intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+                         initializer_range=0.5),
         audio_token_id=AUDIO)
     torch.manual_seed(seed)
     model = VoxtralForConditionalGeneration(cfg)

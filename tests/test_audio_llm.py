@@ -1,0 +1,169 @@
+"""The generic audio LLM backend on a tiny random checkpoint of every family it supports: the
+splice path equals the model's own forward and generate on the processor's inputs, compressed
+tokens fill exactly their placeholders, LoRA trains only the adapter, the stages run.
+
+Checkpoints come from ``lalmtool.testing`` (config at tiny sizes, a constructed tokenizer with
+the family's special tokens and chat template, the family's processor): nothing is downloaded.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import tone, write_manifest
+from lalmtool.models import load_backend
+from lalmtool.models.audio_llm import FAMILIES, AudioLLMBackend, family_of
+from lalmtool.pool import pool
+from lalmtool.segment import peaks, uniform
+from lalmtool.testing import AUDIO_LLM_WRITERS, write_random_audio_llm
+
+FAMILY_NAMES = sorted(AUDIO_LLM_WRITERS)
+WAVES = [tone(1.0, seed=1), tone(2.3, freq=330, seed=2), tone(0.6, freq=150, seed=3)]
+TEXTS = ["the hen", "in the end it is", "then"]
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def family(request, tmp_path_factory) -> tuple[str, str]:
+    """(family name, path of its tiny random checkpoint)."""
+    path = str(tmp_path_factory.mktemp(request.param))
+    return request.param, write_random_audio_llm(request.param, path)
+
+
+@pytest.fixture(scope="module")
+def backend(family) -> AudioLLMBackend:
+    return load_backend(family[0], family[1])
+
+
+def reference_inputs(be: AudioLLMBackend, wave: np.ndarray, text: str | None = None):
+    """The processor's own inputs for ``wave`` in the backend's prompt, with the target text
+    and its end token appended when given (what the model reads in training)."""
+    inputs = be.request([wave])
+    if text is not None:
+        target = be.tokenizer.encode(text, add_special_tokens=False) + [be.end_token_id]
+        target = torch.tensor([target])
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], target], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                              torch.ones_like(target)], dim=1)
+    return inputs
+
+
+def test_every_registered_family_has_a_random_checkpoint():
+    assert set(FAMILIES) == set(AUDIO_LLM_WRITERS)
+
+
+def test_identity_logits_equal_the_models_own_forward(backend):
+    feats = backend.encode(WAVES)
+    batch = backend.build_inputs(feats, TEXTS)
+    with torch.no_grad():
+        ours = backend.model(**batch.model_inputs()).logits
+    worst = 0.0
+    for i, (w, t) in enumerate(zip(WAVES, TEXTS)):
+        ref = reference_inputs(backend, w, t)
+        n = ref["input_ids"].shape[1]
+        assert int(batch.attention_mask[i].sum()) == n
+        assert batch.ids[i, :n].tolist() == ref["input_ids"][0].tolist()
+        with torch.no_grad():
+            theirs = backend.model(**ref).logits[0]
+        worst = max(worst, float((ours[i, :n] - theirs).abs().max()))
+    assert worst <= 1e-4, f"{backend.name}: max abs logit difference {worst:.2e}"
+
+
+def test_rows_are_one_per_placeholder_the_processor_inserts(backend):
+    feats = backend.encode(WAVES)
+    for w, f in zip(WAVES, feats):
+        ref = backend.request([w])
+        n = int((ref["input_ids"] == backend.audio_token_id).sum())
+        assert f.shape[0] == n and f.shape[1] == backend.model.get_input_embeddings().weight.shape[1]
+    for a, w in zip(feats, WAVES):  # batching changes nothing
+        torch.testing.assert_close(a, backend.encode([w])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decode_equals_the_models_own_generate(backend):
+    feats = backend.encode(WAVES)
+    batched = backend.generate_ids(feats, max_new_tokens=8)
+    outputs = set()
+    for i, (w, f) in enumerate(zip(WAVES, feats)):
+        ref = backend.request([w])
+        theirs = backend.model.generate(**ref, do_sample=False, max_new_tokens=8)
+        theirs = theirs[0, ref["input_ids"].shape[1]:].tolist()
+        ours = backend.generate_ids([f], max_new_tokens=8)[0].tolist()
+        assert ours[: len(theirs)] == theirs
+        assert batched[i, : len(ours)].tolist() == ours
+        outputs.add(tuple(ours))
+    assert len(outputs) > 1, "the audio should change what a random decoder says"
+
+
+def test_uniform_k3_fills_ceil_n_over_3_placeholders_and_peaks_run(backend):
+    frames = [f.numpy() for f in backend.encode(WAVES)]
+    for cut in (lambda z: uniform(z, 3), peaks):
+        pooled = [torch.from_numpy(pool(z, cut(z))) for z in frames]
+        if cut is not peaks:
+            assert [len(p) for p in pooled] == [math.ceil(len(z) / 3) for z in frames]
+        batch = backend.build_inputs(pooled, TEXTS)
+        assert (batch.ids == backend.audio_token_id).sum(1).tolist() == [len(p) for p in pooled]
+        loss, n = backend.loss(pooled, TEXTS)
+        assert np.isfinite(float(loss.detach())) and n == sum(
+            len(backend.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in TEXTS)
+        assert len(backend.generate(pooled, max_new_tokens=3)) == 3
+
+
+def test_a_lora_step_changes_only_the_adapter(family):
+    from peft import LoraConfig, get_peft_model
+
+    be = load_backend(family[0], family[1])
+    feats = be.encode(WAVES[:2])
+    be.model.requires_grad_(False)
+    be.model = get_peft_model(be.model, LoraConfig(r=4, target_modules=be.default_lora_targets,
+                                                   init_lora_weights=False))
+    lora = [n for n, _ in be.model.named_modules() if n.endswith("lora_A")]
+    assert {n.rsplit(".", 1)[0].rsplit(".", 1)[1] for n in lora} >= {"q_proj", "v_proj"}
+    before = {n: p.detach().clone() for n, p in be.model.named_parameters()}
+    optim = torch.optim.SGD([p for p in be.model.parameters() if p.requires_grad], lr=0.1)
+    loss, _ = be.loss(feats, TEXTS[:2])
+    loss.backward()
+    optim.step()
+    changed = {n for n, p in be.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_the_encoder_tap_through_the_projector_gives_the_tokens(family):
+    name, path = family
+    if not FAMILIES[name].projector:
+        with pytest.raises(ValueError, match="only tap=tokens"):
+            load_backend(name, path, tap="encoder")
+        return
+    tokens = load_backend(name, path).encode(WAVES)
+    enc = load_backend(name, path, tap="encoder")
+    rows = enc.encode(WAVES)
+    assert [len(r) for r in rows] == [len(t) for t in tokens]
+    with torch.no_grad():
+        torch.testing.assert_close(enc.project(rows), torch.cat(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_audio_beyond_the_window_is_encoded_window_by_window(backend):
+    window = backend.family.window
+    long = tone(window + 5.0)
+    whole = backend.encode([long])[0]
+    parts = backend.encode([long[: int(window * 16000)], long[int(window * 16000):]])
+    assert whole.shape[0] == parts[0].shape[0] + parts[1].shape[0]
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError) as err:
+        family_of(str(tmp_path))
+    said = str(err.value)
+    assert "model_type 'bert' is not an audio LLM family" in said and "\n" not in said
+    assert all(name in said for name in FAMILIES) and "docs/adding-a-family.md" in said
+
+
+def test_a_checkpoint_of_another_family_is_refused_by_name(family, tmp_path):
+    other = next(n for n in FAMILIES if n != family[0]) if len(FAMILIES) > 1 else None
+    if other is None:
+        pytest.skip("one family only")
+    with pytest.raises(ValueError, match=f"is a {family[0]} checkpoint, not {other}"):
+        load_backend(other, family[1])

@@ -51,8 +51,11 @@ def reference_inputs(be: AudioLLMBackend, wave: np.ndarray, text: str | None = N
     return inputs
 
 
-def test_every_registered_family_has_a_random_checkpoint():
-    assert set(FAMILIES) == set(AUDIO_LLM_WRITERS)
+def test_every_registered_family_has_a_random_checkpoint_and_a_backend_name():
+    from lalmtool.models import AUDIO_LLM_FAMILIES, BACKENDS
+
+    assert set(FAMILIES) == set(AUDIO_LLM_WRITERS) == set(AUDIO_LLM_FAMILIES)
+    assert set(FAMILIES) < set(BACKENDS)
 
 
 def test_identity_logits_equal_the_models_own_forward(backend):
@@ -167,3 +170,43 @@ def test_a_checkpoint_of_another_family_is_refused_by_name(family, tmp_path):
         pytest.skip("one family only")
     with pytest.raises(ValueError, match=f"is a {family[0]} checkpoint, not {other}"):
         load_backend(other, family[1])
+
+
+def test_stages_extract_pool_finetune_decode(family, tmp_path):
+    from lalmtool.decode import decode
+    from lalmtool.extract import extract
+    from lalmtool.finetune import TrainConfig, finetune
+    from lalmtool.pool import pool_store
+    from lalmtool.segment import segment
+    from lalmtool.store import Store
+
+    name, path = family
+    rows = []
+    for i, sec in enumerate([0.8, 1.3, 0.5, 1.1]):
+        sf.write(tmp_path / f"{i}.wav", tone(sec, freq=180 + 60 * i, seed=i), 16000)
+        rows.append({"id": f"q{i}", "audio": f"{i}.wav", "text": TEXTS[i % 3]})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    feats = extract(m, path, str(tmp_path / "feats"), backend=name)["store"]
+    be = load_backend(name, path)
+    assert Store(feats).meta["frame_rate"] == FAMILIES[name].rate
+    for i, row in enumerate(rows):  # the store holds what the backend's encode gives
+        wave = sf.read(tmp_path / row["audio"], dtype="float32")[0]
+        torch.testing.assert_close(torch.from_numpy(Store(feats)[row["id"]]).float(),
+                                   be.encode([wave])[0], atol=2e-2, rtol=2e-2)
+    segment(feats, "uniform", str(tmp_path / "seg"), k=3)
+    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))["store"]
+    cfg = TrainConfig(backend=name, max_steps=6, batch_size=2, lr=1e-2, warmup_steps=0,
+                      lora_r=4, lora_dropout=0.0, save_every=6, log_every=1)
+    summary = finetune(pooled, m, path, str(tmp_path / "lora"), cfg)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "lora" / "log.jsonl")]
+    assert summary["steps"] == 6 and losses[-1] < losses[0]
+    info = decode(pooled, path, str(tmp_path / "dec"), adapter=summary["adapter"],
+                  backend=name, manifest=m, max_new_tokens=6, batch_size=3)
+    store = Store(pooled)
+    assert info["utterances"] == 4 and info["audio_tokens"] == sum(
+        math.ceil(Store(feats).dataset(u).shape[0] / 3) for u in store.ids)
+    other = next((n for n in FAMILIES if n != name), "qwen2-audio")
+    with pytest.raises(ValueError, match=f"holds the audio tokens of the {name} backend, not "
+                                         f"of {other}: use --backend {name}"):
+        decode(pooled, path, str(tmp_path / "dec-other"), backend=other, max_new_tokens=2)
+    assert not os.path.exists(tmp_path / "dec-other" / "hyp.jsonl")

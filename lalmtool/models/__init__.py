@@ -11,6 +11,9 @@ import yaml
 if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for --backend choices
     from .base import Backend
 
+#: The families of ``audio_llm.FAMILIES`` (named here: the registry imports no torch).
+AUDIO_LLM_FAMILIES = ("qwen2-audio-chat",)
+
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",
     "qwen2-audio": "lalmtool.models.qwen2_audio:Qwen2AudioBackend",
@@ -18,8 +21,8 @@ BACKENDS = {
     # transformers' audio LLMs: one generic backend, one registered name per family
     # (``audio-llm`` reads the family from the checkpoint's config.json)
     "audio-llm": "lalmtool.models.audio_llm:AudioLLMBackend",
-    **{family: f"lalmtool.models.audio_llm:AudioLLMBackend@{family}" for family in (
-        "qwen2-audio-chat",)},
+    **{family: f"lalmtool.models.audio_llm:AudioLLMBackend@{family}"
+       for family in AUDIO_LLM_FAMILIES},
 }
 
 
@@ -70,16 +73,23 @@ def check_backend_options(name: str, opts: dict, where: str) -> None:
 
 
 def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> None:
-    """The encoder tap of ``store``'s features agrees with each of ``taps`` (where it is set:
-    its value, None for the backend's default); else one message naming each, and ``fix``.
+    """The store was extracted by ``backend`` where that matters (the tokens of an audio LLM
+    family are that family's only), and the encoder tap of ``store``'s features agrees with
+    each of ``taps`` (where it is set: its value, None for the backend's default); else one
+    message naming each, and ``fix``.
 
     The tap is what extract recorded in the store's ``backend_options`` (segment and pool keep
     their source's meta under ``source_meta``). Checked for backends with a ``tap`` option, on
     stores extracted with that backend."""
-    default = backend_default(backend, "tap")
     meta = store.meta
     while "source_meta" in meta:
         meta = meta["source_meta"]
+    extracted = meta.get("backend", backend)
+    if extracted != backend and {extracted, backend} & set(AUDIO_LLM_FAMILIES):
+        raise ValueError(f"{store.path} holds the audio tokens of the {extracted} backend, not "
+                         f"of {backend}: use --backend {extracted}, or extract the audio again "
+                         f"with --backend {backend}")
+    default = backend_default(backend, "tap")
     if default is None or meta.get("backend", backend) != backend:
         return
     recorded = meta.get("backend_options") or meta.get("backend_opts") or {}

@@ -103,6 +103,8 @@ class AudioLLMOptions(Options):
     tap: str = option("tokens", "what extract stores: tokens (the rows the LLM reads at the "
                                 "audio placeholders) or encoder (the rows entering the family's "
                                 "projector, where it maps them one by one)", TAPS)
+    trim: bool = option(True, "true only: the family's processor decides the rows that cover "
+                              "the audio (one per placeholder it inserts)")
     task: str = option("transcribe", "the prompt's task", TASKS)
     language: str = option("en", "the language spoken (in the prompt)")
     target_language: str | None = option(None, "translate: the language to translate into")
@@ -116,6 +118,8 @@ class AudioLLMOptions(Options):
 
     def check(self) -> None:
         super().check()
+        self.need(self.trim, "trim", "true (the family's processor decides which rows cover "
+                                     "the audio)")
         if self.task == "translate" and not self.target_language and self.instruction is None:
             raise ValueError("task 'translate' needs target_language (e.g. 'de') or an "
                              "instruction")

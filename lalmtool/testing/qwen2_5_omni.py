@@ -148,13 +148,13 @@ def write_random(path: str, seed: int = 0, thinker_only: bool = False) -> str:
     ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS)))
     config = _config(ids, len(tok))
     torch.manual_seed(seed)
-    if thinker_only:
-        model = thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)
-    else:
-        model = Qwen2_5OmniForConditionalGeneration(config)
-        thinker = model.thinker
+    model = thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)
     with torch.no_grad():
         thinker.model.audio_tower.proj.weight.normal_(0, 1.0)
+    if not thinker_only:  # the same thinker as thinker_only=True writes, talker and token2wav after
+        model = Qwen2_5OmniForConditionalGeneration(config)
+        model.thinker.load_state_dict(thinker.state_dict())
+        thinker = model.thinker
     eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
     for gen in {id(g): g for g in (model.generation_config, thinker.generation_config)}.values():
         gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = eos, pad, None

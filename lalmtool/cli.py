@@ -127,12 +127,23 @@ def assets_list() -> None:
 @click.argument("name", required=False, type=click.Choice(sorted(BACKENDS)))
 def backends(name: str | None) -> None:
     """The backends and the options each takes (--backend-opt key=value): default, allowed
-    values and help; NAME shows one."""
+    values and help; NAME shows one. Then the audio LLM families (transformers' audio LLMs
+    through one backend): the main checkpoint, its native audio tokens per second, the taps,
+    the LLM's context."""
     from .models import backend_options
+    from .models.audio_llm import FAMILIES
 
-    rows = [{"backend": b, **row} for b in ([name] if name else sorted(BACKENDS))
-            for row in backend_options(b).describe()]
+    names = [name] if name else sorted(BACKENDS)
+    rows = [{"backend": b, **row} for b in names for row in backend_options(b).describe()]
     _print_table(rows, ["backend", "option", "default", "choices", "help"])
+    families = [{"family": f.name, "checkpoint": f.checkpoint, "model_type": "/".join(
+                     f.model_types), "tokens/s": f.rate, "taps": "tokens, encoder"
+                 if f.projector else "tokens", "context": f.context}
+                for f in FAMILIES.values() if f.name in names]
+    if families:
+        click.echo()
+        _print_table(families, ["family", "checkpoint", "model_type", "tokens/s", "taps",
+                                "context"])
 
 
 # -- manifests -----------------------------------------------------------------------------

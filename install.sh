@@ -32,3 +32,9 @@ fi
 "$python" -m pip install -q --upgrade pip
 # exact releases CI tests; without -c, pyproject.toml's ranges keep an installed CUDA torch
 "$python" -m pip install -q -c constraints.txt -e ".[test]"
+# Voxtral's processor reads a mistral-common tokenizer (the voxtral family's tests need it).
+# Every release transformers 5.24 accepts (>= 1.11.5) declares numpy<2.4 on Python <= 3.12; it
+# runs unchanged on the pinned numpy 2.4 (tests/test_audio_llm.py), so it goes in without deps.
+"$python" -m pip install -q --no-deps mistral-common==1.13.1
+"$python" -m pip install -q -c constraints.txt tiktoken==0.14.0 pydantic-extra-types==2.11.1 \
+  pycountry==26.2.16 pillow jsonschema pydantic requests

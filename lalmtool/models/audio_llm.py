@@ -61,11 +61,19 @@ class Family:
     #: attribute of a full checkpoint's model that is the text-out model (Qwen2.5-Omni: thinker)
     part: str | None = None
     window: float = 30.0  #: seconds of audio the family's encoder takes at once
+    #: how the chat template's audio item carries an in-memory waveform: ``array`` (the
+    #: float32 array itself) or ``base64`` (a float WAV in base64: mistral-common's processors)
+    audio_item: str = "array"
 
 
 FAMILIES = {f.name: f for f in [
     Family("qwen2-audio-chat", ("qwen2_audio",), "Qwen2AudioForConditionalGeneration", 25.0,
            "Qwen/Qwen2-Audio-7B-Instruct", 8192, ("model.multi_modal_projector",)),
+    # a Whisper-large-v3-style tower (50 Hz), 4 frames stacked, an MLP; each ≤30 s window is
+    # padded to 30 s and gives 375 tokens (the projector reads the stacked rows one by one)
+    Family("voxtral", ("voxtral",), "VoxtralForConditionalGeneration", 12.5,
+           "mistralai/Voxtral-Mini-3B-2507", 32768, ("model.multi_modal_projector",),
+           audio_item="base64"),
 ]}
 
 TAPS = ("tokens", "encoder")
@@ -212,11 +220,23 @@ class AudioLLMBackend(DecoderOnlyBackend):
         """The processor's model inputs for ``waves``, each inside the task's prompt: the
         family's chat template with a user turn holding the audio and the instruction."""
         conversations = [[{"role": "user", "content": [
-            {"type": "audio", "audio": np.asarray(w, dtype=np.float32)},
-            {"type": "text", "text": self.instruction()}]}] for w in waves]
+            self._audio_item(w), {"type": "text", "text": self.instruction()}]}] for w in waves]
         return self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
             return_tensors="pt", processor_kwargs={"padding": True})
+
+    def _audio_item(self, wave: np.ndarray) -> dict:
+        wave = np.asarray(wave, dtype=np.float32)
+        if self.family.audio_item == "array":
+            return {"type": "audio", "audio": wave}
+        import base64
+        import io
+
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, wave, self.sample_rate, format="WAV", subtype="FLOAT")
+        return {"type": "audio", "base64": base64.b64encode(buf.getvalue()).decode()}
 
     @functools.cached_property
     def _prompt_ids(self) -> tuple[list[int], list[int]]:

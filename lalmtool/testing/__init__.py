@@ -62,6 +62,7 @@ def write_random_qwen2_audio(path: str, hidden: int = 32, layers: int = 2, heads
 #: in this package and the function there): ``write_random_audio_llm`` calls them.
 AUDIO_LLM_WRITERS = {
     "qwen2-audio-chat": "lalmtool.testing:write_random_qwen2_audio",
+    "voxtral": "lalmtool.testing.voxtral:write_random",
 }
 
 

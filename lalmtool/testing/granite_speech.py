@@ -122,10 +122,12 @@ def write_random(path: str, seed: int = 0) -> str:
     one does after layer 8), a 1-layer Q-Former of width 32 with the real windowing (15 frames ->
     3 queries) and a 2-layer Granite decoder of width 64 with 4096 positions; about 1 MB. The
     feature extractor is the real one (defaults = the real ``preprocessor_config.json``).
-    ``has_lora_adapter`` is off (no adapter is written). The Q-Former's cross-attention value and
-    output projections and the projector's output linear are drawn with unit fan-in variance
-    (instead of std 0.02) so that the audio tokens, and through them a random decoder's output,
-    depend on the audio rather than on the learnt queries alone. Same ``seed``, same weights.
+    ``has_lora_adapter`` is off (no adapter is written). Some weights are drawn with variance
+    1/fan-in instead of std 0.02 so that the output depends on the audio: the Q-Former's
+    cross-attention value and output projections and the projector's output linear (else the
+    audio tokens are nearly the learnt queries, whatever the audio), and the decoder's attention
+    value and output projections (else the ~10 % audio positions barely move the last token's
+    logits). Same ``seed``, same weights.
     """
     from transformers import (GraniteSpeechConfig, GraniteSpeechFeatureExtractor,
                               GraniteSpeechForConditionalGeneration, GraniteSpeechProcessor)
@@ -157,11 +159,13 @@ def write_random(path: str, seed: int = 0) -> str:
     model = GraniteSpeechForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         projector = model.model.projector
+        lins = [projector.linear]
         for layer in projector.qformer.encoder.layer:
-            cross = layer.crossattention
-            for lin in (cross.attention.value, cross.output.dense):
-                lin.weight.normal_(0, lin.in_features ** -0.5)
-        projector.linear.weight.normal_(0, projector.linear.in_features ** -0.5)
+            lins += [layer.crossattention.attention.value, layer.crossattention.output.dense]
+        for layer in model.model.language_model.layers:
+            lins += [layer.self_attn.v_proj, layer.self_attn.o_proj]
+        for lin in lins:
+            lin.weight.normal_(0, lin.in_features ** -0.5)
     model.generation_config.bos_token_id = eot
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = eot
     model.save_pretrained(path)

@@ -11,8 +11,9 @@ just the thinker from it (transformers strips the ``thinker.`` prefix and takes 
 
 or the whole model without talker and token2wav with
 ``Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False).thinker``.
-``thinker_only=True`` writes a thinker-only checkpoint (model type ``qwen2_5_omni_thinker``),
-which the same thinker call (or ``AutoModelForMultimodalLM``) loads.
+(``AutoModelForMultimodalLM`` gives that whole model too). ``thinker_only=True`` writes a
+thinker-only checkpoint (model type ``qwen2_5_omni_thinker``), which the same thinker call, or
+``AutoModelForImageTextToText``, loads.
 """
 from __future__ import annotations
 
@@ -134,9 +135,11 @@ def write_random(path: str, seed: int = 0, thinker_only: bool = False) -> str:
     ``path`` and returns ``path``: for mechanics tests, never for accuracy.
 
     The thinker's audio tower has one layer of width 16 over 128 mel bins (as the real one), its
-    text decoder two layers of width 32 with 4096 positions; the audio tower's output projection
-    (``proj``) is drawn with unit variance so that the random decoder's output depends on the
-    audio. The default writes the full layout (model type ``qwen2_5_omni``: ``thinker.``,
+    text decoder two layers of width 32 with 4096 positions. So that the random decoder's output
+    depends on the audio, the audio tower's output projection (``proj``) is drawn with unit
+    variance and its two convolutions with 16x the variance that keeps a signal's (the default
+    init's std 0.02 leaves the fixed sinusoidal position embedding, added after them, to swamp
+    the content). The default writes the full layout (model type ``qwen2_5_omni``: ``thinker.``,
     ``talker.`` and ``token2wav.`` weights, ``spk_dict.pt``); ``thinker_only=True`` writes the
     thinker alone (model type ``qwen2_5_omni_thinker``). The same ``seed`` gives the same weights.
     """
@@ -149,15 +152,16 @@ def write_random(path: str, seed: int = 0, thinker_only: bool = False) -> str:
     config = _config(ids, len(tok))
     torch.manual_seed(seed)
     model = thinker = Qwen2_5OmniThinkerForConditionalGeneration(config.thinker_config)
-    with torch.no_grad():
-        thinker.model.audio_tower.proj.weight.normal_(0, 1.0)
+    tower = thinker.model.audio_tower
+    with torch.no_grad():  # see the docstring: make the audio matter
+        for conv in (tower.conv1, tower.conv2):
+            conv.weight.normal_(0, 4 / conv.weight[0].numel() ** 0.5)
+        tower.proj.weight.normal_(0, 1.0)
     if not thinker_only:  # the same thinker as thinker_only=True writes, talker and token2wav after
         model = Qwen2_5OmniForConditionalGeneration(config)
         model.thinker.load_state_dict(thinker.state_dict())
-        thinker = model.thinker
-    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
-    for gen in {id(g): g for g in (model.generation_config, thinker.generation_config)}.values():
-        gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = eos, pad, None
+    gen = model.generation_config  # the thinker loaded from either layout reads this one
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
     processor.save_pretrained(path)
     model.save_pretrained(path)
     if not thinker_only:  # speaker conditioning the full model's from_pretrained insists on

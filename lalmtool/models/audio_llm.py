@@ -60,7 +60,16 @@ class Family:
     projector: tuple[str, ...] = ()
     #: attribute of a full checkpoint's model that is the text-out model (Qwen2.5-Omni: thinker)
     part: str | None = None
-    window: float = 30.0  #: seconds of audio the family's encoder takes at once
+    #: seconds of audio the family's encoder takes at once (longer audio: window by window);
+    #: None: any length in one pass
+    window: float | None = 30.0
+    #: the encoder has no padding mask: each window is encoded alone (a batch would change it)
+    alone: bool = False
+    #: where the chat template takes text only: the user turn is this marker and the
+    #: instruction, and the processor puts the audio in its place (Granite: ``<|audio|>``)
+    audio_marker: str | None = None
+    #: a system turn (where the template's default one changes, e.g. with today's date)
+    system: str | None = None
     #: how the chat template's audio item carries an in-memory waveform: ``array`` (the
     #: float32 array itself) or ``base64`` (a float WAV in base64: mistral-common's processors)
     audio_item: str = "array"
@@ -74,6 +83,13 @@ FAMILIES = {f.name: f for f in [
     Family("voxtral", ("voxtral",), "VoxtralForConditionalGeneration", 12.5,
            "mistralai/Voxtral-Mini-3B-2507", 32768, ("model.multi_modal_projector",),
            audio_item="base64"),
+    # a conformer (50 Hz) and a windowed Q-Former: 3 queries per 15 frames (10 tokens/s), no
+    # frame-wise projector; any length in one pass; the model card's system turn
+    Family("granite-speech", ("granite_speech",), "GraniteSpeechForConditionalGeneration", 10.0,
+           "ibm-granite/granite-speech-3.3-8b", 131072, window=None, alone=True,
+           audio_marker="<|audio|>", system=(
+               "Knowledge Cutoff Date: April 2024.\nToday's Date: April 9, 2025.\nYou are "
+               "Granite, developed by IBM. You are a helpful AI assistant")),
 ]}
 
 TAPS = ("tokens", "encoder")
@@ -176,6 +192,9 @@ class AudioLLMBackend(DecoderOnlyBackend):
         model = getattr(transformers, found.model_class).from_pretrained(model_path,
                                                                          dtype=self.dtype)
         self.model = (getattr(model, found.part) if found.part else model).to(self.device).eval()
+        if getattr(self.model.config, "has_lora_adapter", False):
+            # the checkpoint's own adapter, which its generate enables whenever audio is given
+            self.model.enable_adapters()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
         self.modules_to_save = [found.projector[-1]] if o.train_projector else []
@@ -219,7 +238,15 @@ class AudioLLMBackend(DecoderOnlyBackend):
     def request(self, waves: list[np.ndarray]):
         """The processor's model inputs for ``waves``, each inside the task's prompt: the
         family's chat template with a user turn holding the audio and the instruction."""
-        conversations = [[{"role": "user", "content": [
+        system = [{"role": "system", "content": self.family.system}] if self.family.system else []
+        if self.family.audio_marker:
+            turn = [*system, {"role": "user", "content": self.family.audio_marker
+                              + self.instruction()}]
+            text = self.tokenizer.apply_chat_template(turn, tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.processor([text] * len(waves), [np.asarray(w, dtype=np.float32)
+                                                         for w in waves], return_tensors="pt")
+        conversations = [[*system, {"role": "user", "content": [
             self._audio_item(w), {"type": "text", "text": self.instruction()}]}] for w in waves]
         return self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -266,7 +293,9 @@ class AudioLLMBackend(DecoderOnlyBackend):
     # -- encoder side ----------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
-        window = int(self.family.window * self.sample_rate)
+        window = self.family.window
+        window = int(window * self.sample_rate) if window else max(len(w) for w in waves) + 1
+        batch_size = 1 if self.family.alone else batch_size
         return encode_in_windows(waves, window, batch_size, self._encode_windows)
 
     def _encode_windows(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:

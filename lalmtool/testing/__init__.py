@@ -63,6 +63,7 @@ def write_random_qwen2_audio(path: str, hidden: int = 32, layers: int = 2, heads
 AUDIO_LLM_WRITERS = {
     "qwen2-audio-chat": "lalmtool.testing:write_random_qwen2_audio",
     "voxtral": "lalmtool.testing.voxtral:write_random",
+    "granite-speech": "lalmtool.testing.granite_speech:write_random",
 }
 
 

@@ -151,10 +151,11 @@ def write_random(path: str, seed: int = 0) -> str:
                          max_position_embeddings=4096, rope_theta=1e7, rms_norm_eps=1e-5,
                          embedding_multiplier=12.0, residual_multiplier=0.22,
                          attention_multiplier=heads / hidden, logits_scaling=8.0,
-                         tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot,
+                         tie_word_embeddings=False, bos_token_id=eot, eos_token_id=eot,
                          pad_token_id=eot),
         audio_token_index=tok.convert_tokens_to_ids(AUDIO_TOKEN), downsample_rate=5,
-        window_size=15, has_lora_adapter=False, tie_word_embeddings=True)
+        window_size=15, has_lora_adapter=False, tie_word_embeddings=False)  # untied: a random
+    # decoder with tied embeddings repeats the last prompt token whatever the audio
     torch.manual_seed(seed)
     model = GraniteSpeechForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -10,7 +10,7 @@ just the thinker from it (transformers strips the ``thinker.`` prefix and takes 
     Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path)
 
 or the whole model without talker and token2wav with
-``Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False).thinker``.
+``Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False).thinker``
 (``AutoModelForMultimodalLM`` gives that whole model too). ``thinker_only=True`` writes a
 thinker-only checkpoint (model type ``qwen2_5_omni_thinker``), which the same thinker call, or
 ``AutoModelForImageTextToText``, loads.
@@ -161,13 +161,14 @@ def write_random(path: str, seed: int = 0, thinker_only: bool = False) -> str:
         model = Qwen2_5OmniForConditionalGeneration(config)
         model.thinker.load_state_dict(thinker.state_dict())
     gen = model.generation_config  # the thinker loaded from either layout reads this one
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<|im_end|>"], ids["<|endoftext|>"], None
+    gen.eos_token_id, gen.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+    gen.bos_token_id = None
     processor.save_pretrained(path)
     model.save_pretrained(path)
     if not thinker_only:  # speaker conditioning the full model's from_pretrained insists on
-        dit, gen = config.token2wav_config.dit_config, torch.Generator().manual_seed(seed)
+        dit, rng = config.token2wav_config.dit_config, torch.Generator().manual_seed(seed)
         torch.save({name: {"bos_token": config.talker_config.tts_text_start_token_id,
-                           "cond": torch.randn(1, dit.enc_emb_dim, generator=gen),
-                           "ref_mel": torch.randn(1, 30, dit.mel_dim, generator=gen)}
+                           "cond": torch.randn(1, dit.enc_emb_dim, generator=rng),
+                           "ref_mel": torch.randn(1, 30, dit.mel_dim, generator=rng)}
                     for name in ("Chelsie", "Ethan")}, f"{path}/spk_dict.pt")
     return path

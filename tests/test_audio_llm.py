@@ -123,6 +123,9 @@ def test_a_lora_step_changes_only_the_adapter(family):
     be.model = get_peft_model(be.model, LoraConfig(r=4, target_modules=be.default_lora_targets,
                                                    init_lora_weights=False))
     lora = [n for n, _ in be.model.named_modules() if n.endswith("lora_A")]
+    decoder = be._core().get_decoder()
+    llm = {n for n, m in be.model.named_modules() if m is decoder}.pop()
+    assert all(n.startswith(llm + ".layers.") for n in lora)  # the LLM's layers only
     assert {n.rsplit(".", 1)[0].rsplit(".", 1)[1] for n in lora} >= {"q_proj", "v_proj"}
     before = {n: p.detach().clone() for n, p in be.model.named_parameters()}
     optim = torch.optim.SGD([p for p in be.model.parameters() if p.requires_grad], lr=0.1)

@@ -12,7 +12,8 @@ if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for 
     from .base import Backend
 
 #: The families of ``audio_llm.FAMILIES`` (named here: the registry imports no torch).
-AUDIO_LLM_FAMILIES = ("qwen2-audio-chat", "voxtral", "granite-speech")
+AUDIO_LLM_FAMILIES = ("qwen2-audio-chat", "voxtral", "granite-speech",
+                      "qwen2.5-omni")
 
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",

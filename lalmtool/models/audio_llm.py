@@ -83,6 +83,12 @@ FAMILIES = {f.name: f for f in [
     Family("voxtral", ("voxtral",), "VoxtralForConditionalGeneration", 12.5,
            "mistralai/Voxtral-Mini-3B-2507", 32768, ("model.multi_modal_projector",),
            audio_item="base64"),
+    # the thinker (audio in, text out) of an Omni checkpoint: a Whisper-style tower pooled to
+    # 25 Hz whose own last layer norm and linear map rows to tokens one by one; the processor
+    # cuts audio at 30 s (the thinker loads from the full checkpoint's thinker.* weights)
+    Family("qwen2.5-omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"),
+           "Qwen2_5OmniThinkerForConditionalGeneration", 25.0, "Qwen/Qwen2.5-Omni-7B", 32768,
+           ("model.audio_tower.ln_post", "model.audio_tower.proj")),
     # a conformer (50 Hz) and a windowed Q-Former: 3 queries per 15 frames (10 tokens/s), no
     # frame-wise projector; any length in one pass; the model card's system turn
     Family("granite-speech", ("granite_speech",), "GraniteSpeechForConditionalGeneration", 10.0,
@@ -222,7 +228,7 @@ class AudioLLMBackend(DecoderOnlyBackend):
         core = self._core()
         decoder = core.get_decoder()
         prefix = next(n for n, m in core.named_modules() if m is decoder)
-        return (".*" + re.escape(prefix) + r"\.layers\.\d+\."
+        return (r"(.*\.)?" + re.escape(prefix) + r"\.layers\.\d+\."
                 r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 
     # -- the family's prompt ----------------------------------------------------------------

@@ -64,6 +64,7 @@ AUDIO_LLM_WRITERS = {
     "qwen2-audio-chat": "lalmtool.testing:write_random_qwen2_audio",
     "voxtral": "lalmtool.testing.voxtral:write_random",
     "granite-speech": "lalmtool.testing.granite_speech:write_random",
+    "qwen2.5-omni": "lalmtool.testing.qwen2_5_omni:write_random",
 }
 
 

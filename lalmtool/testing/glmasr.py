@@ -81,11 +81,11 @@ def write_random(path: str, seed: int = 0) -> str:
     from transformers import (GlmAsrConfig, GlmAsrForConditionalGeneration, GlmAsrProcessor,
                               TokenizersBackend, WhisperFeatureExtractor)
 
-    qwen = byte_level_tokenizer(SPECIAL_TOKENS)
-    tok = TokenizersBackend(tokenizer_object=qwen.backend_tokenizer, eos_token="<|endoftext|>",
-                            pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:])
+    eot, backend = SPECIAL_TOKENS[0], byte_level_tokenizer(SPECIAL_TOKENS).backend_tokenizer
+    tok = TokenizersBackend(tokenizer_object=backend, eos_token=eot, pad_token=eot,
+                            additional_special_tokens=SPECIAL_TOKENS[1:])
     ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS)))
-    eos, pad = [ids[t] for t in END_TOKENS], ids["<|endoftext|>"]
+    eos, pad = [ids[t] for t in END_TOKENS], ids[eot]
     processor = GlmAsrProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
                                 tokenizer=tok, chat_template=CHAT_TEMPLATE)
     config = GlmAsrConfig(

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for 
 
 #: The families of ``audio_llm.FAMILIES`` (named here: the registry imports no torch).
 AUDIO_LLM_FAMILIES = ("qwen2-audio-chat", "voxtral", "granite-speech",
-                      "qwen2.5-omni")
+                      "qwen2.5-omni", "audioflamingo3", "glm-asr", "qwen3-asr")
 
 BACKENDS = {
     "whisper": "lalmtool.models.whisper:WhisperBackend",

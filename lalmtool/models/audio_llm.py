@@ -54,7 +54,7 @@ class Family:
     model_class: str  #: the transformers class that holds the audio path and the LLM
     rate: float  #: native audio tokens per second of audio (published)
     checkpoint: str  #: the main public checkpoint (for docs and ``lalmtool backends``)
-    context: int  #: that checkpoint's LLM positions (published config)
+    context: int  #: that checkpoint's LLM positions (``max_position_embeddings`` of its config)
     #: module paths (under the model) that map the encoder's rows to audio tokens one by one, in
     #: order; empty: no ``encoder`` tap (e.g. a windowed Q-Former)
     projector: tuple[str, ...] = ()
@@ -81,7 +81,7 @@ FAMILIES = {f.name: f for f in [
     # a Whisper-large-v3-style tower (50 Hz), 4 frames stacked, an MLP; each ≤30 s window is
     # padded to 30 s and gives 375 tokens (the projector reads the stacked rows one by one)
     Family("voxtral", ("voxtral",), "VoxtralForConditionalGeneration", 12.5,
-           "mistralai/Voxtral-Mini-3B-2507", 32768, ("model.multi_modal_projector",),
+           "mistralai/Voxtral-Mini-3B-2507", 131072, ("model.multi_modal_projector",),
            audio_item="base64"),
     # the thinker (audio in, text out) of an Omni checkpoint: a Whisper-style tower pooled to
     # 25 Hz whose own last layer norm and linear map rows to tokens one by one; the processor
@@ -89,6 +89,19 @@ FAMILIES = {f.name: f for f in [
     Family("qwen2.5-omni", ("qwen2_5_omni", "qwen2_5_omni_thinker"),
            "Qwen2_5OmniThinkerForConditionalGeneration", 25.0, "Qwen/Qwen2.5-Omni-7B", 32768,
            ("model.audio_tower.ln_post", "model.audio_tower.proj")),
+    # a Whisper-large-v3-style tower pooled to 25 Hz and a row-wise MLP; longer audio in 30 s
+    # windows, one run of placeholders (the processor caps it at 20 windows)
+    Family("audioflamingo3", ("audioflamingo3",), "AudioFlamingo3ForConditionalGeneration", 25.0,
+           "nvidia/audio-flamingo-3-hf", 32768, ("model.multi_modal_projector",)),
+    # a Whisper-style tower (50 Hz), 4 frames concatenated, an MLP on the stacked rows
+    Family("glm-asr", ("glmasr",), "GlmAsrForConditionalGeneration", 12.5,
+           "zai-org/GLM-ASR-Nano-2512", 8192, ("model.multi_modal_projector",)),
+    # an encoder downsampling 8x by convolutions per 1 s chunk (13 tokens/s), a row-wise
+    # projector on its packed rows; any length in one pass, each audio alone (a batch is
+    # padded to its longest: its rows would change); its template drops the user's text
+    Family("qwen3-asr", ("qwen3_asr",), "Qwen3ASRForConditionalGeneration", 13.0,
+           "Qwen/Qwen3-ASR-1.7B", 65536, ("model.multi_modal_projector",), window=None,
+           alone=True),
     # a conformer (50 Hz) and a windowed Q-Former: 3 queries per 15 frames (10 tokens/s), no
     # frame-wise projector; any length in one pass; the model card's system turn
     Family("granite-speech", ("granite_speech",), "GraniteSpeechForConditionalGeneration", 10.0,
@@ -256,7 +269,7 @@ class AudioLLMBackend(DecoderOnlyBackend):
             self._audio_item(w), {"type": "text", "text": self.instruction()}]}] for w in waves]
         return self.processor.apply_chat_template(
             conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt", processor_kwargs={"padding": True})
+            return_tensors="pt", processor_kwargs={"text_kwargs": {"padding": True}})
 
     def _audio_item(self, wave: np.ndarray) -> dict:
         wave = np.asarray(wave, dtype=np.float32)
@@ -286,15 +299,20 @@ class AudioLLMBackend(DecoderOnlyBackend):
 
     @functools.cached_property
     def end_token_id(self) -> int:
-        """The token that ends a target: the model's first end-of-generation token."""
+        """The token that ends a target: the first of the model's end-of-generation tokens that
+        its chat template writes (where a turn ends: ``<|im_end|>`` rather than end-of-text),
+        else the first of them."""
         eos = self._core().generation_config.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = eos or [self.tokenizer.eos_token_id]
+        if eos[0] is None:
             raise ValueError(f"{self.model_path}: no end-of-generation token (generation_config "
                              "eos_token_id or the tokenizer's eos)")
-        return eos
+        template = (getattr(self.processor, "chat_template", None)
+                    or getattr(self.tokenizer, "chat_template", None) or "")
+        template = template if isinstance(template, str) else json.dumps(template)
+        written = [t for t in eos if self.tokenizer.convert_ids_to_tokens(t) in template]
+        return (written or eos)[0]
 
     # -- encoder side ----------------------------------------------------------------------
     @torch.inference_mode()

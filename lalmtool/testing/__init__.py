@@ -65,6 +65,9 @@ AUDIO_LLM_WRITERS = {
     "voxtral": "lalmtool.testing.voxtral:write_random",
     "granite-speech": "lalmtool.testing.granite_speech:write_random",
     "qwen2.5-omni": "lalmtool.testing.qwen2_5_omni:write_random",
+    "audioflamingo3": "lalmtool.testing.audioflamingo3:write_random",
+    "glm-asr": "lalmtool.testing.glmasr:write_random",
+    "qwen3-asr": "lalmtool.testing.qwen3_asr:write_random",
 }
 
 

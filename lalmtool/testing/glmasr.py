@@ -94,8 +94,9 @@ def write_random(path: str, seed: int = 0) -> str:
         text_config=dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, bos_token_id=None, eos_token_id=eos,
-                         pad_token_id=pad),
-        audio_token_id=ids["<|pad|>"])
+                         pad_token_id=pad, tie_word_embeddings=False),
+        audio_token_id=ids["<|pad|>"], tie_word_embeddings=False)  # untied: a random decoder
+    # with tied embeddings repeats the last prompt token whatever the audio
     torch.manual_seed(seed)
     model = GlmAsrForConditionalGeneration(config)
     return save_random(model, processor, path, eos, pad)

@@ -123,9 +123,10 @@ def write_random(path: str, seed: int = 0) -> str:
         text_config=dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=8, max_position_embeddings=4096, bos_token_id=None,
-                         eos_token_id=eos, pad_token_id=pad),
+                         eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False),
         audio_token_id=ids["<|audio_pad|>"], timestamp_token_id=ids["<timestamp>"],
-        eos_token_id=eos, pad_token_id=pad)
+        eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)  # untied: a random
+    # decoder with tied embeddings repeats the last prompt token whatever the audio
     torch.manual_seed(seed)
     model = Qwen3ASRForConditionalGeneration(config)
     tower = model.model.audio_tower

@@ -73,6 +73,10 @@ from lalmtool.pool import pool
 from lalmtool.segment import peaks, uniform
 
 from archs import ARCHS, PeakMemory, arch_config, random_qwen2_audio  # benchmarks/archs.py
+from family_archs import ARCHS as ALL_FAMILY_ARCHS, random_audio_llm  # benchmarks/family_archs.py
+
+#: The audio LLM families' real architectures (run through the generic audio LLM backend).
+FAMILY_ARCHS = sorted(set(ALL_FAMILY_ARCHS) - set(ARCHS))
 
 LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -111,7 +115,7 @@ def prefill_fn(be, feats: torch.Tensor):
         from lalmtool.models.qwen2_audio import logits_only
 
         def run():
-            with logits_only(be._core().lm_head, lambda h: h[:, -1:]):
+            with logits_only(be._core().get_output_embeddings(), lambda h: h[:, -1:]):
                 return be.model(**batch.model_inputs(), use_cache=True)
     return run, be.num_audio_tokens(feats), int(batch.attention_mask.sum())
 
@@ -135,6 +139,9 @@ def load(name: str, args, tmp: str):
     opts = {"device": args.device, "dtype": args.dtype}
     if name == "speechllm":
         return load_backend(name, args.llm, encoder=args.encoder, **opts)
+    if args.arch in FAMILY_ARCHS:
+        return random_audio_llm(args.arch, tmp, args.device, getattr(torch, args.dtype),
+                                args.layers)
     if args.arch or args.arch_config:
         return random_qwen2_audio(arch_config(args.arch, args.arch_config), tmp, args.device,
                                   getattr(torch, args.dtype))
@@ -177,21 +184,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--encoder", default="whisper-tiny.en",
                     help="Whisper encoder: speechllm's, and the features for every backend")
     ap.add_argument("--qwen-model", help="a Qwen2-Audio checkpoint instead of the random one")
-    ap.add_argument("--arch", choices=sorted(ARCHS),
-                    help="qwen2-audio: this real architecture, random weights built on --device")
+    ap.add_argument("--arch", choices=sorted(ARCHS) + FAMILY_ARCHS,
+                    help="this real architecture, random weights built on --device: "
+                         "qwen2-audio's, or an audio LLM family's (benchmarks/family_archs.py)")
+    ap.add_argument("--layers", type=int,
+                    help="a family --arch at this LLM depth (CPU runs); default: its own")
     ap.add_argument("--arch-config", help="qwen2-audio: a Qwen2-Audio config.json, as --arch")
     ap.add_argument("--random-frames", action="store_true",
                     help="Gaussian frames instead of real speech through tiny.en (no assets)")
     ap.add_argument("--json", help="also write the rows (with ratios) here")
     args = ap.parse_args(argv)
-    if args.backends is None:
+    family = args.arch in FAMILY_ARCHS
+    if family:
+        args.backends = ["audio-llm"]
+    elif args.backends is None:
         args.backends = (["qwen2-audio"] if args.arch or args.arch_config
                          else ["speechllm", "qwen2-audio"])
     args.conditions = ["frames"] + [c for c in args.conditions if c != "frames"]  # the reference
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = (np.random.default_rng(0).standard_normal((1250, 384)).astype(np.float32)
-            if args.random_frames else real_frames(args.encoder))  # 50 Hz, 384 = tiny.en
+            if args.random_frames or family else real_frames(args.encoder))  # 50 Hz, tiny.en
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backends:
@@ -199,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
             real, rate = (base, 50.0) if name == "speechllm" else (
                 pool(base, starts_of(base, "uniform-k2")), 25.0)  # the tower's 25 Hz
             width = (be.feature_dim if name == "speechllm" else
+                     be._core().get_input_embeddings().weight.shape[1] if family else
                      be._core().model.multi_modal_projector.linear.in_features)
+            if family:  # Gaussian audio tokens at the family's native rate
+                rate = be.frame_rate
+                real = np.random.default_rng(0).standard_normal(
+                    (int(30 * rate), width)).astype(np.float32)
             warm_up, _, _ = prefill_fn(be, torch.randn(100, width))
             with torch.inference_mode():
                 warm_up()  # one-time initialisation stays out of the first measurement
@@ -218,9 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"  {name} {seconds:.0f}s {cond}: {rows[-1]}", file=sys.stderr)
             core = be._core()
             attn = (core.llm if name == "speechllm" else core).config._attn_implementation
-            label = (args.arch or args.arch_config if name == "qwen2-audio" else None) or \
+            label = (args.arch or args.arch_config if name != "speechllm" else None) or \
                 os.path.basename(os.path.normpath(be.model_path))
-            print(f"\n{name} ({label}), "
+            print(f"\n{be.name} ({label}"
+                  f"{f', {args.layers} LLM layers' if family and args.layers else ''}), "
                   f"{args.device} {args.dtype}, attention {attn}, {torch.get_num_threads()} "
                   f"threads; ratios are to frame level, ideal = ratio of audio tokens")
             print(table(rows))

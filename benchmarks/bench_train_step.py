@@ -45,6 +45,10 @@ from lalmtool.pool import pool
 from lalmtool.segment import peaks, uniform
 
 from archs import ARCHS, PeakMemory, arch_config, random_qwen2_audio  # benchmarks/archs.py
+from family_archs import ARCHS as ALL_FAMILY_ARCHS, random_audio_llm  # benchmarks/family_archs.py
+
+#: The audio LLM families' real architectures (run through the generic audio LLM backend).
+FAMILY_ARCHS = sorted(set(ALL_FAMILY_ARCHS) - set(ARCHS))
 
 FRAME_RATE = 25.0  # the Qwen2-Audio tower's output
 CONDITIONS = ("frames", "uniform-k2", "uniform-k3", "peaks")
@@ -57,11 +61,13 @@ def compress(frames: np.ndarray, condition: str) -> np.ndarray:
     return pool(frames, starts, "mean")
 
 
-def batch_of(spec: str, width: int, condition: str, text_rate: float, seed: int = 0):
-    """``BxS`` → (B feature tensors of S seconds under ``condition``, B target texts)."""
+def batch_of(spec: str, width: int, condition: str, text_rate: float, seed: int = 0,
+             rate: float = FRAME_RATE):
+    """``BxS`` → (B feature tensors of S seconds at ``rate`` rows per second under
+    ``condition``, B target texts)."""
     n, seconds = spec.lower().split("x")
     rng = np.random.default_rng(seed)
-    frames = [rng.standard_normal((int(round(float(seconds) * FRAME_RATE)), width))
+    frames = [rng.standard_normal((int(round(float(seconds) * rate)), width))
               .astype(np.float32) for _ in range(int(n))]
     words = max(1, int(round(float(seconds) * text_rate)))
     text = "the" + " the" * (words - 1)  # one token per word for the byte-level tokenizer
@@ -128,7 +134,11 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=sorted(ARCHS), help="a real architecture, random weights")
+    ap.add_argument("--arch", choices=sorted(ARCHS) + FAMILY_ARCHS,
+                    help="a real architecture, random weights: qwen2-audio's, or an audio LLM "
+                         "family's (benchmarks/family_archs.py)")
+    ap.add_argument("--layers", type=int,
+                    help="a family --arch at this LLM depth (CPU runs); default: its own")
     ap.add_argument("--arch-config", help="a Qwen2-Audio config.json instead of --arch")
     ap.add_argument("--batch", nargs="+", default=["8x30", "2x120", "1x300", "1x600"],
                     help="BxS: B utterances of S seconds of audio (a whole recording of 5 or "
@@ -150,19 +160,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.conditions = ["frames"] + [c for c in args.conditions if c != "frames"]  # the reference
     device = torch.device(args.device)
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    family = args.arch in FAMILY_ARCHS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in args.checkpointing:
-            be = random_qwen2_audio(arch_config(args.arch, args.arch_config), tmp, args.device,
-                                    getattr(torch, args.dtype),
-                                    gradient_checkpointing=ckpt == "on")
+            if family:  # audio tokens at the family's rate, the LLM's width
+                be = random_audio_llm(args.arch, tmp, args.device, getattr(torch, args.dtype),
+                                      args.layers, gradient_checkpointing=ckpt == "on")
+                width = be._core().get_input_embeddings().weight.shape[1]
+            else:
+                be = random_qwen2_audio(arch_config(args.arch, args.arch_config), tmp,
+                                        args.device, getattr(torch, args.dtype),
+                                        gradient_checkpointing=ckpt == "on")
+                width = be._core().model.multi_modal_projector.linear.in_features
             be.model.train()
             params = with_lora(be, args.lora_r)
             opt = torch.optim.AdamW(params, lr=1e-4)
-            width = be._core().model.multi_modal_projector.linear.in_features
             for spec in args.batch:
                 for cond in args.conditions:
-                    feats, texts = batch_of(spec, width, cond, args.text_rate)
+                    feats, texts = batch_of(spec, width, cond, args.text_rate,
+                                            rate=be.frame_rate)
                     inputs = be.build_inputs(feats, texts)
                     row = {"batch": spec, "condition": cond, "checkpointing": ckpt,
                            "audio_tokens": be.num_audio_tokens(feats[0]),
@@ -180,7 +197,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\nLoRA train step, qwen2-audio ({args.arch or args.arch_config}), {args.device} "
+    depth = f", {args.layers} LLM layers" if family and args.layers else ""
+    print(f"\nLoRA train step, {'audio LLM' if family else 'qwen2-audio'} "
+          f"({args.arch or args.arch_config}{depth}), {args.device} "
           f"{args.dtype}, amp {amp}, LoRA r={args.lora_r}; ratios are to frame level "
           "(same batch and checkpointing), ideal = ratio of audio tokens")
     print(table(rows))

@@ -367,6 +367,48 @@ def audio_tokens_per_second(name: str) -> float:
     raise KeyError(family)
 
 
+def random_audio_llm(name: str, tmp: str, device: str, dtype: torch.dtype,
+                     layers: int | None = None, **opts):
+    """lalmtool's audio LLM backend for ``ARCHS[name]``'s family on that architecture (at
+    ``layers`` depth if given) with random weights created on ``device`` in ``dtype``: the
+    family's tiny random checkpoint gives the tokenizer, processor and special token ids, and
+    its model is replaced by the big one (no checkpoint of that size is written or read)."""
+    from unittest import mock
+
+    import transformers
+
+    from lalmtool.models import load_backend
+    from lalmtool.models.audio_llm import FAMILIES
+    from lalmtool.testing import write_random_audio_llm
+
+    arch = ARCHS[name]
+    family = next(f for f in FAMILIES.values()
+                  if arch["family"] in f.model_types and f.name != "qwen2-audio-chat"
+                  or arch["family"] == "qwen2_audio" and f.name == "qwen2-audio-chat")
+    path = write_random_audio_llm(family.name, os.path.join(tmp, family.name))
+    small = transformers.AutoConfig.from_pretrained(path)
+    small = getattr(small, "thinker_config", small)
+    config = build_config(name, layers)
+    for key in ("audio_token_id", "audio_token_index"):  # the small tokenizer's special ids
+        if getattr(small, key, None) is not None:
+            setattr(config, key, getattr(small, key))
+    text, small_text = config.get_text_config(), small.get_text_config()
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(text, key, getattr(small_text, key, None))
+    model_cls = getattr(transformers, family.model_class)
+    generation = transformers.GenerationConfig.from_pretrained(path)
+
+    def build(model_path, dtype=None, **kwargs):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = model_cls._from_config(config, dtype=dtype)
+        model.generation_config = generation
+        return model
+
+    with mock.patch.object(model_cls, "from_pretrained", build):
+        return load_backend(family.name, path, device=device, dtype=dtype, **opts)
+
+
 def main() -> None:
     import transformers
 

@@ -211,8 +211,9 @@ class AudioLLMBackend(DecoderOnlyBackend):
         model = getattr(transformers, found.model_class).from_pretrained(model_path,
                                                                          dtype=self.dtype)
         self.model = (getattr(model, found.part) if found.part else model).to(self.device).eval()
-        if getattr(self.model.config, "has_lora_adapter", False):
-            # the checkpoint's own adapter, which its generate enables whenever audio is given
+        if getattr(self.model, "_hf_peft_config_loaded", False):
+            # the checkpoint's own adapter (Granite's), which its generate enables whenever
+            # audio is given: every prompt here holds audio
             self.model.enable_adapters()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer

@@ -58,8 +58,9 @@ def test_unknown_backend_is_refused_before_anything_runs(tmp_path):
     m.write_text("")
     r = CliRunner().invoke(main, ["extract", "--manifest", str(m), "--model", "x",
                                   "--out", str(tmp_path / "o"), "--backend", "wisper"])
-    assert r.exit_code == 2 and "'wisper' is not one of 'qwen2-audio', 'speechllm', 'whisper'" \
-        in r.output
+    assert r.exit_code == 2 and "'wisper' is not one of 'audio-llm', 'audioflamingo3', " \
+        "'glm-asr', 'granite-speech', 'qwen2-audio', 'qwen2-audio-chat', 'qwen2.5-omni', " \
+        "'qwen3-asr', 'speechllm', 'voxtral', 'whisper'" in r.output
     assert not (tmp_path / "o").exists()
 
 

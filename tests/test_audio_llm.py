@@ -218,3 +218,45 @@ def test_stages_extract_pool_finetune_decode(family, tmp_path):
                                          f"of {other}: use --backend {name}"):
         decode(pooled, path, str(tmp_path / "dec-other"), backend=other, max_new_tokens=2)
     assert not os.path.exists(tmp_path / "dec-other" / "hyp.jsonl")
+
+
+def test_the_position_guard_names_what_fits_a_30_minute_recording(family, tmp_path):
+    """With the family's real context (its main checkpoint's max_position_embeddings), a
+    30-minute recording at the native rate is refused naming the compression that fits, or
+    decoded in one piece where the context holds it."""
+    from transformers import AutoConfig
+
+    from lalmtool.decode import _pieces
+    from lalmtool.store import ShardResult, Store, StoreWriter, plan_shards
+
+    name, path = family
+    fam = FAMILIES[name]
+    config = AutoConfig.from_pretrained(path)
+    config.get_text_config().max_position_embeddings = fam.context
+    config.save_pretrained(path)
+    try:
+        be = load_backend(name, path)
+        assert be.position_limit() == fam.context
+        rows, width = int(fam.rate * 1800), be.model.get_input_embeddings().weight.shape[1]
+        w = StoreWriter.create(str(tmp_path / "s"), "feats", "f" * 64,
+                               {"stage": "extract", "frame_rate": fam.rate},
+                               plan_shards(["rec"], 1, "feats"))
+        for shard in w.pending():
+            w.write_shard(shard, ShardResult(items=[("rec", np.zeros((rows, width), np.float16),
+                                                     {"duration": 1800.0})]))
+        w.finish()
+        store = Store(str(tmp_path / "s"))
+        new = 1800 * 3 + 1  # decode's expected tokens for 30 min of speech (3 per second)
+        prompt = be.prompt_positions(0)
+        fits = prompt + rows + new <= fam.context
+        if fits:
+            [(start, end, cap)] = _pieces(be, store, "rec", None, "fail", path, {})
+            assert (start, end) == (0, rows) and cap >= new
+            return
+        k = next(k for k in range(2, 100) if prompt + math.ceil(rows / k) + new <= fam.context)
+        with pytest.raises(ValueError, match=rf"{k}x fewer audio tokens would fit \(uniform "
+                                             rf"pooling of the frames by k={k}\)"):
+            _pieces(be, store, "rec", None, "fail", path, {})
+    finally:
+        config.get_text_config().max_position_embeddings = 4096
+        config.save_pretrained(path)

@@ -260,3 +260,13 @@ def test_the_position_guard_names_what_fits_a_30_minute_recording(family, tmp_pa
     finally:
         config.get_text_config().max_position_embeddings = 4096
         config.save_pretrained(path)
+
+
+def test_a_device_map_placed_model_decodes_as_one_on_its_device(family):
+    name, path = family
+    whole = load_backend(name, path)
+    placed = load_backend(name, path, device_map="auto")
+    assert {p.device.type for p in placed.model.parameters()} == {"cpu"}  # no GPU here
+    feats = whole.encode(WAVES[:2])
+    assert placed.generate_ids(feats, max_new_tokens=6).tolist() == \
+        whole.generate_ids(feats, max_new_tokens=6).tolist()

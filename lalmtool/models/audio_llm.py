@@ -158,6 +158,10 @@ class AudioLLMOptions(Options):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass "
                                                  "(long inputs: less memory, ~30 % more time)")
     compile: bool = option(False, "torch.compile the decoder step (GPU generation)")
+    device_map: str | None = option(None, "place the model across this node's GPUs "
+                                          "(transformers' device_map: auto, balanced, "
+                                          "sequential) instead of on --device; for models "
+                                          "larger than one GPU")
 
     def check(self) -> None:
         super().check()
@@ -208,9 +212,13 @@ class AudioLLMBackend(DecoderOnlyBackend):
         import transformers
         from transformers import AutoProcessor
 
-        model = getattr(transformers, found.model_class).from_pretrained(model_path,
-                                                                         dtype=self.dtype)
-        self.model = (getattr(model, found.part) if found.part else model).to(self.device).eval()
+        placed = {"device_map": o.device_map} if o.device_map else {}
+        model = getattr(transformers, found.model_class).from_pretrained(
+            model_path, dtype=self.dtype, **placed)
+        model = getattr(model, found.part) if found.part else model
+        if o.device_map:  # inputs go where the input embeddings are
+            self.device = model.get_input_embeddings().weight.device
+        self.model = (model if o.device_map else model.to(self.device)).eval()
         if getattr(self.model, "_hf_peft_config_loaded", False):
             # the checkpoint's own adapter (Granite's), which its generate enables whenever
             # audio is given: every prompt here holds audio

@@ -270,3 +270,33 @@ def test_a_device_map_placed_model_decodes_as_one_on_its_device(family):
     feats = whole.encode(WAVES[:2])
     assert placed.generate_ids(feats, max_new_tokens=6).tolist() == \
         whole.generate_ids(feats, max_new_tokens=6).tolist()
+
+
+def test_qwen2_audio_chat_is_the_qwen2_audio_backends_chat_prompt(tmp_path):
+    """The generic backend on a Qwen2-Audio checkpoint reads what the qwen2-audio backend
+    stores at its default tap (the tower's output) and says the same, token for token."""
+    from lalmtool.models.qwen2_audio import Qwen2AudioBackend
+
+    path = write_random_audio_llm("qwen2-audio-chat", str(tmp_path / "ckpt"))
+    old = Qwen2AudioBackend(path, prompt_style="chat")
+    new = load_backend("qwen2-audio-chat", path, tap="encoder")
+    frames = old.encode(WAVES)
+    for a, b in zip(frames, new.encode(WAVES)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert new._prompt_ids == old._prompt_ids and new.end_token_id == old.end_token_id
+    pooled = [torch.from_numpy(pool(z.numpy(), uniform(z.numpy(), 3))) for z in frames]
+    assert new.generate_ids(pooled, max_new_tokens=8).tolist() == \
+        old.generate_ids(pooled, max_new_tokens=8).tolist()
+    assert new.generate(pooled, max_new_tokens=8) == old.generate(pooled, max_new_tokens=8)
+
+
+def test_qwen3_asr_transcribes_in_the_language_given_and_takes_no_instruction(family):
+    name, path = family
+    if not FAMILIES[name].transcription_request:
+        return
+    be = load_backend(name, path, language="de")
+    before, after = be._prompt_ids
+    assert be.tokenizer.decode(after).endswith("language German<asr_text>")
+    for bad in ({"task": "translate", "target_language": "de"}, {"instruction": "Summarise."}):
+        with pytest.raises(ValueError, match="takes no instruction"):
+            load_backend(name, path, **bad)

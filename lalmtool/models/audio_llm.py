@@ -70,6 +70,9 @@ class Family:
     audio_marker: str | None = None
     #: a system turn (where the template's default one changes, e.g. with today's date)
     system: str | None = None
+    #: the prompt is the processor's own ``apply_transcription_request(audio, language=...)``
+    #: (a template that keeps no instruction: transcription only, in the language given)
+    transcription_request: bool = False
     #: how the chat template's audio item carries an in-memory waveform: ``array`` (the
     #: float32 array itself) or ``base64`` (a float WAV in base64: mistral-common's processors)
     audio_item: str = "array"
@@ -98,10 +101,11 @@ FAMILIES = {f.name: f for f in [
            "zai-org/GLM-ASR-Nano-2512", 8192, ("model.multi_modal_projector",)),
     # an encoder downsampling 8x by convolutions per 1 s chunk (13 tokens/s), a row-wise
     # projector on its packed rows; any length in one pass, each audio alone (a batch is
-    # padded to its longest: its rows would change); its template drops the user's text
+    # padded to its longest: its rows would change); its template keeps no instruction: the
+    # processor's transcription request, which fills in "language English<asr_text>"
     Family("qwen3-asr", ("qwen3_asr",), "Qwen3ASRForConditionalGeneration", 13.0,
            "Qwen/Qwen3-ASR-1.7B", 65536, ("model.multi_modal_projector",), window=None,
-           alone=True),
+           alone=True, transcription_request=True),
     # a conformer (50 Hz) and a windowed Q-Former: 3 queries per 15 frames (10 tokens/s), no
     # frame-wise projector; any length in one pass; the model card's system turn
     Family("granite-speech", ("granite_speech",), "GraniteSpeechForConditionalGeneration", 10.0,
@@ -206,6 +210,9 @@ class AudioLLMBackend(DecoderOnlyBackend):
             self.name = found.name
         self._set_compile(o.compile)
         self.tap, self.task = o.tap, o.task
+        if found.transcription_request and (o.task != "transcribe" or o.instruction):
+            raise ValueError(f"{found.name} takes no instruction (its prompt is the audio and "
+                             "the language): task=transcribe only, without instruction")
         if self.tap == "encoder" and not found.projector:
             raise ValueError(f"{found.name} has no projector that maps encoder rows to audio "
                              "tokens one by one: only tap=tokens")
@@ -266,6 +273,10 @@ class AudioLLMBackend(DecoderOnlyBackend):
     def request(self, waves: list[np.ndarray]):
         """The processor's model inputs for ``waves``, each inside the task's prompt: the
         family's chat template with a user turn holding the audio and the instruction."""
+        if self.family.transcription_request:
+            return self.processor.apply_transcription_request(
+                [np.asarray(w, dtype=np.float32) for w in waves], language=self.options.language,
+                return_tensors="pt")
         system = [{"role": "system", "content": self.family.system}] if self.family.system else []
         if self.family.audio_marker:
             turn = [*system, {"role": "user", "content": self.family.audio_marker
@@ -308,20 +319,38 @@ class AudioLLMBackend(DecoderOnlyBackend):
 
     @functools.cached_property
     def end_token_id(self) -> int:
-        """The token that ends a target: the first of the model's end-of-generation tokens that
-        its chat template writes (where a turn ends: ``<|im_end|>`` rather than end-of-text),
-        else the first of them."""
+        """The token that ends a target: the special token the chat template writes right after
+        an assistant's reply (``<|im_end|>``), else the first of the model's end-of-generation
+        tokens that the template writes at all, else the first of them."""
         eos = self._core().generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         eos = eos or [self.tokenizer.eos_token_id]
         if eos[0] is None:
             raise ValueError(f"{self.model_path}: no end-of-generation token (generation_config "
                              "eos_token_id or the tokenizer's eos)")
+        after = self._after_reply()
+        if after is not None:
+            return after
         template = (getattr(self.processor, "chat_template", None)
                     or getattr(self.tokenizer, "chat_template", None) or "")
         template = template if isinstance(template, str) else json.dumps(template)
         written = [t for t in eos if self.tokenizer.convert_ids_to_tokens(t) in template]
         return (written or eos)[0]
+
+    def _after_reply(self) -> int | None:
+        """The special token the chat template writes right after an assistant's reply."""
+        reply = "\x00REPLY\x00"
+        turns = [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        try:
+            text = self.processor.apply_chat_template(turns, tokenize=False)
+        except Exception:  # noqa: BLE001 - templates that need audio, tokenizing processors
+            return None
+        if not isinstance(text, str) or reply not in text:
+            return None
+        ids = self.tokenizer.encode(text.split(reply, 1)[1], add_special_tokens=False)
+        special = set(self.tokenizer.all_special_ids)
+        return ids[0] if ids and ids[0] in special else None
 
     # -- encoder side ----------------------------------------------------------------------
     @torch.inference_mode()

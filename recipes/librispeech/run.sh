@@ -4,6 +4,17 @@
 # Default: Qwen2-Audio-7B-Instruct (backend qwen2-audio, conf/qwen2-audio.yaml) on a GPU: bf16,
 # gradient checkpointing, batches of at most 240 s of audio. On a CPU with the offline weights:
 #   bash run.sh --librispeech_root /data/LibriSpeech --backend whisper --model whisper-tiny.en
+# Backends (--backend): whisper, qwen2-audio, and every audio LLM family that `lalmtool backends`
+# lists (today voxtral, qwen2.5-omni, granite-speech, audioflamingo3, glm-asr, qwen3-asr,
+# qwen2-audio-chat; also audio-llm, which reads the family from --model's config.json). A family
+# stores its audio tokens (the rows its LLM reads) at its native rate, takes its main checkpoint
+# unless --model names another (a hub id or a local directory of that family) and, without a
+# conf/<backend>.yaml, trains with conf/audio-llm.yaml (the family's own prompt: "Transcribe the
+# English speech into text."), e.g.
+#   bash run.sh --librispeech_root /data/LibriSpeech --backend voxtral   # Voxtral-Mini-3B-2507
+# Compression is over the backend's own rate: uniform-mean-k3 is 25/3 tokens/s for qwen2-audio,
+# 12.5/3 for voxtral, 10/3 for granite-speech (`lalmtool backends`: tokens/s); uniform-mean-rR
+# asks for R tokens/s whatever the backend (k = round(rate / R)).
 # Expected layout (as unpacked from openslr.org/12):
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
@@ -31,7 +42,9 @@
 # Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk is for
 # train-clean-100 (100.6 h) + the four dev/test sets (21.5 h); stores are fp16: D × 2 bytes ×
 # frames/s (Qwen2-Audio tower D=1280 at 25/s: 230 MB per hour; Whisper tiny.en D=384 at 50/s:
-# 138 MB per hour). GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
+# 138 MB per hour; an audio LLM family: D = its LLM's width at its rate, e.g. Voxtral Mini
+# D=3072 at 12.5/s: 276 MB per hour of 30 s windows, as its processor pads each window to 30 s).
+# GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
 #   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech, or
 #                  hf-dataset / lhotse)  ~30 MB; CPU (hf-dataset: + a copy of the FLAC, ~7.6 GB)
 #   1  extract   → $exp/feats/frames/<subset>   encoder frames                    qwen2-audio 28 GB
@@ -74,11 +87,12 @@ train_set=train-clean-100
 dev_set=dev-clean            # validation loss during finetune
 test_sets="dev-clean test-clean dev-other test-other"
 text_case=lower
-backend=qwen2-audio
-model=Qwen/Qwen2-Audio-7B-Instruct
-train_config=                # default: conf/<backend>.yaml
+backend=qwen2-audio           # whisper, qwen2-audio or an audio LLM family (see above)
+model=                       # default: the backend's checkpoint (qwen2-audio: Qwen/Qwen2-Audio-
+                             # 7B-Instruct, whisper: whisper-tiny.en, a family: its main one)
+train_config=                # default: conf/<backend>.yaml, else conf/audio-llm.yaml (families)
 conditions="frames uniform-mean-k2 uniform-mean-k3 peaks"
-device=auto                  # auto: cuda for qwen2-audio and speechllm, cpu for whisper
+device=auto                  # auto: cpu for whisper, cuda for every other backend
 dtype=auto                   # extract's compute dtype; auto: bfloat16 on cuda, else float32
 extract_batch=8              # 30 s windows per encoder forward
 decode_batch=16
@@ -95,11 +109,16 @@ source ../utils/parse_options.sh
 source ../utils/cmd.sh
 [ "$device" = auto ] && { [ "$backend" = whisper ] && device=cpu || device=cuda; }
 [ "$dtype" = auto ] && { [[ "$device" == cuda* ]] && dtype=bfloat16 || dtype=float32; }
-train_config=${train_config:-conf/$backend.yaml}
+if [ -z "$train_config" ]; then  # the backend's own, else the one of every audio LLM family
+  train_config=conf/$backend.yaml
+  [ -f "$train_config" ] || train_config=conf/audio-llm.yaml
+fi
 mkdir -p "$exp"
 recipe=librispeech
 source ../utils/stages.sh
 source ../utils/sources.sh
+source ../utils/backends.sh
+default_model || exit 1
 sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
 # HF LibriSpeech (openslr/librispeech_asr, config "all"): recipe set → dataset split
 hf_default_splits="train-clean-100=train.clean.100 train-clean-360=train.clean.360
@@ -135,7 +154,7 @@ if run_stage 0 "prepare manifests from ${hf_dataset:-${lhotse_cuts:-$librispeech
   end_stage 0 prepare
 fi
 
-if run_stage 1 "extract encoder frames ($backend, $model)"; then
+if run_stage 1 "extract encoder frames or audio tokens ($backend, $model)"; then
   extract_opts=(--backend "$backend" --model "$model" --nj "$nj" --batch-size "$extract_batch"
                 --device "$device" --dtype "$dtype" --on-error "$on_error")
   extract_sets $sets
@@ -153,9 +172,15 @@ if run_stage 3 "pool"; then
 fi
 
 if run_stage 4 "LoRA fine-tuning ($train_config)"; then
-  for cond in $conditions; do
-    finetune_condition "$cond" "$cond" --model "$model" --config "$train_config" \
-      ${steps:+--max_steps=$steps}
+  if [ "$train_config" = conf/audio-llm.yaml ]; then  # the families' config: for them only
+    backend_info || exit 1
+    [ -n "$backend_audio_llm" ] || { echo "stage 4: no conf/$backend.yaml for backend" \
+      "$backend (conf/audio-llm.yaml is for the audio LLM families): give --train_config FILE" >&2
+      exit 1; }
+  fi
+  for cond in $conditions; do  # --backend: the recipe's, whatever backend the config names
+    finetune_condition "$cond" "$cond" --backend "$backend" --model "$model" \
+      --config "$train_config" ${steps:+--max_steps=$steps}
   done
   end_stage 4 finetune
 fi

@@ -3,6 +3,7 @@
 # the 7B-architecture cost benchmarks: what to run first on a new GPU machine (no download).
 #
 #   bash benchmarks/gpu_smoke.sh            # D=cuda by default; D=cpu ARCH="--arch-config F" to try it on a CPU
+#   (the families at the end: F_LAYERS=1 FAMILY_ARCHS=glm-asr-nano to try them on a CPU)
 #
 # Checks: extract --device cuda --dtype bfloat16 (and that its rerun loads no model), segment,
 # pool, finetune with --amp bf16 + gradient checkpointing, with --amp fp16 (gradient scaler) and
@@ -57,3 +58,10 @@ TAILN=40 step python3 benchmarks/bench_train_step.py $ARCH --device $D --dtype b
 TAILN=40 step python3 benchmarks/bench_prefill.py --backends qwen2-audio $ARCH --device $D --dtype bfloat16 --random-frames --seconds 30 120 600 --json $OUT/prefill.json
 TAILN=60 step python3 benchmarks/bench_generate.py $ARCH --device $D --dtype bfloat16 --seconds 30 --conditions frames uniform-k3 peaks --batch 1 8 16 --new-tokens 32 --compile off on --repeats 2 --profile --json $OUT/generate.json
 TAILN=30 step python3 benchmarks/bench_generate.py $ARCH --device $D --dtype bfloat16 --seconds 600 --conditions frames uniform-k3 --batch 1 --new-tokens 32 --compile off on --repeats 2 --json $OUT/generate_600s.json
+# the audio LLM families at their main checkpoints' real sizes (random weights built on the GPU):
+# 10 min of audio at the native rate vs 3x and 10x (prefill), and one LoRA step on 1 x 10 min
+# (FAMILY_ARCHS="..." to choose; F_D is the device for these, D unless set)
+for a in ${FAMILY_ARCHS:-voxtral-mini-3b qwen2.5-omni-7b granite-speech-3.3-8b}; do
+  TAILN=12 step python3 benchmarks/bench_prefill.py --arch $a ${F_LAYERS:+--layers $F_LAYERS} --device ${F_D:-$D} --dtype bfloat16 --seconds 600 --conditions frames uniform-k3 --repeats 2 --json $OUT/prefill_$a.json
+  TAILN=10 step python3 benchmarks/bench_train_step.py --arch $a ${F_LAYERS:+--layers $F_LAYERS} --device ${F_D:-$D} --dtype bfloat16 --batch 1x600 --conditions frames uniform-k3 --checkpointing on --repeats 2 --json $OUT/train_step_$a.json
+done

@@ -8,6 +8,21 @@
 #   bash run.sh --cv_root CV --covost_root COVOST --src_lang en --tgt_lang de \
 #     --backend whisper --model whisper-tiny.en
 # (Whisper's own translate task goes into English only; for En→X its LoRA learns the target.)
+# Backends (--backend): whisper, qwen2-audio, and every audio LLM family that `lalmtool backends`
+# lists (today voxtral, qwen2.5-omni, granite-speech, audioflamingo3, glm-asr, qwen3-asr,
+# qwen2-audio-chat; also audio-llm, which reads the family from --model's config.json). A family
+# stores its audio tokens (the rows its LLM reads) at its native rate (uniform-mean-k3: 25/3
+# tokens/s for qwen2-audio, 12.5/3 for voxtral, 10/3 for granite-speech; uniform-mean-rR: R
+# tokens/s whatever the backend), takes its main checkpoint unless --model names another (a hub
+# id or a local directory of that family), trains with conf/audio-llm.yaml unless there is a
+# conf/<backend>.yaml, and is prompted as qwen2-audio is: st with task=translate,
+# language=<src_lang>, target_language=<tgt_lang> (--backend-opt of finetune and decode), asr
+# with task=transcribe, language=<src_lang>, e.g.
+#   bash run.sh --cv_root CV --covost_root COVOST --src_lang en --tgt_lang de --backend voxtral
+# A family whose prompt is a bare transcription request (qwen3-asr: its template keeps no
+# instruction) cannot be asked to translate: its st prompt is task=transcribe, language=<src_lang>
+# and, as Whisper's for En→X, its LoRA learns the translation (the st decodes without LoRA are
+# transcripts).
 # Expected layout:
 #   $cv_root/clips/*.mp3                              Common Voice release of --src_lang
 #   $covost_root/covost_v2.<src>_<tgt>.tsv            path sentence translation client_id split
@@ -30,11 +45,13 @@
 #
 # Stages (each can be rerun; finished work is skipped; --stage N resumes there). Disk and GPU
 # memory as in recipes/librispeech: stores are fp16, D × 2 bytes × frames/s (Qwen2-Audio
-# D=1280 at 25/s: 230 MB per hour of audio; CoVoST 2 es→en train is ~113 h: ~26 GB frames).
+# D=1280 at 25/s: 230 MB per hour of audio; CoVoST 2 es→en train is ~113 h: ~26 GB frames; a
+# family: its LLM's width at its rate, voxtral's windows padded to 30 s).
 #   0  prepare   → $data/{train,dev,test}/manifest.jsonl (lalmtool prepare covost2, or
 #                  hf-dataset / lhotse): text =
 #                  transcript, target = translation, lang, target_lang                 CPU
-#   1  extract   → $exp/feats/frames/<set>          GPU: whole model in bf16, ~17 GB
+#   1  extract   → $exp/feats/frames/<set>          encoder frames (a family: its audio
+#                  tokens); GPU: whole model in bf16, ~17 GB
 #   2  segment   → $exp/seg/<method>/<set>          int32 boundaries (MBs); CPU
 #   3  pool      → $exp/pooled/<condition>/<set>    frames / k per condition; CPU
 #   4  finetune  → $exp/lora/<task>-<condition>/adapter   one LoRA per task (st: translation
@@ -73,11 +90,12 @@ tasks="st asr"               # st: translate (BLEU/chrF), asr: transcribe (WER)
 train_set=train
 dev_set=dev
 test_sets=test
-backend=qwen2-audio
-model=Qwen/Qwen2-Audio-7B-Instruct
-train_config=                # default: conf/<backend>.yaml
+backend=qwen2-audio           # whisper, qwen2-audio or an audio LLM family (see above)
+model=                       # default: the backend's checkpoint (qwen2-audio: Qwen/Qwen2-Audio-
+                             # 7B-Instruct, whisper: whisper-tiny.en, a family: its main one)
+train_config=                # default: conf/<backend>.yaml, else conf/audio-llm.yaml (families)
 conditions="frames uniform-mean-k2 uniform-mean-k3 peaks"
-device=auto                  # auto: cuda for qwen2-audio and speechllm, cpu for whisper
+device=auto                  # auto: cpu for whisper, cuda for every other backend
 dtype=auto
 extract_batch=8
 decode_batch=16
@@ -94,24 +112,43 @@ source ../utils/parse_options.sh
 source ../utils/cmd.sh
 [ "$device" = auto ] && { [ "$backend" = whisper ] && device=cpu || device=cuda; }
 [ "$dtype" = auto ] && { [[ "$device" == cuda* ]] && dtype=bfloat16 || dtype=float32; }
-train_config=${train_config:-conf/$backend.yaml}
+if [ -z "$train_config" ]; then  # the backend's own, else the one of every audio LLM family
+  train_config=conf/$backend.yaml
+  [ -f "$train_config" ] || train_config=conf/audio-llm.yaml
+fi
 mkdir -p "$exp"
 recipe=covost2
 source ../utils/stages.sh
 source ../utils/sources.sh
+source ../utils/backends.sh
+default_model || exit 1
 sets=$(echo "$train_set $dev_set $test_sets" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | xargs)
 
 # backend options of a task: what to do with the audio, in which languages
-task_opts() {  # task_opts st|asr → KEY=VALUE words
+task_opts() {  # task_opts st|asr → KEY=VALUE words (after backend_info)
   local task=transcribe lang=$src_lang
   [ "$1" = st ] && task=translate
   case "$backend" in
-    qwen2-audio) echo "task=$task language=$lang"
-                 [ "$1" = st ] && echo "target_language=$tgt_lang" ;;
     whisper) [ "$1" = st ] && [ "$tgt_lang" != en ] && task=transcribe  # LoRA learns the target
              echo "task=$task language=$lang" ;;
+    *)  # qwen2-audio, the audio LLM families: the prompt options the backend takes
+      backend_can "$task" || task=transcribe  # its prompt cannot translate: LoRA learns it
+      backend_takes task && echo "task=$task"
+      backend_takes language && echo "language=$lang"
+      [ "$task" = translate ] && backend_takes target_language &&
+        echo "target_language=$tgt_lang" ;;
   esac
   return 0
+}
+task_backend() {  # the registry's view of the backend, for task_opts (stages 4 and 5)
+  local opts
+  [ "$backend" = whisper ] && return 0
+  backend_info || return 1
+  if [[ " $tasks " == *" st "* ]] && ! backend_can translate; then
+    opts=$(task_opts st | xargs)
+    log "backend $backend's prompt cannot ask for a translation: st is prompted as asr" \
+      "(${opts:-its own prompt}) and its LoRA learns the translation"
+  fi
 }
 field_of() { [ "$1" = st ] && echo target || echo text; }
 
@@ -139,7 +176,7 @@ if run_stage 0 "prepare manifests (CoVoST 2 $src_lang→$tgt_lang)"; then
   end_stage 0 prepare
 fi
 
-if run_stage 1 "extract encoder frames ($backend, $model)"; then
+if run_stage 1 "extract encoder frames or audio tokens ($backend, $model)"; then
   extract_opts=(--backend "$backend" --model "$model" --nj "$nj" --batch-size "$extract_batch"
                 --device "$device" --dtype "$dtype" --on-error "$on_error")
   extract_sets $sets
@@ -157,6 +194,13 @@ if run_stage 3 "pool"; then
 fi
 
 if run_stage 4 "LoRA fine-tuning ($tasks; $train_config)"; then
+  task_backend || exit 1
+  if [ "$train_config" = conf/audio-llm.yaml ]; then  # the families' config: for them only
+    backend_info || exit 1
+    [ -n "$backend_audio_llm" ] || { echo "stage 4: no conf/$backend.yaml for backend" \
+      "$backend (conf/audio-llm.yaml is for the audio LLM families): give --train_config FILE" >&2
+      exit 1; }
+  fi
   mkdir -p "$exp/conf"
   for task in $tasks; do  # the backend's config plus the task's target field and options
     "$python" - "$train_config" "$(field_of "$task")" $(task_opts "$task") \
@@ -168,14 +212,15 @@ cfg["extra"] = {**(cfg.get("extra") or {}), **dict(kv.split("=", 1) for kv in sy
 print(yaml.safe_dump(cfg, sort_keys=False), end="")
 EOF
     for cond in $conditions; do
-      finetune_condition "$cond" "$task-$cond" --model "$model" --config "$exp/conf/$task.yaml" \
-        ${steps:+--max_steps=$steps}
+      finetune_condition "$cond" "$task-$cond" --backend "$backend" --model "$model" \
+        --config "$exp/conf/$task.yaml" ${steps:+--max_steps=$steps}
     done
   done
   end_stage 4 finetune
 fi
 
 if run_stage 5 "decode ($tasks)"; then
+  task_backend || exit 1
   for task in $tasks; do
     opts=(); for kv in $(task_opts "$task"); do opts+=(--backend-opt "$kv"); done
     for set in $test_sets; do

@@ -9,8 +9,8 @@
 # qwen2-audio-chat; also audio-llm, which reads the family from --model's config.json). A family
 # stores its audio tokens (the rows its LLM reads) at its native rate, takes its main checkpoint
 # unless --model names another (a hub id or a local directory of that family) and, without a
-# conf/<backend>.yaml, trains with conf/audio-llm.yaml (the family's own prompt: "Transcribe the
-# English speech into text."), e.g.
+# conf/<backend>.yaml, trains with conf/audio-llm.yaml (the family's own chat template and a
+# transcription request), e.g.
 #   bash run.sh --librispeech_root /data/LibriSpeech --backend voxtral   # Voxtral-Mini-3B-2507
 # Compression is over the backend's own rate: uniform-mean-k3 is 25/3 tokens/s for qwen2-audio,
 # 12.5/3 for voxtral, 10/3 for granite-speech (`lalmtool backends`: tokens/s); uniform-mean-rR
@@ -47,8 +47,9 @@
 # GPU memory is for qwen2-audio in bf16 (../../shared/GPU.md, measured on an H200).
 #   0  prepare   → $data/<subset>/manifest.jsonl (lalmtool prepare librispeech, or
 #                  hf-dataset / lhotse)  ~30 MB; CPU (hf-dataset: + a copy of the FLAC, ~7.6 GB)
-#   1  extract   → $exp/feats/frames/<subset>   encoder frames                    qwen2-audio 28 GB
-#                  (whisper-tiny.en 17 GB); GPU: the whole model in bf16, ~17 GB (+ < 1 GB)
+#   1  extract   → $exp/feats/frames/<subset>   encoder frames (a family: its audio tokens)
+#                  qwen2-audio 28 GB (whisper-tiny.en 17 GB); GPU: the whole model in bf16,
+#                  ~17 GB (+ < 1 GB)
 #   2  segment   → $exp/seg/<method>/<subset>   boundaries, int32 (< 50 MB); CPU
 #   3  pool      → $exp/pooled/<condition>/<subset>   frames / k per condition (k=2: 14 GB,
 #                  k=3 or peaks: ~9.5 GB for qwen2-audio); CPU

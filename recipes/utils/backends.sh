@@ -50,8 +50,8 @@ EOF
   eval "$out"
   _backend_info_done=1
 }
-backend_takes() { [[ " $backend_options " == *" $1 "* ]]; }
-backend_can() { [[ " $backend_tasks " == *" $1 "* ]]; }
+backend_takes() { [[ " ${backend_options:-} " == *" $1 "* ]]; }
+backend_can() { [[ " ${backend_tasks:-} " == *" $1 "* ]]; }
 
 # default_model: qwen2-audio → Qwen/Qwen2-Audio-7B-Instruct, whisper → whisper-tiny.en (an
 # asset: fetched once, then offline), an audio LLM family → its main checkpoint (`lalmtool

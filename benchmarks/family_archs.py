@@ -367,6 +367,30 @@ def audio_tokens_per_second(name: str) -> float:
     raise KeyError(family)
 
 
+def recording_costs(name: str, seconds: float = 600.0, factors=(1, 3, 10)) -> list[dict]:
+    """What ``seconds`` of audio cost the LLM of ``ARCHS[name]`` at its native audio token rate
+    divided by each of ``factors``, from the config alone (the prompt left out): audio tokens,
+    whether they fit the context, the KV cache in bf16 (keys and values of every layer), and
+    the prefill's FLOPs counted as ``FlopCounterMode`` counts them (2 per multiply-add of every
+    weight of the LLM's layers, the attention as the full square: 4 x positions^2 x heads x
+    head_dim per layer), the output layer for the last position only."""
+    text = build_config(name).get_text_config()
+    layers, hidden = text.num_hidden_layers, text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    inter = text.intermediate_size
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter  # q,o,k,v; MLP
+    rows = []
+    for k in factors:
+        n = math.ceil(seconds * audio_tokens_per_second(name) / k)
+        flops = 2 * n * layers * per_layer + 4 * n * n * heads * head_dim * layers \
+            + 2 * hidden * text.vocab_size
+        rows.append({"factor": k, "tokens": n, "fits": n <= text.max_position_embeddings,
+                     "kv_gib": 2 * layers * kv * head_dim * 2 * n / 2**30, "tflop": flops / 1e12})
+    return rows
+
+
 def random_audio_llm(name: str, tmp: str, device: str, dtype: torch.dtype,
                      layers: int | None = None, **opts):
     """lalmtool's audio LLM backend for ``ARCHS[name]``'s family on that architecture (at
@@ -426,6 +450,18 @@ def main() -> None:
               f"{arch['source']}")
         reduced = build_config(name, layers=2)  # the reduced-depth config builds too
         parameter_count(reduced)
+    print("\n10 minutes of audio in the LLM (prompt left out): audio tokens, KV cache (bf16) and "
+          "prefill TFLOP at the native rate, 3x and 10x fewer tokens")
+    print(f"{'name':<22} {'tok/min':>7} {'tokens 1x / 3x / 10x':>22} {'KV GiB 1x / 3x / 10x':>22} "
+          f"{'TFLOP 1x / 3x / 10x':>22}  fits the context at")
+    for name in ARCHS:
+        rows = recording_costs(name)
+        fits = ", ".join(f"{r['factor']}x" for r in rows if r["fits"]) or "none"
+        tokens = " / ".join(str(r["tokens"]) for r in rows)
+        kv = " / ".join(f"{r['kv_gib']:.2f}" for r in rows)
+        tflop = " / ".join(f"{r['tflop']:.1f}" for r in rows)
+        print(f"{name:<22} {audio_tokens_per_second(name) * 60:>7.0f} {tokens:>22} {kv:>22} "
+              f"{tflop:>22}  {fits}")
 
 
 if __name__ == "__main__":

@@ -279,12 +279,22 @@ def auto_cap(seconds: float) -> int:
 
 def _pieces(be, store: Store, u: str, max_new_tokens: int | None, too_long: str, model: str,
             params: dict) -> list[tuple[int, int, int]]:
-    """How utterance ``u`` is decoded: (start row, end row, new-token cap) per piece; one piece
-    unless the backend's ``chunk`` or ``too_long="chunk"`` cuts it. Refuses (before anything
-    is decoded) an utterance that does not fit the decoder, naming what would."""
+    """How utterance ``u`` of ``store`` is decoded (``plan_pieces``)."""
     rows = int(store.dataset(u).shape[0])
     seconds = float(store.attrs(u).get("duration", 0.0)) or rows / _frame_rate(store)
-    chunk = getattr(be, "chunk", 0)
+    return plan_pieces(be, rows, seconds, getattr(be, "chunk", 0), max_new_tokens, too_long,
+                       model, f"utterance {u!r} of {store.path}",
+                       params.get("k", 1) if "k" in params or store.kind == "feats" else None)
+
+
+def plan_pieces(be, rows: int, seconds: float, chunk: int, max_new_tokens: int | None,
+                too_long: str, model: str, what: str,
+                uniform_k: int | None = None) -> list[tuple[int, int, int]]:
+    """How ``rows`` feature rows covering ``seconds`` of audio are decoded: (start row, end row,
+    new-token cap) per piece; one piece unless ``chunk`` (rows per piece) or ``too_long="chunk"``
+    cuts them. Refuses (before anything is decoded) what does not fit the decoder, naming
+    ``what`` and what would fit (``uniform_k``: the rows are frames pooled by this k, so the
+    fitting compression is named as a k)."""
     if not chunk and too_long == "chunk" and _problem(be, rows, seconds, max_new_tokens):
         chunk = max(1, round(CHUNK_SECONDS * rows / seconds))
     spans = [(s, min(s + chunk, rows)) for s in range(0, max(rows, 1), chunk)] if chunk \
@@ -294,8 +304,8 @@ def _pieces(be, store: Store, u: str, max_new_tokens: int | None, too_long: str,
         part_s = seconds * (e - s) / max(rows, 1)
         problem = _problem(be, e - s, part_s, max_new_tokens)
         if problem:
-            raise ValueError(_too_long_message(be, store, u, e - s, part_s, max_new_tokens,
-                                               model, params, problem))
+            raise ValueError(_too_long_message(be, what, e - s, part_s, max_new_tokens,
+                                               model, uniform_k, problem))
         room = be.new_token_room(e - s)
         cap = max_new_tokens or auto_cap(part_s)
         pieces.append((s, e, cap if room is None else min(cap, room)))
@@ -328,9 +338,9 @@ def _problem(be, rows: int, seconds: float, max_new_tokens: int | None) -> int |
     return None if room is None or need <= room else need - room
 
 
-def _too_long_message(be, store: Store, u: str, rows: int, seconds: float,
-                      max_new_tokens: int | None, model: str, params: dict, over: int) -> str:
-    """Why utterance ``u`` does not fit the decoder, and what would."""
+def _too_long_message(be, subject: str, rows: int, seconds: float, max_new_tokens: int | None,
+                      model: str, uniform_k: int | None, over: int) -> str:
+    """Why ``subject`` (an utterance) does not fit the decoder, and what would."""
     what = (f"up to {max_new_tokens}" if max_new_tokens else
             f"~{_expected_tokens(seconds)} (its {seconds:.0f} s at ~{SPEECH_TOKENS_PER_S:g} "
             "tokens per second of speech)")
@@ -342,7 +352,7 @@ def _too_long_message(be, store: Store, u: str, rows: int, seconds: float,
             return (f"--max-new-tokens {max_new_tokens} is more than the {room} tokens that "
                     f"{model}'s decoder holds after its prompt; lower it, or leave it out (the "
                     "cap is then sized from each utterance's duration)")
-        return (f"utterance {u!r} of {store.path}: its transcript needs {what} new tokens, "
+        return (f"{subject}: its transcript needs {what} new tokens, "
                 f"more than the {room} that {model}'s decoder holds after its prompt "
                 "(max_target_positions); compression does not change that: "
                 f"{chunked}, or --backend-opt chunk=N (N audio positions per chunk: 1500 per "
@@ -356,10 +366,10 @@ def _too_long_message(be, store: Store, u: str, rows: int, seconds: float,
     else:
         factor = math.ceil(audio / room)
         how = ""
-        if "k" in params or store.kind == "feats":  # frames, or uniformly pooled by k
-            how = f" (uniform pooling of the frames by k={factor * int(params.get('k', 1))})"
+        if uniform_k is not None:  # frames, or uniformly pooled by k
+            how = f" (uniform pooling of the frames by k={factor * int(uniform_k)})"
         hint = f"{factor}x fewer audio tokens would fit{how}, or {chunked}"
-    return (f"utterance {u!r} of {store.path} needs {needed} positions (prompt + {audio} audio "
+    return (f"{subject} needs {needed} positions (prompt + {audio} audio "
             f"tokens + {what} new tokens), more than the {limit} that {model}'s decoder holds "
             f"(max_position_embeddings); {hint}")
 

@@ -2,8 +2,15 @@
 
 Frame-level and pooled stores go through the same code. Killed at any point, a rerun continues
 from the last checkpoint (adapter, optimizer, scheduler, gradient scaler, RNG states, data
-position) and ends with the same adapter as an uninterrupted run. Under ``torchrun`` it trains
-with DDP: every rank takes its share of each step's micro-batches.
+position) and ends with the same adapter as an uninterrupted run. Under ``torchrun`` every rank
+takes its share of each step's micro-batches, with DDP (``shard: ddp``, the default: each rank
+holds the whole model) or with FSDP (``shard: fsdp``, ``--shard fsdp``: the frozen weights and
+the LoRA sharded across the ranks, layer by layer, for models larger than one GPU, e.g.
+Voxtral-Small-24B; ``lalmtool.trainer.shard_model``). Both give the adapter of one process
+with ``grad_accum`` x ranks micro-batches per step; under FSDP the adapter, the best one and
+the checkpoints are gathered whole from the ranks before rank 0 writes them, and a killed run
+resumes under ``torchrun`` with as many ranks. Without ``torchrun``, ``shard: fsdp`` trains in
+one process (there is nothing to shard across); fp16 is refused with it (use bf16).
 
 A rerun resumes only the same run: ``OUT/run.json`` records the training configuration and the
 inputs by content (the feature stores' fingerprints, the manifests' sha256, the model's and the
@@ -58,7 +65,7 @@ from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, l
                      load_backend)
 from .options import option
 from .parallel import check_out
-from .pool import boundaries_of, condition_of
+from .pool import boundaries_of, compression_steps, condition_of
 from .pooler import LearntPooler, has_pooler
 from .pooler import load as load_pooler
 from .pooler import save as save_pooler
@@ -115,6 +122,9 @@ class TrainConfig(TrainingOptions):
                                  "cuda or cuda:N")
     dist_timeout: float = option(600.0, "under torchrun: seconds a rank waits for the others "
                                         "(start, barriers) before it fails")
+    shard: str = option("ddp", "how torchrun ranks share the model: ddp (each rank holds it "
+                               "whole) or fsdp (weights sharded across ranks, layer by layer; "
+                               "for models larger than one GPU)", trainer.SHARDS)
 
     def check(self) -> None:
         super().check()
@@ -126,6 +136,8 @@ class TrainConfig(TrainingOptions):
              "> 0 (or null)")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
         need(self.dist_timeout > 0, "dist_timeout", "> 0 seconds")
+        need(self.shard != "fsdp" or self.amp != "fp16", "amp",
+             "auto, bf16 or off with shard=fsdp (fp16's gradient scaler is not sharded)")
         need(self.pooler_heads >= 1, "pooler_heads", ">= 1")
         need(self.pooler_rank >= 0, "pooler_rank", ">= 0")
         need(self.pooler_width is None or self.pooler_width >= 1, "pooler_width",
@@ -408,7 +420,8 @@ def _teacher(cfg: TrainConfig, model: str, device: str, adapter: str):
 @dataclass
 class Job:
     """finetune's side of the run: the backend (``be.model`` is the peft model, DDP-wrapped
-    under torchrun), the unwrapped peft model, the long-input length check, the validation
+    under torchrun; with shard=fsdp it stays the peft model, sharded in place), the unwrapped
+    peft model, the long-input length check, the validation
     examples, and with ``--segments`` the learnt pooler (with ``--teacher`` the teacher)."""
 
     be: typing.Any
@@ -514,12 +527,16 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
                      "%s", job.pooler.config, job.pooler.size,
                      segments, f", distilled from {teacher} (distill {cfg.distill:g})"
                      if teacher else "")
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        if cfg.shard == "fsdp" and dist.world > 1:  # in place: be.model stays the peft model
+            trainer.shard_model(peft_model, dist)
+        elif cfg.shard == "fsdp":
+            log.info("finetune: shard=fsdp without torchrun: one process holds the whole model")
+        params = [p for p in peft_model.parameters() if p.requires_grad]  # (sharded ones)
         run = trainer.Run(out, cfg, dist, peft_model,
                           params + (list(job.pooler.parameters()) if job.pooler else []),
                           _total_steps(cfg, train, dist.world, fits), job)
         trainer.resume(run, lambda ck: _restore(run, ck))
-        if dist.world > 1:
+        if dist.world > 1 and cfg.shard == "ddp":
             be.model = run.model = torch.nn.parallel.DistributedDataParallel(peft_model)
         if valid is not None:  # long inputs are validated on long inputs, cut once
             run.job.valid_items = joined_examples(valid, cfg, 0,
@@ -546,7 +563,22 @@ def _validate(run: trainer.Run, valid: Examples) -> None:
     """Validation loss; the best adapter so far goes to OUT/best."""
     trainer.validation(
         run, lambda: evaluate(run.job, valid, run.cfg, run.dist.device, run.job.valid_items),
-        lambda path: _save_adapter(run.job, path), "valid_loss")
+        lambda path: _save_best(run, path), "valid_loss")
+
+
+def _save_best(run: trainer.Run, path: str) -> None:
+    """The best adapter so far into ``path`` (rank 0; under FSDP gathered by every rank first)."""
+    weights = _gathered(run)
+    if run.dist.rank == 0:
+        _save_adapter(run.job, path, weights)
+
+
+def _gathered(run: trainer.Run) -> dict | None:
+    """Under FSDP the trainable weights gathered whole, by their names in the peft model: a
+    collective (every rank calls it; rank 0 gets them). Else None: each rank holds them."""
+    if run.dist.world > 1 and trainer.is_sharded(run.model):
+        return trainer.gathered_weights(run.job.peft_model)
+    return None
 
 
 @torch.no_grad()
@@ -572,25 +604,34 @@ def _save_checkpoint(run: trainer.Run) -> None:
     from peft.utils import get_peft_model_state_dict
 
     pooler = run.job.pooler
-    trainer.save_checkpoint(run, lambda: {
-        "adapter": get_peft_model_state_dict(run.job.peft_model),
-        **({"pooler": pooler.state_dict()} if pooler else {})})
+
+    def weights() -> dict:  # called by every rank
+        gathered = _gathered(run)
+        if gathered is not None:  # (FSDP) by name in the peft model, put back by _restore
+            return {"trainable": gathered}
+        return {"adapter": get_peft_model_state_dict(run.job.peft_model),
+                **({"pooler": pooler.state_dict()} if pooler else {})}
+    trainer.save_checkpoint(run, weights)
 
 
 def _restore(run: trainer.Run, ck: dict) -> None:
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(run.job.peft_model, ck["adapter"])
+    if "trainable" in ck:  # written by an FSDP run (the ranks take their shards of it)
+        trainer.load_weights(run.job.peft_model, ck["trainable"])
+    else:
+        set_peft_model_state_dict(run.job.peft_model, ck["adapter"])
     if run.job.pooler is not None:
         run.job.pooler.load_state_dict(ck["pooler"])
 
 
 # -- the adapter ---------------------------------------------------------------------------
-def _save_adapter(job: Job, path: str) -> None:
-    """The adapter (and the learnt pooler trained with it) into ``path``, whole or not at all."""
+def _save_adapter(job: Job, path: str, weights: dict | None = None) -> None:
+    """The adapter (and the learnt pooler trained with it) into ``path``, whole or not at all;
+    ``weights``: the trainable weights gathered from the ranks under FSDP (``_gathered``)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    job.peft_model.save_pretrained(tmp)
+    job.peft_model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
     if job.pooler is not None:
         save_pooler(job.pooler, tmp)
     shutil.rmtree(path, ignore_errors=True)
@@ -610,8 +651,9 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
                "condition": condition}
     if run.job.pooler is not None:  # what the learnt compressor costs, next to the LoRA's
         summary["pooler"] = {**run.job.pooler.config, "parameters": run.job.pooler.size}
+    weights = _gathered(run)  # (FSDP: every rank)
     if rank == 0:
-        _save_adapter(run.job, os.path.join(out, "last"))
+        _save_adapter(run.job, os.path.join(out, "last"), weights)
         use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))
         final = os.path.join(out, "best" if use_best else "last")
         tmp = os.path.join(out, "adapter.tmp")
@@ -623,11 +665,34 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
                      adapter_readme(run, summary, base, "best" if use_best else "last"))
         write_atomic(os.path.join(tmp, BACKEND_FILE), json.dumps(
             {"backend": run.cfg.backend, "backend_options": run.cfg.extra}, indent=1))
+        write_atomic(os.path.join(tmp, COMPRESSION_FILE), json.dumps(
+            compression_record(run.cfg, feats, segments, condition), indent=1))
         shutil.rmtree(summary["adapter"], ignore_errors=True)
         os.replace(tmp, summary["adapter"])
         write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     run.dist.barrier("the end of training")
     return summary
+
+
+#: Written into every adapter directory: the compression it was trained on (``transcribe``
+#: repeats it in memory; ``lalmtool.transcribe`` reads it).
+COMPRESSION_FILE = "compression.json"
+
+
+def compression_record(cfg: TrainConfig, feats: str, segments: str | None,
+                       condition: str) -> dict:
+    """The compression an adapter was trained on: the condition, the steps from the encoder's
+    frames (``pool.compression_steps``; a learnt pooler's is saved beside it), the frames'
+    rate, and the longest training input (seconds; joined examples: ``concat_seconds``)."""
+    store = Store(segments) if segments else Store(feats)
+    meta = store.meta
+    while "source_meta" in meta:
+        meta = meta["source_meta"]
+    joined = concat_range(cfg)[1] if cfg.concat_seconds is not None else None
+    return {"condition": condition,
+            "steps": compression_steps(store, "learnt" if segments else None),
+            "frame_rate": meta.get("frame_rate"), "trim": meta.get("trim", True),
+            "input_seconds": joined}
 
 
 def _portable_model_name(model: str) -> str:

@@ -141,3 +141,20 @@ def condition_of(store: Store, reduce: str | None = None) -> tuple[str, dict, st
         f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
         for k, v in params.items() if k not in ("reduce", "target_rate")])
     return method, params, label
+
+
+def compression_steps(store: Store, reduce: str | None = None) -> list[dict]:
+    """The compressions that lead from the encoder's frames to ``store``'s features, in order:
+    ``{"method", "params", "reduce"}`` each (``[]`` for frames; a boundary store counts as
+    pooled by ``reduce``). What ``lalmtool transcribe`` repeats in memory."""
+    steps, meta = [], store.meta
+    if store.kind == "seg":
+        steps.append({"method": meta["method"], "params": meta.get("params", {}),
+                      "reduce": reduce or "mean"})
+        meta = meta["source_meta"]
+    while meta.get("stage") == "pool":
+        steps.insert(0, {"method": meta["method"], "params": meta.get("params", {}),
+                         "reduce": meta.get("reduce", "mean")})
+        meta = meta["source_meta"]
+    return [{**s, "params": {k: v for k, v in s["params"].items() if k != "target_rate"}}
+            for s in steps]

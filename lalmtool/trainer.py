@@ -10,13 +10,17 @@ save its weights; the core does the rest, the same way for both:
   else is refused, naming what differs), ``OUT/config.yaml``, and a finished run reused;
 * the order of the data: a seeded shuffle per epoch, resumable at any micro-batch;
 * the schedule (warm-up, then linear, cosine or constant), gradient accumulation, clipping,
-  mixed precision (with a gradient scaler for fp16) and DDP under ``torchrun``;
+  mixed precision (with a gradient scaler for fp16) and, under ``torchrun``, DDP (each rank
+  holds the whole model) or FSDP (``shard_model``: the weights sharded across the ranks, for
+  models larger than one GPU; PyTorch's FSDP2 ``fully_shard``); the loss logged is the step's
+  over every rank;
 * validation every ``valid_every`` steps, the best weights kept in ``OUT/best``, early
   stopping after ``patience`` validations without improvement;
 * checkpoints ``OUT/checkpoints/step-N/`` (written as ``step-N.tmp`` and renamed when whole;
   an unreadable one is set aside as ``step-N.broken`` and the one before it used), holding the
   trainable weights, optimizer, scheduler, scaler, RNG states of every rank and the data
-  position: killed at any point, a rerun ends with the same weights as an uninterrupted run;
+  position (under FSDP the weights and optimizer state gathered whole, by parameter name):
+  killed at any point, a rerun ends with the same weights as an uninterrupted run;
 * ``OUT/log.jsonl`` (records written after the checkpoint resumed from are dropped) and a
   progress bar.
 """
@@ -176,6 +180,154 @@ def autocast(cfg: TrainingOptions, device: str):
     return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
+# -- sharding (FSDP) -----------------------------------------------------------------------
+#: How torchrun ranks share the model: ``ddp`` (each rank holds it whole, gradients
+#: all-reduced) or ``fsdp`` (the weights sharded across the ranks: ``shard_model``).
+SHARDS = ("ddp", "fsdp")
+
+
+def shard_model(model: torch.nn.Module, dist: Dist) -> None:
+    """Shards ``model``'s weights across the ranks, in place, with FSDP2 (``fully_shard``):
+
+    * one unit per layer: the outermost modules whose class the transformers model names in
+      ``_no_split_modules`` (its decoder and encoder layers; without that list, the members
+      of its ``ModuleList`` s), and one per module holding trainable weights outside them
+      (e.g. a projector trained in full); frozen and trainable weights share a unit;
+    * the rest (embeddings, norms, head) in the root's unit: the model under peft's wrapper,
+      so that ``model`` stays what the backend calls. A backend may call those modules
+      outside the model's forward (the input embeddings that its audio rows are spliced
+      into): they gather the root's weights first (a hook).
+
+    A unit's weights are gathered for its forward and backward and freed after; gradients are
+    reduce-scattered (averaged over the ranks, as DDP). The parameters are replaced by sharded
+    ones (``DTensor``): collect the trainable ones and make the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mesh = init_device_mesh(dist.device.split(":")[0], (dist.world,))
+    units = _units(root)
+    for unit in reversed(units):  # the innermost first, the root last
+        fully_shard(unit, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    # Fix the root now (FSDP fixes it at the first forward of a unit; a unit of trainable
+    # weights that the backend calls before the model's forward would then take it).
+    root._get_fsdp_state()._lazy_init()
+    inside = set()
+    for unit in units:
+        inside.update(id(m) for m in unit.modules())
+    forward = [False]
+
+    def gather_root(module, args):
+        if not forward[0]:  # called by the backend itself, outside the model's forward
+            root.unshard()
+
+    def entered(module, args):
+        forward[0] = True
+
+    def left(module, args, output):
+        forward[0] = False
+
+    root.register_forward_pre_hook(entered)
+    root.register_forward_hook(left, always_call=True)
+    for m in root.modules():
+        if id(m) not in inside and m is not root and next(m.parameters(recurse=False), None) \
+                is not None:
+            m.register_forward_pre_hook(gather_root)
+
+
+def _units(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """``shard_model``'s units of ``root`` other than itself, in the order of
+    ``named_modules`` (an outer unit before the units inside it)."""
+    names = set(getattr(root, "_no_split_modules", None) or ())
+    if names:
+        layers = [m for m in root.modules() if type(m).__name__ in names]
+    else:
+        layers = [m for lst in root.modules() if isinstance(lst, torch.nn.ModuleList)
+                  for m in lst]
+    outer, covered = set(), set()
+    for m in root.modules():  # pre-order: a module's ancestors come before it
+        if id(m) in covered:
+            continue
+        if any(m is layer for layer in layers):
+            outer.add(id(m))
+            covered.update(id(sub) for sub in m.modules())
+    units, covered = [], set()
+    for m in root.modules():
+        if id(m) in outer:
+            units.append(m)
+            covered.update(id(sub) for sub in m.modules())
+        elif id(m) not in covered and any(
+                p.requires_grad for p in m.parameters(recurse=False)):
+            units.append(m)  # trainable weights outside the layers (units may nest here)
+    return units
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP units (``shard_model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def gathered_weights(model: torch.nn.Module) -> dict:
+    """The trainable weights of sharded ``model``, whole, by their names in it: a collective
+    (every rank calls it); rank 0 gets them on the CPU, the other ranks an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+
+def load_weights(model: torch.nn.Module, weights: dict) -> None:
+    """Puts whole trainable weights (``gathered_weights``, read by every rank) back into
+    sharded ``model`` (each rank keeps its shard) or into a whole one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                  strict=False))
+
+
+def _optimizer_state(run: "Run") -> dict:
+    """The optimizer's state to checkpoint: under FSDP gathered whole by parameter name (a
+    collective; rank 0 gets it), else its own."""
+    if not is_sharded(run.model):
+        return run.opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def _set_optimizer_state(run: "Run", state: dict, sharded: bool) -> None:
+    """Restores ``_optimizer_state`` (``sharded``: written from a sharded model)."""
+    if not sharded:
+        run.opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(run.model, run.opt, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def _no_sync(model: torch.nn.Module, sharded: bool):
+    """Gradients of this micro-batch kept (accumulated) on each rank, not reduced: DDP's
+    ``no_sync``; FSDP's ``set_requires_gradient_sync(False)``."""
+    if not sharded:
+        with model.no_sync():
+            yield
+        return
+    units = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]
+    for m in units:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
 # -- the run directory ---------------------------------------------------------------------
 def run_record(cfg: TrainingOptions, inputs: dict) -> dict:
     return {"config": dataclasses.asdict(cfg), "inputs": inputs}
@@ -302,8 +454,13 @@ def train_step(run: Run, loss_of, stream) -> tuple[float, int, torch.Tensor | No
     ``loss_of(batch)`` gives (mean loss, the count its mean is over, e.g. target tokens).
 
     Under DDP, gradients are all-reduced once per step (``no_sync`` on the other
-    micro-batches); with fp16 the loss is scaled and the step skipped on overflow."""
+    micro-batches), under FSDP reduce-scattered once per step (the same with
+    ``set_requires_gradient_sync``) and clipped by the norm over every rank's shards; with
+    fp16 the loss is scaled and the step skipped on overflow. The loss returned is the mean
+    over every rank's micro-batches (the same as one process with ``grad_accum`` x ranks
+    micro-batches); the count is this rank's."""
     cfg, dist = run.cfg, run.dist
+    sharded = dist.world > 1 and is_sharded(run.model)
     run.opt.zero_grad(set_to_none=True)
     step_loss, step_count, mine = 0.0, 0, 0
     for micro in range(cfg.grad_accum * dist.world):
@@ -312,15 +469,21 @@ def train_step(run: Run, loss_of, stream) -> tuple[float, int, torch.Tensor | No
             continue
         mine += 1
         sync = dist.world == 1 or mine == cfg.grad_accum
-        with contextlib.nullcontext() if sync else run.model.no_sync():
+        with contextlib.nullcontext() if sync else _no_sync(run.model, sharded):
             with autocast(cfg, dist.device):
                 loss, n = loss_of(batch)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         step_loss += float(loss.detach()) / cfg.grad_accum
         step_count += n
     run.state["position"] = position
+    if dist.world > 1:
+        total = torch.tensor([step_loss], dtype=torch.float64, device=dist.device)
+        torch.distributed.all_reduce(total)
+        step_loss = float(total) / dist.world
     run.scaler.unscale_(run.opt)
     gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip) if cfg.clip else None
+    if gnorm is not None and hasattr(gnorm, "full_tensor"):  # a DTensor under FSDP
+        gnorm = gnorm.full_tensor()
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
@@ -330,12 +493,14 @@ def train_step(run: Run, loss_of, stream) -> tuple[float, int, torch.Tensor | No
 
 def validation(run: Run, score, save_best, key: str) -> float:
     """Scores the model (``score()``, lower is better), logs it under ``key``; the best so far
-    is saved by ``save_best(OUT/best)`` (rank 0); counts validations without improvement."""
+    is saved by ``save_best(OUT/best)`` (rank 0; every rank when the model is sharded: its
+    weights are gathered by all, then written by rank 0); counts validations without
+    improvement."""
     step, value = run.state["step"], score()
     log_record(run.out, {"step": step, key: value}, run.dist.rank)
     if run.state["best"] is None or value < run.state["best"]:
         run.state.update(best=value, best_step=step, bad=0)
-        if run.dist.rank == 0:
+        if run.dist.rank == 0 or (run.dist.world > 1 and is_sharded(run.model)):
             save_best(os.path.join(run.out, "best"))
     else:
         run.state["bad"] = run.state.get("bad", 0) + 1
@@ -430,8 +595,12 @@ def _write(tmp: str, name: str, obj) -> None:
 def save_checkpoint(run: Run, weights) -> None:
     """OUT/checkpoints/step-N: every rank's RNG states, then (rank 0) ``weights()`` (a dict of
     the trainable weights), optimizer, scheduler, scaler and the run's state in ``state.pt``,
-    written last: it marks the checkpoint whole. The oldest beyond ``keep_checkpoints`` go."""
+    written last: it marks the checkpoint whole. The oldest beyond ``keep_checkpoints`` go.
+    ``weights()`` and the optimizer's state are taken on every rank (under FSDP gathering
+    them whole is a collective; rank 0 gets them)."""
     dist, out = run.dist, run.out
+    sharded = dist.world > 1 and is_sharded(run.model)
+    trained, optimizer = weights(), _optimizer_state(run) if sharded else None
     final = os.path.join(out, "checkpoints", f"step-{run.state['step']}")
     tmp = final + ".tmp"
     if dist.rank == 0:
@@ -442,7 +611,8 @@ def save_checkpoint(run: Run, weights) -> None:
     dist.barrier("a checkpoint")
     if dist.rank == 0:
         _write(tmp, "state.pt", {
-            **weights(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+            **trained, "optimizer": optimizer if sharded else run.opt.state_dict(),
+            "sharded": sharded, "scheduler": run.sched.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "state": run.state})
         shutil.rmtree(final, ignore_errors=True)
@@ -462,7 +632,7 @@ def _load_checkpoint(path: str, run: Run, restore) -> dict:
                            "number of processes")
     rng = _read(rng_file)
     restore(ck)
-    run.opt.load_state_dict(ck["optimizer"])
+    _set_optimizer_state(run, ck["optimizer"], bool(ck.get("sharded")))
     run.sched.load_state_dict(ck["scheduler"])
     if run.scaler.is_enabled() and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])

@@ -140,10 +140,9 @@ task_opts() {  # task_opts st|asr → KEY=VALUE words (after backend_info)
   esac
   return 0
 }
-task_backend() {  # the registry's view of the backend, for task_opts (stages 4 and 5)
+st_prompt_note() {  # after backend_info: says where st cannot be asked for in the prompt
   local opts
-  [ "$backend" = whisper ] && return 0
-  backend_info || return 1
+  [ "$backend" = whisper ] && return 0  # (whisper: into English only, see task_opts)
   if [[ " $tasks " == *" st "* ]] && ! backend_can translate; then
     opts=$(task_opts st | xargs)
     log "backend $backend's prompt cannot ask for a translation: st is prompted as asr" \
@@ -194,13 +193,14 @@ if run_stage 3 "pool"; then
 fi
 
 if run_stage 4 "LoRA fine-tuning ($tasks; $train_config)"; then
-  task_backend || exit 1
-  if [ "$train_config" = conf/audio-llm.yaml ]; then  # the families' config: for them only
-    backend_info || exit 1
-    [ -n "$backend_audio_llm" ] || { echo "stage 4: no conf/$backend.yaml for backend" \
-      "$backend (conf/audio-llm.yaml is for the audio LLM families): give --train_config FILE" >&2
-      exit 1; }
+  backend_info || exit 1
+  st_prompt_note
+  if [ "$train_config" = conf/audio-llm.yaml ] && [ -z "$backend_audio_llm" ]; then
+    echo "stage 4: no conf/$backend.yaml for backend $backend (conf/audio-llm.yaml is for the" \
+      "audio LLM families): give --train_config FILE" >&2
+    exit 1
   fi
+  set_train_opts
   mkdir -p "$exp/conf"
   for task in $tasks; do  # the backend's config plus the task's target field and options
     "$python" - "$train_config" "$(field_of "$task")" $(task_opts "$task") \
@@ -213,14 +213,15 @@ print(yaml.safe_dump(cfg, sort_keys=False), end="")
 EOF
     for cond in $conditions; do
       finetune_condition "$cond" "$task-$cond" --backend "$backend" --model "$model" \
-        --config "$exp/conf/$task.yaml" ${steps:+--max_steps=$steps}
+        --config "$exp/conf/$task.yaml" "${train_opts[@]}" ${steps:+--max_steps=$steps}
     done
   done
   end_stage 4 finetune
 fi
 
 if run_stage 5 "decode ($tasks)"; then
-  task_backend || exit 1
+  backend_info || exit 1
+  st_prompt_note
   for task in $tasks; do
     opts=(); for kv in $(task_opts "$task"); do opts+=(--backend-opt "$kv"); done
     for set in $test_sets; do

@@ -173,15 +173,16 @@ if run_stage 3 "pool"; then
 fi
 
 if run_stage 4 "LoRA fine-tuning ($train_config)"; then
-  if [ "$train_config" = conf/audio-llm.yaml ]; then  # the families' config: for them only
-    backend_info || exit 1
-    [ -n "$backend_audio_llm" ] || { echo "stage 4: no conf/$backend.yaml for backend" \
-      "$backend (conf/audio-llm.yaml is for the audio LLM families): give --train_config FILE" >&2
-      exit 1; }
+  backend_info || exit 1
+  if [ "$train_config" = conf/audio-llm.yaml ] && [ -z "$backend_audio_llm" ]; then
+    echo "stage 4: no conf/$backend.yaml for backend $backend (conf/audio-llm.yaml is for the" \
+      "audio LLM families): give --train_config FILE" >&2
+    exit 1
   fi
+  set_train_opts
   for cond in $conditions; do  # --backend: the recipe's, whatever backend the config names
     finetune_condition "$cond" "$cond" --backend "$backend" --model "$model" \
-      --config "$train_config" ${steps:+--max_steps=$steps}
+      --config "$train_config" "${train_opts[@]}" ${steps:+--max_steps=$steps}
   done
   end_stage 4 finetune
 fi

@@ -664,6 +664,88 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
 
 
 @main.command()
+@click.argument("audio", nargs=-1, required=True)
+@click.option("--model", required=True, help="Checkpoint directory, asset name or hub id.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="LoRA adapter directory from `lalmtool finetune`: its backend, options and "
+                   "compression come with it.")
+@click.option("--backend", type=click.Choice(sorted(BACKENDS)),
+              help="Without --adapter (default whisper); with one, it must be the adapter's.")
+@click.option("--compress", "compress",
+              help="The compression, as a condition name (frames, uniform-mean-k3, peaks-mean, "
+                   "...): without --adapter, or for an adapter that does not record its own "
+                   "(one that contradicts the adapter's is refused).")
+@click.option("--format", "fmt", type=click.Choice(["txt", "jsonl", "srt", "vtt"]),
+              default="txt", show_default=True,
+              help="txt: the text; jsonl: text, times of each piece, tokens; srt/vtt: subtitles "
+                   "with the pieces' times.")
+@click.option("--out", help="Folder for one file per input (jsonl: transcripts.jsonl); "
+                            "default: standard output.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="An unreadable input: stop (naming it) or skip it (named "
+                                      "on standard error).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU when there is one), cpu, cuda, cuda:N, mps.")
+@click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Inputs encoded and decoded together.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1),
+              help="Most tokens per piece (default: sized from its duration).")
+@click.option("--piece-seconds", type=click.FloatRange(min=1.0),
+              help="Longer recordings are decoded in pieces of this length (default: the "
+                   "adapter's longest training input, else 30).")
+@BACKEND_OPT
+def transcribe(audio, model, adapter, backend, compress, fmt, out, on_error, device, beam,
+               batch_size, max_new_tokens, piece_seconds, backend_opt) -> None:
+    """Transcribe (or translate) audio files with a model and its compressed adapter, in memory:
+    AUDIO is files, folders (searched for audio), manifests (.jsonl) or - (a list on standard
+    input). Results appear as each batch finishes."""
+    from .fileio import write_atomic
+    from .transcribe import Transcriber, find_audio, render
+
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise click.UsageError(f"--out {out} is a file: give a folder (it is created)")
+    paths = _run(find_audio, list(audio))
+    if out:
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice and fmt != "jsonl":
+            raise click.UsageError(f"several inputs are named {', '.join(twice)}: their "
+                                   f".{fmt} files would overwrite each other in --out; use "
+                                   "--format jsonl")
+    t = _run(Transcriber, model, adapter=adapter, backend=backend, device=device,
+             compress=compress, beam=beam, batch_size=batch_size,
+             max_new_tokens=max_new_tokens, piece_seconds=piece_seconds,
+             **_backend_opts(backend_opt))
+    lines = []  # jsonl: the file grows by one line per input, rewritten whole each time
+    results = t.iter_transcribe(paths, on_error=on_error, show=True)
+    for r in _each(results):
+        text = render(r, fmt)
+        if not out:
+            prefix = f"{r.name}\t" if fmt == "txt" and len(paths) > 1 else ""
+            click.echo(prefix + text, nl=False)
+        elif fmt == "jsonl":
+            lines.append(text)
+            os.makedirs(out, exist_ok=True)
+            write_atomic(os.path.join(out, "transcripts.jsonl"), "".join(lines))
+        else:
+            os.makedirs(out, exist_ok=True)
+            stem = os.path.splitext(os.path.basename(r.name))[0]
+            write_atomic(os.path.join(out, f"{stem}.{fmt}"), text)
+    for name, why in t.skipped:
+        click.echo(f"skipped {name}: {why}", err=True)
+
+
+def _each(results):
+    """The items of a generator, its expected failures as one clear message (``_run``)."""
+    while True:
+        try:
+            yield _run(next, results)
+        except StopIteration:
+            return
+
+
+@main.command()
 @click.option("--hyp", required=True, help="hyp.jsonl from `lalmtool decode`.")
 @click.option("--ref", required=True, help="Reference manifest.")
 @click.option("--metric", type=click.Choice(score_mod.METRICS), default="wer", show_default=True)

@@ -777,6 +777,24 @@ def report(exp_dir) -> None:
     click.echo(open(os.path.join(exp_dir, "RESULTS.md"), encoding="utf-8").read().rstrip())
 
 
+@main.command("export")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+              help="LoRA adapter directory from `lalmtool finetune`.")
+@click.option("--out", required=True, help="Folder to write the standalone model to.")
+@click.option("--model", help="The base model (default: the one the adapter names).")
+@click.option("--force", is_flag=True, help="Replace --out (only once the export succeeded).")
+def export_cmd(adapter, out, model, force) -> None:
+    """A trained compressed model as one standalone directory: the LoRA merged into the base
+    model's weights (float32), its tokenizer and processor, and lalmtool.json (backend, options,
+    compression; a learnt pooler beside it). `lalmtool transcribe --model OUT` and
+    `Transcriber(OUT)` use it without the adapter or any store."""
+    from .export import export as run
+
+    record = _run(run, adapter, out, model=model, force=force)
+    click.echo(f"wrote {out}: {record['backend']} on {record['compression']['condition']} "
+               f"(LoRA merged; base {record['base_model']})")
+
+
 @main.command("export-speechllm")
 @click.option("--adapter", required=True, help="adapter/ of a speechllm finetune run.")
 @click.option("--out", required=True, help="Directory to write (loads with --model alone).")

@@ -123,7 +123,12 @@ class Transcriber:
         from .models import BACKEND_FILE, check_backend_options
         from .parallel import resolve_device
 
-        trained = None
+        from .export import read_export
+
+        trained, exported = None, read_export(_model_dir(model)) if not adapter else None
+        if exported:  # a model written by `lalmtool export`: the adapter is in its weights
+            trained = exported["backend"]
+            backend_opts = {**exported["backend_options"], **backend_opts}
         if adapter:
             if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
                 raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no "
@@ -136,7 +141,11 @@ class Transcriber:
         self.backend = backend or trained or "whisper"
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
-        record = adapter_compression(adapter) if adapter else None
+        record = adapter_compression(adapter) if adapter else \
+            exported["compression"] if exported else None
+        if backend and exported and backend != trained:
+            raise ValueError(f"--model {model} is an exported {trained} model; leave --backend "
+                             f"out or give {trained}")
         if adapter and record is None and compress is None:
             raise ValueError(f"--adapter {adapter} does not record the compression it was "
                              "trained on (an adapter from before compression.json): give it "
@@ -154,10 +163,10 @@ class Transcriber:
         if any(s["reduce"] == "learnt" for s in steps):
             from . import pooler as learnt
 
-            if not adapter:
+            if not (adapter or exported):
                 raise ValueError("a learnt compression needs the adapter it was trained with "
                                  "(--adapter)")
-            self.pooler = learnt.load(adapter)
+            self.pooler = learnt.load(adapter or _model_dir(model))
         if any(s["method"] == "ctc" for s in steps):
             raise ValueError("ctc boundaries need the CTC head of `lalmtool ctc-segment`: "
                              "transcribe with the stages (extract, ctc-segment, pool, decode)")

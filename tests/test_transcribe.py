@@ -172,3 +172,30 @@ def test_arrays_are_16k_mono_and_bad_arrays_are_named(tiny_whisper):
     assert mono.tokens == 50 and mono.duration == 1.0  # frames: 50 per second
     with pytest.raises(ValueError, match="array0: a waveform is a non-empty 1-D array"):
         t.transcribe([np.zeros((0,), np.float32)])
+
+
+def test_export_is_the_adapter_merged_and_transcribes_alone(tiny_whisper_lm, tmp_path):
+    import torch
+
+    from lalmtool.models import load_adapter, load_backend
+
+    adapter, hyps = stages(tmp_path, tiny_whisper_lm, "whisper", "uniform", 3, learnt=True)
+    out = tmp_path / "exported"
+    r = CliRunner().invoke(main, ["export", "--adapter", adapter, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "whisper on uniform-learnt-k3 (LoRA merged" in r.output
+    assert not any(n.startswith("adapter_") for n in os.listdir(out))  # no peft files
+    assert {"lalmtool.json", "pooler.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    assert transcribed(str(out), None, tmp_path) == hyps
+    # the merged weights give the unmerged adapter's loss (float32)
+    t = Transcriber(str(out))
+    feats = [torch.from_numpy(Store(str(tmp_path / "pooled"))[u].astype(np.float32))
+             for u in ("c0", "c1")]
+    unmerged = load_backend("whisper", tiny_whisper_lm)
+    unmerged.model = load_adapter(unmerged.model, adapter)
+    with torch.no_grad():
+        a, _ = t.be.loss(feats, TEXTS[:2])
+        b, _ = unmerged.loss(feats, TEXTS[:2])
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    r = CliRunner().invoke(main, ["export", "--adapter", adapter, "--out", str(out)])
+    assert r.exit_code != 0 and "exists" in r.output and "--force" in r.output

@@ -1,0 +1,83 @@
+"""``lalmtool export``: a trained compressed model as one standalone directory.
+
+The LoRA adapter is merged into the base model's weights (in float32: the merged model's logits
+equal the unmerged adapter's to float tolerance, tested) and saved as a normal transformers
+checkpoint beside the base model's tokenizer and processor files; ``lalmtool.json`` holds the
+backend, its options and the compression the adapter was trained on (a learnt pooler's weights
+beside it). ``Transcriber(DIR)`` and ``lalmtool transcribe --model DIR`` use it without peft,
+the adapter or any store; transformers loads it as the base model's class.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from .fileio import write_atomic
+
+#: The file that makes a directory an exported lalmtool model.
+EXPORT_FILE = "lalmtool.json"
+#: Files of the base model that the merged weights replace (not copied).
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+
+
+def read_export(model_dir: str) -> dict | None:
+    """An exported model's record (``lalmtool.json``), or None for any other directory."""
+    path = os.path.join(model_dir, EXPORT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def export(adapter: str, out: str, model: str | None = None, force: bool = False) -> dict:
+    """Writes the model with ``adapter`` merged to ``out`` (``model``: the base model, default
+    the one the adapter names); returns the record written. ``out`` is replaced whole and only
+    at the end (``force``); a failed export leaves it as it was."""
+    import torch
+
+    from .decode import _model_dir
+    from .transcribe import COMPRESSION_FILE, Transcriber, adapter_compression
+
+    if os.path.exists(out) and not force:
+        raise ValueError(f"--out {out} exists; give another folder, or --force to replace it "
+                         "(only once the export has succeeded)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file: give a folder")
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+        base = model or json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"--adapter {adapter} does not name its base model: give --model")
+    if adapter_compression(adapter) is None:
+        raise ValueError(f"--adapter {adapter} has no {COMPRESSION_FILE} (an adapter from "
+                         "before it was recorded): train it again to export it")
+    t = Transcriber(base, adapter=adapter, device="cpu", dtype="float32")
+    if t.backend == "speechllm":
+        raise ValueError("a speechllm adapter is exported with `lalmtool export-speechllm` "
+                         "(projector and LLM in one directory)")
+    merged = t.be.model
+    if not all(p.dtype == torch.float32 for p in merged.parameters()) or \
+            hasattr(merged, "peft_config"):
+        raise ValueError(f"{adapter} could not be merged into float32 weights")
+    tmp = out.rstrip("/") + ".export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    source = _model_dir(base)
+    for name in os.listdir(source):  # tokenizer, processor, chat template ...
+        path = os.path.join(source, name)
+        if os.path.isfile(path) and not name.endswith(_WEIGHTS) and \
+                not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy2(path, tmp)
+    for name in ("pooler.safetensors", "pooler.json"):
+        if os.path.exists(os.path.join(adapter, name)):
+            shutil.copy2(os.path.join(adapter, name), tmp)
+    with open(os.path.join(adapter, "backend.json"), encoding="utf-8") as fh:
+        options = {k: v for k, v in (json.load(fh).get("backend_options") or {}).items()
+                   if k not in ("dtype", "device_map")}
+    record = {"backend": t.backend, "backend_options": options,
+              "compression": adapter_compression(adapter), "base_model": base,
+              "adapter": os.path.abspath(adapter)}
+    write_atomic(os.path.join(tmp, EXPORT_FILE), json.dumps(record, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return record

@@ -106,25 +106,31 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
                 write_atomic(info_path, json.dumps(info, indent=1))
             return info
         old = _previous(out, fp, inputs, force)  # every rank checks: none waits for a failed one
+        mine = [u for i, ids in enumerate(store.shards.values()) if i % world == rank
+                for u in ids if u in store]
+        be = plan = None
+        if _outputs(out) and (force or (old or {}).get("fingerprint") != fp):
+            # a decode is replaced: the model loads and every utterance fits, or nothing goes
+            be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
+            plan = {u: _pieces(be, store, u, max_new_tokens, too_long, model, params)
+                    for u in mine}
         barrier(world)  # every rank has read the old decode.json before anything is removed
         if rank == 0:
             _clear_stale(out, fp, inputs, force, old)
         barrier(world)
 
-        mine = [u for i, ids in enumerate(store.shards.values()) if i % world == rank
-                for u in ids if u in store]
         part = os.path.join(out, f"hyp.part{rank}.jsonl")
         done = _read_part(part)
         todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
         if todo:
             try:
-                be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
+                be = be or _load(backend, model, model_dir, resolve_device(device), opts, adapter)
             except Exception:
                 if not _outputs(out) and rank == 0:  # nothing decoded: leave OUT as it was
                     os.remove(os.path.join(out, MARKER))
                 raise
-            plan = {u: _pieces(be, store, u, max_new_tokens, too_long, model, params)
-                    for u in todo}
+            plan = {u: plan[u] if plan else _pieces(be, store, u, max_new_tokens, too_long,
+                                                    model, params) for u in todo}
             _decode_into(part, be, store, plan, _references(manifest), batch_size, beam,
                          show=rank == 0)
         barrier(world)
@@ -457,9 +463,14 @@ def _adapter_condition(adapter: str | None, condition: str) -> str | None:
     return trained_on if trained_on != condition else None
 
 
+#: What ``score`` writes beside hyp.jsonl: removed with the hypotheses they scored.
+SCORES = ("results.json", "result.txt", "per_utt.jsonl", "alignments.txt")
+
+
 def _outputs(out: str) -> list[str]:
+    """The decode's files in ``out`` and the scores made of them."""
     return glob.glob(os.path.join(out, "hyp.part*.jsonl")) + [
-        p for p in (os.path.join(out, "hyp.jsonl"), os.path.join(out, "decode.json"))
+        p for p in (os.path.join(out, name) for name in ("hyp.jsonl", "decode.json", *SCORES))
         if os.path.exists(p)]
 
 

@@ -503,6 +503,10 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "
                              "directory of a finetune run")
+        if path and force and _inside(path, out):
+            raise ValueError(f"{flag} {path} lies inside --out {out}, which --force starts "
+                             "over: copy it elsewhere first (e.g. cp -r "
+                             f"{path} {out.rstrip('/')}-init) and pass the copy")
 
     def inputs() -> dict:
         return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
@@ -514,10 +518,12 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             log.info("%s: finished with these inputs and settings, nothing to do", out)
             return done
         train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest, bounds)
+        # the model and the adapters it starts from load before OUT is touched: a run that
+        # cannot start leaves OUT as it was (--force included)
+        be, peft_model = _model(cfg, model, dist.device, init_adapter)
         if dist.rank == 0:
             trainer.prepare_out(out, cfg, inputs(), force, "a finetune run", RUN_OUTPUTS)
         dist.barrier("the start of training")
-        be, peft_model = _model(cfg, model, dist.device, init_adapter)
         fits = length_check(be, train) if cfg.concat_seconds is not None else None
         job = Job(be, peft_model, fits,
                   pooler=_pooler(cfg, train, dist.device, init_adapter) if segments else None,
@@ -543,6 +549,12 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
                                                   fits and length_check(be, valid))
         _train(run, train, valid)
         return _export(run, feats, model, segments)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _train(run: trainer.Run, train: Examples, valid: Examples | None) -> None:

@@ -29,7 +29,7 @@ import platform
 import re
 import subprocess
 
-from .fileio import atomic_path, write_atomic
+from .fileio import atomic_path, file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ def load_result(path: str) -> tuple[dict | None, str | None]:
         return None, "not a score result (a JSON object is expected)"
     if res.get("wer") is None and res.get("bleu") is None:
         return None, "it has neither 'wer' nor 'bleu'"
+    hyp, scored = res.get("hyp"), res.get("hyp_sha256")
+    if scored and isinstance(hyp, str) and (not os.path.exists(hyp) or file_sha256(hyp) != scored):
+        return None, (f"it scored other hypotheses than {hyp} holds now (decoded again since, "
+                      "or removed)")
     return res, None
 
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable
 
-from .fileio import iter_jsonl, write_atomic
+from .fileio import file_sha256, iter_jsonl, write_atomic
 
 METRICS = ("wer", "bleu")
 NORMALIZERS = ("auto", "whisper_english", "basic", "none")
@@ -468,6 +468,7 @@ def score(hyp_path: str, ref_manifest: str, metric: str = "wer", out_dir: str | 
     res = decode_facts(hyp_path, hyp_recs)
     res.update(fields)
     res["hyp"] = os.path.abspath(hyp_path)
+    res["hyp_sha256"] = file_sha256(hyp_path)  # report skips a result whose hyps changed since
     res["ref"] = os.path.abspath(ref_manifest)
     write_atomic(os.path.join(out_dir, "results.json"),
                  json.dumps(res, indent=2, ensure_ascii=False) + "\n")

@@ -108,6 +108,8 @@ class TrainingOptions(Options):
         self.need(self.max_steps >= 1, "max_steps", ">= 1 (no steps would write untrained "
                                                     "weights)")
         self.need(self.lr > 0, "lr", "> 0")
+        self.need(0 <= self.seed < 2**32, "seed", "a whole number from 0 to 4294967295 "
+                                                  "(2**32 - 1)")
         for key in ("weight_decay", "warmup_steps", "clip", "patience"):
             self.need(getattr(self, key) >= 0, key, ">= 0")
 
@@ -241,25 +243,19 @@ def _units(root: torch.nn.Module) -> list[torch.nn.Module]:
     ``named_modules`` (an outer unit before the units inside it)."""
     names = set(getattr(root, "_no_split_modules", None) or ())
     if names:
-        layers = [m for m in root.modules() if type(m).__name__ in names]
+        layers = {id(m) for m in root.modules() if type(m).__name__ in names}
     else:
-        layers = [m for lst in root.modules() if isinstance(lst, torch.nn.ModuleList)
-                  for m in lst]
-    outer, covered = set(), set()
-    for m in root.modules():  # pre-order: a module's ancestors come before it
-        if id(m) in covered:
-            continue
-        if any(m is layer for layer in layers):
-            outer.add(id(m))
-            covered.update(id(sub) for sub in m.modules())
+        layers = {id(m) for lst in root.modules() if isinstance(lst, torch.nn.ModuleList)
+                  for m in lst}
     units, covered = [], set()
-    for m in root.modules():
-        if id(m) in outer:
+    for m in root.modules():  # pre-order: a module's ancestors come before it
+        if id(m) in covered or m is root:
+            continue
+        if id(m) in layers:  # the outermost layers (a layer's inner no-split modules stay)
             units.append(m)
             covered.update(id(sub) for sub in m.modules())
-        elif id(m) not in covered and any(
-                p.requires_grad for p in m.parameters(recurse=False)):
-            units.append(m)  # trainable weights outside the layers (units may nest here)
+        elif any(p.requires_grad for p in m.parameters(recurse=False)):
+            units.append(m)  # trainable weights outside the layers
     return units
 
 
@@ -289,10 +285,8 @@ def load_weights(model: torch.nn.Module, weights: dict) -> None:
 
 
 def _optimizer_state(run: "Run") -> dict:
-    """The optimizer's state to checkpoint: under FSDP gathered whole by parameter name (a
-    collective; rank 0 gets it), else its own."""
-    if not is_sharded(run.model):
-        return run.opt.state_dict()
+    """The optimizer's state of a sharded model, gathered whole by parameter name (a
+    collective; rank 0 gets it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(run.model, run.opt, options=StateDictOptions(
@@ -318,7 +312,9 @@ def _no_sync(model: torch.nn.Module, sharded: bool):
         with model.no_sync():
             yield
         return
-    units = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.set_requires_gradient_sync(False, recurse=False)
     try:
@@ -419,8 +415,9 @@ def lr_lambda(cfg: TrainingOptions, total: int):
 # -- the run -------------------------------------------------------------------------------
 @dataclass
 class Run:
-    """What the training loop works on. ``model`` is the trainable module (DDP-wrapped under
-    torchrun); a job keeps its own objects beside (``job``)."""
+    """What the training loop works on. ``model`` is the trainable module (under torchrun
+    DDP-wrapped, or sharded in place by ``shard_model``: then ``params`` are its sharded
+    parameters); a job keeps its own objects beside (``job``)."""
 
     out: str
     cfg: TrainingOptions

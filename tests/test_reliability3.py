@@ -1,0 +1,90 @@
+"""Round three of trying to break lalmtool (FAULTS.md, round 3): what --force and re-runs replace
+is checked first and replaced whole; a result belongs to its hypotheses."""
+import json
+import os
+
+import pytest
+
+from lalmtool.decode import decode
+from lalmtool.extract import extract
+from lalmtool.pool import pool_store
+from lalmtool.report import report
+from lalmtool.score import score
+from lalmtool.segment import segment
+
+
+def snapshot(path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out
+
+
+@pytest.fixture
+def decoded(audio_set, tiny_whisper_lm, tmp_path):
+    """Frames, a k=2 pooled store, and a scored decode of the frames in OUT."""
+    feats = extract(audio_set, tiny_whisper_lm, str(tmp_path / "feats"))["store"]
+    segment(feats, "uniform", str(tmp_path / "seg"), k=2)
+    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "k2"))["store"]
+    out = str(tmp_path / "exp" / "dec")
+    decode(feats, tiny_whisper_lm, out, max_new_tokens=4, manifest=audio_set)
+    score(os.path.join(out, "hyp.jsonl"), audio_set, normalizer="none")
+    return feats, pooled, out
+
+
+def test_a_refused_forced_decode_leaves_out_byte_identical(decoded, tiny_whisper_lm):  # T4
+    feats, _, out = decoded
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="--max-new-tokens 500 is more than the"):
+        decode(feats, tiny_whisper_lm, out, max_new_tokens=500, force=True)
+    with pytest.raises(ValueError, match="cannot load it as a whisper checkpoint"):
+        decode(feats, os.path.dirname(out), out, max_new_tokens=4, force=True)
+    assert snapshot(out) == before
+
+
+def test_decoding_again_removes_the_old_scores_and_report_skips_stale_ones(  # T5
+        decoded, tiny_whisper_lm, audio_set, caplog):
+    feats, pooled, out = decoded
+    assert os.path.exists(os.path.join(out, "results.json"))
+    exp = os.path.dirname(out)
+    assert [r["condition"] for r in report(exp)] == ["frames"]
+    decode(pooled, tiny_whisper_lm, out, max_new_tokens=4, force=True)
+    assert not any(os.path.exists(os.path.join(out, f))
+                   for f in ("results.json", "result.txt", "per_utt.jsonl", "alignments.txt"))
+    # a score of other hypotheses copied back beside them is not credited to them
+    score(os.path.join(out, "hyp.jsonl"), audio_set, normalizer="none")
+    with open(os.path.join(out, "hyp.jsonl"), "a") as fh:
+        fh.write("\n")  # the hypotheses change after the score
+    with pytest.raises(ValueError):
+        report(exp)
+    assert "it scored other hypotheses than" in caplog.text
+
+
+def test_a_refused_forced_finetune_leaves_the_finished_run_byte_identical(  # T2, T3
+        decoded, audio_set, tiny_whisper_lm, tmp_path):
+    from lalmtool.finetune import TrainConfig, finetune
+
+    feats, pooled, _ = decoded
+    out = str(tmp_path / "lora")
+    cfg = dict(max_steps=2, batch_size=2, warmup_steps=0, lora_r=2, save_every=2, log_every=1)
+    finetune(pooled, audio_set, tiny_whisper_lm, out, TrainConfig(**cfg))
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="training option seed must be a whole number from 0 "
+                                         "to 4294967295"):
+        finetune(pooled, audio_set, tiny_whisper_lm, out, TrainConfig(**cfg, seed=-1),
+                 force=True)
+    adapter = os.path.join(out, "adapter")
+    for flag in ("init_adapter", "teacher"):
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} {adapter} lies "
+                                             f"inside --out {out}, which --force starts over"):
+            finetune(feats if flag == "teacher" else pooled, audio_set, tiny_whisper_lm, out,
+                     TrainConfig(**cfg, distill=0.5 if flag == "teacher" else 0.0),
+                     force=True, segments=str(tmp_path / "seg") if flag == "teacher" else None,
+                     **{flag: adapter})
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # a model that does not load
+        finetune(pooled, audio_set, str(tmp_path / "exp"), out, TrainConfig(**cfg), force=True)
+    assert snapshot(out) == before

@@ -88,3 +88,22 @@ def test_a_refused_forced_finetune_leaves_the_finished_run_byte_identical(  # T2
     with pytest.raises(OSError, match="no file named model.safetensors"):  # a model that does not load
         finetune(pooled, audio_set, str(tmp_path / "exp"), out, TrainConfig(**cfg), force=True)
     assert snapshot(out) == before
+
+
+def test_a_refused_re_prepare_leaves_the_set_prepared_before_whole(tmp_path):  # T1
+    pytest.importorskip("datasets")
+    from test_hf_lhotse import make_dataset, prepare
+
+    from lalmtool.corpora import CorpusError
+
+    path, _ = make_dataset(tmp_path)
+    out = tmp_path / "set"
+    assert prepare(path, out, on_error="skip")["utterances"] == 3
+    before = snapshot(out)
+    with pytest.raises(CorpusError):  # other settings: prepared again, and its bad rows refused
+        prepare(path, out, on_error="fail")
+    assert snapshot(out) == before
+    for line in open(out / "manifest.jsonl"):
+        assert os.path.exists(json.loads(line)["audio"])
+    assert prepare(path, out, on_error="skip", text_case="lower")["utterances"] == 3
+    assert not os.path.exists(out / ".prepare-tmp")

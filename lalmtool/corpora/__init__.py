@@ -76,18 +76,24 @@ def id_problem(utt: str) -> str | None:
     return f"utterance id {utt!r} is unusable ({why})" if why else None
 
 
-def finish_set(out_dir: str, records: list[dict], problems: list[Problem], on_error: str,
-               params: dict, what: str) -> dict:
-    """Raises CorpusError (``on_error="fail"``) or writes the set with its skipped list.
-
-    Records named by a problem (by ``id``) are left out; returns the set's summary.
-    """
+def check_set(records: list[dict], problems: list[Problem], on_error: str, what: str) -> None:
+    """Raises CorpusError where ``finish_set`` would write no set (a problem under
+    ``on_error="fail"``, or no utterance at all)."""
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if problems and on_error == "fail":
         raise CorpusError(problems, what)
     if not records:
         raise CorpusError(problems or [Problem(what, None, "no utterances found")], what)
+
+
+def finish_set(out_dir: str, records: list[dict], problems: list[Problem], on_error: str,
+               params: dict, what: str) -> dict:
+    """Raises CorpusError (``on_error="fail"``) or writes the set with its skipped list.
+
+    Records named by a problem (by ``id``) are left out; returns the set's summary.
+    """
+    check_set(records, problems, on_error, what)
     bad = {p.id for p in problems if p.id}
     keep = sorted((r for r in records if r["id"] not in bad), key=lambda r: r["id"])
     manifest = os.path.join(out_dir, "manifest.jsonl")

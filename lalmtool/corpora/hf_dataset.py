@@ -32,8 +32,10 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 
-from . import CorpusError, Problem, audio_duration, finish_set, id_problem, reuse_set, PREPARE_VERSION
+from . import (CorpusError, Problem, audio_duration, check_set, finish_set, id_problem, reuse_set,
+               PREPARE_VERSION)
 from ..audio import header_problem
 from ..extras import require
 from ..fileio import write_atomic
@@ -249,16 +251,25 @@ def prepare_hf_dataset(path: str, split: str, out: str, audio_column: str = "aud
     done = None if force else reuse_set(out, params)
     if done:
         return done
-    records, problems = scan(ds, source, split, out, audio_column, text_column, target_column,
-                             id_column, speaker_column, lang, target_lang, text_case)
+    # the audio is written beside the set and replaces its audio/ only once the set is good:
+    # a refused run leaves a set prepared before whole
+    what = f"dataset {source} (split {split})"
+    staging = os.path.join(os.path.abspath(out), ".prepare-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    records, problems = scan(ds, source, split, staging, audio_column, text_column,
+                             target_column, id_column, speaker_column, lang, target_lang,
+                             text_case)
     try:
-        return finish_set(out, records, problems, on_error, params,
-                          f"dataset {source} (split {split})")
-    except CorpusError:  # nothing is left behind: the audio this run wrote goes too
-        written = os.path.join(os.path.abspath(out), "audio") + os.sep
-        for r in records:
-            if r["audio"].startswith(written) and os.path.exists(r["audio"]):
-                os.unlink(r["audio"])
-        if os.path.isdir(written) and not os.listdir(written):
-            os.rmdir(written)
+        check_set(records, problems, on_error, what)
+    except CorpusError:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+    new_audio, audio = os.path.join(staging, "audio"), os.path.join(os.path.abspath(out), "audio")
+    for r in records:
+        if r["audio"].startswith(new_audio + os.sep):
+            r["audio"] = audio + r["audio"][len(new_audio):]
+    shutil.rmtree(audio, ignore_errors=True)
+    if os.path.isdir(new_audio):
+        os.replace(new_audio, audio)
+    shutil.rmtree(staging, ignore_errors=True)
+    return finish_set(out, records, problems, on_error, params, what)

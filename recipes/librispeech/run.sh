@@ -14,7 +14,9 @@
 #   bash run.sh --librispeech_root /data/LibriSpeech --backend voxtral   # Voxtral-Mini-3B-2507
 # Compression is over the backend's own rate: uniform-mean-k3 is 25/3 tokens/s for qwen2-audio,
 # 12.5/3 for voxtral, 10/3 for granite-speech (`lalmtool backends`: tokens/s); uniform-mean-rR
-# asks for R tokens/s whatever the backend (k = round(rate / R)).
+# asks for R tokens/s whatever the backend (k = round(rate / R)). Voxtral's processor pads each
+# window to 30 s: 375 tokens per utterance up to 30 s, so its tokens per second of speech are
+# above 12.5 (k and R count from 12.5/s all the same). ctc-* conditions are for whisper only.
 # Expected layout (as unpacked from openslr.org/12):
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
 #   $librispeech_root/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt

@@ -159,7 +159,9 @@ def test_ddp_two_processes_equals_gradient_accumulation(train_set, tiny_whisper_
     ({"max_steps": -5}, "max_steps must be >= 1 .*not -5"),
     ({"lr": 0}, "lr must be > 0, not 0.0"),
     ({"amp": "fp8"}, "amp must be one of auto, bf16, fp16, off, not 'fp8'"),
-    ({"backend": "gpt"}, "backend must be one of whisper, qwen2-audio, speechllm, not 'gpt'"),
+    ({"backend": "gpt"}, "backend must be one of whisper, qwen2-audio, speechllm, audio-llm, "
+                         "qwen2-audio-chat, voxtral, granite-speech, qwen2.5-omni, audioflamingo3, "
+                         "glm-asr, qwen3-asr, not 'gpt'"),
     ({"max_step": 3},
      r"unknown training option 'max_step' \(did you mean max_steps or warmup_steps\?\)"),
 ])

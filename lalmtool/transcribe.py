@@ -225,7 +225,10 @@ class Transcriber:
 
         names = [a if isinstance(a, str) else f"array{i}" for i, a in enumerate(audio)]
         self.skipped = []  # (name, why) of the inputs on_error="skip" left out
-        with progress(total=None, desc="transcribe", unit="s audio", disable=not show) as bar:
+        said = set()  # resampling and mixing down are said once
+        total = sum(_seconds(a, self.be.sample_rate, said) for a in audio)
+        with progress(total=round(total, 1), desc="transcribe", unit="s audio",
+                      disable=not show) as bar:
             for b in range(0, len(audio), self.batch_size):
                 batch = []
                 for name, item in zip(names[b:b + self.batch_size],
@@ -263,6 +266,30 @@ class Transcriber:
                               for (j, s, e, _), (text, _) in zip(jobs, texts) if j == i]
                     yield Result(name, " ".join(p.text for p in pieces if p.text), seconds,
                                  self.be.audio_positions(rows), pieces)
+
+
+def _seconds(item, sample_rate: int, said: set) -> float:
+    """The seconds of audio of a path (its header; 0 if unreadable: named when it is read) or
+    an array; says once that files of another rate are resampled and several channels mixed
+    down."""
+    if not isinstance(item, str):
+        return len(item) / sample_rate if hasattr(item, "__len__") else 0.0
+    import soundfile as sf
+
+    try:
+        info = sf.info(item)
+    except Exception:  # noqa: BLE001 - reported when the file is read
+        return 0.0
+    for kind, odd, what in (("rate", info.samplerate != sample_rate,
+                             f"{info.samplerate} Hz audio (e.g. {item}) is resampled to "
+                             f"{sample_rate} Hz"),
+                            ("channels", info.channels > 1,
+                             f"{info.channels}-channel audio (e.g. {item}) is mixed down to "
+                             "mono")):
+        if odd and kind not in said:
+            said.add(kind)
+            log.warning("%s", what)
+    return info.frames / info.samplerate
 
 
 def _array(item, name: str) -> np.ndarray:

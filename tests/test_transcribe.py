@@ -199,3 +199,17 @@ def test_export_is_the_adapter_merged_and_transcribes_alone(tiny_whisper_lm, tmp
     assert float(a) == pytest.approx(float(b), rel=1e-5)
     r = CliRunner().invoke(main, ["export", "--adapter", adapter, "--out", str(out)])
     assert r.exit_code != 0 and "exists" in r.output and "--force" in r.output
+
+
+def test_other_rates_and_stereo_files_are_converted_and_said_once(tiny_whisper, tmp_path, caplog):
+    wave = tone(1.0)
+    sf.write(tmp_path / "a.wav", np.stack([wave, wave], 1), 16000)
+    sf.write(tmp_path / "b.wav", np.stack([wave, wave], 1), 16000)
+    from scipy.signal import resample_poly
+    sf.write(tmp_path / "c.wav", resample_poly(wave, 3, 1).astype(np.float32), 48000)
+    t = Transcriber(tiny_whisper, max_new_tokens=2)
+    a, b, c = t.transcribe([str(tmp_path / f) for f in ("a.wav", "b.wav", "c.wav")])
+    assert (a.duration, c.duration) == (1.0, 1.0) and c.tokens == a.tokens == 50
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("mixed down to mono" in m for m in said) == 1
+    assert sum("48000 Hz audio (e.g." in m and "resampled to 16000 Hz" in m for m in said) == 1

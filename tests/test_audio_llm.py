@@ -300,3 +300,18 @@ def test_qwen3_asr_transcribes_in_the_language_given_and_takes_no_instruction(fa
     for bad in ({"task": "translate", "target_language": "de"}, {"instruction": "Summarise."}):
         with pytest.raises(ValueError, match="takes no instruction"):
             load_backend(name, path, **bad)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
+    name, path = family
+    plain, ckpt = (load_backend(name, path, gradient_checkpointing=g) for g in (False, True))
+    feats = plain.encode(WAVES[:2])
+    grads = []
+    for be in (plain, ckpt):
+        be.model.train()
+        loss, _ = be.loss(feats, TEXTS[:2])
+        loss.backward()
+        q = be._core().get_decoder().layers[0].self_attn.q_proj.weight
+        grads.append((float(loss.detach()), q.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1])

@@ -3,7 +3,8 @@
 Sources, local only (nothing is downloaded; a path that does not exist is an error):
 
 * a directory written by ``save_to_disk`` (``dataset_dict.json``: ``--split`` picks one of its
-  splits; ``state.json``: a single split, taken whole), opened with ``datasets.load_from_disk``
+  splits; ``state.json``: a single split, taken whole when it is the ``--split`` asked for or
+  records no split), opened with ``datasets.load_from_disk``
   (memory-mapped, no copy);
 * Parquet or Arrow files: one file, or a directory of them in the Hub's layouts
   (``data/<split>-00000-of-00002.parquet``, ``<config>/<split>/0000.parquet``, ...), read as a
@@ -25,7 +26,7 @@ Records: ``id`` (``--id-column``, else ``<split>-<row>`` with the row number zer
 folded; ``text_case="lower"`` lower-cases it, as ``prepare librispeech`` does by default), and
 when asked ``target``, ``lang``, ``target_lang``, ``speaker``: the same fields, in the same
 order, as ``prepare librispeech`` and ``prepare covost2`` write. Problems, each named by row: no audio, bytes soundfile
-cannot read, a path that is not a file, empty text or target, an unusable or repeated id.
+cannot read, a path that is not a file, empty text or target, a null, unusable or repeated id.
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ def open_split(path: str, split: str | None):
         return dd[split], {"kind": "save_to_disk", "fingerprint": dd[split]._fingerprint}
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         ds = datasets.load_from_disk(path)
+        held = str(ds.split) if ds.split is not None else None
+        if held is not None and split != held and not held.startswith(f"{split}["):
+            raise ValueError(f"{path}: a single split saved with save_to_disk, and that split is "
+                             f"{held!r}, not {split!r}; give --split {held}")
         return ds, {"kind": "save_to_disk", "fingerprint": ds._fingerprint}
     files = split_files(path, split)
     builder = FILE_BUILDERS[os.path.splitext(files[0])[1]]
@@ -187,6 +192,9 @@ def scan(ds, source: str, split: str, out_dir: str, audio_column: str, text_colu
     records, problems, seen = [], [], set()
     for row, rec in enumerate(ds):
         where = f"{source} row {row}"
+        if id_column and rec[id_column] is None:
+            problems.append(Problem(where, None, f"no id (null in {id_column!r})"))
+            continue
         utt = str(rec[id_column]) if id_column else f"{split}-{row:07d}"
         why = id_problem(utt) or ("duplicate utterance id" if utt in seen else None)
         if why:

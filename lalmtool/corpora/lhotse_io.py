@@ -4,13 +4,17 @@ a manifest → a ``CutSet`` that lhotse loads.
 In (``prepare_lhotse``): one record per cut (or per supervision): ``id`` (the cut's, or the
 supervision's), ``audio`` (the recording's file), ``duration``, ``text`` (the texts of the
 cut's supervisions in time order, joined by spaces), and from its first supervision ``lang``,
-``speaker`` and ``target`` (``custom["target"]``, as ``to_lhotse`` writes it). A cut that does
-not cover its whole recording keeps its place as ``offset`` (seconds): extract then reads only
-that span of the file. Problems, each named by the manifest's line: a cut that is not of one
-recording (mixed or padded), a recording that is not one audio file (URL, command, in-memory,
-one file per channel), transforms other than resampling (lalmtool would not apply them), a cut
-of some channels of a multi-channel recording (lalmtool reads the channels down-mixed), a
-missing or unreadable file, a span beyond the file's end, no text.
+``speaker``, ``target`` and ``target_lang`` (``custom["target"]``, ``custom["target_lang"]``,
+as ``to_lhotse`` writes them). A cut that does not cover its whole recording keeps its place as
+``offset`` (seconds): extract then reads only that span of the file. Problems, each named by the
+manifest's line: a cut that is not of one recording (mixed or padded), a recording that is not
+one audio file (URL, command, in-memory, one file per channel), transforms other than resampling
+(lalmtool would not apply them), a cut of some channels of a multi-channel recording (lalmtool
+reads the channels down-mixed), a missing or unreadable file, a span that starts before the
+recording (a negative start) or ends beyond the file's end, no text.
+
+A file that is not a lhotse manifest of the kind asked for (empty, not JSON, a lalmtool
+manifest, a RecordingSet given as cuts, ...) is one error naming the file and what it is.
 
 Options for a corpus recipe whose manifests must equal those of the raw corpus: ``ids=
 "supervision"`` names each record by its cut's one supervision (lhotse's ``CutSet.from_manifests``
@@ -23,12 +27,18 @@ cut without one is then a problem.
 
 Out (``to_lhotse``): one recording per audio file (``Recording.from_file``; its id the file's
 stem, made unique), one cut per utterance over its span (the whole file without ``offset``)
-with one supervision holding ``text``, ``lang`` and ``target``.
+with one supervision holding ``text``, ``lang`` (``language``), ``speaker``, and ``target`` and
+``target_lang`` in its ``custom``: ``prepare lhotse`` gives the same records back.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
+import math
 import os
+import zlib
+from pathlib import Path
 
 import soundfile as sf
 
@@ -40,6 +50,11 @@ WHAT_IN, WHAT_OUT = "prepare lhotse", "manifest to-lhotse"
 KEPT_TRANSFORMS = ("Resample",)  # extract resamples to the encoder's rate anyway
 IDS = ("cut", "supervision")
 TEXT_CASES = ("keep", "lower")
+# a lhotse manifest kind: (the class of its items, the option that takes it)
+KINDS = {"CutSet": ("Cut", "--cuts"), "RecordingSet": ("Recording", "--recordings"),
+         "SupervisionSet": ("SupervisionSegment", "--supervisions")}
+LHOTSE_KEYS = {"type", "sources", "recording", "recording_id", "supervisions"}
+CUSTOM_FIELDS = ("target", "target_lang")  # manifest fields to_lhotse keeps in custom
 
 
 def _lhotse(what: str):
@@ -48,7 +63,85 @@ def _lhotse(what: str):
 
 def iter_cuts(cuts: str):
     """The cuts of a CutSet file, lazily for JSON Lines."""
-    return _lhotse(WHAT_IN).CutSet.from_file(cuts)
+    return read_set(cuts, "CutSet")
+
+
+def read_set(path: str, kind: str):
+    """The items of the lhotse ``kind`` file ``path`` (``CutSet``, ``RecordingSet`` or
+    ``SupervisionSet``), lazily for JSON Lines. A file that is not one (empty, not JSON, a
+    lalmtool manifest, a set of another kind) is a ValueError of one line naming the file."""
+    lhotse = _lhotse(WHAT_IN)
+    why = _not_a_set(path, kind)
+    if why:
+        raise ValueError(f"{path}: {why}")
+    from lhotse.cut import Cut
+
+    classes = {"Cut": Cut, "Recording": lhotse.Recording,
+               "SupervisionSegment": lhotse.SupervisionSegment}
+    want = KINDS[kind][0]
+    try:
+        items = iter(getattr(lhotse, kind).from_file(path) or ())
+    except Exception as e:  # lhotse raises what its parsers raise
+        raise ValueError(f"{path}: not a lhotse {kind} ({_one_line(e)})") from e
+    n = 0
+    while True:
+        n += 1
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ValueError(f"{path}: not a lhotse {kind}: entry {n} cannot be read "
+                             f"({_one_line(e)})") from e
+        if not isinstance(item, classes[want]):
+            got = next((k for k, (c, _) in KINDS.items() if isinstance(item, classes[c])), None)
+            if n == 1 and got:
+                raise ValueError(f"{path}: a lhotse {got}, not a {kind}: give it as "
+                                 f"{KINDS[got][1]}")
+            raise ValueError(f"{path}: not a lhotse {kind}: entry {n} is a "
+                             f"{type(item).__name__}, not a {want}")
+        yield item
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _not_a_set(path: str, kind: str) -> str | None:
+    """Why ``path`` is plainly not a lhotse ``kind`` file (read up to its first entry), or
+    None."""
+    what = f"a lhotse {kind} (JSON Lines, .jsonl or .jsonl.gz)"
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    first, lineno = None, 0
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if raw.strip():
+                    first = raw
+                    break
+    except (OSError, EOFError, zlib.error) as e:
+        return f"not {what}: a damaged gzip file ({_one_line(e)})"
+    if first is None:
+        return f"an empty file, not {what}"
+    suffixes = Path(path).suffixes
+    if gzipped and suffixes[-1:] != [".gz"]:
+        return ("gzip-compressed, but not named .gz: lhotse picks the format from the name "
+                "(name it .jsonl.gz)")
+    if ".jsonl" in suffixes or not ({".json", ".yaml"} & set(suffixes)):
+        try:
+            rec = json.loads(first)
+        except ValueError as e:  # UnicodeDecodeError included
+            return f"not {what}: line {lineno} is not JSON ({_one_line(e)})"
+        if not isinstance(rec, dict):
+            return f"not {what}: line {lineno} is a JSON {type(rec).__name__}, not an object"
+        if "audio" in rec and not LHOTSE_KEYS & set(rec):
+            return f"a lalmtool manifest, not a lhotse {kind}: use it directly as --manifest"
+    if not ({".jsonl", ".json", ".yaml"} & set(suffixes)):
+        return (f"not named as {what}: lhotse picks the format from the name (.jsonl, "
+                ".jsonl.gz, .json or .yaml)")
+    return None
 
 
 def audio_file(recording) -> tuple[str | None, str | None]:
@@ -89,6 +182,11 @@ def record(utt: str, recording, start: float, duration: float, channel,
     if taken != sorted(have):
         return None, (f"takes channel(s) {taken} of recording {recording.id} (channels {have}); "
                       "lalmtool reads all channels down-mixed: give cuts over all of them")
+    if not (math.isfinite(start) and start >= 0):
+        return None, (f"starts at {start:g} s, before the start of recording {recording.id} "
+                      "(a span's start must be >= 0 s)")
+    if not (math.isfinite(duration) and duration > 0):
+        return None, f"duration {duration:g} s (must be > 0 s)"
     file_seconds, why = audio_duration(path)
     if why:
         return None, why
@@ -103,8 +201,9 @@ def record(utt: str, recording, start: float, duration: float, channel,
     if not text:
         return None, "no supervision with text"
     first = sups[0]
+    custom = first.custom or {}
     target_key = opts.get("target_key")
-    target = (first.custom or {}).get(target_key or "target")
+    target = custom.get(target_key or "target")
     if target_key:
         if not (isinstance(target, str) and target.strip()):
             return None, f"no translation (the supervision's custom {target_key!r})"
@@ -114,9 +213,10 @@ def record(utt: str, recording, start: float, duration: float, channel,
            "text": text.lower() if opts.get("text_case") == "lower" else text}
     if not whole:
         rec["offset"] = start
+    target_lang = opts.get("target_lang") or custom.get("target_lang")
     for key, value in (("target", target), ("lang", opts.get("lang") or first.language),
-                       ("target_lang", opts.get("target_lang")), ("speaker", first.speaker)):
-        if value:
+                       ("target_lang", target_lang), ("speaker", first.speaker)):
+        if value and isinstance(value, str):
             rec[key] = value
     return rec, None
 
@@ -155,10 +255,9 @@ def scan_cuts(cuts: str, ids: str = "cut", opts: dict | None = None
 def scan_supervisions(recordings: str, supervisions: str, opts: dict | None = None
                       ) -> tuple[list[dict], list[Problem]]:
     """One record per supervision of ``supervisions``, over its span of its recording."""
-    lhotse = _lhotse(WHAT_IN)
-    recs = {r.id: r for r in lhotse.RecordingSet.from_file(recordings)}
+    recs = {r.id: r for r in read_set(recordings, "RecordingSet")}
     records, problems, seen = [], [], set()
-    for line, sup in enumerate(lhotse.SupervisionSet.from_file(supervisions), 1):
+    for line, sup in enumerate(read_set(supervisions, "SupervisionSet"), 1):
         why = id_problem(sup.id) or ("duplicate supervision id" if sup.id in seen else None)
         rec = None
         if not why and sup.recording_id not in recs:
@@ -230,13 +329,15 @@ def recording_ids(paths: list[str]) -> dict[str, str]:
 def to_lhotse(manifest: str, out: str) -> int:
     """Writes the utterances of ``manifest`` as a CutSet to ``out`` (``.jsonl.gz``, ``.jsonl``
     or ``.json``); returns the number of cuts."""
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, iter_jsonl
     from ..manifest import load_manifest
 
     lhotse = _lhotse(WHAT_OUT)
     from lhotse.cut import MultiCut
 
     utts, _ = load_manifest(manifest, need_text=False)
+    # what Utterance does not hold (speaker, target_lang): from the lines themselves
+    lines = {n: rec for n, rec, _ in iter_jsonl(manifest) if rec}
     ids = recording_ids([u.audio for u in utts])
     recordings, cuts = {}, []
     for u in utts:
@@ -246,10 +347,14 @@ def to_lhotse(manifest: str, out: str) -> int:
         start = u.offset or 0.0
         duration = u.duration if u.offset is not None else rec.duration
         channel = 0 if rec.num_channels == 1 else list(range(rec.num_channels))
+        line = lines.get(u.line, {})
+        speaker = line.get("speaker")
+        custom = {k: line[k] for k in CUSTOM_FIELDS if line.get(k) not in (None, "")}
         sup = lhotse.SupervisionSegment(
             id=u.id, recording_id=rec.id, start=0.0, duration=duration, channel=channel,
             text=u.text or None, language=u.lang,
-            custom={"target": u.target} if u.target else None)
+            speaker=str(speaker) if speaker not in (None, "") else None,
+            custom=custom or None)
         cls = lhotse.MonoCut if rec.num_channels == 1 else MultiCut
         cuts.append(cls(id=u.id, start=start, duration=duration, channel=channel,
                         recording=rec, supervisions=[sup]))

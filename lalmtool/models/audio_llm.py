@@ -233,8 +233,10 @@ class AudioLLMBackend(DecoderOnlyBackend):
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.tokenizer = self.processor.tokenizer
         self.modules_to_save = [found.projector[-1]] if o.train_projector else []
-        if o.gradient_checkpointing:
-            self.model.activation_checkpointing_enable(
+        if o.gradient_checkpointing:  # the whole model's, else its LLM's (Granite Speech)
+            target = self.model if self.model.supports_gradient_checkpointing else \
+                self.model.get_decoder()
+            target.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
 
     # -- what the family declares ---------------------------------------------------------

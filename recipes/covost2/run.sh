@@ -200,7 +200,6 @@ if run_stage 4 "LoRA fine-tuning ($tasks; $train_config)"; then
       "audio LLM families): give --train_config FILE" >&2
     exit 1
   fi
-  set_train_opts
   mkdir -p "$exp/conf"
   for task in $tasks; do  # the backend's config plus the task's target field and options
     "$python" - "$train_config" "$(field_of "$task")" $(task_opts "$task") \
@@ -213,7 +212,7 @@ print(yaml.safe_dump(cfg, sort_keys=False), end="")
 EOF
     for cond in $conditions; do
       finetune_condition "$cond" "$task-$cond" --backend "$backend" --model "$model" \
-        --config "$exp/conf/$task.yaml" "${train_opts[@]}" ${steps:+--max_steps=$steps}
+        --config "$exp/conf/$task.yaml" ${steps:+--max_steps=$steps}
     done
   done
   end_stage 4 finetune

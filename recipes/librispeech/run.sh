@@ -181,10 +181,9 @@ if run_stage 4 "LoRA fine-tuning ($train_config)"; then
       "audio LLM families): give --train_config FILE" >&2
     exit 1
   fi
-  set_train_opts
   for cond in $conditions; do  # --backend: the recipe's, whatever backend the config names
     finetune_condition "$cond" "$cond" --backend "$backend" --model "$model" \
-      --config "$train_config" "${train_opts[@]}" ${steps:+--max_steps=$steps}
+      --config "$train_config" ${steps:+--max_steps=$steps}
   done
   end_stage 4 finetune
 fi

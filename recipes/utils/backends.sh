@@ -12,11 +12,7 @@
 #     backend_tasks       the tasks its prompt can ask for (the choices of its task option, less
 #                         translate for a family whose prompt is a bare transcription request,
 #                         e.g. qwen3-asr); empty when it has no task option
-#     backend_checkpointing  yes unless the family's transformers class has no activation
-#                         checkpointing (granite-speech today), which its gradient_checkpointing
-#                         option would enable
 #   default_model      sets $model, when empty, to the backend's default checkpoint
-#   set_train_opts     sets the array train_opts: what finetune needs beyond the config
 #   backend_takes OPT  true when the backend takes option OPT (backend_info first)
 #   backend_can TASK   true when the backend's prompt can ask for TASK (backend_info first)
 backend_info() {
@@ -42,19 +38,10 @@ if "task" in options and not tasks:
     tasks = ["transcribe"]
 if family is not None and getattr(family, "transcription_request", False):
     tasks = [t for t in tasks if t == "transcribe"]  # its prompt takes no instruction
-checkpointing = "yes"
-if family is not None:
-    import transformers
-
-    model_class = getattr(transformers, family.model_class, None)
-    if model_class is not None and not getattr(model_class, "supports_gradient_checkpointing",
-                                               True):
-        checkpointing = ""
 values = {"backend_audio_llm": "yes" if issubclass(backend_class(name), AudioLLMBackend) else "",
           "backend_checkpoint": family.checkpoint if family else "",
           "backend_rate": f"{family.rate:g}" if family else "",
-          "backend_options": " ".join(options), "backend_tasks": " ".join(tasks),
-          "backend_checkpointing": checkpointing}
+          "backend_options": " ".join(options), "backend_tasks": " ".join(tasks)}
 for key, value in values.items():
     print(f"{key}={shlex.quote(value)}")
 EOF
@@ -65,19 +52,6 @@ EOF
 }
 backend_takes() { [[ " ${backend_options:-} " == *" $1 "* ]]; }
 backend_can() { [[ " ${backend_tasks:-} " == *" $1 "* ]]; }
-
-# set_train_opts: sets the array train_opts to the finetune options that the backend needs beyond
-# the training config (backend_info first): gradient_checkpointing=false where its model has
-# no activation checkpointing (the configs ask for it: finetune would stop there), with a note
-train_opts=()
-set_train_opts() {
-  train_opts=()
-  if backend_takes gradient_checkpointing && [ -z "${backend_checkpointing-yes}" ]; then
-    log "backend $backend: its model has no activation checkpointing; training without it" \
-      "(more memory per LLM token: lower batch_seconds if the GPU runs out of memory)"
-    train_opts=(--backend-opt gradient_checkpointing=false)
-  fi
-}
 
 # default_model: qwen2-audio → Qwen/Qwen2-Audio-7B-Instruct, whisper → whisper-tiny.en (an
 # asset: fetched once, then offline), an audio LLM family → its main checkpoint (`lalmtool

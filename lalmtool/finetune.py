@@ -298,6 +298,31 @@ def data_stream(ex: Examples, cfg: TrainConfig, start: tuple[int, int], fits=Non
                                f"no training utterances in {ex.store.path}")
 
 
+def check_positions(be, ex: Examples, model: str) -> None:
+    """Refuses an example whose prompt, audio and target (with its end token) do not fit the
+    decoder's positions, naming it and what would fit, as decode does (before OUT is touched;
+    joined examples are built to fit: ``length_check``)."""
+    for u in ex.ids:
+        rows, target = int(ex.store.dataset(u).shape[0]), be.text_tokens(ex.text[u]) + 1
+        room = be.new_token_room(rows)
+        if room is None or target <= room:
+            continue
+        limit = be.position_limit()
+        subject = f"utterance {u!r} of {ex.store.path}: its {target} target tokens (the end " \
+                  "token included)"
+        if limit is None:  # Whisper: the text alone is bounded
+            raise ValueError(f"{subject} are more than the {room} that {model}'s decoder holds "
+                             "after its prompt (max_target_positions); compression does not "
+                             "change that: leave it out of the manifest, or cut it shorter")
+        audio = be.audio_positions(rows)
+        fit = audio - (target - room)  # audio positions that would fit
+        hint = (f"{math.ceil(audio / fit)}x fewer audio tokens would fit" if fit > 0 else
+                "the prompt and the target alone exceed it: leave it out of the manifest")
+        raise ValueError(f"{subject} and {be.prompt_positions(rows)} positions of prompt and "
+                         f"audio need more than the {limit} that {model}'s decoder holds "
+                         f"(max_position_embeddings); {hint}")
+
+
 def length_check(be, ex: Examples):
     """``fits(ids)``: whether the utterances ``ids`` joined fit the decoder's positions (the
     target's tokens after the prompt with their audio); for ``concat_seconds``."""
@@ -521,6 +546,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         # the model and the adapters it starts from load before OUT is touched: a run that
         # cannot start leaves OUT as it was (--force included)
         be, peft_model = _model(cfg, model, dist.device, init_adapter)
+        for ex in filter(None, (train, valid)):
+            check_positions(be, ex, model)
         if dist.rank == 0:
             trainer.prepare_out(out, cfg, inputs(), force, "a finetune run", RUN_OUTPUTS)
         dist.barrier("the start of training")

@@ -57,7 +57,7 @@ def single_split(root, split) -> str:
     """A save_to_disk directory of one Dataset (no dataset_dict.json), of split ``split``."""
     path, _ = make_dataset(root)
     ds = datasets.load_from_disk(path)["test"]
-    one = datasets.Dataset.from_dict(ds.to_dict(), features=ds.features, split=split)
+    one = datasets.Dataset(ds.data, info=ds.info.copy(), split=datasets.NamedSplit(split))
     out = str(root / f"single-{split}")
     one.save_to_disk(out)
     return out
@@ -80,7 +80,7 @@ def test_hf_single_split_directory_refuses_another_split(tmp_path):  # T11
 def test_hf_single_split_without_a_recorded_split_is_taken_whole(tmp_path):
     path, _ = make_dataset(tmp_path)
     ds = datasets.load_from_disk(path)["train"]
-    one = datasets.Dataset.from_dict(ds.to_dict(), features=ds.features)
+    one = datasets.Dataset(ds.data, info=ds.info.copy())
     assert one.split is None
     one.save_to_disk(str(tmp_path / "nosplit"))
     r = run(["prepare", "hf-dataset", "--path", str(tmp_path / "nosplit"), "--split", "dev",

@@ -107,3 +107,56 @@ def test_a_refused_re_prepare_leaves_the_set_prepared_before_whole(tmp_path):  #
         assert os.path.exists(json.loads(line)["audio"])
     assert prepare(path, out, on_error="skip", text_case="lower")["utterances"] == 3
     assert not os.path.exists(out / ".prepare-tmp")
+
+
+def test_finetune_refuses_an_example_beyond_the_decoders_positions_before_out(  # T6, T16
+        tmp_path, tiny_en):
+    import glob
+    import shutil
+
+    import soundfile as sf
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from conftest import tone, write_manifest
+    from lalmtool.finetune import TrainConfig, finetune
+    from lalmtool.testing import write_random_qwen2_audio
+
+    rows = []
+    for i, sec in enumerate([4.0, 1.0]):
+        sf.write(tmp_path / f"{i}.wav", tone(sec, seed=i), 16000)
+        rows.append({"id": f"t{i}", "audio": f"{i}.wav",
+                     "text": " ".join(["the hen"] * (15 if i == 0 else 1))})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    cfg = dict(max_steps=1, batch_size=2, warmup_steps=0, lora_r=2)
+    # a decoder-only LLM of 128 positions: 147 of prompt and 100 audio tokens, 62 of target
+    # (byte-level tokens): 19 audio positions would fit
+    q = write_random_qwen2_audio(str(tmp_path / "q"), max_positions=128)
+    feats = extract(m, q, str(tmp_path / "qf"), backend="qwen2-audio")["store"]
+    with pytest.raises(ValueError, match=r"utterance 't0' of .*: its 62 target tokens \(the end "
+                                         r"token included\) and 147 positions of prompt and audio "
+                                         r"need more than the 128 .*; 6x fewer audio tokens would "
+                                         r"fit"):
+        finetune(feats, m, q, str(tmp_path / "qo"), TrainConfig(backend="qwen2-audio", **cfg))
+    assert not os.path.exists(tmp_path / "qo" / "run.json")
+    # Whisper with 24 decoder positions: the 30-token transcript alone does not fit
+    torch.manual_seed(0)
+    w = str(tmp_path / "w24")
+    real = WhisperConfig.from_pretrained(tiny_en)
+    WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=real.vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, max_target_positions=24,
+        pad_token_id=real.pad_token_id, bos_token_id=real.bos_token_id,
+        eos_token_id=real.eos_token_id, decoder_start_token_id=real.decoder_start_token_id,
+    )).save_pretrained(w)
+    for f in glob.glob(os.path.join(tiny_en, "*.json")):
+        if os.path.basename(f) not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, w)
+    feats = extract(m, w, str(tmp_path / "wf"))["store"]
+    for extra in ({}, {"concat_seconds": [3, 9]}):
+        with pytest.raises(ValueError, match=r"utterance 't0' of .*: its 31 target tokens .* are "
+                                             r"more than the \d+ that .*'s decoder holds after "
+                                             r"its prompt \(max_target_positions\)"):
+            finetune(feats, m, w, str(tmp_path / "wo"), TrainConfig(**cfg, **extra))
+        assert not os.path.exists(tmp_path / "wo" / "run.json")

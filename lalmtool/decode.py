@@ -30,8 +30,8 @@ from . import record
 from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
-from .models import (BACKENDS, check_backend_options, check_tap, load_adapter,
-                     load_backend, training_options)
+from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
+                     load_adapter, load_backend, training_options)
 from .parallel import barrier, check_out, dist_info, progress, resolve_device
 from .pool import condition_of
 from .store import Store, StoreError, fingerprint
@@ -94,6 +94,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         if manifest:
             _check_references(store, manifest)
         _check_tap(store, backend, opts, adapter)
+        if adapter:
+            check_adapter_base(adapter, model, model_dir)
     with output_lock(out):
         info = read_json(info_path, "use --force to decode again") \
             if os.path.exists(hyp_path) else None

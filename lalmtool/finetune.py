@@ -61,8 +61,9 @@ from . import record, trainer
 from .fileio import iter_jsonl, read_json, write_atomic
 from .lock import output_lock
 from .manifest import load_manifest
-from .models import (BACKEND_FILE, BACKENDS, check_backend_options, check_tap, load_adapter,
-                     load_backend)
+from .assets import resolve_model
+from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
+                     check_backend_options, check_tap, load_adapter, load_backend)
 from .options import option
 from .parallel import check_out
 from .pool import boundaries_of, compression_steps, condition_of
@@ -366,8 +367,6 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
     the model, the initial adapter and projector (speechllm's ``extra.init_projector``), the
     teacher adapter by their identity (not their names or paths); ``segments``: the boundary
     stores (``train``, ``valid``) of a learnt pooler."""
-    from .assets import resolve_model
-
     def store(path):
         return {"path": os.path.abspath(path), "fingerprint": Store(path).fingerprint}
 
@@ -528,6 +527,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"{flag} {path}: no adapter_config.json there; pass the adapter/ "
                              "directory of a finetune run")
+        if path:
+            check_adapter_base(path, model, resolve_model(model), flag)
         if path and force and _inside(path, out):
             raise ValueError(f"{flag} {path} lies inside --out {out}, which --force starts "
                              "over: copy it elsewhere first (e.g. cp -r "
@@ -703,7 +704,8 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
         write_atomic(os.path.join(tmp, "README.md"),
                      adapter_readme(run, summary, base, "best" if use_best else "last"))
         write_atomic(os.path.join(tmp, BACKEND_FILE), json.dumps(
-            {"backend": run.cfg.backend, "backend_options": run.cfg.extra}, indent=1))
+            {"backend": run.cfg.backend, "backend_options": run.cfg.extra,
+             "base_weights": base_weights(resolve_model(model))}, indent=1))
         write_atomic(os.path.join(tmp, COMPRESSION_FILE), json.dumps(
             compression_record(run.cfg, feats, segments, condition), indent=1))
         shutil.rmtree(summary["adapter"], ignore_errors=True)

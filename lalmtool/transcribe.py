@@ -120,7 +120,7 @@ class Transcriber:
                  batch_size: int = 8, max_new_tokens: int | None = None,
                  piece_seconds: float | None = None, **backend_opts):
         from .decode import _load, _model_dir
-        from .models import BACKEND_FILE, check_backend_options
+        from .models import BACKEND_FILE, check_adapter_base, check_backend_options
         from .parallel import resolve_device
 
         from .export import read_export
@@ -170,6 +170,8 @@ class Transcriber:
         if any(s["method"] == "ctc" for s in steps):
             raise ValueError("ctc boundaries need the CTC head of `lalmtool ctc-segment`: "
                              "transcribe with the stages (extract, ctc-segment, pool, decode)")
+        if adapter:
+            check_adapter_base(adapter, model, _model_dir(model))
         opts = {**training_options(adapter, self.backend), **backend_opts}
         if record is not None and not record.get("trim", True):
             opts.setdefault("trim", False)

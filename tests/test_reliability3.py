@@ -160,3 +160,34 @@ def test_finetune_refuses_an_example_beyond_the_decoders_positions_before_out(  
                                              r"its prompt \(max_target_positions\)"):
             finetune(feats, m, w, str(tmp_path / "wo"), TrainConfig(**cfg, **extra))
         assert not os.path.exists(tmp_path / "wo" / "run.json")
+
+
+def test_an_adapter_of_another_base_model_is_refused_by_name(  # T8
+        decoded, audio_set, tiny_whisper_lm, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lalmtool.finetune import TrainConfig, finetune
+    from lalmtool.transcribe import Transcriber
+
+    feats, pooled, _ = decoded
+    cfg = TrainConfig(max_steps=1, batch_size=2, warmup_steps=0, lora_r=2)
+    adapter = finetune(pooled, audio_set, tiny_whisper_lm, str(tmp_path / "lora"), cfg)["adapter"]
+    other = str(tmp_path / "other")  # the same shapes and files, other weights
+    shutil.copytree(tiny_whisper_lm, other)
+    weights = load_file(os.path.join(other, "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, os.path.join(other, "model.safetensors"),
+              metadata={"format": "pt"})
+    said = f"{adapter} was trained on another base model than {other}"
+    with pytest.raises(ValueError, match=f"--adapter {said}"):
+        decode(pooled, other, str(tmp_path / "d"), adapter=adapter, max_new_tokens=2)
+    assert not os.path.exists(tmp_path / "d")
+    with pytest.raises(ValueError, match=f"--init-adapter {said}"):
+        finetune(pooled, audio_set, other, str(tmp_path / "l2"), cfg, init_adapter=adapter)
+    with pytest.raises(ValueError, match=f"--adapter {said}"):
+        Transcriber(other, adapter=adapter)
+    # the same weights under another directory name are the same base model
+    same = str(tmp_path / "same")
+    shutil.copytree(tiny_whisper_lm, same)
+    decode(pooled, same, str(tmp_path / "d3"), adapter=adapter, max_new_tokens=2)

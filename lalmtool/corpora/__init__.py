@@ -23,7 +23,7 @@ from .. import record
 from ..fileio import write_atomic
 from ..store import check_dataset_name
 
-PREPARE_VERSION = 1  # bump when a change here changes what a prepared set holds
+PREPARE_VERSION = 2  # bump when a change here changes what a prepared set holds
 MAX_LISTED = 20
 
 

@@ -105,6 +105,40 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
 BACKEND_FILE = "backend.json"
 
 
+def base_weights(model_dir: str) -> str:
+    """The identity of a base model's weights, by content (their files' sizes and sha256,
+    whatever the directory is called; a hub id as given where it is not a directory)."""
+    import glob
+    import hashlib
+
+    from ..fileio import weights_sha256
+
+    if not os.path.isdir(model_dir):
+        return f"hub:{model_dir}"
+    h = hashlib.sha256()
+    for f in sorted(f for ext in ("safetensors", "bin", "pt", "gguf")
+                    for f in glob.glob(os.path.join(model_dir, f"*.{ext}"))):
+        h.update(f"{os.path.basename(f)}:{os.path.getsize(f)}:{weights_sha256(f)}".encode())
+    return h.hexdigest()
+
+
+def check_adapter_base(adapter: str, model: str, model_dir: str, flag: str = "--adapter") -> None:
+    """Refuses an adapter trained on another base model than ``model`` (whose weights are in
+    ``model_dir``): ``backend.json`` records the weights' identity it was trained on (adapters
+    from before that record are taken as they are)."""
+    path = os.path.join(adapter, BACKEND_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        trained = json.load(fh).get("base_weights")
+    if trained and trained != base_weights(model_dir):
+        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
+            named = json.load(fh).get("base_model_name_or_path")
+        raise ValueError(f"{flag} {adapter} was trained on another base model than {model} "
+                         f"(their weights differ; it names {named}): give the model it was "
+                         "trained on")
+
+
 def training_options(adapter: str | None, backend: str) -> dict:
     """The backend options the adapter was trained with: ``adapter/backend.json`` (beside its
     weights), else the ``config.yaml`` of the finetune run around it (older adapters); refuses

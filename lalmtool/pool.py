@@ -82,6 +82,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     used = None  # the learnt pooler, by path and identity
     if pooler:  # a clear error before anything is written
         dim = learnt.load(pooler).config["dim"]
+        learnt.check_boundaries(pooler, seg.meta, segments)
         have = int(src.dataset(src.ids[0]).shape[1]) if src.ids else dim
         if have != dim:
             raise ValueError(f"--pooler {pooler} pools {dim}-dimensional frames, {feats} holds "

@@ -108,10 +108,44 @@ def load(directory: str) -> LearntPooler:
         raise ValueError(f"--pooler {directory}: no {WEIGHTS_FILE} there; give the adapter "
                          "directory of a `lalmtool finetune --segments ...` run (it trains the "
                          "learnt pooler)")
-    with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as fh:
-        pooler = LearntPooler(**json.load(fh))
-    pooler.load_state_dict(load_file(os.path.join(directory, WEIGHTS_FILE)))
+    config, weights = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    try:
+        with open(config, encoding="utf-8") as fh:
+            shape = json.load(fh)
+        pooler = LearntPooler(**shape)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--pooler {directory}: {config} cannot be read as the pooler's shape "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]}); copy the adapter "
+                         "again whole, or train it again") from e
+    try:
+        pooler.load_state_dict(load_file(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise several kinds
+        raise ValueError(f"--pooler {directory}: {weights} does not hold a pooler of the shape "
+                         f"{CONFIG_FILE} gives ({shape}) or is damaged ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0]}); copy the adapter again whole, or "
+                         "train it again") from e
     return pooler.eval()
+
+
+def check_boundaries(directory: str, seg_meta: dict, where: str) -> None:
+    """Refuses boundaries of another kind or rate than the pooler in ``directory`` was trained
+    on (its adapter's compression.json; adapters from before it are taken as they are)."""
+    path = os.path.join(directory, "compression.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        steps = json.load(fh).get("steps") or []
+    if not steps:
+        return
+    trained = (steps[-1]["method"], {k: v for k, v in steps[-1].get("params", {}).items()})
+    given = (seg_meta.get("method"), {k: v for k, v in (seg_meta.get("params") or {}).items()
+                                      if k != "target_rate"})
+    if trained != given:
+        def name(method, params):
+            return "-".join([method, *(f"{k}={v:g}" for k, v in sorted(params.items()))])
+        raise ValueError(f"the pooler of {directory} was trained on {name(*trained)} "
+                         f"boundaries, {where} holds {name(*given)} ones: pool the boundaries "
+                         "it was trained on (or train a pooler on these)")
 
 
 def weights_identity(directory: str) -> dict:

@@ -191,3 +191,35 @@ def test_an_adapter_of_another_base_model_is_refused_by_name(  # T8
     same = str(tmp_path / "same")
     shutil.copytree(tiny_whisper_lm, same)
     decode(pooled, same, str(tmp_path / "d3"), adapter=adapter, max_new_tokens=2)
+
+
+def test_a_pooler_is_refused_on_other_boundaries_or_when_damaged(  # T14, T18, T21
+        decoded, audio_set, tiny_whisper_lm, tmp_path):
+    import shutil
+
+    from lalmtool.finetune import TrainConfig, finetune
+
+    feats, _, _ = decoded
+    for k in (3, 10):
+        segment(feats, "uniform", str(tmp_path / f"k{k}"), k=k)
+    cfg = TrainConfig(max_steps=1, batch_size=2, warmup_steps=0, lora_r=2, pooler_heads=2)
+    adapter = finetune(feats, audio_set, tiny_whisper_lm, str(tmp_path / "lora"), cfg,
+                       segments=str(tmp_path / "k3"))["adapter"]
+    with pytest.raises(ValueError, match=rf"the pooler of {adapter} was trained on uniform-k=3 "
+                                         rf"boundaries, {tmp_path / 'k10'} holds uniform-k=10"):
+        pool_store(feats, str(tmp_path / "k10"), "learnt", str(tmp_path / "p10"), pooler=adapter)
+    assert not os.path.exists(tmp_path / "p10")
+    pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "p3"), pooler=adapter)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(adapter, broken)
+    weights = os.path.join(broken, "pooler.safetensors")
+    with open(weights, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(ValueError, match=rf"--pooler {broken}: {weights} does not hold a pooler "
+                                         r"of the shape pooler.json gives .* or is damaged"):
+        pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)
+    with open(os.path.join(broken, "pooler.json"), "w") as fh:
+        fh.write("{heads: 3")
+    with pytest.raises(ValueError, match=rf"--pooler {broken}: .*pooler.json cannot be read as "
+                                         "the pooler's shape"):
+        pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)

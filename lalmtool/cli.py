@@ -453,7 +453,8 @@ class _TrainingCommand(click.Command):
 
             for f in dataclasses.fields(self.config()):
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                kind = {"int": "INT", "float": "FLOAT", "float | None": "FLOAT", "dict": "YAML",
+                kind = {"int": "INT", "int | None": "INT", "float": "FLOAT",
+                        "float | None": "FLOAT", "dict": "YAML",
                         "list[str] | str | None": "LIST|REGEX",
                         "list[float] | float | None": "SECONDS|[MIN,MAX]"}.get(str(f.type), "TEXT")
                 choices = f.metadata.get("choices")
@@ -632,8 +633,9 @@ def ctc_segment(align_dir, feats, model, out, blank, force) -> None:
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Model weights' dtype (default: the backend's; qwen2-audio and speechllm: "
-                   "bfloat16 on a GPU, float32 on a CPU). Same as --backend-opt dtype=...")
+              help="Model weights' dtype (default: the backend's; qwen2-audio and the audio "
+                   "LLM families: bfloat16 on a GPU, float32 on a CPU; whisper and speechllm: "
+                   "float32). Same as --backend-opt dtype=...")
 @BACKEND_OPT
 @click.option("--force", is_flag=True,
               help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")

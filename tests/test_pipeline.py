@@ -275,7 +275,7 @@ def test_finished_rerun_loads_no_model(tiny_whisper, audio_set, tmp_path, monkey
     monkeypatch.setattr("lalmtool.extract.load_backend", _no_model_here)
     s = extract(audio_set, tiny_whisper, out, shard_size=2)
     assert (s["utterances"], s["frames"], s["skipped"]) == (0, 0, 0)
-    assert s["seconds"] < 5.0
+    assert s["reused"]  # nothing was encoded (a timing would be a speed test)
     os.remove(os.path.join(out, "feats.00001.h5"))  # unfinished: the model is needed again
     with pytest.raises(AssertionError, match="must not load a model"):
         extract(audio_set, tiny_whisper, out, shard_size=2)

@@ -376,8 +376,15 @@ def common(fn):
               help="Keep only the frames covering real audio (else the whole padded window).")
 @BACKEND_OPT
 @common
+@click.option("--pack", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Join consecutive utterances into windows of at most this many seconds of "
+                   "audio (e.g. 30), each encoded once, and cut each utterance's frames out of "
+                   "its window by time: a 30 s window then holds ten 3 s utterances.")
+@click.option("--pack-group", metavar="FIELD",
+              help="With --pack: only utterances that share this manifest field (speaker, "
+                   "chapter, recording) share a window.")
 def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size, device,
-            dtype, trim, backend_opt, nj, force) -> None:
+            dtype, trim, backend_opt, nj, force, pack, pack_group) -> None:
     """Encode the audio of a manifest into a feature store (HDF5, float16).
 
     --nj N runs N worker processes, each loading its own copy of the encoder on --device (on
@@ -389,7 +396,8 @@ def extract(manifest_path, model, out, backend, batch_size, on_error, shard_size
 
     s = _run(run, manifest_path, model, out, backend=backend, nj=nj, batch_size=batch_size,
              on_error=on_error, shard_size=shard_size, force=force, device=device,
-             dtype=dtype, trim=trim, backend_opts=_backend_opts(backend_opt))
+             dtype=dtype, trim=trim, backend_opts=_backend_opts(backend_opt), pack=pack,
+             pack_group=pack_group)
     _print_stage(s, ["utterances", "audio_hours", "frames", "seconds", "rtf", "skipped"])
 
 

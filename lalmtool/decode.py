@@ -302,18 +302,28 @@ def plan_pieces(be, rows: int, seconds: float, chunk: int, max_new_tokens: int |
     new-token cap) per piece; one piece unless ``chunk`` (rows per piece) or ``too_long="chunk"``
     cuts them. Refuses (before anything is decoded) what does not fit the decoder, naming
     ``what`` and what would fit (``uniform_k``: the rows are frames pooled by this k, so the
-    fitting compression is named as a k)."""
-    if not chunk and too_long == "chunk" and _problem(be, rows, seconds, max_new_tokens):
+    fitting compression is named as a k). Pieces that do not fit either are named as pieces,
+    and cutting is not suggested again."""
+    cut = None  # the pieces already used, as a refusal names them
+    if chunk:
+        cut = f"pieces of {chunk} audio rows (~{chunk * seconds / max(rows, 1):.0f} s"
+    elif too_long == "chunk" and _problem(be, rows, seconds, max_new_tokens):
         chunk = max(1, round(CHUNK_SECONDS * rows / seconds))
+        cut = f"{CHUNK_SECONDS:g} s pieces (--too-long chunk"
     spans = [(s, min(s + chunk, rows)) for s in range(0, max(rows, 1), chunk)] if chunk \
         else [(0, rows)]
     pieces = []
-    for s, e in spans:
+    for i, (s, e) in enumerate(spans):
         part_s = seconds * (e - s) / max(rows, 1)
         problem = _problem(be, e - s, part_s, max_new_tokens)
         if problem:
-            raise ValueError(_too_long_message(be, what, e - s, part_s, max_new_tokens,
-                                               model, uniform_k, problem))
+            subject = what if len(spans) == 1 else (
+                f"{what}, piece {i + 1} of {len(spans)} ({seconds * s / rows:.0f}-"
+                f"{seconds * e / rows:.0f} s)")
+            if cut:
+                cut += f"; at {seconds:.0f} s it is one piece)" if len(spans) == 1 else ")"
+            raise ValueError(_too_long_message(be, subject, e - s, part_s, max_new_tokens,
+                                               model, uniform_k, problem, cut))
         room = be.new_token_room(e - s)
         cap = max_new_tokens or auto_cap(part_s)
         pieces.append((s, e, cap if room is None else min(cap, room)))
@@ -347,12 +357,15 @@ def _problem(be, rows: int, seconds: float, max_new_tokens: int | None) -> int |
 
 
 def _too_long_message(be, subject: str, rows: int, seconds: float, max_new_tokens: int | None,
-                      model: str, uniform_k: int | None, over: int) -> str:
-    """Why ``subject`` (an utterance) does not fit the decoder, and what would."""
+                      model: str, uniform_k: int | None, over: int,
+                      cut: str | None = None) -> str:
+    """Why ``subject`` (an utterance, or a piece of one) does not fit the decoder, and what
+    would; ``cut``: the pieces it was already cut into (then cutting is not suggested)."""
     what = (f"up to {max_new_tokens}" if max_new_tokens else
             f"~{_expected_tokens(seconds)} (its {seconds:.0f} s at ~{SPEECH_TOKENS_PER_S:g} "
             "tokens per second of speech)")
     chunked = f"decode it {CHUNK_SECONDS:g} s at a time (--too-long chunk)"
+    either = f"{cut} do not fit either" if cut else ""
     limit = be.position_limit()
     if limit is None:  # Whisper: the text alone is bounded
         room = be.new_token_room(rows)
@@ -360,23 +373,27 @@ def _too_long_message(be, subject: str, rows: int, seconds: float, max_new_token
             return (f"--max-new-tokens {max_new_tokens} is more than the {room} tokens that "
                     f"{model}'s decoder holds after its prompt; lower it, or leave it out (the "
                     "cap is then sized from each utterance's duration)")
+        how = f"{either}: give --backend-opt chunk=N with a smaller N" if cut else \
+            f"{chunked}, or --backend-opt chunk=N"
         return (f"{subject}: its transcript needs {what} new tokens, "
                 f"more than the {room} that {model}'s decoder holds after its prompt "
                 "(max_target_positions); compression does not change that: "
-                f"{chunked}, or --backend-opt chunk=N (N audio positions per chunk: 1500 per "
+                f"{how} (N audio positions per chunk: 1500 per "
                 "30 s of frames, 1500/k pooled by k)")
     needed = be.prompt_positions(rows) + (max_new_tokens or _expected_tokens(seconds))
     audio = be.audio_positions(rows)
     room = audio - over  # audio positions that would fit
     if room <= 0:
         hint = "lower --max-new-tokens: the prompt and the new tokens alone exceed it" \
-            if max_new_tokens else chunked
+            if max_new_tokens else (f"{either}: the prompt and the new tokens of one piece "
+                                    "alone exceed it" if cut else chunked)
     else:
         factor = math.ceil(audio / room)
         how = ""
         if uniform_k is not None:  # frames, or uniformly pooled by k
             how = f" (uniform pooling of the frames by k={factor * int(uniform_k)})"
-        hint = f"{factor}x fewer audio tokens would fit{how}, or {chunked}"
+        hint = f"{either}: {factor}x fewer audio tokens would fit{how}" if cut else \
+            f"{factor}x fewer audio tokens would fit{how}, or {chunked}"
     return (f"{subject} needs {needed} positions (prompt + {audio} audio "
             f"tokens + {what} new tokens), more than the {limit} that {model}'s decoder holds "
             f"(max_position_embeddings); {hint}")

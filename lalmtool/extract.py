@@ -5,6 +5,17 @@ The encoder is loaded only where it runs: in this process with ``nj=1``, in each
 all when the store is already complete for the same inputs and settings. ``batch_size`` is the
 number of ≤30 s windows per encoder forward. Under ``torchrun`` ``device="cuda"`` is the
 rank's own GPU (``cuda:LOCAL_RANK``).
+
+Packing (``pack`` seconds, e.g. 30): consecutive utterances of the manifest (within a shard;
+with ``pack_group``, only those that share that manifest field: a speaker, a recording) are
+joined as audio, their own leading and trailing silence kept and nothing added between them,
+into windows of at most ``pack`` seconds; each window is encoded once, and each utterance's
+rows are cut out of it by time (rows ``round(start * rate)`` to ``round(end * rate)``; at
+least one each). An utterance longer than ``pack`` is encoded on its own. A 30 s encoder window
+then holds ten 3 s utterances instead of one, and the features are those of continuous speech
+(what a long recording's windows hold). The rows' window and start are recorded per utterance
+(``pack``, ``pack_start``); the pack settings are part of the store's fingerprint. Segment,
+pool, finetune and decode read a packed store as any other.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ import numpy as np
 
 from .audio import audio_identity, load_audio
 from .lock import output_lock
-from .manifest import Utterance, load_manifest
+from .manifest import Utterance, field_values, load_manifest
 from .models import BACKENDS, backend_options, check_backend_options, load_backend
 from .fileio import model_identity
 from .parallel import resolve_device, run_sharded
@@ -33,14 +44,20 @@ _OWN_ARGS = {"model_path", "device", "dtype", "trim"}
 def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: int = 1,
             batch_size: int = 8, on_error: str = "fail", shard_size: int = 100,
             force: bool = False, device: str = "cpu", dtype: str = "float32",
-            trim: bool = True, backend_opts: dict | None = None) -> dict:
-    """Encodes every utterance of ``manifest`` with ``model`` into the store ``out``.
+            trim: bool = True, backend_opts: dict | None = None, pack: float | None = None,
+            pack_group: str | None = None) -> dict:
+    """Encodes every utterance of ``manifest`` with ``model`` into the store ``out``
+    (``pack``: several utterances per encoder window, see the module's docstring).
 
     Returns a summary: utterances, audio hours, frames, wall seconds, real-time factor, skipped.
     """
     if nj < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(f"nj, batch_size and shard_size must be >= 1 (got {nj}, {batch_size}, "
                          f"{shard_size})")
+    if pack is not None and not (isinstance(pack, (int, float)) and 0 < pack < float("inf")):
+        raise ValueError(f"--pack must be a number of seconds > 0, not {pack!r}")
+    if pack_group and pack is None:
+        raise ValueError("--pack-group needs --pack (the window length in seconds)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; give a directory for the feature store")
     check_model_path(model)
@@ -51,6 +68,13 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     fixed = {"stage": "extract", "version": STAGE_VERSION, "dtype": dtype,
              "backend_opts": backend_opts, "stored": "float16", "shard_size": shard_size,
              "inputs": _inputs(utts)}
+    packing = None
+    if pack is not None:  # absent otherwise: stores extracted before packing stay valid
+        groups = field_values(manifest, pack_group, list(by_id), "--pack-group") \
+            if pack_group else None
+        packing = Packing(float(pack), groups)
+        fixed["pack"] = {"seconds": float(pack), "group": pack_group, "gap": 0.0,
+                         "groups": groups}
     # What determines the store, known without loading the model: a finished store with the
     # same request is done, and a rerun returns without loading anything.
     request = fingerprint({**fixed, "backend": backend, "trim": trim,
@@ -64,6 +88,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     check_backend_opts(backend, backend_opts)
     meta = {"stage": "extract", "backend": backend, "model": model,
             "manifest": os.path.abspath(manifest), "trim": trim, "compute_dtype": dtype,
+            **({"pack": {"seconds": float(pack), "group": pack_group}} if pack else {}),
             "backend_opts": backend_opts, "request": request,
             # every option of the backend, as it ran (the given ones and the defaults)
             "backend_options": dataclasses.asdict(backend_options(backend)(
@@ -72,7 +97,8 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
 
     opts = {"device": resolve_device(device), "dtype": DTYPES[dtype], "trim": trim,
             **backend_opts}
-    factory = functools.partial(Encoder, backend, model, opts, by_id, batch_size, on_error)
+    factory = functools.partial(Encoder, backend, model, opts, by_id, batch_size, on_error,
+                                packing)
     try:
         with output_lock(out):
             stats, skipped = run_sharded(out, "feats", None, None, shards, factory, nj=nj,
@@ -90,15 +116,17 @@ class Encoder:
     """The worker: a backend loaded in the process that uses it, encoding one shard per call."""
 
     def __init__(self, backend: str, model: str, opts: dict, by_id: dict[str, Utterance],
-                 batch_size: int, on_error: str):
+                 batch_size: int, on_error: str, packing: Packing | None = None):
         self.enc = load_encoder(backend, model, opts)
         self.by_id, self.batch_size, self.on_error = by_id, batch_size, on_error
+        self.packing = packing
 
     def __call__(self, name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
         import torch
 
         try:
-            return _encode_shard(self.enc, self.by_id, self.batch_size, self.on_error, ids, tick)
+            return _encode_shard(self.enc, self.by_id, self.batch_size, self.on_error, ids, tick,
+                                 self.packing)
         except torch.cuda.OutOfMemoryError as e:  # = torch.OutOfMemoryError
             raise RuntimeError(
                 f"{self.enc.device}: out of memory while encoding shard {name}. Lower "
@@ -189,11 +217,48 @@ def _summary(out: str, stats: dict, wall: float, skipped: int) -> dict:
     return {"store": out, "utterances": stats.get("utterances", 0),
             "audio_hours": audio_s / 3600, "frames": stats.get("frames", 0),
             "seconds": wall, "rtf": wall / audio_s if audio_s else None, "skipped": skipped,
-            "reused": not stats}
+            "windows": stats.get("windows", 0), "reused": not stats}
+
+
+@dataclasses.dataclass
+class Packing:
+    """Several utterances per encoder window: at most ``seconds`` of joined audio, consecutive
+    utterances only, of one group (``groups``: id → value) where groups are given."""
+
+    seconds: float
+    groups: dict | None = None
+
+    def windows(self, ids: list[str], seconds: dict[str, float]) -> list[list[str]]:
+        """``ids`` (in the manifest's order) cut into runs that each fill one window."""
+        runs, run, total = [], [], 0.0
+        for u in ids:
+            same = not run or self.groups is None or self.groups[u] == self.groups[run[-1]]
+            if run and (total + seconds[u] > self.seconds or not same):
+                runs.append(run)
+                run, total = [], 0.0
+            run.append(u)
+            total += seconds[u]
+        return runs + ([run] if run else [])
+
+
+def cut_rows(frames, lengths: list[int], sample_rate: int, rate: float) -> list:
+    """One window's rows ``frames`` ``[T, D]`` cut into the utterances that were joined in it
+    (``lengths`` in samples, in order): rows ``round(start * rate)`` to ``round(end * rate)``,
+    at least one each."""
+    n, total = len(lengths), len(frames)
+    ends, at = [], 0
+    for i, length in enumerate(lengths[:-1]):
+        at += length
+        end = int(round(at / sample_rate * rate))
+        low = (ends[-1] if ends else 0) + 1
+        ends.append(min(max(end, low), total - (n - 1 - i)))
+    ends.append(total)
+    starts = [0] + ends[:-1]
+    return [frames[s:e] for s, e in zip(starts, ends)]
 
 
 def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: str,
-                  ids: list[str], tick) -> tuple[ShardResult, dict]:
+                  ids: list[str], tick, packing: Packing | None = None) -> tuple[ShardResult, dict]:
     result, waves = ShardResult(), {}
     for utt in ids:
         try:
@@ -204,22 +269,39 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
                 raise RuntimeError(f"utterance {utt!r}: {e}") from e
             result.skipped.append({"id": utt, "error": str(e)})
             tick(1)
-    order = sorted(waves, key=lambda u: len(waves[u]))  # similar lengths batch together
+    sr = enc.sample_rate
+    if packing is None:
+        runs = [[u] for u in waves]
+    else:
+        runs = packing.windows([u for u in ids if u in waves],
+                               {u: len(w) / sr for u, w in waves.items()})
+    joined = {tuple(run): np.concatenate([waves[u] for u in run]) for run in runs}
+    order = sorted(joined, key=lambda r: len(joined[r]))  # similar lengths batch together
     frames = 0
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]  # ≥ batch_size windows, forwarded batch_size at a time
-        for utt, h in zip(batch, enc.encode([waves[u] for u in batch], batch_size=batch_size)):
-            arr = h.numpy().astype(np.float16)
-            if not np.isfinite(arr).all():
-                msg = "encoder output is not finite (NaN/Inf, or beyond float16 range)"
-                if on_error == "fail":
-                    raise RuntimeError(f"utterance {utt!r}: {msg}")
-                result.skipped.append({"id": utt, "error": msg})
-                continue
-            duration = len(waves[utt]) / enc.sample_rate
-            result.items.append((utt, arr, {"duration": duration}))
-            frames += arr.shape[0]
-        tick(len(batch))
+        encoded = enc.encode([joined[r] for r in batch], batch_size=batch_size)
+        for run, h in zip(batch, encoded):
+            parts = [h] if len(run) == 1 else cut_rows(h, [len(waves[u]) for u in run], sr,
+                                                       enc.frame_rate)
+            start = 0
+            for utt, part in zip(run, parts):
+                arr = part.numpy().astype(np.float16)
+                duration = len(waves[utt]) / sr
+                attrs = {"duration": duration}
+                if len(run) > 1:
+                    attrs.update(pack=run[0], pack_start=start / sr)
+                start += len(waves[utt])
+                if not np.isfinite(arr).all():
+                    msg = "encoder output is not finite (NaN/Inf, or beyond float16 range)"
+                    if on_error == "fail":
+                        raise RuntimeError(f"utterance {utt!r}: {msg}")
+                    result.skipped.append({"id": utt, "error": msg})
+                    continue
+                result.items.append((utt, arr, attrs))
+                frames += arr.shape[0]
+        tick(sum(len(r) for r in batch))
     stats = {"utterances": len(result.items), "frames": frames,
-             "audio_seconds": sum(a["duration"] for _, _, a in result.items)}
+             "audio_seconds": sum(a["duration"] for _, _, a in result.items),
+             "windows": len(runs)}
     return result, stats

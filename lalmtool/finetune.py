@@ -58,15 +58,15 @@ import numpy as np
 import torch
 
 from . import record, trainer
-from .fileio import iter_jsonl, read_json, write_atomic
+from .fileio import read_json, write_atomic
 from .lock import output_lock
-from .manifest import load_manifest
+from .manifest import field_values, load_manifest
 from .assets import resolve_model
 from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
                      check_backend_options, check_tap, load_adapter, load_backend)
 from .options import option
 from .parallel import check_out
-from .pool import boundaries_of, compression_steps, condition_of
+from .pool import boundaries_of, compression_steps, condition_of, feature_store
 from .pooler import LearntPooler, has_pooler
 from .pooler import load as load_pooler
 from .pooler import save as save_pooler
@@ -186,7 +186,8 @@ class Examples:
         self.duration = {u: float(self.store.attrs(u).get("duration", 0.0)) for u in self.ids}
         #: the ids in the manifest's order (what "consecutive" means for long inputs)
         self.order = [u.id for u in utts if u.id in self.store]
-        self.group = _group_values(manifest, group_field, self.order) if group_field else {}
+        self.group = field_values(manifest, group_field, self.order, "concat_group") \
+            if group_field else {}
 
     def batch(self, items: list) -> tuple[list[torch.Tensor], list[str]]:
         feats, texts = [], []
@@ -221,6 +222,67 @@ def _check_pooler_heads(cfg: TrainConfig, feats: str) -> None:
                          f"{dim} of {feats}; give a divisor of {dim}")
 
 
+def _check_init_pooler(cfg: TrainConfig, init_adapter: str | None, feats: str) -> None:
+    """A run continued from ``init_adapter``'s learnt pooler trains that pooler as it is: the
+    pooler options (recorded in config.yaml and run.json) must say its shape (before OUT is
+    made); ``pooler_width`` null (sized from the boundaries) takes the adapter's."""
+    if not has_pooler(init_adapter):
+        return
+    from .pooler import CONFIG_FILE
+
+    path = os.path.join(init_adapter, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            shape = json.load(fh)
+        if not isinstance(shape, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--init-adapter {init_adapter}: {path} cannot be read as its learnt "
+                         f"pooler's shape ({type(e).__name__}: {str(e).splitlines()[0]}); copy "
+                         "the adapter again whole, or drop --init-adapter") from e
+    given = {"pooler_heads": cfg.pooler_heads, "pooler_rank": cfg.pooler_rank,
+             "pooler_width": cfg.pooler_width}
+    held = {f"pooler_{k}": shape.get(k) for k in ("heads", "rank", "width")}
+    differ = [k for k, v in given.items() if v is not None and v != held[k]]
+    if differ:
+        raise ValueError(
+            f"--init-adapter {init_adapter} holds a learnt pooler of "
+            f"{', '.join(f'{k}={held[k]}' for k in differ)}, the training options say "
+            f"{', '.join(f'{k}={given[k]}' for k in differ)}: a run continued from it trains "
+            "that pooler as it is. Leave the pooler options at the adapter's "
+            f"({', '.join(f'--{k} {held[k]}' for k in differ)}), or drop --init-adapter "
+            "(a new pooler of the options' shape)")
+    store = Store(feats)
+    dim = int(store.dataset(store.ids[0]).shape[1]) if store.ids else shape.get("dim")
+    if shape.get("dim") != dim:
+        raise ValueError(f"--init-adapter {init_adapter} holds a learnt pooler of "
+                         f"{shape.get('dim')}-dimensional frames, {feats} holds {dim}-"
+                         "dimensional ones: give the features it was trained on (the same "
+                         "model and tap), or drop --init-adapter")
+
+
+def _check_teacher_frames(teacher: str) -> None:
+    """The teacher of distillation reads the frames the learnt pooler pools: an adapter trained
+    on pooled tokens (its compression.json's ``steps`` not ``[]``) is refused by name;
+    adapters without compression.json are taken as they are."""
+    path = os.path.join(teacher, COMPRESSION_FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record_ = json.load(fh)
+        steps = record_["steps"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--teacher {teacher}: {path} cannot be read as the compression it "
+                         f"was trained on ({type(e).__name__}: {str(e).splitlines()[0]}); copy "
+                         "the adapter again whole") from e
+    if steps:
+        raise ValueError(f"--teacher {teacher} was trained on pooled tokens "
+                         f"({record_.get('condition') or steps}, {path}), not on frames: the "
+                         "teacher reads the frames the learnt pooler pools; give the adapter of "
+                         "a finetune run on the frames (the frames condition's)")
+
+
 def _segments_of(store: Store, segments: str) -> Store:
     """The boundary store ``segments`` of ``store``'s frames, checked: a ``segment`` store of
     these very features covering every utterance."""
@@ -235,20 +297,6 @@ def _segments_of(store: Store, segments: str) -> Store:
 def parts(item) -> tuple[str, ...]:
     """The utterance ids of a training example."""
     return (item,) if isinstance(item, str) else tuple(item)
-
-
-def _group_values(manifest: str, key: str, ids: list[str]) -> dict[str, object]:
-    """Utterance id → its manifest field ``key`` (``concat_group``); every id must have one."""
-    values = {}
-    for _, rec, problem in iter_jsonl(manifest):
-        if not problem and isinstance(rec, dict) and "id" in rec:
-            values[str(rec["id"])] = rec.get(key)
-    missing = [u for u in ids if values.get(u) is None]
-    if missing:
-        raise ValueError(f"concat_group {key!r}: {len(missing)} utterance(s) of {manifest} have "
-                         f"no {key!r} field (e.g. {missing[:3]}); add it, or set concat_group "
-                         "to a field every line has (or null)")
-    return {u: values[u] for u in ids}
 
 
 def joined_examples(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list:
@@ -501,6 +549,9 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     the frames to distil from (``cfg.distill``). A rerun into ``out`` resumes the same run
     (same configuration and inputs) or is refused; ``force`` starts over."""
     check_out(out, feats, *filter(None, [valid_feats, segments, valid_segments, teacher]))
+    for flag, store in (("--feats", feats), ("--valid-feats", valid_feats)):
+        if store:  # features, not boundaries (before OUT is made)
+            feature_store(store, flag)
     check_backend_options(cfg.backend, cfg.extra, "from --backend-opt or --extra")
     if bool(teacher) != bool(cfg.distill):
         raise ValueError("--teacher and distill > 0 go together (distill: the weight of the "
@@ -522,6 +573,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if store and seg:  # before OUT is made
             _segments_of(Store(store), seg)
     if segments:
+        _check_init_pooler(cfg, init_adapter, feats)
         _check_pooler_heads(cfg, feats)
     for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -533,6 +585,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
             raise ValueError(f"{flag} {path} lies inside --out {out}, which --force starts "
                              "over: copy it elsewhere first (e.g. cp -r "
                              f"{path} {out.rstrip('/')}-init) and pass the copy")
+    if teacher:
+        _check_teacher_frames(teacher)
 
     def inputs() -> dict:
         return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,

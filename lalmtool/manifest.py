@@ -12,6 +12,7 @@ utterance and ``duration`` only describes it, as before.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,12 @@ from .audio import header_problem, span_problem
 from .fileio import iter_jsonl, write_atomic
 from .store import check_dataset_name
 
+
+log = logging.getLogger("lalmtool")
+
+#: Seconds by which a stated ``duration`` may differ from its audio file's (no ``offset``: the
+#: whole file is the utterance) before ``load_manifest`` names the utterance.
+DURATION_TOLERANCE = 0.1
 
 HINT = ("Fix the manifest (`lalmtool extract --on-error skip` leaves such utterances out and "
         "lists them in skipped.jsonl).")
@@ -48,10 +55,14 @@ class Utterance:
     lang: str | None = None
     offset: float | None = None  # seconds: the utterance is audio[offset, offset + duration)
     line: int | None = field(default=None, repr=False, compare=False)  # in its manifest
+    #: seconds of audio the utterance is (its file's length, or its span's), as
+    #: ``load_manifest`` found them; None when the audio was not checked
+    audio_seconds: float | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items()
-                           if v is not None and k != "line"}, ensure_ascii=False)
+                           if v is not None and k not in ("line", "audio_seconds")},
+                          ensure_ascii=False)
 
 
 def _kind(v) -> str:
@@ -209,16 +220,42 @@ def load_manifest(path: str, on_error: str = "fail", need_text: bool = True,
     bad: dict[int, list[str]] = {}
     for i, _, msg in found:
         bad.setdefault(i, []).append(msg)
-    keep = []
+    keep, differ = [], []
     for i, u in enumerate(utts):
         if i in bad:
             skipped.append({"id": u.id, "error": "; ".join(bad[i])})
             continue
-        if u.duration is None and check_audio:
+        if check_audio and u.offset is None:  # the whole file is the utterance
             info = sf.info(u.audio)
-            u.duration = info.frames / info.samplerate
+            u.audio_seconds = info.frames / info.samplerate
+            if u.duration is None:
+                u.duration = u.audio_seconds
+            elif abs(u.duration - u.audio_seconds) > DURATION_TOLERANCE:
+                differ.append(u)
+        elif check_audio:
+            u.audio_seconds = u.duration
         keep.append(u)
+    if differ:
+        log.warning("%s", duration_warning(path, differ))
     return keep, skipped
+
+
+def duration_warning(path: str, differ: list[Utterance]) -> str:
+    """What ``load_manifest`` says of utterances whose stated duration is not their file's."""
+    listed = ", ".join(f"{u.id} (line {u.line}: stated {u.duration:g} s, file "
+                       f"{u.audio_seconds:g} s)" for u in differ[:10])
+    more = f" ... and {len(differ) - 10} more" if len(differ) > 10 else ""
+    return (f"{path}: {len(differ)} utterance(s) state a 'duration' that differs from their "
+            f"audio file's by more than {DURATION_TOLERANCE:g} s: {listed}{more}; without "
+            "'offset' the whole file is the utterance (read whole, and counted at the file's "
+            "length): give 'offset' to use a span of the file, or correct 'duration'")
+
+
+def audio_hours(utts: list[Utterance]) -> float:
+    """Hours of audio the utterances are: from their files (spans: their durations) where
+    ``load_manifest`` read them, else from the stated durations."""
+    return sum((u.audio_seconds if u.audio_seconds is not None else u.duration) or 0.0
+               for u in utts) / 3600
 
 
 def write_manifest(path: str, utts: list[Utterance]) -> None:
@@ -259,3 +296,20 @@ def _read_kaldi_table(path: str) -> dict[str, str]:
             if parts:
                 table[parts[0]] = parts[1] if len(parts) > 1 else ""
     return table
+
+
+def field_values(manifest: str, key: str, ids: list[str], option: str) -> dict[str, object]:
+    """Utterance id → its manifest field ``key`` (named by ``option`` in messages, e.g.
+    ``concat_group``); every id must have one."""
+    from .fileio import iter_jsonl
+
+    values = {}
+    for _, rec, problem in iter_jsonl(manifest):
+        if not problem and isinstance(rec, dict) and "id" in rec:
+            values[str(rec["id"])] = rec.get(key)
+    missing = [u for u in ids if values.get(u) is None]
+    if missing:
+        raise ValueError(f"{option} {key!r}: {len(missing)} utterance(s) of {manifest} have "
+                         f"no {key!r} field (e.g. {missing[:3]}); add it, or set {option} "
+                         "to a field every line has (or leave it out)")
+    return {u: values[u] for u in ids}

@@ -206,14 +206,27 @@ def run_sharded(out: str, kind: str, fp: str | None, meta: dict | None,
 
 
 # -- what every sharded stage does around its workers ----------------------------------------
-def check_out(out: str, *inputs: str) -> None:
+def check_out(out: str, *inputs: str, inside: dict[str, str] | None = None) -> None:
     """ValueError when ``--out`` names an existing file (a store is a directory) or one of the
-    stage's input stores (which writing, or --force, would destroy)."""
+    stage's input stores (which writing, or --force, would destroy); or when it is, lies inside
+    or holds one of the directories ``inside`` gives by option (``{"--pooler": ADAPTER}``: a
+    store is not written into an adapter's directory, nor around it)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file; give a directory for the store")
     for path in inputs:
         if os.path.realpath(out) == os.path.realpath(path):
             raise ValueError(f"--out {out} is the input store {path}; give another directory")
+    real = os.path.realpath(out)
+    for flag, folder in (inside or {}).items():
+        other = os.path.realpath(folder)
+        common = os.path.commonpath([real, other])
+        if common == other:
+            where = "is" if real == other else "lies inside"
+            raise ValueError(f"--out {out} {where} the {flag} directory {folder}; give the "
+                             "store a directory of its own")
+        if common == real:
+            raise ValueError(f"{flag} {folder} lies inside --out {out}; give the store a "
+                             "directory of its own")
 
 
 def summarize(stats: dict, rate: float, out: str, skipped: list) -> dict:

@@ -50,6 +50,20 @@ def pool(z: np.ndarray, starts: np.ndarray, reduce: str = "mean",
                               pooler).numpy()
 
 
+def feature_store(path: str, flag: str = "--feats") -> Store:
+    """The store ``path`` given as ``flag``, checked to hold features (frames from ``extract``
+    or a pooled store from ``pool``), not the segment boundaries ``segment`` writes."""
+    store = Store(path)
+    if store.kind == "seg":
+        source = store.meta.get("source", "<the frame store>")
+        raise StoreError(f"{flag} {path} is a boundary store (from `lalmtool segment`): it holds "
+                         f"segment starts, not features; {flag} must be a feature store (frames "
+                         f"from `lalmtool extract`, or pooled features from `lalmtool pool`). "
+                         f"Pool it first: lalmtool pool --feats {source} --segments {path} "
+                         "--out <pooled store>")
+    return store
+
+
 def boundaries_of(src: Store, segments: str) -> Store:
     """The boundary store ``segments``, checked to hold boundaries of ``src``'s very features."""
     seg = Store(segments)
@@ -76,8 +90,8 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                          "is the one `lalmtool finetune --segments` saved with its adapter")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
-    check_out(out, feats, segments)
-    src = Store(feats)
+    check_out(out, feats, segments, inside={"--pooler": pooler} if pooler else None)
+    src = feature_store(feats)
     seg = boundaries_of(src, segments)
     used = None  # the learnt pooler, by path and identity
     if pooler:  # a clear error before anything is written

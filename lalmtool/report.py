@@ -30,6 +30,7 @@ import re
 import subprocess
 
 from .fileio import atomic_path, file_sha256, write_atomic
+from .score import json_text, readable
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ def make_row(path: str, res: dict) -> dict:
         "chrf": _num(res.get("chrf")) if metric == "bleu" else None,
         "utt_per_s": _num(res.get("utt_per_s")),
         "sentences": res.get("sentences", res.get("utterances")),
+        # references without a hypothesis, scored as empty ones (`score --missing empty`)
+        "missing_hyps": res.get("missing_hyps") if isinstance(res.get("missing_hyps"), int)
+        and not isinstance(res.get("missing_hyps"), bool) else 0,
         "normalizer": res.get("normalizer") if metric == "wer" else None,
         "bleu_signature": res.get("bleu_signature"),
         "chrf_signature": res.get("chrf_signature"),
@@ -199,7 +203,9 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
            "in **scoring**; " if has_wer else "")
         + ("**BLEU**, **chrF** sacrebleu corpus scores, higher is better, signatures below; "
            if has_bleu else "")
-        + "**utt/s** decode speed in utterances per second; **utts** utterances scored.",
+        + "**utt/s** decode speed in utterances per second; **utts** utterances scored "
+        "(`N (M missing)`: M of them had no hypothesis and were scored as empty ones, see the "
+        "note under the table).",
         "",
     ]
     head = ["#", "set", "method", "condition", "params", "LoRA", "tokens/s", "ratio"]
@@ -221,9 +227,18 @@ def to_markdown(rows: list[dict], exp_dir: str) -> str:
             scoring = f"WER, normalizer `{r['normalizer'] or 'unknown'}`"
         else:
             scoring = f"sacrebleu [{_sig_index(r, sigs)}]"
-        cells += [_fmt(r["utt_per_s"], 3), str(r["sentences"] if r["sentences"] is not None else "–"),
-                  scoring]
+        utts = str(r["sentences"] if r["sentences"] is not None else "–")
+        if r.get("missing_hyps"):
+            utts += f" ({r['missing_hyps']} missing)"
+        cells += [_fmt(r["utt_per_s"], 3), utts, scoring]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    incomplete = [(i, r) for i, r in enumerate(rows, 1) if r.get("missing_hyps")]
+    if incomplete:
+        lines += ["", "**Incomplete decodes**: " + "; ".join(
+            f"row {i}: {r['missing_hyps']} of {r['sentences']} utterances had no hypothesis"
+            for i, r in incomplete) + ". They were scored as empty hypotheses (`lalmtool score "
+            "--missing empty`), so these scores are not those of a complete "
+            "decode; decode the missing utterances and score again."]
     if sigs:
         lines += ["", "Signatures:", ""] + [f"- [{k}] {s}" for k, s in enumerate(sigs, 1)]
     lines += ["", *method_curves_markdown(rows)]
@@ -476,8 +491,9 @@ def report(exp_dir: str, out_md: str | None = None, out_json: str | None = None,
     if not rows:
         raise ValueError(_nothing_to_report(exp_dir, unusable))
     rows = sort_rows(rows)
-    write_atomic(out_md, to_markdown(rows, exp_dir))
-    write_atomic(out_json, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    # paths that are not UTF-8 (a directory named with byte 0xff): escaped, not an error
+    write_atomic(out_md, readable(to_markdown(rows, exp_dir)))
+    write_atomic(out_json, json_text(rows, indent=2) + "\n")
     if not plot_rows(rows, plot):
         log.warning("no plot written: no run has both tokens/s and a score")
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from typing import Callable
@@ -32,6 +33,30 @@ METRICS = ("wer", "bleu")
 NORMALIZERS = ("auto", "whisper_english", "basic", "none")
 ENGLISH_LANGS = {"en", "eng", "english"}
 SPELLING_MAP = "whisper_english_spelling.json"
+
+
+# --------------------------------------------------------------------------- text written
+
+#: A lone surrogate: how Python holds a byte of a path that is not UTF-8 (``\udcff`` for 0xff),
+#: which UTF-8 cannot encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(obj, **kwargs) -> str:
+    """``json.dumps(obj, ensure_ascii=False)`` that UTF-8 can always encode: a path with bytes
+    that are not UTF-8 (a directory named with byte 0xff) is written with ``\\udcff``-style
+    escapes, which ``json.load`` reads back as the same path."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}",
+                          json.dumps(obj, ensure_ascii=False, **kwargs))
+
+
+def readable(text: str) -> str:
+    """``text`` for a person, UTF-8 encodable: a path's bytes that are not UTF-8 are shown as
+    ``\\xff`` (other lone surrogates as ``\\ud800``)."""
+    def show(m):
+        code = ord(m.group())
+        return f"\\x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"\\u{code:04x}"
+    return _SURROGATE.sub(show, text)
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -297,10 +322,10 @@ def score_wer(ids: list[str], refs: dict[str, str], hyps: dict[str, str], normal
                "ref": r, "hyp": h}
         if u in missing_set:
             rec["missing_hyp"] = True
-        lines.append(json.dumps(rec, ensure_ascii=False))
+        lines.append(json_text(rec))
         blocks.append(format_alignment(u, c))
     write_atomic(os.path.join(out_dir, "per_utt.jsonl"), "\n".join(lines) + "\n")
-    write_atomic(os.path.join(out_dir, "alignments.txt"), "\n".join(blocks))
+    write_atomic(os.path.join(out_dir, "alignments.txt"), readable("\n".join(blocks)))
 
     return {"metric": "wer", "wer": total["wer"], "wer_pct": 100 * total["wer"],
             "sub": total["sub"], "del": total["del"], "ins": total["ins"], "hits": total["hits"],
@@ -331,7 +356,7 @@ def score_bleu(ids: list[str], refs: dict[str, str], hyps: dict[str, str], out_d
                "chrf": chrf.sentence_score(h, [r]).score, "ref": r, "hyp": h}
         if u in missing_set:
             rec["missing_hyp"] = True
-        lines.append(json.dumps(rec, ensure_ascii=False))
+        lines.append(json_text(rec))
     write_atomic(os.path.join(out_dir, "per_utt.jsonl"), "\n".join(lines) + "\n")
 
     return {"metric": "bleu", "bleu": b.score, "chrf": c.score,
@@ -470,7 +495,7 @@ def score(hyp_path: str, ref_manifest: str, metric: str = "wer", out_dir: str | 
     res["hyp"] = os.path.abspath(hyp_path)
     res["hyp_sha256"] = file_sha256(hyp_path)  # report skips a result whose hyps changed since
     res["ref"] = os.path.abspath(ref_manifest)
-    write_atomic(os.path.join(out_dir, "results.json"),
-                 json.dumps(res, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(os.path.join(out_dir, "result.txt"), format_result(res))
+    # a path that is not UTF-8 (a directory named with byte 0xff): escaped, not an error
+    write_atomic(os.path.join(out_dir, "results.json"), json_text(res, indent=2) + "\n")
+    write_atomic(os.path.join(out_dir, "result.txt"), readable(format_result(res)))
     return res

@@ -275,9 +275,16 @@ decode_condition() {
 # stage 6: score every decode under $exp/decode/<name>/<set> against $data/<set>'s manifest:
 # score_decodes [METRIC [SCORE OPTIONS...]] (default wer; bleu scores BLEU and chrF)
 score_decodes() {
-  local metric=${1:-wer} hyp set
+  local metric=${1:-wer} hyp set hyps=()
   [ $# -gt 0 ] && shift
-  for hyp in "$exp"/decode/*/*/hyp.jsonl; do
+  for hyp in "$exp"/decode/*/*/hyp.jsonl; do  # an unmatched glob stays as written: not a file
+    if [ -f "$hyp" ]; then hyps+=("$hyp"); fi
+  done
+  if [ ${#hyps[@]} -eq 0 ]; then
+    echo "[$recipe] no decodes under $exp/decode: run stage 5 first" >&2
+    return 1
+  fi
+  for hyp in "${hyps[@]}"; do
     set=$(basename "$(dirname "$hyp")")
     ${cpu_cmd:-} "$python" -m lalmtool score --hyp "$hyp" --ref "$data/$set/manifest.jsonl" \
       --metric "$metric" "$@" > /dev/null

@@ -1,0 +1,88 @@
+"""extract --pack: several utterances per encoder window, each utterance's frames cut out of its
+window by time; the stages read a packed store as any other."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import tone, write_manifest
+from lalmtool.extract import Packing, cut_rows, extract
+from lalmtool.models import load_backend
+from lalmtool.store import Store
+
+
+@pytest.fixture
+def clips(tmp_path):
+    """Eight clips of 1.5-3.6 s from two speakers, in manifest order a a a b b a a b."""
+    rows, waves = [], {}
+    for i, (sec, spk) in enumerate(zip([2.0, 3.1, 1.5, 2.4, 3.6, 2.2, 1.8, 2.9],
+                                       "aaabbaab")):
+        waves[f"u{i}"] = tone(sec, freq=150 + 40 * i, seed=i)
+        sf.write(tmp_path / f"u{i}.wav", waves[f"u{i}"], 16000)
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "text": "x", "speaker": spk})
+    return write_manifest(tmp_path / "m.jsonl", rows), waves
+
+
+def test_windows_join_consecutive_utterances_of_one_group():
+    seconds = dict(zip("abcdef", [2.0, 3.0, 4.0, 12.0, 1.0, 1.0]))
+    assert Packing(6.0).windows(list("abcdef"), seconds) == [["a", "b"], ["c"], ["d"],
+                                                             ["e", "f"]]
+    groups = dict(zip("abcdef", "xxyyyy"))
+    assert Packing(10.0, groups).windows(list("abcdef"), seconds) == [["a", "b"], ["c"], ["d"],
+                                                                      ["e", "f"]]
+    frames = torch.arange(100).float()[:, None]  # 2 s at 50 rows/s, three utterances joined
+    parts = cut_rows(frames, [16000, 8000, 8000], 16000, 50.0)
+    assert [len(p) for p in parts] == [50, 25, 25] and parts[1][0, 0] == 50
+    # a boundary that rounds onto its neighbour still leaves each utterance one row
+    assert [len(p) for p in cut_rows(frames[:4], [100, 100, 12000], 16000, 50.0)] == [1, 1, 2]
+
+
+def test_a_packed_store_holds_each_utterances_rows_of_its_window(tiny_whisper, clips, tmp_path):
+    m, waves = clips
+    be = load_backend("whisper", tiny_whisper)
+
+    plain = extract(m, tiny_whisper, str(tmp_path / "plain"))
+    packed = extract(m, tiny_whisper, str(tmp_path / "packed"), pack=10.0)
+    grouped = extract(m, tiny_whisper, str(tmp_path / "grouped"), pack=10.0,
+                      pack_group="speaker")
+    assert (plain["windows"], packed["windows"], grouped["windows"]) == (8, 3, 4)
+    store = Store(str(tmp_path / "packed"))
+    assert store.meta["pack"] == {"seconds": 10.0, "group": None}
+    assert store.fingerprint != Store(str(tmp_path / "plain")).fingerprint
+    # u0 u1 u2 u3 (9.0 s) | u4 u5 u6 (7.6 s) | u7 (2.9 s): each window encoded once
+    window = np.concatenate([waves[u] for u in ("u4", "u5", "u6")])
+    frames = be.encode([window])[0].numpy().astype(np.float16)
+    starts = [0, round(3.6 * 50), round(5.8 * 50), len(frames)]
+    for u, s, e in zip(("u4", "u5", "u6"), starts, starts[1:]):
+        assert store[u].shape == frames[s:e].shape  # (batched windows: float16 rounding)
+        np.testing.assert_allclose(store[u].astype(np.float32), frames[s:e].astype(np.float32),
+                                   atol=4e-3, rtol=4e-3)
+        assert store.attrs(u)["pack"] == "u4"
+    assert store.attrs("u5")["pack_start"] == pytest.approx(3.6)
+    assert "pack" not in store.attrs("u7")  # alone in its window
+    assert sum(len(store[u]) for u in store.ids) == pytest.approx(
+        sum(len(Store(str(tmp_path / "plain"))[u]) for u in store.ids), abs=3)
+    # the stages read it as any other store
+    from lalmtool.pool import pool_store
+    from lalmtool.segment import segment
+
+    segment(str(tmp_path / "packed"), "uniform", str(tmp_path / "seg"), k=3)
+    pooled = Store(pool_store(str(tmp_path / "packed"), str(tmp_path / "seg"), "mean",
+                              str(tmp_path / "pooled"))["store"])
+    assert {u: len(pooled[u]) for u in pooled.ids} == {
+        u: math.ceil(len(store[u]) / 3) for u in store.ids}
+
+
+def test_pack_options_are_checked_and_group_fields_must_exist(tiny_whisper, clips, tmp_path):
+    m, _ = clips
+    with pytest.raises(ValueError, match="--pack must be a number of seconds > 0"):
+        extract(m, tiny_whisper, str(tmp_path / "a"), pack=0)
+    with pytest.raises(ValueError, match="--pack-group needs --pack"):
+        extract(m, tiny_whisper, str(tmp_path / "a"), pack_group="speaker")
+    with pytest.raises(ValueError, match="--pack-group 'chapter': 8 utterance"):
+        extract(m, tiny_whisper, str(tmp_path / "a"), pack=10.0, pack_group="chapter")
+    assert not os.path.exists(tmp_path / "a")

@@ -1,10 +1,13 @@
 """extract throughput: the whole stage vs a bare encoder forward on the same batches.
 
 Usage: python benchmarks/bench_extract.py [--model whisper-tiny.en] [--copies 8] [--batch-size 4]
+           [--pack 30]
 
 Runs ``lalmtool extract`` over the real LibriVox clips (repeated ``--copies`` times) and times
 the encoder alone on the same 30 s windows in the same batches (log-mel features precomputed),
-then prints audio seconds per wall second for both and the pipeline overhead.
+then prints audio seconds per wall second for both and the pipeline overhead; with ``--pack``,
+also ``extract --pack`` on the same manifest in the same run: encoder windows and speed, and
+the ratios to the unpacked extract.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--model", default="whisper-tiny.en")
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--pack", type=float, help="also extract --pack SECONDS (e.g. 30)")
     args = ap.parse_args()
     wavs = sorted(f for f in os.listdir(LIBRIVOX) if f.endswith(".wav"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,15 +55,25 @@ def main() -> None:
                 be.model.model.encoder(mel)
             bare = time.perf_counter() - t0
         t0 = time.perf_counter()
-        extract(manifest, args.model, os.path.join(tmp, "feats"), batch_size=args.batch_size,
-                shard_size=len(waves))
+        plain = extract(manifest, args.model, os.path.join(tmp, "feats"),
+                        batch_size=args.batch_size, shard_size=len(waves))
         full = time.perf_counter() - t0
+        if args.pack:
+            t0 = time.perf_counter()
+            packed = extract(manifest, args.model, os.path.join(tmp, "packed"),
+                             batch_size=args.batch_size, shard_size=len(waves), pack=args.pack)
+            pack_s = time.perf_counter() - t0
     print(f"utterances {len(waves)}, audio {audio_s:.1f} s, batch {args.batch_size}, "
           f"threads {torch.get_num_threads()}")
     print(f"bare encoder forward : {audio_s / bare:8.1f} audio s per wall s ({bare:.2f} s)")
     print(f"lalmtool extract     : {audio_s / full:8.1f} audio s per wall s ({full:.2f} s, "
           f"model load and store writing included)")
     print(f"pipeline overhead    : {100 * (full / bare - 1):8.1f} %")
+    if args.pack:
+        print(f"extract --pack {args.pack:g}  : {audio_s / pack_s:8.1f} audio s per wall s "
+              f"({pack_s:.2f} s), {packed['windows']} encoder windows against "
+              f"{plain['windows']}: {plain['windows'] / packed['windows']:.1f}x fewer, "
+              f"{full / pack_s:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def prefill_fn(be, feats: torch.Tensor):
             return core.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=True, logits_to_keep=1)
     else:
-        from lalmtool.models.qwen2_audio import logits_only
+        from lalmtool.models.base import logits_only
 
         def run():
             with logits_only(be._core().get_output_embeddings(), lambda h: h[:, -1:]):

@@ -204,7 +204,8 @@ def test_pool_refuses_an_out_in_the_poolers_adapter_directory(learnt, tmp_path):
 
 def test_a_stated_duration_that_is_not_the_files_is_named_and_hours_come_from_files(  # T29
         tmp_path, caplog):
-    from lalmtool.manifest import audio_hours, load_manifest
+    from lalmtool import manifest
+    from lalmtool.manifest import load_manifest
 
     for name, sec in (("a", 1.0), ("b", 3.0)):
         sf.write(tmp_path / f"{name}.wav", tone(sec), 16000)
@@ -221,5 +222,5 @@ def test_a_stated_duration_that_is_not_the_files_is_named_and_hours_come_from_fi
         "is the utterance (read whole, and counted at the file's length): give 'offset' to use "
         "a span of the file, or correct 'duration'"]
     assert [u.duration for u in utts] == [2.5, 1.05, 1.5, 3.0]  # as stated
-    assert audio_hours(utts) == pytest.approx((1.0 + 1.0 + 1.5 + 3.0) / 3600)
+    assert manifest.audio_hours(utts) == pytest.approx((1.0 + 1.0 + 1.5 + 3.0) / 3600)
     assert "audio_seconds" not in utts[0].to_json()

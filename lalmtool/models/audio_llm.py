@@ -40,9 +40,8 @@ import numpy as np
 import torch
 
 from ..options import Options, option
-from .base import (DTYPES, DecoderOnlyBackend, encode_in_windows, next_token_targets,
-                   resolve_dtype, token_mean_loss)
-from .qwen2_audio import LANGUAGE_NAMES, SplicedBatch, logits_only
+from .base import DTYPES, SplicedBackend, SplicedBatch, encode_in_windows, resolve_dtype
+from .qwen2_audio import LANGUAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ class _Reached(Exception):
         self.embeds = embeds
 
 
-class AudioLLMBackend(DecoderOnlyBackend):
+class AudioLLMBackend(SplicedBackend):
     """One transformers audio LLM family (``family``; read from the checkpoint when None)."""
 
     Options = AudioLLMOptions
@@ -423,25 +422,6 @@ class AudioLLMBackend(DecoderOnlyBackend):
         embeds = embeds.masked_scatter(lay.slots[..., None], self.project(feats).to(embeds.dtype))
         return SplicedBatch(lay.ids, embeds, lay.mask, lay.positions, lay.labels)
 
-    # -- decoder -------------------------------------------------------------------------
-    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
-        """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
-        batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts, targets = next_token_targets(batch.labels)
-        with logits_only(self._core().get_output_embeddings(), lambda h: h[predicts]):
-            logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        return token_mean_loss(logits, targets)
-
-    @torch.inference_mode()
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
-        """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
-        batch = self.build_inputs(feats, padding_side="left")
-        core = self._core()
-        config = self.generation_config(beam, max_new_tokens)
-        with logits_only(core.get_output_embeddings(), lambda h: h[:, -1:]):
-            return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
-                                      attention_mask=batch.attention_mask)
 
 
 @functools.cache

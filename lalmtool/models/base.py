@@ -6,6 +6,7 @@ as a list of float tensors ``[T_i, D]`` (one per utterance; compressed or not).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from abc import ABC, abstractmethod
@@ -251,6 +252,65 @@ class DecoderOnlyBackend(Backend):
                         "without it (transformers' dynamic KV cache, eager)", why)
             self.compile = False
         return lm.generate(**inputs, generation_config=config)
+
+
+@dataclass
+class SplicedBatch:
+    """LLM inputs with the audio frames written in place of the placeholders."""
+
+    ids: torch.Tensor  # [B, L] token ids (placeholders and padding included), for inspection
+    inputs_embeds: torch.Tensor  # [B, L, H]
+    attention_mask: torch.Tensor  # [B, L] 1 = real token
+    position_ids: torch.Tensor  # [B, L] positions counted over real tokens only
+    labels: torch.Tensor | None  # [B, L] the token to learn at each position, -100 elsewhere
+
+    def model_inputs(self) -> dict:
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+@contextlib.contextmanager
+def logits_only(lm_head: torch.nn.Module, select):
+    """Within the block ``lm_head`` maps ``select(hidden_states)`` only.
+
+    ``Qwen2AudioForConditionalGeneration.forward`` takes no ``logits_to_keep`` and would compute
+    logits at every position: [B, L, vocab], 4.7 GB in bf16 for 10 min of audio with the 7B's
+    156k-word vocabulary, where the loss needs the target positions and generation the last one.
+    """
+    handle = lm_head.register_forward_pre_hook(lambda _module, args: (select(args[0]),))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class SplicedBackend(DecoderOnlyBackend):
+    """A decoder-only backend whose model reads ``inputs_embeds``: the audio rows are written into
+    the prompt's embeddings (``build_inputs`` → ``SplicedBatch``), then the model's own forward
+    gives the loss and its own ``generate`` the new tokens (qwen2-audio, the audio LLM families)."""
+
+    def build_inputs(self, feats: list[torch.Tensor], texts: list[str] | None = None,
+                     padding_side: str = "right") -> SplicedBatch:
+        raise NotImplementedError
+
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
+        batch = self.build_inputs(feats, texts, padding_side="right")
+        predicts, targets = next_token_targets(batch.labels)
+        with logits_only(self._core().get_output_embeddings(), lambda h: h[predicts]):
+            logits = self.model(**batch.model_inputs(), use_cache=False).logits
+        return token_mean_loss(logits, targets)
+
+    @torch.inference_mode()
+    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
+                     max_new_tokens: int = 200) -> torch.Tensor:
+        """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
+        batch = self.build_inputs(feats, padding_side="left")
+        core = self._core()
+        config = self.generation_config(beam, max_new_tokens)
+        with logits_only(core.get_output_embeddings(), lambda h: h[:, -1:]):
+            return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
+                                      attention_mask=batch.attention_mask)
 
 
 def _reason(e: BaseException) -> str:

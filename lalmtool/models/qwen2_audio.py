@@ -91,7 +91,6 @@ checkpoints the chat template is used automatically (``prompt_style: chat``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import typing
 from dataclasses import dataclass
@@ -103,8 +102,7 @@ from transformers import (AutoProcessor, AutoTokenizer, Qwen2AudioForConditional
 from transformers.masking_utils import create_bidirectional_mask
 
 from ..options import Options, option
-from .base import (DTYPES, DecoderOnlyBackend, encode_in_windows,
-                   next_token_targets, resolve_dtype, token_mean_loss)
+from .base import DTYPES, SplicedBackend, SplicedBatch, encode_in_windows, resolve_dtype
 
 WINDOW_SECONDS = 30
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
@@ -119,21 +117,6 @@ LANGUAGE_NAMES = {
     "id": "Indonesian", "lv": "Latvian", "mn": "Mongolian", "sl": "Slovenian", "sv": "Swedish",
     "ta": "Tamil", "tr": "Turkish",
 }
-
-
-@dataclass
-class SplicedBatch:
-    """LLM inputs with the audio frames written in place of the placeholders."""
-
-    ids: torch.Tensor  # [B, L] token ids (placeholders and padding included), for inspection
-    inputs_embeds: torch.Tensor  # [B, L, H]
-    attention_mask: torch.Tensor  # [B, L] 1 = real token
-    position_ids: torch.Tensor  # [B, L] positions counted over real tokens only
-    labels: torch.Tensor | None  # [B, L] the token to learn at each position, -100 elsewhere
-
-    def model_inputs(self) -> dict:
-        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
 
 
 @dataclass
@@ -168,7 +151,7 @@ class Qwen2AudioOptions(Options):
                              "instruction")
 
 
-class Qwen2AudioBackend(DecoderOnlyBackend):
+class Qwen2AudioBackend(SplicedBackend):
     Options = Qwen2AudioOptions
     name = "qwen2-audio"
     #: q/k/v/o and gate/up/down of every decoder layer; the audio tower's layers never match.
@@ -333,40 +316,6 @@ class Qwen2AudioBackend(DecoderOnlyBackend):
         embeds = embeds.masked_scatter(slots[..., None], audio)
         return SplicedBatch(ids, embeds, mask, lay.positions, lay.labels)
 
-    # -- decoder -------------------------------------------------------------------------
-    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
-        """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
-        batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts, targets = next_token_targets(batch.labels)
-        with logits_only(self._core().lm_head, lambda h: h[predicts]):
-            logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        return token_mean_loss(logits, targets)
-
-    @torch.inference_mode()
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
-        """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
-        batch = self.build_inputs(feats, padding_side="left")
-        core = self._core()
-        config = self.generation_config(beam, max_new_tokens)
-        with logits_only(core.lm_head, lambda h: h[:, -1:]):  # the prefill's last
-            return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
-                                      attention_mask=batch.attention_mask)
-
-
-@contextlib.contextmanager
-def logits_only(lm_head: torch.nn.Module, select):
-    """Within the block ``lm_head`` maps ``select(hidden_states)`` only.
-
-    ``Qwen2AudioForConditionalGeneration.forward`` takes no ``logits_to_keep`` and would compute
-    logits at every position: [B, L, vocab], 4.7 GB in bf16 for 10 min of audio with the 7B's
-    156k-word vocabulary, where the loss needs the target positions and generation the last one.
-    """
-    handle = lm_head.register_forward_pre_hook(lambda _module, args: (select(args[0]),))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _language_name(code: str) -> str:

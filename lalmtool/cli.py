@@ -157,10 +157,10 @@ def manifest() -> None:
 @click.option("--no-text", is_flag=True, help="Do not require transcripts.")
 def manifest_validate(path: str, no_text: bool) -> None:
     """Report every problem of a manifest at once (exit status 1 if any)."""
-    from .manifest import load_manifest
+    from .manifest import audio_hours, load_manifest
 
     utts, _ = _run(load_manifest, path, on_error="fail", need_text=not no_text)
-    hours = sum(u.duration or 0 for u in utts) / 3600
+    hours = audio_hours(utts)
     click.echo(f"{path}: {len(utts)} utterances, {hours:.3f} h, no problems")
 
 

@@ -222,12 +222,16 @@ def _check_pooler_heads(cfg: TrainConfig, feats: str) -> None:
                          f"{dim} of {feats}; give a divisor of {dim}")
 
 
-def _check_init_pooler(cfg: TrainConfig, init_adapter: str | None, feats: str) -> None:
-    """A run continued from ``init_adapter``'s learnt pooler trains that pooler as it is: the
-    pooler options (recorded in config.yaml and run.json) must say its shape (before OUT is
-    made); ``pooler_width`` null (sized from the boundaries) takes the adapter's."""
+def _init_pooler_config(cfg: TrainConfig, init_adapter: str | None,
+                        feats: str) -> TrainConfig:
+    """``cfg`` with the pooler options of the learnt pooler that ``init_adapter`` holds: a run
+    continued from it trains that pooler as it is, so config.yaml and run.json record its shape
+    (options that said another are named in a warning); its frames' dimension must be the
+    features' (before OUT is made)."""
+    import dataclasses
+
     if not has_pooler(init_adapter):
-        return
+        return cfg
     from .pooler import CONFIG_FILE
 
     path = os.path.join(init_adapter, CONFIG_FILE)
@@ -243,15 +247,15 @@ def _check_init_pooler(cfg: TrainConfig, init_adapter: str | None, feats: str) -
     given = {"pooler_heads": cfg.pooler_heads, "pooler_rank": cfg.pooler_rank,
              "pooler_width": cfg.pooler_width}
     held = {f"pooler_{k}": shape.get(k) for k in ("heads", "rank", "width")}
-    differ = [k for k, v in given.items() if v is not None and v != held[k]]
-    if differ:
-        raise ValueError(
-            f"--init-adapter {init_adapter} holds a learnt pooler of "
-            f"{', '.join(f'{k}={held[k]}' for k in differ)}, the training options say "
-            f"{', '.join(f'{k}={given[k]}' for k in differ)}: a run continued from it trains "
-            "that pooler as it is. Leave the pooler options at the adapter's "
-            f"({', '.join(f'--{k} {held[k]}' for k in differ)}), or drop --init-adapter "
-            "(a new pooler of the options' shape)")
+    differ = [k for k, v in given.items() if v != held[k]]
+    said = [k for k in differ if given[k] is not None]  # (pooler_width null: not said)
+    if said:
+        log.warning("finetune: --init-adapter %s holds a learnt pooler of %s, the training "
+                    "options said %s: a run continued from it trains that pooler as it is, so "
+                    "config.yaml and run.json record the adapter's (drop --init-adapter for a "
+                    "new pooler of the options' shape)", init_adapter,
+                    ", ".join(f"{k}={held[k]}" for k in said),
+                    ", ".join(f"{k}={given[k]}" for k in said))
     store = Store(feats)
     dim = int(store.dataset(store.ids[0]).shape[1]) if store.ids else shape.get("dim")
     if shape.get("dim") != dim:
@@ -259,6 +263,7 @@ def _check_init_pooler(cfg: TrainConfig, init_adapter: str | None, feats: str) -
                          f"{shape.get('dim')}-dimensional frames, {feats} holds {dim}-"
                          "dimensional ones: give the features it was trained on (the same "
                          "model and tap), or drop --init-adapter")
+    return dataclasses.replace(cfg, **{k: held[k] for k in differ})
 
 
 def _check_teacher_frames(teacher: str) -> None:
@@ -573,7 +578,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         if store and seg:  # before OUT is made
             _segments_of(Store(store), seg)
     if segments:
-        _check_init_pooler(cfg, init_adapter, feats)
+        cfg = _init_pooler_config(cfg, init_adapter, feats)
         _check_pooler_heads(cfg, feats)
     for flag, path in (("--init-adapter", init_adapter), ("--teacher", teacher)):
         if path and not os.path.isfile(os.path.join(path, "adapter_config.json")):

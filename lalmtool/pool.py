@@ -90,7 +90,10 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                          "is the one `lalmtool finetune --segments` saved with its adapter")
     if nj < 1:
         raise ValueError(f"--nj must be >= 1, got {nj}")
-    check_out(out, feats, segments, inside={"--pooler": pooler} if pooler else None)
+    # not into (or around) the adapter directory of the pooler (one that holds none is
+    # refused as such below)
+    check_out(out, feats, segments,
+              inside={"--pooler": pooler} if learnt.has_pooler(pooler) else None)
     src = feature_store(feats)
     seg = boundaries_of(src, segments)
     used = None  # the learnt pooler, by path and identity

@@ -1,6 +1,6 @@
 """Round three of trying to break lalmtool (FAULTS.md, round 3), second part: contradictions
-refused before OUT is made (T7, T9, T17, T25, T28), clear messages (T24, T26, T27), what a report
-row and a manifest's hours stand for (T15, T29)."""
+refused before OUT is made (T9, T17, T25, T28), clear messages (T24, T26, T27), what a run's
+config, a report row and a manifest's hours stand for (T7, T15, T29)."""
 import json
 import logging
 import os
@@ -36,25 +36,34 @@ def learnt(decoded, audio_set, tiny_whisper_lm, tmp_path):
     return feats, seg, adapter
 
 
-def test_init_adapter_whose_pooler_has_other_heads_is_refused_before_out(  # T7
-        learnt, audio_set, tiny_whisper_lm, tmp_path):
+def test_a_run_continued_from_a_pooler_records_the_shape_it_trains(  # T7
+        learnt, audio_set, tiny_whisper_lm, tmp_path, caplog):
+    """The pooler of --init-adapter is continued as it is (tests/test_learnt_pooler.py relies on
+    it), so config.yaml and run.json say its shape, not the options' other one, and say so."""
+    import yaml
+
     from lalmtool.finetune import TrainConfig, finetune
 
     feats, seg, adapter = learnt
     out = tmp_path / "again"
-    with pytest.raises(ValueError) as err:
-        finetune(feats, audio_set, tiny_whisper_lm, str(out), TrainConfig(**CFG, pooler_heads=4),
-                 segments=seg, init_adapter=adapter)
-    assert str(err.value) == (
-        f"--init-adapter {adapter} holds a learnt pooler of pooler_heads=8, the training options "
-        "say pooler_heads=4: a run continued from it trains that pooler as it is. Leave the "
-        "pooler options at the adapter's (--pooler_heads 8), or drop --init-adapter (a new "
-        "pooler of the options' shape)")
-    assert not out.exists()
-    # the adapter's own shape is what a continued run says: accepted, and trained as said
-    summary = finetune(feats, audio_set, tiny_whisper_lm, str(out),
-                       TrainConfig(**CFG, pooler_heads=8), segments=seg, init_adapter=adapter)
+    with caplog.at_level(logging.WARNING, logger="lalmtool"):
+        summary = finetune(feats, audio_set, tiny_whisper_lm, str(out),
+                           TrainConfig(**CFG, pooler_heads=4), segments=seg, init_adapter=adapter)
+    width = json.loads((tmp_path / "learnt" / "adapter" / "pooler.json").read_text())["width"]
+    assert [r.getMessage() for r in caplog.records if "--init-adapter" in r.getMessage()] == [
+        f"finetune: --init-adapter {adapter} holds a learnt pooler of pooler_heads=8, the "
+        "training options said pooler_heads=4: a run continued from it trains that pooler as it "
+        "is, so config.yaml and run.json record the adapter's (drop --init-adapter for a new "
+        "pooler of the options' shape)"]
     assert summary["pooler"]["heads"] == 8
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    recorded = json.loads((out / "run.json").read_text())["config"]
+    for said in (config, recorded):
+        assert (said["pooler_heads"], said["pooler_rank"], said["pooler_width"]) == (8, 64, width)
+    # the same command again is the same run: finished, nothing to do
+    again = finetune(feats, audio_set, tiny_whisper_lm, str(out),
+                     TrainConfig(**CFG, pooler_heads=4), segments=seg, init_adapter=adapter)
+    assert again["steps"] == summary["steps"]
 
 
 def test_a_teacher_trained_on_pooled_tokens_is_refused_by_name(  # T9

@@ -238,6 +238,8 @@ fi
 
 if run_stage 6 "score (st: BLEU/chrF, asr: WER) and report"; then
   case "$tgt_lang" in zh*) tok=zh ;; ja*) tok=ja-mecab ;; ko*) tok=ko-mecab ;; *) tok=13a ;; esac
+  compgen -G "$exp/decode/*/*/hyp.jsonl" > /dev/null || {
+    echo "[$recipe] no decodes under $exp/decode: run stage 5 first" >&2; exit 1; }
   for hyp in "$exp"/decode/*/*/hyp.jsonl; do
     name=$(basename "$(dirname "$(dirname "$hyp")")"); set=$(basename "$(dirname "$hyp")")
     case "$name" in

@@ -163,8 +163,11 @@ def test_the_adapter_carries_its_backend_options_beside_its_weights(whisper_data
                              extra={"positions": "global"}))
     moved = tmp_path / "elsewhere" / "adapter"  # copied alone: no run (config.yaml) around it
     shutil.copytree(s["adapter"], moved)
+    from lalmtool.models import base_weights
+
     assert json.loads((moved / "backend.json").read_text()) == {
-        "backend": "whisper", "backend_options": {"positions": "global"}}
+        "backend": "whisper", "backend_options": {"positions": "global"},
+        "base_weights": base_weights(tiny_whisper_lm)}
     assert training_options(str(moved), "whisper") == {"positions": "global"}
     with pytest.raises(ValueError, match=r"was trained with the whisper backend \(.*backend.json"
                                          r"\); decode it with --backend whisper"):

@@ -31,7 +31,7 @@ from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
 from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
-                     load_adapter, load_backend, training_options)
+                     concrete_backend, load_adapter, load_backend, training_options)
 from .parallel import barrier, check_out, dist_info, progress, resolve_device
 from .pool import condition_of
 from .store import Store, StoreError, fingerprint
@@ -69,6 +69,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         raise ValueError(f"--too-long must be fail or chunk, not {too_long!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    backend = concrete_backend(backend, model)
     check_out(out, feats)  # hypotheses never go into the store
     rank, world = dist_info()
     store = _feature_store(feats)

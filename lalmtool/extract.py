@@ -30,7 +30,8 @@ import numpy as np
 from .audio import audio_identity, load_audio
 from .lock import output_lock
 from .manifest import Utterance, field_values, load_manifest
-from .models import BACKENDS, backend_options, check_backend_options, load_backend
+from .models import (BACKENDS, backend_options, check_backend_options, concrete_backend,
+                     load_backend)
 from .fileio import model_identity
 from .parallel import resolve_device, run_sharded
 from .store import SKIPPED_FILE, ShardResult, StoreError, StoreWriter, fingerprint, plan_shards
@@ -61,6 +62,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: is a file; give a directory for the feature store")
     check_model_path(model)
+    backend = concrete_backend(backend, model)
     backend_opts = dict(backend_opts or {})
     utts, skipped = load_manifest(manifest, on_error=on_error)
     by_id = {u.id: u for u in utts}

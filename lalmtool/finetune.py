@@ -44,6 +44,7 @@ with finetune's ``_train_step``, ``_validate`` and ``_save_checkpoint``, and at 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,7 +64,8 @@ from .lock import output_lock
 from .manifest import field_values, load_manifest
 from .assets import resolve_model
 from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
-                     check_backend_options, check_tap, load_adapter, load_backend)
+                     check_backend_options, check_tap, concrete_backend, load_adapter,
+                     load_backend)
 from .options import option
 from .parallel import check_out
 from .pool import boundaries_of, compression_steps, condition_of, feature_store
@@ -228,7 +230,6 @@ def _init_pooler_config(cfg: TrainConfig, init_adapter: str | None,
     continued from it trains that pooler as it is, so config.yaml and run.json record its shape
     (options that said another are named in a warning); its frames' dimension must be the
     features' (before OUT is made)."""
-    import dataclasses
 
     if not has_pooler(init_adapter):
         return cfg
@@ -554,6 +555,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     the frames to distil from (``cfg.distill``). A rerun into ``out`` resumes the same run
     (same configuration and inputs) or is refused; ``force`` starts over."""
     check_out(out, feats, *filter(None, [valid_feats, segments, valid_segments, teacher]))
+    if cfg.backend != concrete_backend(cfg.backend, model):  # audio-llm: the family's name
+        cfg = dataclasses.replace(cfg, backend=concrete_backend(cfg.backend, model))
     for flag, store in (("--feats", feats), ("--valid-feats", valid_feats)):
         if store:  # features, not boundaries (before OUT is made)
             feature_store(store, flag)

@@ -120,7 +120,8 @@ class Transcriber:
                  batch_size: int = 8, max_new_tokens: int | None = None,
                  piece_seconds: float | None = None, **backend_opts):
         from .decode import _load, _model_dir
-        from .models import BACKEND_FILE, check_adapter_base, check_backend_options
+        from .models import (BACKEND_FILE, check_adapter_base, check_backend_options,
+                             concrete_backend)
         from .parallel import resolve_device
 
         from .export import read_export
@@ -138,7 +139,7 @@ class Transcriber:
             if backend and backend != trained:
                 raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
                                  f"({BACKEND_FILE}); leave --backend out or give {trained}")
-        self.backend = backend or trained or "whisper"
+        self.backend = concrete_backend(backend or trained or "whisper", model)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
         record = adapter_compression(adapter) if adapter else \

@@ -315,3 +315,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
         grads.append((float(loss.detach()), q.grad))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_audio_llm_records_the_family_so_every_stage_can_name_it(tmp_path):
+    from lalmtool.decode import decode
+    from lalmtool.extract import extract
+    from lalmtool.store import Store
+
+    path = write_random_audio_llm("glm-asr", str(tmp_path / "ckpt"))
+    sf.write(tmp_path / "a.wav", tone(1.2), 16000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "audio": "a.wav", "text": "the"}])
+    feats = extract(m, path, str(tmp_path / "feats"), backend="audio-llm")["store"]
+    assert Store(feats).meta["backend"] == "glm-asr"
+    for name in ("glm-asr", "audio-llm"):
+        info = decode(feats, path, str(tmp_path / f"dec-{name}"), backend=name, max_new_tokens=2)
+        assert info["backend"] == "glm-asr"

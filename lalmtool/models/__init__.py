@@ -37,6 +37,17 @@ def backend_class(name: str) -> type:
     return found.for_family(family) if family else found
 
 
+def concrete_backend(name: str, model: str) -> str:
+    """The backend name a run records: ``audio-llm`` becomes the family of ``model``'s
+    checkpoint (so that stores and adapters name the family), every other name stays."""
+    if name != "audio-llm":
+        return name
+    from ..assets import resolve_model
+    from .audio_llm import family_of
+
+    return family_of(resolve_model(model)).name
+
+
 def load_backend(name: str, model: str, **kwargs) -> Backend:
     """Instantiates backend ``name`` on ``model`` (a local directory, asset name or hub id)
     with its options ``kwargs`` (and ``device``); the commands check the options first

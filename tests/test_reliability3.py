@@ -223,3 +223,23 @@ def test_a_pooler_is_refused_on_other_boundaries_or_when_damaged(  # T14, T18, T
     with pytest.raises(ValueError, match=rf"--pooler {broken}: .*pooler.json cannot be read as "
                                          "the pooler's shape"):
         pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)
+
+
+def test_refused_forced_extract_segment_pool_leave_out_byte_identical(  # the rule, per command
+        decoded, audio_set, tiny_whisper_lm, tmp_path):
+    feats, pooled, _ = decoded
+    seg = str(tmp_path / "seg")
+    cases = [
+        (feats, lambda: extract(audio_set, tiny_whisper_lm, feats, force=True,
+                                backend_opts={"positions": "sideways"}), "positions"),
+        (feats, lambda: extract(audio_set, tiny_whisper_lm, feats, force=True, pack=-1),
+         "--pack must be"),
+        (seg, lambda: segment(feats, "uniform", seg, k=0, force=True), "--k must be"),
+        (pooled, lambda: pool_store(feats, seg, "median", pooled, force=True),
+         "unknown reducer"),
+    ]
+    for out, run, said in cases:
+        before = snapshot(out)
+        with pytest.raises(ValueError, match=said):
+            run()
+        assert snapshot(out) == before, said

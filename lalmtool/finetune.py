@@ -612,33 +612,42 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         for ex in filter(None, (train, valid)):
             check_positions(be, ex, model)
         if dist.rank == 0:
-            trainer.prepare_out(out, cfg, inputs(), force, "a finetune run", RUN_OUTPUTS)
+            trainer.prepare_out(out, cfg, inputs(), force, "a finetune run", RUN_OUTPUTS,
+                                stash=True)
         dist.barrier("the start of training")
-        fits = length_check(be, train) if cfg.concat_seconds is not None else None
-        job = Job(be, peft_model, fits,
-                  pooler=_pooler(cfg, train, dist.device, init_adapter) if segments else None,
-                  teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
-        if job.pooler is not None:
-            log.info("finetune: a learnt pooler (%s, %d parameters) trained with the LoRA on %s"
-                     "%s", job.pooler.config, job.pooler.size,
-                     segments, f", distilled from {teacher} (distill {cfg.distill:g})"
-                     if teacher else "")
-        if cfg.shard == "fsdp" and dist.world > 1:  # in place: be.model stays the peft model
-            trainer.shard_model(peft_model, dist)
-        elif cfg.shard == "fsdp":
-            log.info("finetune: shard=fsdp without torchrun: one process holds the whole model")
-        params = [p for p in peft_model.parameters() if p.requires_grad]  # (sharded ones)
-        run = trainer.Run(out, cfg, dist, peft_model,
-                          params + (list(job.pooler.parameters()) if job.pooler else []),
-                          _total_steps(cfg, train, dist.world, fits), job)
-        trainer.resume(run, lambda ck: _restore(run, ck))
-        if dist.world > 1 and cfg.shard == "ddp":
-            be.model = run.model = torch.nn.parallel.DistributedDataParallel(peft_model)
-        if valid is not None:  # long inputs are validated on long inputs, cut once
-            run.job.valid_items = joined_examples(valid, cfg, 0,
-                                                  fits and length_check(be, valid))
-        _train(run, train, valid)
-        return _export(run, feats, model, segments)
+        try:  # a forced run that fails puts back the run it replaced (OUT/.replaced)
+            fits = length_check(be, train) if cfg.concat_seconds is not None else None
+            job = Job(be, peft_model, fits,
+                      pooler=_pooler(cfg, train, dist.device, init_adapter) if segments else None,
+                      teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
+            if job.pooler is not None:
+                log.info("finetune: a learnt pooler (%s, %d parameters) trained with the LoRA on %s"
+                         "%s", job.pooler.config, job.pooler.size,
+                         segments, f", distilled from {teacher} (distill {cfg.distill:g})"
+                         if teacher else "")
+            if cfg.shard == "fsdp" and dist.world > 1:  # in place: be.model stays the peft model
+                trainer.shard_model(peft_model, dist)
+            elif cfg.shard == "fsdp":
+                log.info("finetune: shard=fsdp without torchrun: one process holds the whole model")
+            params = [p for p in peft_model.parameters() if p.requires_grad]  # (sharded ones)
+            run = trainer.Run(out, cfg, dist, peft_model,
+                              params + (list(job.pooler.parameters()) if job.pooler else []),
+                              _total_steps(cfg, train, dist.world, fits), job)
+            trainer.resume(run, lambda ck: _restore(run, ck))
+            if dist.world > 1 and cfg.shard == "ddp":
+                be.model = run.model = torch.nn.parallel.DistributedDataParallel(peft_model)
+            if valid is not None:  # long inputs are validated on long inputs, cut once
+                run.job.valid_items = joined_examples(valid, cfg, 0,
+                                                      fits and length_check(be, valid))
+            _train(run, train, valid)
+            summary = _export(run, feats, model, segments)
+        except Exception:
+            if dist.rank == 0:
+                trainer.restore_replaced(out, RUN_OUTPUTS)
+            raise
+        if dist.rank == 0:
+            trainer.drop_replaced(out)
+        return summary
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -329,8 +329,13 @@ def run_record(cfg: TrainingOptions, inputs: dict) -> dict:
     return {"config": dataclasses.asdict(cfg), "inputs": inputs}
 
 
+#: Where a starting-over run keeps the outputs it replaces until it has finished
+#: (``stash``): put back if it fails, removed when it succeeds.
+REPLACED = ".replaced"
+
+
 def prepare_out(out: str, cfg: TrainingOptions, inputs: dict, force: bool, what: str,
-                outputs: tuple[str, ...]) -> None:
+                outputs: tuple[str, ...], stash: bool = False) -> None:
     """Rank 0, under the lock: refuses to continue another run in ``out``; starts over with
     ``force`` (or when nothing was checkpointed), removing ``outputs``; records the run
     (run.json, config.yaml)."""
@@ -344,8 +349,16 @@ def prepare_out(out: str, cfg: TrainingOptions, inputs: dict, force: bool, what:
                              "--force to start over")
         record.check(path, new, what, type(cfg).defaults(), RESUMABLE)
     if force or not os.path.exists(path) or latest_checkpoint(out) is None:
+        kept = os.path.join(out, REPLACED)
+        # with ``stash``, what is there moves aside (unless an earlier unfinished start
+        # already keeps the run it replaced: then what is there now is that start's)
+        aside = stash and not os.path.isdir(kept) and force and os.path.exists(path)
         for name in (*outputs, RUN_FILE, "config.yaml"):
-            remove(os.path.join(out, name))
+            if aside and os.path.lexists(os.path.join(out, name)):
+                os.makedirs(kept, exist_ok=True)
+                os.replace(os.path.join(out, name), os.path.join(kept, name))
+            else:
+                remove(os.path.join(out, name))
     for stale in glob.glob(os.path.join(out, "*.tmp")) + \
             glob.glob(os.path.join(out, "checkpoints", "*.tmp")):
         remove(stale)  # left by a killed writer
@@ -364,6 +377,24 @@ def finished(out: str, cfg: TrainingOptions, inputs, product: str) -> dict | Non
     same = not record.differences(old, run_record(cfg, inputs()), type(cfg).defaults(),
                                   RESUMABLE)
     return summary if same else None  # else prepare_out refuses, naming what differs
+
+
+def restore_replaced(out: str, outputs: tuple[str, ...]) -> None:
+    """Puts back the run that a failed start replaced (``prepare_out(stash=True)``)."""
+    kept = os.path.join(out, REPLACED)
+    if not os.path.isdir(kept):
+        return
+    for name in (*outputs, RUN_FILE, "config.yaml"):
+        remove(os.path.join(out, name))
+    for name in os.listdir(kept):
+        os.replace(os.path.join(kept, name), os.path.join(out, name))
+    os.rmdir(kept)
+    log.warning("%s: the run failed; the run it was to replace is back in place", out)
+
+
+def drop_replaced(out: str) -> None:
+    """Removes the run that a finished start replaced."""
+    remove(os.path.join(out, REPLACED))
 
 
 def remove(path: str) -> None:

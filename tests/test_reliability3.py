@@ -243,3 +243,32 @@ def test_refused_forced_extract_segment_pool_leave_out_byte_identical(  # the ru
         with pytest.raises(ValueError, match=said):
             run()
         assert snapshot(out) == before, said
+
+
+def test_a_forced_finetune_that_fails_puts_the_run_it_replaced_back(
+        decoded, audio_set, tiny_whisper_lm, tmp_path, monkeypatch):
+    import lalmtool.finetune as F
+
+    _, pooled, _ = decoded
+    out = str(tmp_path / "lora")
+    cfg = dict(max_steps=2, batch_size=2, warmup_steps=0, lora_r=2, save_every=1, log_every=1)
+    F.finetune(pooled, audio_set, tiny_whisper_lm, out, F.TrainConfig(**cfg))
+    before = snapshot(out)
+    real_step = F._train_step
+    calls = []
+
+    def failing(run, train, stream):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated) at step 2")
+        return real_step(run, train, stream)
+    monkeypatch.setattr(F, "_train_step", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        F.finetune(pooled, audio_set, tiny_whisper_lm, out, F.TrainConfig(**cfg, lr=5e-4),
+                   force=True)
+    assert snapshot(out) == before and not os.path.exists(os.path.join(out, ".replaced"))
+    monkeypatch.setattr(F, "_train_step", real_step)
+    s = F.finetune(pooled, audio_set, tiny_whisper_lm, out, F.TrainConfig(**cfg, lr=5e-4),
+                   force=True)
+    assert s["steps"] == 2 and not os.path.exists(os.path.join(out, ".replaced"))
+    assert snapshot(out) != before

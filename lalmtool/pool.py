@@ -100,6 +100,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     if pooler:  # a clear error before anything is written
         dim = learnt.load(pooler).config["dim"]
         learnt.check_boundaries(pooler, seg.meta, segments)
+        _check_pooler_base(pooler, src)
         have = int(src.dataset(src.ids[0]).shape[1]) if src.ids else dim
         if have != dim:
             raise ValueError(f"--pooler {pooler} pools {dim}-dimensional frames, {feats} holds "
@@ -143,6 +144,26 @@ def _worker(feats: str, segments: str, reduce: str, pooler: str | None):
         return result, stats
 
     return run
+
+
+def _check_pooler_base(pooler: str, src: Store) -> None:
+    """Refuses a pooler trained on another base model than the one that extracted ``src``
+    (where that model is still found)."""
+    from .assets import resolve_model
+    from .models import check_adapter_base
+
+    meta = src.meta
+    while "source_meta" in meta:
+        meta = meta["source_meta"]
+    model = meta.get("model")
+    if not model:
+        return
+    try:
+        model_dir = resolve_model(model)
+    except Exception:  # noqa: BLE001 - an asset or path that is not here any more
+        return
+    if os.path.isdir(model_dir):
+        check_adapter_base(pooler, model, model_dir, "--pooler")
 
 
 def condition_of(store: Store, reduce: str | None = None) -> tuple[str, dict, str]:

@@ -272,3 +272,28 @@ def test_a_forced_finetune_that_fails_puts_the_run_it_replaced_back(
                    force=True)
     assert s["steps"] == 2 and not os.path.exists(os.path.join(out, ".replaced"))
     assert snapshot(out) != before
+
+
+def test_a_pooler_of_another_base_model_is_refused(decoded, audio_set, tiny_whisper_lm,
+                                                    tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lalmtool.finetune import TrainConfig, finetune
+
+    feats, _, _ = decoded
+    segment(feats, "uniform", str(tmp_path / "k3"), k=3)
+    other = str(tmp_path / "other")  # the same shapes, other weights
+    shutil.copytree(tiny_whisper_lm, other)
+    weights = load_file(os.path.join(other, "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, os.path.join(other, "model.safetensors"),
+              metadata={"format": "pt"})
+    other_feats = extract(audio_set, other, str(tmp_path / "of"))["store"]
+    cfg = TrainConfig(max_steps=1, batch_size=2, warmup_steps=0, lora_r=2, pooler_heads=2)
+    segment(other_feats, "uniform", str(tmp_path / "k3o"), k=3)
+    adapter = finetune(other_feats, audio_set, other, str(tmp_path / "lora"), cfg,
+                       segments=str(tmp_path / "k3o"))["adapter"]
+    with pytest.raises(ValueError, match=f"--pooler {adapter} was trained on another base model"):
+        pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "p"), pooler=adapter)
+    assert not os.path.exists(tmp_path / "p")

@@ -126,7 +126,8 @@ class Transcriber:
 
         from .export import read_export
 
-        trained, exported = None, read_export(_model_dir(model)) if not adapter else None
+        model_dir = _model_dir(model)  # resolved once (an asset name: its cache directory)
+        trained, exported = None, read_export(model_dir) if not adapter else None
         if exported:  # a model written by `lalmtool export`: the adapter is in its weights
             trained = exported["backend"]
             backend_opts = {**exported["backend_options"], **backend_opts}
@@ -167,12 +168,12 @@ class Transcriber:
             if not (adapter or exported):
                 raise ValueError("a learnt compression needs the adapter it was trained with "
                                  "(--adapter)")
-            self.pooler = learnt.load(adapter or _model_dir(model))
+            self.pooler = learnt.load(adapter or model_dir)
         if any(s["method"] == "ctc" for s in steps):
             raise ValueError("ctc boundaries need the CTC head of `lalmtool ctc-segment`: "
                              "transcribe with the stages (extract, ctc-segment, pool, decode)")
         if adapter:
-            check_adapter_base(adapter, model, _model_dir(model))
+            check_adapter_base(adapter, model, model_dir)
         opts = {**training_options(adapter, self.backend), **backend_opts}
         if record is not None and not record.get("trim", True):
             opts.setdefault("trim", False)
@@ -184,8 +185,7 @@ class Transcriber:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.be = _load(self.backend, model, _model_dir(model), resolve_device(device), opts,
-                        adapter)
+        self.be = _load(self.backend, model, model_dir, resolve_device(device), opts, adapter)
         if self.pooler is not None:
             self.pooler = self.pooler.to(self.be.device).eval()
 

@@ -10,6 +10,7 @@ import warnings
 import click
 
 from . import score as score_mod
+from .export import FORMATS, QUANTIZATIONS
 from .methods import METHODS, REDUCERS
 from .models import BACKENDS
 
@@ -793,16 +794,25 @@ def report(exp_dir) -> None:
 @click.option("--out", required=True, help="Folder to write the standalone model to.")
 @click.option("--model", help="The base model (default: the one the adapter names).")
 @click.option("--force", is_flag=True, help="Replace --out (only once the export succeeded).")
-def export_cmd(adapter, out, model, force) -> None:
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              default="transformers", show_default=True,
+              help="ct2: Whisper converted to CTranslate2 (pip install ctranslate2), "
+                   "decoded by CTranslate2.")
+@click.option("--quantization", default="int8", show_default=True,
+              type=click.Choice(QUANTIZATIONS),
+              help="Weights' type of a --format ct2 export.")
+def export_cmd(adapter, out, model, force, fmt, quantization) -> None:
     """A trained compressed model as one standalone directory: the LoRA merged into the base
     model's weights (float32), its tokenizer and processor, and lalmtool.json (backend, options,
     compression; a learnt pooler beside it). `lalmtool transcribe --model OUT` and
     `Transcriber(OUT)` use it without the adapter or any store."""
     from .export import export as run
 
-    record = _run(run, adapter, out, model=model, force=force)
+    record = _run(run, adapter, out, model=model, force=force, format=fmt,
+                  quantization=quantization)
+    what = f"CTranslate2 {quantization}" if fmt == "ct2" else "LoRA merged"
     click.echo(f"wrote {out}: {record['backend']} on {record['compression']['condition']} "
-               f"(LoRA merged; base {record['base_model']})")
+               f"({what}; base {record['base_model']})")
 
 
 @main.command("export-speechllm")

@@ -6,6 +6,11 @@ checkpoint beside the base model's tokenizer and processor files; ``lalmtool.jso
 backend, its options and the compression the adapter was trained on (a learnt pooler's weights
 beside it). ``Transcriber(DIR)`` and ``lalmtool transcribe --model DIR`` use it without peft,
 the adapter or any store; transformers loads it as the base model's class.
+
+``format="ct2"`` (Whisper only) converts the merged weights with CTranslate2's own converter
+(``quantization`` int8, int8_float16, float16 or float32; ``pip install ctranslate2``) and
+``Transcriber(DIR)`` decodes with CTranslate2 (``models/ct2_whisper.py``): the compressed
+memory goes straight into its ``generate``.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from .fileio import write_atomic
 EXPORT_FILE = "lalmtool.json"
 #: Files of the base model that the merged weights replace (not copied).
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+FORMATS = ("transformers", "ct2")
+QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32")
 
 
 def read_export(model_dir: str) -> dict | None:
@@ -30,13 +37,16 @@ def read_export(model_dir: str) -> dict | None:
         return json.load(fh)
 
 
-def export(adapter: str, out: str, model: str | None = None, force: bool = False) -> dict:
+def export(adapter: str, out: str, model: str | None = None, force: bool = False,
+           format: str = "transformers", quantization: str = "int8") -> dict:
     """Writes the model with ``adapter`` merged to ``out`` (``model``: the base model, default
-    the one the adapter names); returns the record written. ``out`` is replaced whole and only
+    the one the adapter names; ``format``: ``transformers`` or ``ct2``, whose weights are
+    stored as ``quantization``); returns the record written. ``out`` is replaced whole and only
     at the end (``force``); a failed export leaves it as it was."""
     import torch
 
     from .decode import _model_dir
+    from .models.ct2_whisper import CT2_KEY
     from .transcribe import COMPRESSION_FILE, Transcriber, adapter_compression
 
     if os.path.exists(out) and not force:
@@ -48,6 +58,11 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
         base = model or json.load(fh).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"--adapter {adapter} does not name its base model: give --model")
+    if format not in FORMATS:
+        raise ValueError(f"--format {format}: choose one of {', '.join(FORMATS)}")
+    if format == "ct2" and quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization {quantization}: choose one of "
+                         f"{', '.join(QUANTIZATIONS)}")
     if adapter_compression(adapter) is None:
         raise ValueError(f"--adapter {adapter} has no {COMPRESSION_FILE} (an adapter from "
                          "before it was recorded): train it again to export it")
@@ -55,6 +70,9 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
     if t.backend == "speechllm":
         raise ValueError("a speechllm adapter is exported with `lalmtool export-speechllm` "
                          "(projector and LLM in one directory)")
+    if format == "ct2" and t.backend != "whisper":
+        raise ValueError(f"--format ct2 exports Whisper only (this adapter is {t.backend}'s); "
+                         "export it with --format transformers")
     merged = t.be.model
     if not all(p.dtype == torch.float32 for p in merged.parameters()) or \
             hasattr(merged, "peft_config"):
@@ -76,8 +94,29 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
                    if k not in ("dtype", "device_map")}
     record = {"backend": t.backend, "backend_options": options,
               "compression": adapter_compression(adapter), "base_model": base,
-              "adapter": os.path.abspath(adapter)}
+              "adapter": os.path.abspath(adapter), "format": format}
+    if format == "ct2":
+        record[CT2_KEY] = {"quantization": quantization,
+                           "max_target_positions": merged.config.max_target_positions}
+        tmp = _to_ct2(tmp, out.rstrip("/") + ".ct2-tmp", quantization)
     write_atomic(os.path.join(tmp, EXPORT_FILE), json.dumps(record, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return record
+
+
+def _to_ct2(merged: str, out: str, quantization: str) -> str:
+    """``merged`` (a transformers Whisper directory) converted to CTranslate2 in ``out``, with
+    its other files (tokenizer, processor, pooler); ``merged`` removed."""
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError as e:
+        raise ValueError("--format ct2 needs CTranslate2: pip install ctranslate2") from e
+    shutil.rmtree(out, ignore_errors=True)
+    keep = [n for n in os.listdir(merged) if n != "config.json"
+            and not n.startswith(("model.safetensors", "model-", "pytorch_model"))]
+    TransformersConverter(merged).convert(out, quantization=quantization)
+    for name in keep:
+        shutil.copy2(os.path.join(merged, name), out)
+    shutil.rmtree(merged)
+    return out

@@ -185,7 +185,13 @@ class Transcriber:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.be = _load(self.backend, model, model_dir, resolve_device(device), opts, adapter)
+        if exported and exported.get("format") == "ct2":
+            from .models.ct2_whisper import Ct2WhisperBackend
+
+            self.be = Ct2WhisperBackend(model_dir, resolve_device(device), **opts)
+        else:
+            self.be = _load(self.backend, model, model_dir, resolve_device(device), opts,
+                            adapter)
         if self.pooler is not None:
             self.pooler = self.pooler.to(self.be.device).eval()
 

@@ -89,6 +89,28 @@ def write_manifest(path, rows: list[dict]) -> str:
     return str(path)
 
 
+#: The five natural-speech LibriVox clips of Debian's pocketsphinx-testdata (24.7 s, 71 words).
+LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
+
+
+def librivox_rows() -> list[dict]:
+    """Manifest rows (id, audio path, text, duration) of the LibriVox clips, in file order."""
+    if not os.path.isfile(os.path.join(LIBRIVOX, "transcription")):
+        pytest.skip(f"{LIBRIVOX} missing (Debian package pocketsphinx-testdata)")
+    rows = []
+    for line in open(os.path.join(LIBRIVOX, "transcription"), encoding="utf-8"):
+        text, uid = line.split("</s>")[0].replace("<s>", "").strip(), line.split("(")[-1].strip(" )\n")
+        audio = os.path.join(LIBRIVOX, uid + ".wav")
+        rows.append({"id": uid, "audio": audio, "text": text, "duration": sf.info(audio).duration})
+    return sorted(rows, key=lambda r: r["audio"])
+
+
+@pytest.fixture(scope="session")
+def librivox_manifest(tmp_path_factory) -> str:
+    """A manifest of the LibriVox clips."""
+    return write_manifest(tmp_path_factory.mktemp("librivox") / "m.jsonl", librivox_rows())
+
+
 @pytest.fixture
 def audio_set(tmp_path):
     """Five short 16 kHz clips of different lengths and their manifest."""

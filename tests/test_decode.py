@@ -11,26 +11,11 @@ from lalmtool.segment import segment
 from lalmtool.pool import condition_of
 from lalmtool.store import Store, StoreError
 
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
-
-
 @pytest.fixture(scope="module")
-def librivox(tmp_path_factory):
-    d = tmp_path_factory.mktemp("librivox")
-    rows = []
-    for line in open(os.path.join(LIBRIVOX, "transcription")):
-        text, uid = line.split("</s>")[0].replace("<s>", "").strip(), line.split("(")[-1].strip(" )\n")
-        rows.append({"id": uid, "audio": os.path.join(LIBRIVOX, uid + ".wav"), "text": text})
-    with open(d / "m.jsonl", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(d / "m.jsonl")
-
-
-@pytest.fixture(scope="module")
-def stores(tiny_en, librivox, tmp_path_factory):
+def stores(tiny_en, librivox_manifest, tmp_path_factory):
     d = tmp_path_factory.mktemp("stores")
-    feats = extract(librivox, tiny_en, str(d / "frames"))["store"]
-    native = extract(librivox, tiny_en, str(d / "native"), trim=False)["store"]
+    feats = extract(librivox_manifest, tiny_en, str(d / "frames"))["store"]
+    native = extract(librivox_manifest, tiny_en, str(d / "native"), trim=False)["store"]
     segment(feats, "peaks", str(d / "seg"))
     pooled = pool_store(feats, str(d / "seg"), "mean", str(d / "pooled"))["store"]
     return {"frames": feats, "native": native, "pooled": pooled}
@@ -42,10 +27,10 @@ def hyps(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["native", "pooled"])
-def test_batched_equals_unbatched_greedy(kind, stores, tiny_en, librivox, tmp_path):
+def test_batched_equals_unbatched_greedy(kind, stores, tiny_en, librivox_manifest, tmp_path):
     one = decode(stores[kind], tiny_en, str(tmp_path / "b1"), batch_size=1, max_new_tokens=60)
     five = decode(stores[kind], tiny_en, str(tmp_path / "b5"), batch_size=5, max_new_tokens=60,
-                  manifest=librivox)
+                  manifest=librivox_manifest)
     assert hyps(tmp_path / "b1") == hyps(tmp_path / "b5")
     assert one["audio_tokens"] == five["audio_tokens"] == sum(
         Store(stores[kind]).dataset(u).shape[0] for u in Store(stores[kind]).ids)

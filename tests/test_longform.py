@@ -1,7 +1,6 @@
 """Long audio with real Whisper tiny.en: more than 1,500 encoder positions decode (whole memory
 or chunk by chunk), in a batch with short utterances; ≤ 1,500 positions decode exactly as
 transformers' own ``WhisperForConditionalGeneration.generate``."""
-import glob
 import json
 import os
 
@@ -10,24 +9,19 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import librivox_rows
 from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.score import get_normalizer, wer_counts
 from lalmtool.segment import segment
 
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 REPEAT = 3  # the five clips (24.7 s) three times: 74.2 s, 3,710 frames, 1,855 at k=2
 
 
 def _clips() -> list[tuple[str, str, str]]:
     """(id, wav path, transcript) of the five LibriVox clips, in file order."""
-    refs = {}
-    for line in open(os.path.join(LIBRIVOX, "transcription")):
-        uid = line.split("(")[-1].strip(" )\n")
-        refs[uid] = line.split("</s>")[0].replace("<s>", "").strip()
-    return [(os.path.basename(w)[:-4], w, refs[os.path.basename(w)[:-4]])
-            for w in sorted(glob.glob(os.path.join(LIBRIVOX, "*.wav")))]
+    return [(r["id"], r["audio"], r["text"]) for r in librivox_rows()]
 
 
 @pytest.fixture(scope="module")

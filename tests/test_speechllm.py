@@ -14,12 +14,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import tone, write_manifest
+from conftest import librivox_rows, tone, write_manifest
 from lalmtool.models import load_backend
 from lalmtool.models.speechllm import (SpeechLLMBackend, export_speechllm, read_spec,
                                        stack_frames)
 
-LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox"
 TEXTS = ["the cat sat on the mat", "hello world", "a b c d e f g"]
 
 
@@ -297,13 +296,7 @@ def test_real_smollm2_memorises_two_librivox_utterances(tiny_en, smollm2, tmp_pa
     from lalmtool.extract import extract
     from lalmtool.finetune import TrainConfig, finetune
 
-    rows = []
-    for line in open(os.path.join(LIBRIVOX, "transcription")):
-        text = line.split("</s>")[0].replace("<s>", "").strip()
-        uid = line.split("(")[-1].strip(" )\n")
-        rows.append({"id": uid, "audio": os.path.join(LIBRIVOX, uid + ".wav"), "text": text,
-                     "duration": sf.info(os.path.join(LIBRIVOX, uid + ".wav")).duration})
-    rows = sorted(rows, key=lambda r: r["duration"])[:2]
+    rows = sorted(librivox_rows(), key=lambda r: r["duration"])[:2]
     m = write_manifest(tmp_path / "m.jsonl", rows)
     feats = extract(m, "smollm2-135m-instruct", str(tmp_path / "feats"), backend="speechllm",
                     backend_opts={"encoder": "whisper-tiny.en"})["store"]

@@ -9,9 +9,10 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from conftest import tone, write_manifest
+from conftest import librivox_rows, tone, write_manifest
 from lalmtool.cli import main
 from lalmtool.decode import decode
+from lalmtool.export import export
 from lalmtool.extract import extract
 from lalmtool.finetune import TrainConfig, finetune
 from lalmtool.pool import pool_store
@@ -213,3 +214,51 @@ def test_other_rates_and_stereo_files_are_converted_and_said_once(tiny_whisper, 
     said = [r.getMessage() for r in caplog.records]
     assert sum("mixed down to mono" in m for m in said) == 1
     assert sum("48000 Hz audio (e.g." in m and "resampled to 16000 Hz" in m for m in said) == 1
+
+
+@pytest.mark.parametrize("quantization", ["float32", "int8"])
+def test_ct2_export_decodes_the_compressed_memory_as_the_adapter(tiny_whisper_lm, tmp_path,
+                                                                  quantization):
+    adapter, hyps = stages(tmp_path, tiny_whisper_lm, "whisper", "uniform", 3, learnt=True)
+    out = tmp_path / "ct2"
+    r = CliRunner().invoke(main, ["export", "--adapter", adapter, "--out", str(out),
+                                  "--format", "ct2", "--quantization", quantization])
+    assert r.exit_code == 0, r.output
+    assert f"whisper on uniform-learnt-k3 (CTranslate2 {quantization}" in r.output
+    assert {"model.bin", "lalmtool.json", "pooler.safetensors", "tokenizer.json",
+            "preprocessor_config.json"} <= set(os.listdir(out))
+    assert not any(n.startswith("adapter_") or n.endswith(".safetensors") and n != "pooler.safetensors"
+                   for n in os.listdir(out))
+    assert transcribed(str(out), None, tmp_path) == hyps
+    t = Transcriber(str(out))
+    assert type(t.be).__name__ == "Ct2WhisperBackend" and t.condition == "uniform-learnt-k3"
+
+
+@pytest.mark.slow
+def test_ct2_int8_export_of_real_whisper_keeps_the_adapters_wer(tiny_en, librivox_manifest,
+                                                                tmp_path):
+    """Whisper tiny.en with a k=3 LoRA on the natural LibriVox clips: the CTranslate2 float32
+    export gives the adapter's hypotheses, the int8 export its WER (within 0.5 points)."""
+    from lalmtool.score import get_normalizer, wer_counts
+
+    feats = extract(librivox_manifest, tiny_en, str(tmp_path / "feats"))["store"]
+    segment(feats, "uniform", str(tmp_path / "seg"), k=3)
+    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "pooled"))["store"]
+    cfg = TrainConfig(backend="whisper", max_steps=30, batch_size=5, lr=1e-3, warmup_steps=0,
+                      lora_r=8, lora_dropout=0.0, save_every=30, log_every=10)
+    adapter = finetune(pooled, librivox_manifest, tiny_en, str(tmp_path / "lora"), cfg)["adapter"]
+    rows = librivox_rows()
+    norm = get_normalizer("whisper_english")
+
+    def wer(model, adapter=None) -> tuple[float, list[str]]:
+        texts = [r.text for r in Transcriber(model, adapter=adapter).transcribe(
+            [row["audio"] for row in rows])]
+        counts, _ = wer_counts([norm(row["text"]) for row in rows], [norm(t) for t in texts])
+        return 100 * counts["wer"], texts
+
+    ours, texts = wer(tiny_en, adapter)
+    assert ours < 15, texts  # the adapter transcribes (without it: > 100 %, runaways)
+    for q in ("float32", "int8"):
+        export(adapter, str(tmp_path / q), format="ct2", quantization=q)
+    assert wer(str(tmp_path / "float32"))[1] == texts
+    assert wer(str(tmp_path / "int8"))[0] == pytest.approx(ours, abs=0.5)

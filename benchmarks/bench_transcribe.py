@@ -2,13 +2,18 @@
 recordings: real-time factor, peak memory and WER.
 
 Usage: python benchmarks/bench_transcribe.py --manifest data/longform/manifest.jsonl \
-           --model whisper-tiny.en --adapter exp/lora/uniform-mean-k3/adapter [--repeats 1]
+           --model whisper-tiny.en --adapter exp/lora/uniform-mean-k3/adapter \
+           [--join-seconds 600] [--ct2 DIR]
 
 For each recording of the manifest (``audio`` and ``text``; e.g. recipes/mini_longform's
-``data/longform``) three ways of getting its transcript, each timed on all recordings in turn:
+``data/longform``; ``--join-seconds S``: instead, one recording of at least S seconds made by
+joining them in turn, their transcripts joined) four ways of getting its transcript, each
+timed on all recordings in turn:
 
 * ``transcribe``: ``lalmtool.Transcriber(model, adapter)`` (the adapter's compression, 30 s
   pieces);
+* ``ct2``: ``Transcriber`` on the adapter exported with ``lalmtool export --format ct2``
+  (``--ct2 DIR``, else exported here as int8 into a temporary folder);
 * ``pipeline``: ``transformers.pipeline("automatic-speech-recognition", chunk_length_s=30)``
   (batched chunks with strides, the chunks' texts merged);
 * ``generate``: ``WhisperForConditionalGeneration.generate(return_timestamps=True)`` on the
@@ -25,10 +30,13 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
+import tempfile
 import time
 
 
-def _run(way: str, model_dir: str, adapter: str | None, rows: list[dict], queue) -> None:
+def _run(way: str, model_dir: str, adapter: str | None, rows: list[dict], queue,
+         ct2: str | None = None) -> None:
     import soundfile as sf
     import torch
 
@@ -38,6 +46,11 @@ def _run(way: str, model_dir: str, adapter: str | None, rows: list[dict], queue)
         from lalmtool import Transcriber
 
         t = Transcriber(model_dir, adapter=adapter, device="cpu")
+        run = lambda a: t.transcribe([a])[0].text  # noqa: E731
+    elif way == "ct2":
+        from lalmtool import Transcriber
+
+        t = Transcriber(ct2, device="cpu")
         run = lambda a: t.transcribe([a])[0].text  # noqa: E731
     elif way == "pipeline":
         from transformers import pipeline
@@ -71,13 +84,37 @@ def _run(way: str, model_dir: str, adapter: str | None, rows: list[dict], queue)
                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
+def _joined(rows: list[dict], seconds: float, folder: str) -> list[dict]:
+    """One recording of at least ``seconds``: ``rows``' audio joined in turn (cycled), their
+    transcripts joined."""
+    import numpy as np
+    import soundfile as sf
+
+    waves, texts, total, i = [], [], 0.0, 0
+    while total < seconds:
+        r = rows[i % len(rows)]
+        wave, rate = sf.read(r["audio"], dtype="float32")
+        waves.append(wave)
+        texts.append(r["text"])
+        total += len(wave) / rate
+        i += 1
+    path = os.path.join(folder, f"joined-{total:.0f}s.wav")
+    sf.write(path, np.concatenate(waves), rate)
+    return [{"id": os.path.basename(path)[:-4], "audio": path, "text": " ".join(texts),
+             "duration": total}]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--model", default="whisper-tiny.en")
     ap.add_argument("--adapter", required=True, help="recipes/mini's uniform-mean-k3 adapter")
-    ap.add_argument("--ways", nargs="+", default=["transcribe", "pipeline", "generate"])
+    ap.add_argument("--ways", nargs="+", default=["transcribe", "ct2", "pipeline", "generate"])
+    ap.add_argument("--ct2", help="the adapter exported with --format ct2 (default: exported "
+                                  "here, int8)")
+    ap.add_argument("--join-seconds", type=float,
+                    help="one recording of at least this many seconds: the manifest's joined")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     import jiwer
@@ -93,6 +130,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         r["audio"] = r["audio"] if os.path.isabs(r["audio"]) else os.path.join(base, r["audio"])
     audio_s = sum(float(r.get("duration") or 0) for r in rows)
+    tmp = tempfile.mkdtemp(prefix="bench_transcribe-")
+    if args.join_seconds:
+        rows, audio_s = _joined(rows, args.join_seconds, tmp), None
+    if "ct2" in args.ways and not args.ct2:
+        from lalmtool.export import export
+
+        args.ct2 = os.path.join(tmp, "ct2")
+        export(args.adapter, args.ct2, model=model_dir, format="ct2", quantization="int8")
     if not audio_s:
         import soundfile as sf
         audio_s = sum(sf.info(r["audio"]).duration for r in rows)
@@ -101,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     for way in args.ways:
         queue = ctx.Queue()
-        p = ctx.Process(target=_run, args=(way, model_dir, args.adapter, rows, queue))
+        p = ctx.Process(target=_run, args=(way, model_dir, args.adapter, rows, queue, args.ct2))
         p.start()
         res = queue.get()
         p.join()
@@ -116,13 +161,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in out:
         print(f"{r['way']:<11} {r['rtf']:>7.4f} {r['seconds']:>8.1f} {r['peak_mb']:>8.0f} "
               f"{r['wer']:>6.2f}  {'/'.join(map(str, r['sub_del_ins']))}")
-    ours = next((r for r in out if r["way"] == "transcribe"), None)
-    anchors = [r for r in out if r["way"] != "transcribe"]
-    if ours and anchors:
+    anchors = [r for r in out if r["way"] in ("pipeline", "generate")]
+    for ours in (r for r in out if r["way"] in ("transcribe", "ct2")):
+        if not anchors:
+            break
         fast = min(anchors, key=lambda r: r["rtf"])
-        print(f"transcribe against the faster anchor ({fast['way']}): "
+        print(f"{ours['way']} against the faster anchor ({fast['way']}): "
               f"{fast['rtf'] / ours['rtf']:.2f}x faster, WER {ours['wer']:.2f} vs "
               f"{fast['wer']:.2f} ({ours['wer'] / fast['wer'] if fast['wer'] else float('nan'):.2f}x)")
+    shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)

@@ -45,7 +45,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
            max_new_tokens: int | None = None, manifest: str | None = None,
            set_name: str | None = None, device: str = "cpu", force: bool = False,
            backend_opts: dict | None = None, label: str | None = None,
-           too_long: str = "fail") -> dict:
+           too_long: str = "fail", chunk: int = 0) -> dict:
     """Decodes every utterance of the store ``feats``; returns decode.json's content.
 
     ``backend_opts`` (prompt, task, language, ...) update those the adapter was trained with.
@@ -58,13 +58,18 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     448 target tokens; a decoder-only LLM: ``max_position_embeddings`` for prompt, audio and
     text), counting ~``SPEECH_TOKENS_PER_S`` text tokens per second when the cap is automatic:
     one that cannot fit is refused, naming what would (``too_long="fail"``), or decoded
-    ``CHUNK_SECONDS`` at a time (``"chunk"``).
+    ``CHUNK_SECONDS`` at a time (``"chunk"``). ``chunk`` N > 0 decodes every utterance N stored
+    rows at a time (1500: one 30 s window of Whisper frames; 1500/k pooled by k) and joins the
+    pieces' texts.
     """
+    chunk, backend_opts = take_chunk(chunk, backend_opts)
     for name, value in (("beam", beam), ("batch_size", batch_size),
-                        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                        ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
+                        ("chunk", chunk)):
+        least = 0 if name == "chunk" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             option = "--" + name.replace("_", "-")
-            raise ValueError(f"{option} must be a whole number >= 1, not {value!r}")
+            raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
     if too_long not in ("fail", "chunk"):
         raise ValueError(f"--too-long must be fail or chunk, not {too_long!r}")
     if backend not in BACKENDS:
@@ -85,6 +90,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
               "backend_opts": opts}
     if too_long != "fail":
         inputs["too_long"] = too_long
+    if chunk:  # where earlier releases recorded it (a backend option), so their decodes match
+        inputs["backend_opts"] = {**opts, "chunk": chunk}
     fp = fingerprint(inputs)
     info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
     if force or _fingerprint_of(info_path, hyp_path) != fp:
@@ -115,7 +122,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         if _outputs(out) and (force or (old or {}).get("fingerprint") != fp):
             # a decode is replaced: the model loads and every utterance fits, or nothing goes
             be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
-            plan = {u: _pieces(be, store, u, max_new_tokens, too_long, model, params)
+            plan = {u: _pieces(be, store, u, chunk, max_new_tokens, too_long, model, params)
                     for u in mine}
         barrier(world)  # every rank has read the old decode.json before anything is removed
         if rank == 0:
@@ -132,8 +139,8 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
                 if not _outputs(out) and rank == 0:  # nothing decoded: leave OUT as it was
                     os.remove(os.path.join(out, MARKER))
                 raise
-            plan = {u: plan[u] if plan else _pieces(be, store, u, max_new_tokens, too_long,
-                                                    model, params) for u in todo}
+            plan = {u: plan[u] if plan else _pieces(be, store, u, chunk, max_new_tokens,
+                                                    too_long, model, params) for u in todo}
             _decode_into(part, be, store, plan, _references(manifest), batch_size, beam,
                          show=rank == 0)
         barrier(world)
@@ -145,7 +152,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
             "model": model, "adapter": os.path.abspath(adapter) if adapter else None,
             "lora": bool(adapter), "adapter_condition": _adapter_condition(adapter, default_label),
             "backend": backend, "backend_opts": opts, "beam": beam,
-            "max_new_tokens": max_new_tokens or "auto", "too_long": too_long}
+            "max_new_tokens": max_new_tokens or "auto", "too_long": too_long, "chunk": chunk}
         return _merge_parts(out, store, info, fp, inputs)
 
 
@@ -245,7 +252,7 @@ def _merge_parts(out: str, store: Store, info: dict, fp: str, inputs: dict) -> d
 def write_decode(out: str, store: Store, rows: list[dict], info: dict) -> dict:
     """OUT/hyp.jsonl (``rows``: id, hyp, tokens, duration, seconds, [ref, cut, ...]) and
     OUT/decode.json (``info`` with the set's totals and rates), as score and report read them;
-    for ``decode`` and for other decoders (``ctc-decode``). Returns decode.json's content."""
+    for ``decode`` and for other decoders (``ctc decode``). Returns decode.json's content."""
     audio_s = sum(r["duration"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     secs = sum(r["seconds"] for r in rows)
@@ -286,12 +293,30 @@ def auto_cap(seconds: float) -> int:
     return AUTO_BASE + math.ceil(AUTO_TOKENS_PER_S * seconds)
 
 
-def _pieces(be, store: Store, u: str, max_new_tokens: int | None, too_long: str, model: str,
-            params: dict) -> list[tuple[int, int, int]]:
+def take_chunk(chunk: int, backend_opts: dict | None) -> tuple[int, dict | None]:
+    """``chunk``, or the same given the old way (``--backend-opt chunk=N``: said to be
+    deprecated), and the backend options without it."""
+    if not backend_opts or "chunk" not in backend_opts:
+        return chunk, backend_opts
+    opts = dict(backend_opts)
+    old = opts.pop("chunk")
+    try:
+        old = int(old)
+    except (TypeError, ValueError):
+        raise ValueError(f"--chunk must be a whole number >= 0, not {old!r}") from None
+    if chunk and old != chunk:
+        raise ValueError(f"--chunk {chunk} and --backend-opt chunk={old} disagree: give --chunk")
+    log.warning("--backend-opt chunk=%s is now --chunk %s (a decode option); the old spelling "
+                "goes in a future release", old, old)
+    return old, opts or None
+
+
+def _pieces(be, store: Store, u: str, chunk: int, max_new_tokens: int | None, too_long: str,
+            model: str, params: dict) -> list[tuple[int, int, int]]:
     """How utterance ``u`` of ``store`` is decoded (``plan_pieces``)."""
     rows = int(store.dataset(u).shape[0])
     seconds = float(store.attrs(u).get("duration", 0.0)) or rows / _frame_rate(store)
-    return plan_pieces(be, rows, seconds, getattr(be, "chunk", 0), max_new_tokens, too_long,
+    return plan_pieces(be, rows, seconds, chunk, max_new_tokens, too_long,
                        model, f"utterance {u!r} of {store.path}",
                        params.get("k", 1) if "k" in params or store.kind == "feats" else None)
 
@@ -374,8 +399,8 @@ def _too_long_message(be, subject: str, rows: int, seconds: float, max_new_token
             return (f"--max-new-tokens {max_new_tokens} is more than the {room} tokens that "
                     f"{model}'s decoder holds after its prompt; lower it, or leave it out (the "
                     "cap is then sized from each utterance's duration)")
-        how = f"{either}: give --backend-opt chunk=N with a smaller N" if cut else \
-            f"{chunked}, or --backend-opt chunk=N"
+        how = f"{either}: give --chunk N with a smaller N" if cut else \
+            f"{chunked}, or --chunk N"
         return (f"{subject}: its transcript needs {what} new tokens, "
                 f"more than the {room} that {model}'s decoder holds after its prompt "
                 "(max_target_positions); compression does not change that: "

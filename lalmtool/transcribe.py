@@ -170,8 +170,8 @@ class Transcriber:
                                  "(--adapter)")
             self.pooler = learnt.load(adapter or model_dir)
         if any(s["method"] == "ctc" for s in steps):
-            raise ValueError("ctc boundaries need the CTC head of `lalmtool ctc-segment`: "
-                             "transcribe with the stages (extract, ctc-segment, pool, decode)")
+            raise ValueError("ctc boundaries need the CTC head of `lalmtool ctc segment`: "
+                             "transcribe with the stages (extract, ctc segment, pool, decode)")
         if adapter:
             check_adapter_base(adapter, model, model_dir)
         opts = {**training_options(adapter, self.backend), **backend_opts}
@@ -216,7 +216,7 @@ class Transcriber:
             max(1, round(self.piece_seconds * rows / seconds))
         k = next((s["params"]["k"] for s in self.steps if "k" in s["params"]), 1)
         uniform = all(s["method"] == "uniform" for s in self.steps)
-        return plan_pieces(self.be, rows, seconds, getattr(self.be, "chunk", 0) or chunk,
+        return plan_pieces(self.be, rows, seconds, chunk,
                            self.max_new_tokens, "fail", self.model_name, name,
                            k if uniform else None)
 

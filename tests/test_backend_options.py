@@ -13,7 +13,7 @@ from lalmtool.models import backend_default, backend_options, check_backend_opti
 
 def test_each_backend_declares_its_options_with_defaults():
     assert backend_options("whisper").defaults() == {
-        "dtype": "float32", "trim": True, "language": "en", "task": "transcribe", "chunk": 0,
+        "dtype": "float32", "trim": True, "language": "en", "task": "transcribe",
         "positions": "window"}
     qwen = backend_options("qwen2-audio").defaults()
     assert (qwen["tap"], qwen["task"], qwen["prompt_style"], qwen["dtype"]) == (
@@ -28,9 +28,6 @@ def test_each_backend_declares_its_options_with_defaults():
 @pytest.mark.parametrize("name,opts,message", [
     ("whisper", {"positions": "absolute"},
      "whisper backend option positions must be one of window, global, not 'absolute' (from X)"),
-    ("whisper", {"chunk": -2}, "whisper backend option chunk must be 0 (the whole memory at "
-                               "once) or a whole number of positions per chunk (1500: one 30 s "
-                               "window of frames), not -2 (from X)"),
     ("whisper", {"trim": "yes"}, "whisper backend option trim must be true or false, not 'yes' "
                                  "(from X)"),
     ("qwen2-audio", {"task": "translate"}, "task 'translate' needs target_language (e.g. 'de') "
@@ -69,7 +66,7 @@ def test_extract_records_every_backend_option_and_the_tap_check_reads_them(audio
             backend_opts={"positions": "global"})
     meta = Store(str(tmp_path / "f")).meta
     assert meta["backend_options"] == {"dtype": "float32", "trim": True, "language": "en",
-                                       "task": "transcribe", "chunk": 0, "positions": "global"}
+                                       "task": "transcribe", "positions": "global"}
     store = SimpleNamespace(path="P", meta={"stage": "pool", "source_meta": {
         "backend": "qwen2-audio", "backend_options": {"tap": "prepool"}}})
     with pytest.raises(ValueError, match=r"^tap mismatch: store 'prepool', decode 'pooled' "

@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+from click.testing import CliRunner
+
+from lalmtool.cli import main
 from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
@@ -307,12 +310,30 @@ def test_a_damaged_or_mismatched_adapter_is_named_and_out_is_left_as_it_was(smal
                max_new_tokens=4)
 
 
-def test_out_may_not_be_the_store_and_chunk_must_be_a_number(small, tmp_path):
-    """R10, R8: hypotheses went into the feature store; chunk=abc gave int()'s message."""
+def test_out_may_not_be_the_store_and_chunk_must_be_a_number(small, tmp_path, caplog):
+    """R10, R8: hypotheses went into the feature store; chunk=abc gave int()'s message. chunk is
+    a decode option (--chunk); the old --backend-opt chunk=N still works, said deprecated."""
     with pytest.raises(ValueError, match=rf"--out {small['feats']} is the input store"):
         decode(small["feats"], small["model"], small["feats"], max_new_tokens=4)
     assert not os.path.exists(os.path.join(small["feats"], "hyp.jsonl"))
-    with pytest.raises(ValueError, match=r"^whisper backend option chunk must be an integer, "
-                                         r"not 'abc' \(from --backend-opt\)$"):
+    with pytest.raises(ValueError, match=r"^--chunk must be a whole number >= 0, not 'abc'$"):
         decode(small["feats"], small["model"], str(tmp_path / "c"), max_new_tokens=4,
                backend_opts={"chunk": "abc"})
+    with pytest.raises(ValueError, match=r"^--chunk must be a whole number >= 0, not -2$"):
+        decode(small["feats"], small["model"], str(tmp_path / "c"), max_new_tokens=4, chunk=-2)
+    with pytest.raises(ValueError, match=r"^--chunk 3 and --backend-opt chunk=4 disagree"):
+        decode(small["feats"], small["model"], str(tmp_path / "c"), max_new_tokens=4, chunk=3,
+               backend_opts={"chunk": 4})
+    new = decode(small["feats"], small["model"], str(tmp_path / "new"), max_new_tokens=4,
+                 chunk=3)
+    runner = CliRunner()
+    r = runner.invoke(main, ["decode", "--feats", small["feats"], "--model", small["model"],
+                             "--out", str(tmp_path / "old"), "--max-new-tokens", "4",
+                             "--backend-opt", "chunk=3"])
+    assert r.exit_code == 0, r.output
+    assert "--backend-opt chunk=3 is now --chunk 3 (a decode option)" in caplog.text
+    old = json.loads(open(tmp_path / "old" / "decode.json").read())
+    assert (new["chunk"], old["chunk"], old["backend_opts"]) == (3, 3, {})
+    assert hyps(str(tmp_path / "old")) == hyps(str(tmp_path / "new"))
+    assert any(json.loads(line).get("chunks", 1) > 1
+               for line in open(tmp_path / "new" / "hyp.jsonl"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.extract import extract
 
@@ -72,12 +73,12 @@ def test_overrides_and_config_errors(tmp_path):
 
 
 def test_batching_by_duration_and_epochs(train_set):
-    ex = F.Examples(*train_set)
+    ex = E.Examples(*train_set)
     cfg = F.TrainConfig(batch_seconds=2.0, seed=1)
-    batches = F.epoch_batches(ex, cfg, 0)
+    batches = E.epoch_batches(ex, cfg, 0)
     assert sorted(u for b in batches for u in b) == sorted(ex.ids)
     assert all(sum(ex.duration[u] for u in b) <= 2.0 or len(b) == 1 for b in batches)
-    assert F.epoch_batches(ex, cfg, 0) == batches and F.epoch_batches(ex, cfg, 1) != batches
+    assert E.epoch_batches(ex, cfg, 0) == batches and E.epoch_batches(ex, cfg, 1) != batches
 
 
 def test_resume_after_interruption_gives_the_same_adapter(train_set, tiny_whisper_lm, tmp_path,
@@ -238,7 +239,7 @@ def test_cli_unwritable_out_is_one_line(monkeypatch):
 
 
 def test_warmup_longer_than_the_run_is_reported(train_set, caplog):
-    ex = F.Examples(*train_set)
+    ex = E.Examples(*train_set)
     with caplog.at_level("WARNING", logger="lalmtool"):
         assert F._total_steps(F.TrainConfig(max_steps=8, warmup_steps=20), ex, 1) == 8
     assert "warmup_steps=20 is not shorter than the 8 training steps" in caplog.text
@@ -558,7 +559,7 @@ def test_bad_extra_is_refused_before_anything_is_written(train_set, tiny_whisper
     feats, m = train_set
     out = tmp_path / "x"
     with pytest.raises(ValueError, match=r"backend 'whisper' has no option bogus_key \(from "
-                                         r"--backend-opt or --extra\); it takes chunk, dtype"):
+                                         r"--backend-opt or --extra\); it takes dtype, language"):
         F.finetune(feats, m, tiny_whisper_lm, str(out),
                    F.TrainConfig(**{**CFG, "max_steps": 1}, extra={"bogus_key": 1}))
     assert not (out / "run.json").exists()

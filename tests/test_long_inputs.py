@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 from conftest import tone, write_manifest
 
+from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.decode import auto_cap, decode
 from lalmtool.extract import extract
@@ -30,8 +31,8 @@ def clips(tiny_whisper_lm, tmp_path_factory):
 
 
 def test_consecutive_utterances_are_joined_up_to_the_length(clips):
-    ex = F.Examples(*clips)
-    items = F.joined_examples(ex, F.TrainConfig(concat_seconds=2.05), 0)
+    ex = E.Examples(*clips)
+    items = E.joined_examples(ex, F.TrainConfig(concat_seconds=2.05), 0)
     assert items == [("u00", "u01", "u02"), ("u03", "u04"), "u05", "u06", "u07", "u08", "u09",
                      "u10", "u11"]
     feats, texts = ex.batch(items[:2])
@@ -41,39 +42,39 @@ def test_consecutive_utterances_are_joined_up_to_the_length(clips):
                                            sum(ex.store[u].shape[0] for u in items[1])]
     torch.testing.assert_close(feats[1], torch.cat([torch.from_numpy(ex.store[u]).float()
                                                     for u in ("u03", "u04")]))
-    assert F.joined_examples(ex, F.TrainConfig(), 0) == ex.ids  # no concat: one per example
+    assert E.joined_examples(ex, F.TrainConfig(), 0) == ex.ids  # no concat: one per example
 
 
 def test_joined_utterances_share_their_group(clips):
-    ex = F.Examples(*clips, group_field="speaker")
-    items = F.joined_examples(ex, F.TrainConfig(concat_seconds=2.05, concat_group="speaker"), 0)
+    ex = E.Examples(*clips, group_field="speaker")
+    items = E.joined_examples(ex, F.TrainConfig(concat_seconds=2.05, concat_group="speaker"), 0)
     assert items == [("u00", "u02"), ("u04", "u06"), "u08", "u10", ("u01", "u03"), "u05", "u07",
                      "u09", "u11"]
     with pytest.raises(ValueError, match=r"concat_group 'chapter': 12 utterance\(s\) of .* have "
                                          r"no 'chapter' field \(e.g. \['u00', 'u01', 'u02'\]\)"):
-        F.Examples(*clips, group_field="chapter")
+        E.Examples(*clips, group_field="chapter")
     with pytest.raises(ValueError, match="concat_group must be null unless concat_seconds"):
         F.TrainConfig(concat_group="speaker")
 
 
 def test_lengths_are_drawn_per_run_and_epoch_from_the_seed(clips):
-    ex = F.Examples(*clips)
+    ex = E.Examples(*clips)
     cfg = F.TrainConfig(concat_seconds=[0.5, 3.0], seed=3)
-    first = F.joined_examples(ex, cfg, 0)
-    assert F.joined_examples(ex, cfg, 0) == first  # the same seed and epoch: the same cut
-    assert [u for item in first for u in F.parts(item)] == ex.order  # nothing lost or repeated
-    others = [F.joined_examples(ex, cfg, 1), F.joined_examples(ex, F.TrainConfig(
+    first = E.joined_examples(ex, cfg, 0)
+    assert E.joined_examples(ex, cfg, 0) == first  # the same seed and epoch: the same cut
+    assert [u for item in first for u in E.parts(item)] == ex.order  # nothing lost or repeated
+    others = [E.joined_examples(ex, cfg, 1), E.joined_examples(ex, F.TrainConfig(
         concat_seconds=[0.5, 3.0], seed=4), 0)]
     assert all(o != first for o in others)
-    assert max(ex.seconds(i) for i in first) <= 3.0 or len(F.parts(max(
+    assert max(ex.seconds(i) for i in first) <= 3.0 or len(E.parts(max(
         first, key=ex.seconds))) == 1
 
 
 def test_the_decoders_limits_end_a_run(clips, tiny_whisper_lm):
     from lalmtool.models.whisper import WhisperBackend
 
-    ex = F.Examples(*clips)
-    pairs = F.joined_examples(ex, F.TrainConfig(concat_seconds=100.0), 0,
+    ex = E.Examples(*clips)
+    pairs = E.joined_examples(ex, F.TrainConfig(concat_seconds=100.0), 0,
                               fits=lambda ids: len(ids) <= 2)
     assert pairs == [(f"u{i:02d}", f"u{i + 1:02d}") for i in range(0, 12, 2)]
     be = WhisperBackend(tiny_whisper_lm)
@@ -100,9 +101,9 @@ def test_training_takes_joined_batches_and_records_the_length(clips, tiny_whispe
                         lambda self, feats, texts: seen.append(texts) or loss(self, feats, texts))
     cfg = F.TrainConfig(concat_seconds=4.7, max_steps=1, batch_size=2, warmup_steps=0)
     s = F.finetune(*clips, tiny_whisper_lm, str(tmp_path / "lora"), cfg)
-    ex = F.Examples(*clips)
-    first = F.epoch_batches(ex, cfg, 0, F.length_check(WhisperBackend(tiny_whisper_lm), ex))[0]
-    assert F.joined_examples(ex, cfg, 0) == [tuple(ex.ids[:6]), tuple(ex.ids[6:9]),
+    ex = E.Examples(*clips)
+    first = E.epoch_batches(ex, cfg, 0, F.length_check(WhisperBackend(tiny_whisper_lm), ex))[0]
+    assert E.joined_examples(ex, cfg, 0) == [tuple(ex.ids[:6]), tuple(ex.ids[6:9]),
                                              tuple(ex.ids[9:])]
     assert seen == [ex.batch(first)[1]] and len(first) == 2
     assert s["steps"] == 1 and math.isfinite(s["last"]["loss"])
@@ -152,7 +153,7 @@ def test_a_transcript_beyond_whispers_positions_is_refused_or_chunked(long_recor
         f"utterance 'long' of {feats}: its transcript needs ~451 (its 150 s at ~3 tokens per "
         f"second of speech) new tokens, more than the 446 that {tiny_whisper_lm}'s decoder holds "
         "after its prompt (max_target_positions); compression does not change that: decode it "
-        "30 s at a time (--too-long chunk), or --backend-opt chunk=N (N audio positions per "
+        "30 s at a time (--too-long chunk), or --chunk N (N audio positions per "
         "chunk: 1500 per 30 s of frames, 1500/k pooled by k)")
     assert not os.path.exists(tmp_path / "d" / "hyp.jsonl")
     info = decode(feats, tiny_whisper_lm, str(tmp_path / "c"), manifest=m, too_long="chunk")
@@ -160,7 +161,7 @@ def test_a_transcript_beyond_whispers_positions_is_refused_or_chunked(long_recor
     assert hyps["long"]["chunks"] == 5 and "chunks" not in hyps["short"]
     assert info["max_new_tokens"] == "auto" and info["too_long"] == "chunk"
     same = decode(feats, tiny_whisper_lm, str(tmp_path / "b"), manifest=m,
-                  backend_opts={"chunk": 1500})  # the backend's chunks: the same 30 s pieces
+                  chunk=1500)  # chunks of one 30 s window: the same pieces
     hyps_b = {json.loads(line)["id"]: json.loads(line) for line in open(tmp_path / "b" / "hyp.jsonl")}
     assert hyps_b["long"]["hyp"] == hyps["long"]["hyp"] and same["utterances"] == 2
     with pytest.raises(ValueError, match=r"--max-new-tokens 500 is more than the 446 tokens"):
@@ -184,7 +185,7 @@ def test_ten_minutes_fit_a_decoder_only_llm_at_k3_not_at_frame_level(tmp_path):
     k3 = pool_store(frames, str(tmp_path / "seg"), "mean", str(tmp_path / "k3"))["store"]
     be = Qwen2AudioBackend(path)
     for store, fits in ((frames, False), (k3, True)):
-        ex = F.Examples(store, m)
+        ex = E.Examples(store, m)
         assert F.length_check(be, ex)(["ten"]) is fits
     with pytest.raises(ValueError) as err:
         decode(frames, path, str(tmp_path / "d1"), backend="qwen2-audio")

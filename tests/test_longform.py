@@ -108,7 +108,7 @@ def test_long_utterance_chunked_decode_transcribes_it_all(kind, chunk, long_stor
     """``chunk`` = one 30 s window of positions: the whole 74 s transcript comes out."""
     manifest, _ = long_set
     info = decode(long_stores[kind], tiny_en, str(tmp_path / "d"), batch_size=6,
-                  max_new_tokens=200, manifest=manifest, backend_opts={"chunk": chunk})
+                  max_new_tokens=200, manifest=manifest, chunk=chunk)
     rec = _decoded(tmp_path / "d")["long"]
-    assert info["utterances"] == 6 and info["backend_opts"] == {"chunk": chunk}
+    assert info["utterances"] == 6 and info["chunk"] == chunk
     assert _wer(rec["ref"], rec["hyp"]) < 0.1

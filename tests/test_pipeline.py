@@ -387,7 +387,7 @@ def test_cuda_out_of_memory_says_what_to_lower(tiny_whisper, audio_set, tmp_path
 
 @pytest.mark.parametrize("args,code,message", [
     (["--backend-opt", "foo=1"], 1,
-     "backend 'whisper' has no option foo (from --backend-opt); it takes chunk, dtype"),
+     "backend 'whisper' has no option foo (from --backend-opt); it takes dtype, language"),
     (["--nj", "0"], 2, "0 is not in the range x>=1"),
     (["--nj", "-3"], 2, "-3 is not in the range x>=1"),
     (["--batch-size", "0"], 2, "0 is not in the range x>=1"),

@@ -104,7 +104,7 @@ def test_a_long_recording_is_decoded_in_30_s_pieces_with_times(tiny_whisper_lm, 
     segment(feats, "uniform", str(tmp_path / "ls"), k=3)
     pooled = pool_store(feats, str(tmp_path / "ls"), "mean", str(tmp_path / "lp"))["store"]
     decode(pooled, tiny_whisper_lm, str(tmp_path / "ld"), adapter=adapter, max_new_tokens=8,
-           backend_opts={"chunk": 500})  # 30 s of frames pooled by 3
+           chunk=500)  # 30 s of frames pooled by 3
     staged = json.loads(open(tmp_path / "ld" / "hyp.jsonl").readline())
     t = Transcriber(tiny_whisper_lm, adapter=adapter, max_new_tokens=8)
     [r] = t.transcribe([str(long)])

@@ -175,7 +175,11 @@ def training_options(adapter: str | None, backend: str) -> dict:
     if trained != backend:
         raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
                          f"({source}); decode it with --backend {trained}")
-    return dict(options or {})
+    return {k: v for k, v in (options or {}).items() if k not in MOVED_OPTIONS}
+
+
+#: Backend options that became options of a stage (an older adapter may record them: ignored).
+MOVED_OPTIONS = {"chunk": "decode --chunk"}
 
 
 def load_adapter(model, adapter: str, trainable: bool = False):

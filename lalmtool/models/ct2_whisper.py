@@ -37,7 +37,7 @@ class Ct2WhisperBackend(WhisperBackend):
 
         o = self.options = WhisperOptions(**{k: v for k, v in options.items() if k != "dtype"})
         Backend.__init__(self, model_path, device, torch.float32)
-        self.positions, self.trim, self.chunk = o.positions, o.trim, o.chunk
+        self.positions, self.trim = o.positions, o.trim
         with open(os.path.join(model_path, "lalmtool.json"), encoding="utf-8") as fh:
             self.ct2 = json.load(fh)[CT2_KEY]
         index = self.device.index or 0

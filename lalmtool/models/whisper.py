@@ -15,9 +15,9 @@ still holds at most ``max_target_positions`` (448) tokens, prompt included.
 
 Whisper learnt to transcribe one 30 s window: given a longer memory, tiny.en transcribes about
 its first 30 s and stops, unless its LoRA was trained on long inputs (``finetune
---concat_seconds``). ``chunk=N`` (``--backend-opt chunk=1500``) has ``decode`` cut each
-utterance into pieces of N positions and join their texts: 1500 is one encoder window of
-frames, 1500/k of a uniform pooling by k (e.g. 500 for k=3); each piece gets its own cap.
+--concat_seconds``). ``decode --chunk N`` cuts each utterance into pieces of N positions and
+joins their texts: 1500 is one encoder window of frames, 1500/k of a uniform pooling by k (e.g.
+500 for k=3); each piece gets its own cap.
 
 The encoder adds positions 0..1499 inside each 30 s window, so the frames of a longer memory
 (several windows, or utterances joined by ``--concat_seconds``) repeat them, and cross-attention
@@ -63,18 +63,10 @@ class WhisperOptions(Options):
     language: str | None = option("en", "language token of a multilingual Whisper")
     task: str = option("transcribe", "task token of a multilingual Whisper",
                        ("transcribe", "translate"))
-    chunk: int = option(0, "decode the memory this many positions at a time (0: all at once; "
-                           "1500: one 30 s window of frames)")
     positions: str = option("window", "window: the encoder's positions 0..1499 in each 30 s "
                                       "window, as Whisper; global: Whisper's sinusoids added "
                                       "over the whole memory (long inputs, joined utterances)",
                             ("window", "global"))
-
-    def check(self) -> None:
-        super().check()
-        self.need(self.chunk >= 0, "chunk", "0 (the whole memory at once) or a whole number "
-                                            "of positions per chunk (1500: one 30 s window of "
-                                            "frames)")
 
 
 class WhisperBackend(Backend):
@@ -86,7 +78,7 @@ class WhisperBackend(Backend):
     def __init__(self, model_path: str, device: str = "cpu", **options):
         o = self.options = WhisperOptions(**options)
         super().__init__(model_path, device, resolve_dtype(o.dtype, torch.float32))
-        self.positions, self.trim, self.chunk = o.positions, o.trim, o.chunk
+        self.positions, self.trim = o.positions, o.trim
         self.model = WhisperForConditionalGeneration.from_pretrained(
             model_path, dtype=self.dtype).to(self.device).eval()
         self.features = WhisperFeatureExtractor.from_pretrained(model_path)

@@ -9,7 +9,7 @@
 # recipes/mini (their cached features, no extraction again) into examples of 10-120 s. Each
 # recording is then decoded
 #   (a) whole, in one pass, with the long-form adapter of its condition;
-#   (b) in 30 s chunks (--backend-opt chunk=N: N positions per 30 s) with an adapter trained
+#   (b) in 30 s chunks (--chunk N: N positions per 30 s) with an adapter trained
 #       on joined utterances of 5-30 s (conf/chunk30.yaml), and with recipes/mini's
 #       short-utterance adapter;
 #   (c) by transformers' long-form generation on the audio (timestamps, sequential seeking):
@@ -116,16 +116,16 @@ if run_stage 5 "decode (whole recordings, 30 s chunks, the anchor)"; then
       --batch-size "$batch_size" --condition "$cond-whole"
     decode_condition "$cond" longform "$cond-chunk30s" --model "$model" \
       --adapter "$exp/lora/$cond-chunk/adapter" --batch-size "$batch_size" \
-      --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s"
+      --chunk "$(window_of "$cond")" --condition "$cond-chunk30s"
     short="$mini_exp/lora/$cond/adapter"
     if [ -f "$short/adapter_config.json" ]; then
       decode_condition "$cond" longform "$cond-chunk30s-short" --model "$model" --adapter "$short" \
-        --batch-size "$batch_size" --backend-opt "chunk=$(window_of "$cond")" --condition "$cond-chunk30s-short"
+        --batch-size "$batch_size" --chunk "$(window_of "$cond")" --condition "$cond-chunk30s-short"
     fi
   done
   lalmtool decode --feats "$exp/feats/native/longform" --model "$model" --set longform \
     --manifest "$data/longform/manifest.jsonl" --batch-size "$batch_size" \
-    --backend-opt chunk=1500 --condition native-chunk30s --out "$exp/decode/native-chunk30s/longform"
+    --chunk 1500 --condition native-chunk30s --out "$exp/decode/native-chunk30s/longform"
   "$python" local/anchor.py --manifest "$data/longform/manifest.jsonl" --model "$model" \
     --out "$exp/decode/native-longform/longform"
   end_stage 5 decode

@@ -56,7 +56,7 @@ def main(exp: str, set_name: str) -> None:
             "x anchor time", "peak MB", "cut"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, (info, recs) in decodes.items():
-        chunk = (info.get("backend_opts") or {}).get("chunk")
+        chunk = info.get("chunk") or (info.get("backend_opts") or {}).get("chunk")
         positions = min(chunk, info["max_audio_tokens"]) if chunk else info["max_audio_tokens"]
         secs = info["decode_seconds"]
         lines.append("| " + " | ".join([

@@ -558,11 +558,11 @@ def finetune(feats, manifest_path, model, out, config_path, valid_feats, valid_m
 def align(feats, manifest_path, model, out, config_path, valid_feats, valid_manifest, init,
           force, backend_opt, **options) -> None:
     """Align a CTC head onto the model's token embeddings: a speechllm projector before
-    finetune, or a head on Whisper's encoder frames for ctc-segment.
+    finetune, or a head on Whisper's encoder frames for `ctc segment`.
 
     Options (from --lr on) as --key value or --key=value (e.g. --max-steps=300 --lr=1e-3
     --patience=2). A rerun resumes; pass the result to finetune's --init-projector or to
-    ctc-segment's --align.
+    `ctc segment`'s --align.
     """
     from .align import AlignConfig, align as run
 
@@ -575,7 +575,28 @@ def align(feats, manifest_path, model, out, config_path, valid_feats, valid_mani
     click.echo(json.dumps(s, indent=1))
 
 
-@main.command("ctc-decode")
+@main.group()
+def ctc() -> None:
+    """Stages on an alignment of `lalmtool align`: cut frames by its CTC head, or transcribe."""
+
+
+def _renamed(command: click.Command, old: str) -> click.Command:
+    """``command`` under its former top-level name ``old``: hidden from --help, the same
+    options, and one line on stderr naming the new spelling."""
+    import inspect
+
+    new = f"ctc {command.name}"
+
+    def callback(**kwargs):
+        click.echo(f"`lalmtool {old}` is now `lalmtool {new}`; the old name goes in a future "
+                   "release", err=True)
+        return command.callback(**kwargs)
+    return click.Command(old, params=command.params, callback=callback, hidden=True,
+                         help=f"Now `lalmtool {new}`; this name goes in a future release.\n\n"
+                              f"{inspect.cleandoc(command.help)}")
+
+
+@ctc.command("decode")
 @click.option("--align", "align_dir", required=True, help="Output directory of `lalmtool align`.")
 @click.option("--feats", required=True, help="Feature store to transcribe (frames or pooled).")
 @click.option("--model", required=True, help="The LLM the alignment used (its embeddings).")
@@ -584,14 +605,14 @@ def align(feats, manifest_path, model, out, config_path, valid_feats, valid_mani
 @click.option("--set", "set_name", help="Name of the set (default: the --out directory name).")
 def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
     """CTC-greedy transcripts by an aligned projector alone (no LLM), scored like decode's."""
-    from .align import ctc_decode as run
+    from .ctc import ctc_decode as run
 
     s = _run(run, align_dir, feats, model, out, manifest=manifest_path, set_name=set_name)
     _print_table([s], ["set", "condition", "utterances", "tokens_per_s", "compression_ratio",
                        "utt_per_s"])
 
 
-@main.command("ctc-segment")
+@ctc.command("segment")
 @click.option("--align", "align_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Output directory of `lalmtool align` (on frame-level features).")
 @click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False),
@@ -605,11 +626,15 @@ def ctc_decode(align_dir, feats, model, out, manifest_path, set_name) -> None:
 def ctc_segment(align_dir, feats, model, out, blank, force) -> None:
     """Cut encoder frames where an aligned projector's best CTC class changes (CTC-based
     compression: one token per emitted token, about the text's rate); pool it like segment's."""
-    from .align import ctc_segment as run
+    from .ctc import ctc_segment as run
 
     s = _run(run, align_dir, feats, model, out, blank=blank, force=force)
     _print_stage(s, ["utterances", "frames", "tokens", "frames_per_s", "tokens_per_s",
                      "compression"])
+
+
+main.add_command(_renamed(ctc_decode, "ctc-decode"))
+main.add_command(_renamed(ctc_segment, "ctc-segment"))
 
 
 @main.command()

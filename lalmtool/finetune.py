@@ -37,10 +37,10 @@ writes the pooled stores that ``decode`` reads with this adapter. With ``teacher
 ``(1 - distill)`` x cross-entropy + ``distill`` x the KL divergence from the teacher's token
 distributions on the same frames to the student's on the pooled tokens.
 
-The run, step by step: ``_distributed`` (set-up), ``_data``, ``_model``, then the training core
-(``lalmtool.trainer``, shared with ``lalmtool align``: run record, resume, loop, checkpoints)
-with finetune's ``_train_step``, ``_validate`` and ``_save_checkpoint``, and at the end
-``_export``.
+The run, step by step: ``_distributed`` (set-up), ``_data`` (the examples and micro-batches of
+``lalmtool.examples``), ``_model``, then the training core (``lalmtool.trainer``, shared with
+``lalmtool align``: run record, resume, loop, checkpoints) with finetune's ``_train_step``,
+``_validate`` and ``_save_checkpoint``, and at the end ``_export``.
 """
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import typing
 from dataclasses import dataclass
@@ -59,21 +58,22 @@ import numpy as np
 import torch
 
 from . import record, trainer
+from .examples import (Examples, concat_range, data_stream, epoch_batches,
+                       joined_examples, segments_of)
 from .fileio import read_json, write_atomic
 from .lock import output_lock
-from .manifest import field_values, load_manifest
 from .assets import resolve_model
 from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
                      check_backend_options, check_tap, concrete_backend, load_adapter,
                      load_backend)
 from .options import option
 from .parallel import check_out
-from .pool import boundaries_of, compression_steps, condition_of, feature_store
+from .pool import compression_steps, condition_of, feature_store
 from .pooler import LearntPooler, has_pooler
 from .pooler import load as load_pooler
 from .pooler import save as save_pooler
 from .store import Store
-from .trainer import TrainingOptions, shuffled
+from .trainer import TrainingOptions
 
 log = logging.getLogger("lalmtool")
 
@@ -157,64 +157,6 @@ class TrainConfig(TrainingOptions):
              "null unless concat_seconds is set")
 
 
-def concat_range(cfg: TrainConfig) -> list[float]:
-    """``concat_seconds`` as [MIN, MAX] (a single number S is [S, S])."""
-    value = cfg.concat_seconds
-    return [value, value] if isinstance(value, float) else list(value)
-
-
-# -- data ----------------------------------------------------------------------------------
-class Examples:
-    """Utterances present both in a feature store and in a manifest with text.
-
-    A training example (an *item*) is one utterance id, or a tuple of consecutive ids whose
-    features are concatenated in time and whose texts are joined with a space (long inputs,
-    ``concat_seconds``)."""
-
-    def __init__(self, feats: str, manifest: str, text_field: str = "text",
-                 group_field: str | None = None, segments: str | None = None):
-        self.store = Store(feats)
-        self.segments = _segments_of(self.store, segments) if segments else None
-        utts, _ = load_manifest(manifest, check_audio=False, need_text=text_field == "text")
-        text = {u.id: getattr(u, text_field) for u in utts if getattr(u, text_field)}
-        missing = [u for u in self.store.ids if u not in text]
-        if missing:
-            raise ValueError(f"{len(missing)} utterance(s) of {feats} have no {text_field!r} in "
-                             f"{manifest} (e.g. {missing[:3]}); pass the matching manifest")
-        if not self.store.ids:
-            raise ValueError(f"no utterances in {feats} (its manifest was empty or every "
-                             "utterance was skipped): nothing to train or validate on")
-        self.ids, self.text = list(self.store.ids), text
-        self.duration = {u: float(self.store.attrs(u).get("duration", 0.0)) for u in self.ids}
-        #: the ids in the manifest's order (what "consecutive" means for long inputs)
-        self.order = [u.id for u in utts if u.id in self.store]
-        self.group = field_values(manifest, group_field, self.order, "concat_group") \
-            if group_field else {}
-
-    def batch(self, items: list) -> tuple[list[torch.Tensor], list[str]]:
-        feats, texts = [], []
-        for item in items:
-            ids = parts(item)
-            feats.append(torch.from_numpy(
-                np.concatenate([self.store[u] for u in ids]).astype(np.float32)))
-            texts.append(" ".join(self.text[u].strip() for u in ids))
-        return feats, texts
-
-    def starts(self, items: list) -> list[torch.Tensor]:
-        """Each example's segment starts (joined utterances: shifted by the frames before)."""
-        out = []
-        for item in items:
-            offset, starts = 0, []
-            for u in parts(item):
-                starts.append(self.segments[u].astype(np.int64) + offset)
-                offset += int(self.store.dataset(u).shape[0])
-            out.append(torch.from_numpy(np.concatenate(starts)))
-        return out
-
-    def seconds(self, item) -> float:
-        return sum(self.duration[u] for u in parts(item))
-
-
 def _check_pooler_heads(cfg: TrainConfig, feats: str) -> None:
     """The learnt pooler's heads divide the features' dimension (before OUT is made)."""
     store = Store(feats)
@@ -287,70 +229,6 @@ def _check_teacher_frames(teacher: str) -> None:
                          f"({record_.get('condition') or steps}, {path}), not on frames: the "
                          "teacher reads the frames the learnt pooler pools; give the adapter of "
                          "a finetune run on the frames (the frames condition's)")
-
-
-def _segments_of(store: Store, segments: str) -> Store:
-    """The boundary store ``segments`` of ``store``'s frames, checked: a ``segment`` store of
-    these very features covering every utterance."""
-    seg = boundaries_of(store, segments)
-    missing = [u for u in store.ids if u not in seg]
-    if missing:
-        raise ValueError(f"--segments {segments} has no boundaries for {len(missing)} "
-                         f"utterance(s) of {store.path} (e.g. {missing[:3]})")
-    return seg
-
-
-def parts(item) -> tuple[str, ...]:
-    """The utterance ids of a training example."""
-    return (item,) if isinstance(item, str) else tuple(item)
-
-
-def joined_examples(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list:
-    """The examples of one epoch: every utterance alone, or with ``concat_seconds`` runs of
-    consecutive utterances (of one ``concat_group``) of up to a length drawn for each run from
-    [MIN, MAX] (seeded by the seed and the epoch). ``fits(ids)`` (the decoder's length limits)
-    ends a run early; an utterance is never split."""
-    if cfg.concat_seconds is None:
-        return list(ex.ids)
-    low, high = concat_range(cfg)
-    rng = random.Random(f"concat {cfg.seed} {epoch}")
-    groups: dict[object, list[str]] = {}
-    for u in ex.order:
-        groups.setdefault(ex.group.get(u), []).append(u)
-    items = []
-    for ids in groups.values():
-        run, seconds, goal = [], 0.0, rng.uniform(low, high)
-        for u in ids:
-            if run and (seconds + ex.duration[u] > goal or (fits and not fits(run + [u]))):
-                items.append(tuple(run) if len(run) > 1 else run[0])
-                run, seconds, goal = [], 0.0, rng.uniform(low, high)
-            run.append(u)
-            seconds += ex.duration[u]
-        items.append(tuple(run) if len(run) > 1 else run[0])
-    return items
-
-
-def epoch_batches(ex: Examples, cfg: TrainConfig, epoch: int, fits=None) -> list[list]:
-    """The micro-batches of one epoch: a seeded shuffle of the examples, cut by count or by
-    total duration."""
-    items = shuffled(joined_examples(ex, cfg, epoch, fits), cfg.seed, epoch)
-    if not cfg.batch_seconds:
-        return trainer.batches(items, cfg.batch_size)
-    batches, cur, total = [], [], 0.0
-    for item in items:
-        seconds = ex.seconds(item)
-        if cur and total + seconds > cfg.batch_seconds:
-            batches.append(cur)
-            cur, total = [], 0.0
-        cur.append(item)
-        total += seconds
-    return batches + ([cur] if cur else [])
-
-
-def data_stream(ex: Examples, cfg: TrainConfig, start: tuple[int, int], fits=None):
-    """Yields ((epoch, index of the next micro-batch), micro-batch) forever, from ``start``."""
-    return trainer.data_stream(lambda epoch: epoch_batches(ex, cfg, epoch, fits), start,
-                               f"no training utterances in {ex.store.path}")
 
 
 def check_positions(be, ex: Examples, model: str) -> None:
@@ -579,7 +457,7 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
     bounds = {"train": segments, "valid": valid_segments}
     for store, seg in ((feats, segments), (valid_feats, valid_segments)):
         if store and seg:  # before OUT is made
-            _segments_of(Store(store), seg)
+            segments_of(Store(store), seg)
     if segments:
         cfg = _init_pooler_config(cfg, init_adapter, feats)
         _check_pooler_heads(cfg, feats)

@@ -4,7 +4,7 @@ loading numpy or torch; ``lalmtool.compress`` holds the implementation of each n
 
 #: segmentation method → the parameter it takes: ``k`` (frames per segment), ``threshold``
 #: (on its peak scores; ``--target-rate`` tunes it) or None. A CTC cut comes from
-#: ``lalmtool ctc-segment`` (it needs an aligned CTC head, see ``lalmtool align``).
+#: ``lalmtool ctc segment`` (it needs an aligned CTC head, see ``lalmtool align``).
 METHODS = {"peaks": None, "scpc": "threshold", "prominence": "threshold", "uniform": "k"}
 THRESHOLD_METHODS = tuple(m for m, p in METHODS.items() if p == "threshold")
 #: how a segment becomes one token: its mean (pooling), its first frame (downsampling) or a

@@ -97,7 +97,7 @@ def threshold_for_rate(store: Store, method: str, target_rate: float) -> float:
     for utt, z, attrs in store.items():
         d = for_utterance(utt, dissimilarity, z)
         scores.append(compress.peak_scores(torch.from_numpy(d), method))
-        seconds += _duration(store, attrs, z)
+        seconds += duration(store, attrs, z)
     return compress.threshold_for_rate(scores, seconds, target_rate, method)
 
 
@@ -171,7 +171,8 @@ def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
             raise ValueError(f"--k must be a whole number of frames >= 1, got {k}")
 
 
-def _duration(store: Store, attrs: dict, z: np.ndarray) -> float:
+def duration(store: Store, attrs: dict, z: np.ndarray) -> float:
+    """Seconds of an utterance: its recorded duration, else its frames at the store's rate."""
     return float(attrs.get("duration", len(z) / float(store.meta["frame_rate"])))
 
 
@@ -191,7 +192,7 @@ def _worker(feats: str, method: str, k, threshold, on_error: str):
                     raise
                 result.skipped.append({"id": utt, "error": str(e)})
                 continue
-            add_utterance(result, stats, utt, b, len(z), _duration(src, src.attrs(utt), z))
+            add_utterance(result, stats, utt, b, len(z), duration(src, src.attrs(utt), z))
         return result, stats
 
     return run

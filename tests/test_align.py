@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import tone, write_manifest
-from lalmtool.align import (AlignConfig, align, ctc_boundaries, ctc_greedy,
-                            ctc_positions_needed, train_vocab)
+from lalmtool.align import AlignConfig, align, train_vocab
 from lalmtool.cli import main
+from lalmtool.ctc import ctc_boundaries, ctc_greedy, ctc_positions_needed
 from test_speechllm import tiny_llm  # noqa: F401  (module fixture)
 
 TEXTS = {"a": "the cat sat", "b": "hello world", "short": "a much longer sentence than its audio"}
@@ -97,7 +97,7 @@ def test_ctc_boundaries_cut_at_runs_of_the_best_class():
 
 def test_ctc_segment_writes_a_boundary_store_that_pool_reads(data, tiny_llm,  # noqa: F811
                                                              tmp_path):
-    from lalmtool.align import ctc_segment, load_aligner
+    from lalmtool.ctc import ctc_segment, load_aligner
     from lalmtool.pool import condition_of, pool_store
     from lalmtool.store import Store
 
@@ -124,12 +124,12 @@ def test_ctc_segment_writes_a_boundary_store_that_pool_reads(data, tiny_llm,  # 
     assert condition_of(Store(str(tmp_path / "pooled")))[2] == "ctc-mean-blankjoin"
     assert pooled["tokens"] == summaries["join"]["tokens"] < summaries["keep"]["tokens"]
     # the CLI: a rerun says so; a pooled store is refused in one line
-    r = CliRunner().invoke(main, ["ctc-segment", "--align", str(tmp_path / "al"), "--feats",
+    r = CliRunner().invoke(main, ["ctc", "segment", "--align", str(tmp_path / "al"), "--feats",
                                   data["valid_feats"], "--model", tiny_llm, "--out",
                                   str(tmp_path / "join")])
     assert r.exit_code == 0 and "Loading weights" not in r.output  # no model for a rerun
     assert r.output.strip().endswith("complete for these inputs and settings, nothing to do")
-    r = CliRunner().invoke(main, ["ctc-segment", "--align", str(tmp_path / "al"), "--feats",
+    r = CliRunner().invoke(main, ["ctc", "segment", "--align", str(tmp_path / "al"), "--feats",
                                   str(tmp_path / "pooled"), "--model", tiny_llm, "--out",
                                   str(tmp_path / "x")])
     assert r.exit_code == 1 and r.output.startswith(f"Error: {tmp_path / 'pooled'} is already "
@@ -155,7 +155,7 @@ def test_loss_falls_short_utterance_skipped_and_transcripts_learnt(data, tiny_ll
     records = [json.loads(l) for l in open(tmp_path / "al" / "log.jsonl")]
     assert [r["step"] for r in records if "valid_wer" in r] == [0, 20, 40]
     # the aligned projector alone transcribes (CTC greedy), in decode's format, scored by score
-    from lalmtool.align import ctc_decode
+    from lalmtool.ctc import ctc_decode
     from lalmtool.score import score
 
     info = ctc_decode(str(tmp_path / "al"), data["valid_feats"], tiny_llm,
@@ -259,3 +259,70 @@ def test_finetune_starts_from_the_aligned_projector(data, tiny_llm, tmp_path):  
     assert opts["init_projector"] == str(tmp_path / "al")
     be = load_backend("speechllm", tiny_llm, **opts)
     assert all(torch.equal(be.model.projector.state_dict()[k], aligned[k]) for k in aligned)
+
+
+@pytest.fixture(scope="module")
+def aligned(data, tiny_llm, tmp_path_factory):  # noqa: F811
+    """A short alignment: its cuts need not be good, only the same under either command name."""
+    out = tmp_path_factory.mktemp("aligned") / "al"
+    run(data, out, tiny_llm, max_steps=2)
+    return str(out)
+
+
+def ctc_cli(*args: str):
+    """``lalmtool ARGS``, stdout and stderr apart."""
+    return CliRunner().invoke(main, list(args))
+
+
+def renamed_line(old: str) -> str:
+    new = old.replace("-", " ")
+    return f"`lalmtool {old}` is now `lalmtool {new}`; the old name goes in a future release"
+
+
+def store_files(path) -> dict[str, bytes]:
+    """Every file of a store by its path inside it, but verified.json (inodes and mtimes)."""
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(path) for f in files if f != "verified.json"}
+
+
+def test_ctc_segment_writes_the_store_of_its_old_name_byte_for_byte(data, tiny_llm,  # noqa: F811
+                                                                    aligned, tmp_path):
+    stores = {}
+    for command in (("ctc", "segment"), ("ctc-segment",)):
+        out = tmp_path / "-".join(command)
+        r = ctc_cli(*command, "--align", aligned, "--feats", data["valid_feats"], "--model",
+                    tiny_llm, "--out", str(out), "--blank", "keep")
+        assert r.exit_code == 0, r.output
+        stores[command] = store_files(out)
+    assert stores[("ctc", "segment")].keys() >= {"store.json", "seg.00000.h5"}
+    assert stores[("ctc", "segment")] == stores[("ctc-segment",)]
+
+
+@pytest.mark.parametrize("old", ["ctc-segment", "ctc-decode"])
+def test_the_old_names_still_run_and_say_the_new_one(data, tiny_llm, aligned,  # noqa: F811
+                                                     tmp_path, old):
+    args = ["--align", aligned, "--feats", data["valid_feats"], "--model", tiny_llm]
+    for command in ([old], old.split("-")):
+        r = ctc_cli(*command, *args, "--out", str(tmp_path / "-".join(command)))
+        assert r.exit_code == 0, r.output
+        said = [line for line in r.stderr.splitlines() if "is now `lalmtool" in line]
+        assert said == ([renamed_line(old)] if command == [old] else [])
+    usage = ctc_cli("--help").output
+    assert old not in usage and "ctc " in usage  # the old names are out of the way in --help
+
+
+def test_ctc_does_not_import_align():
+    import ast
+
+    import lalmtool.ctc
+
+    tree = ast.parse(open(lalmtool.ctc.__file__, encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = ".".join(filter(None, ["lalmtool" if node.level else "", node.module]))
+            imported |= {module} | {f"{module}.{a.name}" for a in node.names}
+    assert "lalmtool.segment" in imported  # relative imports are read as the package's
+    assert not [m for m in imported if m == "lalmtool.align" or m.startswith("lalmtool.align.")]

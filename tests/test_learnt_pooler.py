@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.compress import compress, pool_utterance
 from lalmtool.decode import decode
@@ -183,7 +184,7 @@ def test_distillation_term_is_zero_when_the_student_reads_what_the_teacher_reads
     cfg = F.TrainConfig(**CFG)
     be, peft_model = F._model(cfg, tiny_whisper_lm, "cpu", None)
     for k, kl_is_zero in (("k1", True), ("k3", False)):
-        ex = F.Examples(feats, m, segments=str(tmp_path / k))
+        ex = E.Examples(feats, m, segments=str(tmp_path / k))
         job = F.Job(be, peft_model, pooler=F._pooler(cfg, ex, "cpu", None), teacher=be)
         items = ex.ids[:4]
         ce, n = job.loss(ex, items)
@@ -247,7 +248,7 @@ def test_cli_trains_a_pooler_and_pools_with_it(train_set, k3, tiny_whisper_lm,
 
 def test_joined_utterances_keep_each_ones_segments(train_set, k3):  # noqa: F811
     feats, m = train_set
-    ex = F.Examples(feats, m, segments=k3)
+    ex = E.Examples(feats, m, segments=k3)
     n0 = len(ex.store["u00"])
     joined, alone = ex.starts([("u00", "u01"), "u02"])
     want = np.concatenate([ex.segments["u00"], ex.segments["u01"] + n0])

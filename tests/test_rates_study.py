@@ -175,7 +175,7 @@ def test_a_ctc_condition_trains_its_head_once_then_cuts_each_set_by_it():
     align = ("PY -m lalmtool align --backend whisper --feats E/feats/frames/train --manifest "
              "D/train/manifest.jsonl --valid-feats E/feats/frames/dev --valid-manifest "
              "D/dev/manifest.jsonl --model M --out E/align/whisper")
-    cut = ("PY -m lalmtool ctc-segment --align E/align/whisper --feats E/feats/frames/{} "
+    cut = ("PY -m lalmtool ctc segment --align E/align/whisper --feats E/feats/frames/{} "
            "--model M --blank keep --out E/seg/ctc-blankkeep/{}")
     # the head is trained by the first set's align; the next set's align finds it finished
     defaults = " --max-steps=400 --lr=3e-3 --valid-every=100 --save-every=100"

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from conftest import write_manifest
 from lalmtool import record, trainer
-from lalmtool.align import AlignConfig, align, ctc_boundaries, load_aligner
+from lalmtool.align import AlignConfig, align
 from lalmtool.cli import main
+from lalmtool.ctc import ctc_boundaries, load_aligner
 from test_align import feats_store
 
 TEXTS = {"a": "the cat sat", "b": "hello world"}
@@ -45,7 +46,7 @@ def test_whisper_head_learns_the_transcripts_and_ctc_segment_cuts_by_its_rule(
     al = load_aligner(str(tmp_path / "al"), tiny_whisper_lm)
     assert (al.backend, al.stack) == ("whisper", 1)
     assert tuple(al.projector.net[0].weight.shape) == (32, 32)  # encoder -> decoder embeddings
-    from lalmtool.align import ctc_segment
+    from lalmtool.ctc import ctc_segment
     from lalmtool.store import Store
 
     info = ctc_segment(str(tmp_path / "al"), d["feats"], tiny_whisper_lm, str(tmp_path / "seg"))

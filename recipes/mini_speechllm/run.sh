@@ -59,7 +59,7 @@
 #                                     (what compression costs unaligned; --unaligned_decodes true)
 #   7  score, report → $exp/RESULTS.md, $exp/results.json, $exp/results.png
 #   8  (opt-in: --stop_stage 8) CTC-based compression, in $ctc_exp (default ${exp}_ctc):
-#      `lalmtool ctc-segment` cuts the frames where stage 4's frame-level projector changes its
+#      `lalmtool ctc segment` cuts the frames where stage 4's frame-level projector changes its
 #      best CTC class (blank runs their own segments: --blank keep), against uniform mean
 #      pooling and `prominence` peaks at the same rate (k and threshold from the training set);
 #      each condition gets its own projector over single pooled tokens (stack 1), aligned by CTC
@@ -153,7 +153,7 @@ if run_stage 4 "align the projector with CTC: frame level, then each condition f
   done
   for set in $test_sets; do  # the aligned projector alone (CTC greedy, no LLM): <cond>-ctc
     for cond in $conditions; do
-      "$python" -m lalmtool ctc-decode --align "$exp/align/$cond" \
+      "$python" -m lalmtool ctc decode --align "$exp/align/$cond" \
         --feats "$(feats_of "$cond" "$set")" \
         --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
         --out "$exp/decode/$cond-ctc/$set" > /dev/null
@@ -232,7 +232,7 @@ if run_stage 8 "CTC-based compression vs uniform and prominence at the same rate
   ce=${ctc_exp:-${exp}_ctc}
   for blank in join keep; do  # join: one token per emitted CTC token; keep: blank runs too
     for set in train dev $test_sets; do
-      "$python" -m lalmtool ctc-segment --align "$exp/align/frames" \
+      "$python" -m lalmtool ctc segment --align "$exp/align/frames" \
         --feats "$exp/feats/frames/$set" \
         --model "$llm" --blank "$blank" --out "$ce/seg/ctc-$blank/$set" > /dev/null
       "$python" -m lalmtool pool --feats "$exp/feats/frames/$set" \
@@ -264,7 +264,7 @@ print(eval(sys.argv[2], {}, m))' "$1/store.json" "$2"; }
       --model "$llm" --config "$align_config" --backend-opt stack=1 --out "$ce/align/$cond" \
       --max_steps="$align_steps" > /dev/null
     for set in $test_sets; do
-      "$python" -m lalmtool ctc-decode --align "$ce/align/$cond" --feats "$ce/pooled/$cond/$set" \
+      "$python" -m lalmtool ctc decode --align "$ce/align/$cond" --feats "$ce/pooled/$cond/$set" \
         --model "$llm" --manifest "$data/$set/manifest.jsonl" --set "$set" \
         --out "$ce/decode/$cond-ctc/$set" > /dev/null
       "$python" -m lalmtool score --hyp "$ce/decode/$cond-ctc/$set/hyp.jsonl" \

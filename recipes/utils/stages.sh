@@ -52,7 +52,7 @@ python=$(resolve_python) || exit 1
 #                  prominence: the threshold that `segment --target-rate R` picks on
 #                  $rate_set (default train), then that --threshold on every other set
 #             tX   --threshold X (scpc, prominence)
-#             blankjoin | blankkeep   ctc: `lalmtool ctc-segment --blank join|keep` (the CTC
+#             blankjoin | blankkeep   ctc: `lalmtool ctc segment --blank join|keep` (the CTC
 #                  boundaries come from a CTC head trained by `lalmtool align`: ctc_seg_cmd)
 #     -kd     (learnt only) distilled from the adapter of the source condition (frames unless
 #             chained; list it first): `finetune --teacher` with --distill ${distill:-0.5}
@@ -131,11 +131,11 @@ ctc_seg_cmd() {
     --feats "$exp/feats/frames/$train_set" --manifest "$data/$train_set/manifest.jsonl" \
     --valid-feats "$exp/feats/frames/$dev_set" --valid-manifest "$data/$dev_set/manifest.jsonl" \
     --model "$model" --out "$al" "${opts[@]}" > /dev/null || return 1
-  ${cpu_cmd:-} "$python" -m lalmtool ctc-segment --align "$al" --feats "$exp/feats/frames/$set" \
+  ${cpu_cmd:-} "$python" -m lalmtool ctc segment --align "$al" --feats "$exp/feats/frames/$set" \
     --model "$model" --blank "${seg##*-blank}" --out "$exp/seg/$seg/$set"
 }
 # seg_cmd COND SET: the segmentation of COND's last step over the features of its source.
-# A ctc condition is cut by `lalmtool ctc-segment --align DIR --blank join|keep` from a
+# A ctc condition is cut by `lalmtool ctc segment --align DIR --blank join|keep` from a
 # projector aligned by `lalmtool align` (recipes/mini_speechllm stage 8 does it for the
 # speechllm backend); its place is here, not yet wired to the whisper recipes.
 seg_cmd() {

@@ -664,6 +664,9 @@ main.add_command(_renamed(ctc_segment, "ctc-segment"))
               help="An utterance whose transcript (~3 tokens per second of speech) cannot fit "
                    "the decoder's positions with its audio: refuse the decode, naming the "
                    "compression that would fit, or decode it 30 s at a time.")
+@click.option("--chunk", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decode every utterance N stored rows at a time and join the texts (0: "
+                   "whole; 1500: one 30 s window of Whisper frames, 1500/k pooled by k).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -674,13 +677,13 @@ main.add_command(_renamed(ctc_segment, "ctc-segment"))
 @click.option("--force", is_flag=True,
               help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")
 def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
-           max_new_tokens, too_long, device, dtype, backend_opt, force) -> None:
+           max_new_tokens, too_long, chunk, device, dtype, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
-    Backend options are those the adapter was trained with (its run's config.yaml), updated by
-    --backend-opt. Whisper on audio > 30 s: --backend-opt chunk=1500 (frames) or 1500/k (pooled
-    by k) decodes one 30 s window at a time. A rerun skips a finished decode of the same inputs
-    and refuses one of other inputs (naming them) without --force.
+    Backend options are those the adapter was trained with (adapter/backend.json), updated by
+    --backend-opt. Whisper on audio > 30 s: --chunk 1500 (frames) or 1500/k (pooled by k)
+    decodes one 30 s window at a time. A rerun skips a finished decode of the same inputs and
+    refuses one of other inputs (naming them) without --force.
     """
     from .decode import decode as run
 
@@ -692,7 +695,7 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
         opts["dtype"] = dtype
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
              batch_size=batch_size, max_new_tokens=max_new_tokens, too_long=too_long,
-             manifest=manifest_path, set_name=set_name, device=device, force=force,
+             chunk=chunk, manifest=manifest_path, set_name=set_name, device=device, force=force,
              label=label, backend_opts=opts or None)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,6 +63,69 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     rows at a time (1500: one 30 s window of Whisper frames; 1500/k pooled by k) and joins the
     pieces' texts.
     """
+    job = plan(feats, model, out, adapter, backend, beam, batch_size, max_new_tokens, manifest,
+               set_name, device, backend_opts, label, too_long, chunk)
+    if force or _fingerprint_of(job.info_path, job.hyp_path) != job.fp:
+        check(job)  # before OUT is touched (a finished rerun skips it: it imports the backend)
+    rank, world = dist_info()
+    with output_lock(out):
+        finished = _finished(job, force, rank)
+        if finished is not None:
+            return finished
+        run(job, force, rank, world)
+        barrier(world)
+        return merge(job) if rank == 0 else {}
+
+
+@dataclass
+class Job:
+    """One decode: its inputs resolved, settings checked and fingerprinted (``plan``)."""
+
+    feats: str
+    model: str
+    model_dir: str
+    out: str
+    adapter: str | None
+    backend: str
+    opts: dict
+    store: Store
+    manifest: str | None
+    beam: int
+    batch_size: int
+    max_new_tokens: int | None
+    too_long: str
+    chunk: int
+    device: str
+    set_name: str | None
+    method: str
+    params: dict
+    label: str
+    default_label: str
+    inputs: dict
+    fp: str
+
+    @property
+    def info_path(self) -> str:
+        return os.path.join(self.out, "decode.json")
+
+    @property
+    def hyp_path(self) -> str:
+        return os.path.join(self.out, "hyp.jsonl")
+
+    def load(self):
+        return _load(self.backend, self.model, self.model_dir, resolve_device(self.device),
+                     self.opts, self.adapter)
+
+    def pieces(self, be, u: str) -> list[tuple[int, int, int]]:
+        return _pieces(be, self.store, u, self.chunk, self.max_new_tokens, self.too_long,
+                       self.model, self.params)
+
+
+def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, beam: int,
+         batch_size: int, max_new_tokens: int | None, manifest: str | None,
+         set_name: str | None, device: str, backend_opts: dict | None, label: str | None,
+         too_long: str, chunk: int) -> Job:
+    """The decode's settings checked, its inputs resolved and fingerprinted; nothing loaded."""
     chunk, backend_opts = take_chunk(chunk, backend_opts)
     for name, value in (("beam", beam), ("batch_size", batch_size),
                         ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens),
@@ -76,13 +140,11 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
     backend = concrete_backend(backend, model)
     check_out(out, feats)  # hypotheses never go into the store
-    rank, world = dist_info()
     store = _feature_store(feats)
     _check_pooler(store, adapter)
     model_dir = _model_dir(model)
     opts = {**training_options(adapter, backend), **(backend_opts or {})}
     method, params, default_label = condition_of(store)
-    label = label or default_label
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
               "adapter": _content_id(adapter) if adapter else None,
               "manifest": file_sha256(manifest) if manifest else None, "beam": beam,
@@ -92,68 +154,84 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
         inputs["too_long"] = too_long
     if chunk:  # where earlier releases recorded it (a backend option), so their decodes match
         inputs["backend_opts"] = {**opts, "chunk": chunk}
-    fp = fingerprint(inputs)
-    info_path, hyp_path = os.path.join(out, "decode.json"), os.path.join(out, "hyp.jsonl")
-    if force or _fingerprint_of(info_path, hyp_path) != fp:
-        # before OUT is touched; a finished decode was made with valid options (checking
-        # imports the backend's module: seconds that a finished rerun does without)
-        check_backend_options(backend, opts, "from the adapter's config.yaml or --backend-opt"
-                              if adapter else "from --backend-opt")
-        if manifest:
-            _check_references(store, manifest)
-        _check_tap(store, backend, opts, adapter)
-        if adapter:
-            check_adapter_base(adapter, model, model_dir)
-    with output_lock(out):
-        info = read_json(info_path, "use --force to decode again") \
-            if os.path.exists(hyp_path) else None
-        if info is not None and info.get("fingerprint") == fp and not force:
-            log.info("%s: already decoded with these inputs, skipped", out)
-            labels = {"condition": label,  # not in the fingerprint: updated in place
-                      "adapter_condition": _adapter_condition(adapter, default_label)}
-            if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
-                info.update(labels)
-                write_atomic(info_path, json.dumps(info, indent=1))
-            return info
-        old = _previous(out, fp, inputs, force)  # every rank checks: none waits for a failed one
-        mine = [u for i, ids in enumerate(store.shards.values()) if i % world == rank
-                for u in ids if u in store]
-        be = plan = None
-        if _outputs(out) and (force or (old or {}).get("fingerprint") != fp):
-            # a decode is replaced: the model loads and every utterance fits, or nothing goes
-            be = _load(backend, model, model_dir, resolve_device(device), opts, adapter)
-            plan = {u: _pieces(be, store, u, chunk, max_new_tokens, too_long, model, params)
-                    for u in mine}
-        barrier(world)  # every rank has read the old decode.json before anything is removed
-        if rank == 0:
-            _clear_stale(out, fp, inputs, force, old)
-        barrier(world)
+    return Job(feats, model, model_dir, out, adapter, backend, opts, store, manifest, beam,
+               batch_size, max_new_tokens, too_long, chunk, device, set_name, method, params,
+               label or default_label, default_label, inputs, fingerprint(inputs))
 
-        part = os.path.join(out, f"hyp.part{rank}.jsonl")
-        done = _read_part(part)
-        todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
-        if todo:
-            try:
-                be = be or _load(backend, model, model_dir, resolve_device(device), opts, adapter)
-            except Exception:
-                if not _outputs(out) and rank == 0:  # nothing decoded: leave OUT as it was
-                    os.remove(os.path.join(out, MARKER))
-                raise
-            plan = {u: plan[u] if plan else _pieces(be, store, u, chunk, max_new_tokens,
-                                                    too_long, model, params) for u in todo}
-            _decode_into(part, be, store, plan, _references(manifest), batch_size, beam,
-                         show=rank == 0)
-        barrier(world)
-        if rank != 0:
-            return {}
-        info = {
-            "set": set_name or os.path.basename(os.path.normpath(out)), "method": method,
-            "params": params, "condition": label, "feats": os.path.abspath(feats),
-            "model": model, "adapter": os.path.abspath(adapter) if adapter else None,
-            "lora": bool(adapter), "adapter_condition": _adapter_condition(adapter, default_label),
-            "backend": backend, "backend_opts": opts, "beam": beam,
-            "max_new_tokens": max_new_tokens or "auto", "too_long": too_long, "chunk": chunk}
-        return _merge_parts(out, store, info, fp, inputs)
+
+def check(job: Job) -> None:
+    """What must hold before anything in OUT is touched: the backend options, the references,
+    the tap, and the adapter's base model."""
+    check_backend_options(job.backend, job.opts, "from the adapter's backend.json or "
+                          "--backend-opt" if job.adapter else "from --backend-opt")
+    if job.manifest:
+        _check_references(job.store, job.manifest)
+    _check_tap(job.store, job.backend, job.opts, job.adapter)
+    if job.adapter:
+        check_adapter_base(job.adapter, job.model, job.model_dir)
+
+
+def _finished(job: Job, force: bool, rank: int) -> dict | None:
+    """decode.json of a finished decode of the same inputs (its labels brought up to date), or
+    None when there is work to do."""
+    info = read_json(job.info_path, "use --force to decode again") \
+        if os.path.exists(job.hyp_path) else None
+    if info is None or info.get("fingerprint") != job.fp or force:
+        return None
+    log.info("%s: already decoded with these inputs, skipped", job.out)
+    labels = {"condition": job.label,  # not in the fingerprint: updated in place
+              "adapter_condition": _adapter_condition(job.adapter, job.default_label)}
+    if rank == 0 and any(info.get(k) != v for k, v in labels.items()):
+        info.update(labels)
+        write_atomic(job.info_path, json.dumps(info, indent=1))
+    return info
+
+
+def run(job: Job, force: bool, rank: int, world: int) -> None:
+    """Decodes this rank's share of the store into its part file, after what an earlier run
+    left (stale hypotheses, of other inputs, are removed first)."""
+    out, store = job.out, job.store
+    old = _previous(out, job.fp, job.inputs, force)  # every rank checks: none waits
+    mine = [u for i, ids in enumerate(store.shards.values()) if i % world == rank
+            for u in ids if u in store]
+    be = pieces = None
+    if _outputs(out) and (force or (old or {}).get("fingerprint") != job.fp):
+        # a decode is replaced: the model loads and every utterance fits, or nothing goes
+        be = job.load()
+        pieces = {u: job.pieces(be, u) for u in mine}
+    barrier(world)  # every rank has read the old decode.json before anything is removed
+    if rank == 0:
+        _clear_stale(out, job.fp, job.inputs, force, old)
+    barrier(world)
+    part = os.path.join(out, f"hyp.part{rank}.jsonl")
+    done = _read_part(part)
+    todo = sorted((u for u in mine if u not in done), key=lambda u: -store.dataset(u).shape[0])
+    if not todo:
+        return
+    try:
+        be = be or job.load()
+    except Exception:
+        if not _outputs(out) and rank == 0:  # nothing decoded: leave OUT as it was
+            os.remove(os.path.join(out, MARKER))
+        raise
+    pieces = {u: pieces[u] if pieces else job.pieces(be, u) for u in todo}
+    _decode_into(part, be, store, pieces, _references(job.manifest), job.batch_size, job.beam,
+                 show=rank == 0)
+
+
+def merge(job: Job) -> dict:
+    """Rank 0: every rank's hypotheses into hyp.jsonl and decode.json; returns the latter."""
+    info = {
+        "set": job.set_name or os.path.basename(os.path.normpath(job.out)),
+        "method": job.method, "params": job.params, "condition": job.label,
+        "feats": os.path.abspath(job.feats), "model": job.model,
+        "adapter": os.path.abspath(job.adapter) if job.adapter else None,
+        "lora": bool(job.adapter),
+        "adapter_condition": _adapter_condition(job.adapter, job.default_label),
+        "backend": job.backend, "backend_opts": job.opts, "beam": job.beam,
+        "max_new_tokens": job.max_new_tokens or "auto", "too_long": job.too_long,
+        "chunk": job.chunk}
+    return _merge_parts(job.out, job.store, info, job.fp, job.inputs)
 
 
 def _load(backend: str, model: str, model_dir: str, device: str, opts: dict,

@@ -97,7 +97,7 @@ def test_an_unknown_backend_option_is_one_line_and_writes_nothing(whisper_data,
         assert r.exit_code == 1, r.output
         assert r.output.strip().splitlines()[-1] == (
             "Error: backend 'whisper' has no option chunks (from --backend-opt"
-            + (")" if command[0] == "align" else " or --extra)") + "; it takes chunk, dtype, "
+            + (")" if command[0] == "align" else " or --extra)") + "; it takes dtype, "
             "language, positions, task, trim"), r.output
         assert "Traceback" not in r.output and not out.exists()
 

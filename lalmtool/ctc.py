@@ -211,14 +211,13 @@ def ctc_decode(align_dir: str, feats: str, model: str, out: str, manifest: str |
     ``lalmtool decode``'s format (``OUT/hyp.jsonl``, ``OUT/decode.json``) for score/report."""
     from .decode import write_decode
     from .manifest import read_manifest
-    from .pool import condition_of
 
     al = load_aligner(align_dir, model)
     store = Store(feats)
     refs = {}
     if manifest:
         refs = {u.id: u.text for u in read_manifest(manifest)[0] if u.text is not None}
-    method, params, label = condition_of(store)
+    method, params, label = store.meta.condition()
     rows = []
     for i in range(0, len(store.ids), batch_size):
         ids = store.ids[i : i + batch_size]

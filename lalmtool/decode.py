@@ -34,7 +34,6 @@ from .manifest import read_manifest
 from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
                      concrete_backend, load_adapter, load_backend, training_options)
 from .parallel import barrier, check_out, dist_info, progress, resolve_device
-from .pool import condition_of
 from .store import Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
@@ -144,7 +143,7 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
     _check_pooler(store, adapter)
     model_dir = _model_dir(model)
     opts = {**training_options(adapter, backend), **(backend_opts or {})}
-    method, params, default_label = condition_of(store)
+    method, params, default_label = store.meta.condition()
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
               "adapter": _content_id(adapter) if adapter else None,
               "manifest": file_sha256(manifest) if manifest else None, "beam": beam,
@@ -334,7 +333,7 @@ def write_decode(out: str, store: Store, rows: list[dict], info: dict) -> dict:
     audio_s = sum(r["duration"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     secs = sum(r["seconds"] for r in rows)
-    src_rate = float(store.meta.get("source_frame_rate", store.meta.get("frame_rate", 0.0)))
+    src_rate = store.meta.source_frame_rate
     info = {
         **info, "utterances": len(rows), "audio_seconds": audio_s, "audio_tokens": tokens,
         "tokens_per_s": tokens / audio_s if audio_s else None, "source_frame_rate": src_rate,
@@ -393,7 +392,7 @@ def _pieces(be, store: Store, u: str, chunk: int, max_new_tokens: int | None, to
             model: str, params: dict) -> list[tuple[int, int, int]]:
     """How utterance ``u`` of ``store`` is decoded (``plan_pieces``)."""
     rows = int(store.dataset(u).shape[0])
-    seconds = float(store.attrs(u).get("duration", 0.0)) or rows / _frame_rate(store)
+    seconds = float(store.attrs(u).get("duration", 0.0)) or rows / store.meta.frame_rate
     return plan_pieces(be, rows, seconds, chunk, max_new_tokens, too_long,
                        model, f"utterance {u!r} of {store.path}",
                        params.get("k", 1) if "k" in params or store.kind == "feats" else None)
@@ -441,11 +440,6 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
-
-
-def _frame_rate(store: Store) -> float:
-    """Stored rows per second of audio (for an utterance without a recorded duration)."""
-    return float(store.meta.get("frame_rate") or store.meta.get("source_frame_rate") or 50.0)
 
 
 def _expected_tokens(seconds: float) -> int:

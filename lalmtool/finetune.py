@@ -68,7 +68,7 @@ from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
                      load_backend)
 from .options import option
 from .parallel import check_out
-from .pool import compression_steps, condition_of, feature_store
+from .pool import feature_store
 from .pooler import LearntPooler, has_pooler
 from .pooler import load as load_pooler
 from .pooler import save as save_pooler
@@ -631,8 +631,8 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
     """OUT/last, OUT/adapter (the best by validation loss of this run, else the last) with a
     README.md and the base model named as the user gave it; OUT/summary.json."""
     out, state, rank = run.out, run.state, run.dist.rank
-    condition = condition_of(Store(segments), "learnt")[2] if segments else \
-        condition_of(Store(feats))[2]
+    condition = Store(segments).meta.condition("learnt")[2] if segments else \
+        Store(feats).meta.condition()[2]
     last = trainer.last_record(out)
     summary = {"out": out, "steps": state["step"], "last": last,
                "best_valid_loss": state["best"], "best_step": state["best_step"],
@@ -672,16 +672,14 @@ COMPRESSION_FILE = "compression.json"
 def compression_record(cfg: TrainConfig, feats: str, segments: str | None,
                        condition: str) -> dict:
     """The compression an adapter was trained on: the condition, the steps from the encoder's
-    frames (``pool.compression_steps``; a learnt pooler's is saved beside it), the frames'
-    rate, and the longest training input (seconds; joined examples: ``concat_seconds``)."""
-    store = Store(segments) if segments else Store(feats)
-    meta = store.meta
-    while "source_meta" in meta:
-        meta = meta["source_meta"]
+    frames (``StoreMeta.compression_steps``; a learnt pooler's is saved beside it), the
+    frames' rate, and the longest training input (seconds; joined examples:
+    ``concat_seconds``)."""
+    meta = (Store(segments) if segments else Store(feats)).meta
     joined = concat_range(cfg)[1] if cfg.concat_seconds is not None else None
     return {"condition": condition,
-            "steps": compression_steps(store, "learnt" if segments else None),
-            "frame_rate": meta.get("frame_rate"), "trim": meta.get("trim", True),
+            "steps": meta.compression_steps("learnt" if segments else None),
+            "frame_rate": meta.extracted.get("frame_rate"), "trim": meta.trim,
             "input_seconds": joined}
 
 

@@ -152,10 +152,7 @@ def _check_pooler_base(pooler: str, src: Store) -> None:
     from .assets import resolve_model
     from .models import check_adapter_base
 
-    meta = src.meta
-    while "source_meta" in meta:
-        meta = meta["source_meta"]
-    model = meta.get("model")
+    model = src.meta.extracted.get("model")
     if not model:
         return
     try:
@@ -164,36 +161,3 @@ def _check_pooler_base(pooler: str, src: Store) -> None:
         return
     if os.path.isdir(model_dir):
         check_adapter_base(pooler, model, model_dir, "--pooler")
-
-
-def condition_of(store: Store, reduce: str | None = None) -> tuple[str, dict, str]:
-    """(method, parameters, label) of the compression a store holds (a boundary store: with
-    ``reduce``); the label is the condition's name that recipes, decode and reports use
-    (``frames``, ``uniform-mean-k3``, ``uniform-learnt-k10``)."""
-    meta = store.meta
-    if store.kind == "feats":
-        method = "frames" if meta.get("trim", True) else "native"
-        return method, {}, method
-    method, params = meta["method"], dict(meta.get("params", {}))
-    params["reduce"] = reduce or meta.get("reduce", "mean")
-    label = "-".join([method, params["reduce"]] + [
-        f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
-        for k, v in params.items() if k not in ("reduce", "target_rate")])
-    return method, params, label
-
-
-def compression_steps(store: Store, reduce: str | None = None) -> list[dict]:
-    """The compressions that lead from the encoder's frames to ``store``'s features, in order:
-    ``{"method", "params", "reduce"}`` each (``[]`` for frames; a boundary store counts as
-    pooled by ``reduce``). What ``lalmtool transcribe`` repeats in memory."""
-    steps, meta = [], store.meta
-    if store.kind == "seg":
-        steps.append({"method": meta["method"], "params": meta.get("params", {}),
-                      "reduce": reduce or "mean"})
-        meta = meta["source_meta"]
-    while meta.get("stage") == "pool":
-        steps.insert(0, {"method": meta["method"], "params": meta.get("params", {}),
-                         "reduce": meta.get("reduce", "mean")})
-        meta = meta["source_meta"]
-    return [{**s, "params": {k: v for k, v in s["params"].items() if k != "target_rate"}}
-            for s in steps]

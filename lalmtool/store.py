@@ -254,6 +254,87 @@ class StoreWriter:
         return skipped
 
 
+class StoreMeta(dict):
+    """A store's ``meta`` (store.json), read one way. Still the plain JSON mapping that the
+    stages write (a later stage keeps its source's meta under ``source_meta``); the properties
+    answer what readers ask of it, for stores of this release and of earlier ones:
+
+    ``stage``, ``source`` (the meta of the store this one was made from), ``extracted`` (the
+    extract's meta at the root of that chain), ``backend``, ``backend_options`` (every option
+    the features were extracted with; earlier stores: the options given, ``backend_opts``),
+    ``frame_rate`` (stored rows per second of audio), ``source_frame_rate`` (the encoder's
+    frames per second), ``trim``, ``condition`` and ``compression_steps``.
+    """
+
+    @property
+    def stage(self) -> str:
+        return self.get("stage", "extract")
+
+    @property
+    def source(self) -> StoreMeta | None:
+        return StoreMeta(self["source_meta"]) if "source_meta" in self else None
+
+    @property
+    def extracted(self) -> StoreMeta:
+        meta = self
+        while meta.source is not None:
+            meta = meta.source
+        return meta
+
+    @property
+    def backend(self) -> str | None:
+        return self.extracted.get("backend")
+
+    @property
+    def backend_options(self) -> dict:
+        root = self.extracted
+        return dict(root.get("backend_options") or root.get("backend_opts") or {})
+
+    @property
+    def frame_rate(self) -> float:
+        return float(self.get("frame_rate") or self.source_frame_rate)
+
+    @property
+    def source_frame_rate(self) -> float:
+        root = self.extracted
+        return float(self.get("source_frame_rate") or root.get("source_frame_rate")
+                     or root.get("frame_rate") or 50.0)
+
+    @property
+    def trim(self) -> bool:
+        return bool(self.extracted.get("trim", True))
+
+    def condition(self, reduce: str | None = None) -> tuple[str, dict, str]:
+        """(method, parameters, label) of the compression the store holds (a boundary store:
+        pooled by ``reduce``); the label is the condition's name that recipes, decode and
+        reports use (``frames``, ``native``, ``uniform-mean-k3``, ``uniform-learnt-k10``)."""
+        if "method" not in self:  # encoder frames, not compressed
+            method = "frames" if self.trim else "native"
+            return method, {}, method
+        params = dict(self.get("params", {}))
+        params["reduce"] = reduce or self.get("reduce", "mean")
+        label = "-".join([self["method"], params["reduce"]] + [
+            f"{k[0] if k == 'k' else k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}"
+            for k, v in params.items() if k not in ("reduce", "target_rate")])
+        return self["method"], params, label
+
+    def compression_steps(self, reduce: str | None = None) -> list[dict]:
+        """The compressions that lead from the encoder's frames to these features, in order:
+        ``{"method", "params", "reduce"}`` each (``[]`` for frames; a boundary store counts as
+        pooled by ``reduce``). What ``lalmtool transcribe`` repeats in memory."""
+        steps, meta = [], self
+        if meta.stage == "segment":
+            steps.append({"method": meta["method"], "params": meta.get("params", {}),
+                          "reduce": reduce or "mean"})
+            meta = meta.source
+        while meta.stage == "pool":
+            steps.insert(0, {"method": meta["method"], "params": meta.get("params", {}),
+                             "reduce": meta.get("reduce", "mean")})
+            meta = meta.source
+        return [{**s, "params": {k: v for k, v in s["params"].items() if k != "target_rate"}}
+                for s in steps]
+
+
 class Store:
     """Read access to a finished store. HDF5 files are opened lazily, per process."""
 
@@ -263,7 +344,7 @@ class Store:
             raise StoreError(f"{path} is not a lalmtool store (no {STORE_FILE}); "
                              "make it with `lalmtool extract`, `segment` or `pool`.")
         self.path, self.kind = path, info["kind"]
-        self.fingerprint, self.meta = info["fingerprint"], info["meta"]
+        self.fingerprint, self.meta = info["fingerprint"], StoreMeta(info["meta"])
         self.shards: dict[str, list[str]] = info["shards"]
         missing = [s for s in self.shards if not os.path.exists(os.path.join(path, s))]
         if missing:

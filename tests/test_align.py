@@ -98,7 +98,7 @@ def test_ctc_boundaries_cut_at_runs_of_the_best_class():
 def test_ctc_segment_writes_a_boundary_store_that_pool_reads(data, tiny_llm,  # noqa: F811
                                                              tmp_path):
     from lalmtool.ctc import ctc_segment, load_aligner
-    from lalmtool.pool import condition_of, pool_store
+    from lalmtool.pool import pool_store
     from lalmtool.store import Store
 
     run(data, tmp_path / "al", tiny_llm)  # learns "the cat sat" and "hello world" exactly
@@ -121,7 +121,7 @@ def test_ctc_segment_writes_a_boundary_store_that_pool_reads(data, tiny_llm,  # 
         len(tok.encode(TEXTS[u], add_special_tokens=False)) for u in ("a", "b")]
     pooled = pool_store(data["valid_feats"], str(tmp_path / "join"), "mean",
                         str(tmp_path / "pooled"))
-    assert condition_of(Store(str(tmp_path / "pooled")))[2] == "ctc-mean-blankjoin"
+    assert Store(str(tmp_path / "pooled")).meta.condition()[2] == "ctc-mean-blankjoin"
     assert pooled["tokens"] == summaries["join"]["tokens"] < summaries["keep"]["tokens"]
     # the CLI: a rerun says so; a pooled store is refused in one line
     r = CliRunner().invoke(main, ["ctc", "segment", "--align", str(tmp_path / "al"), "--feats",

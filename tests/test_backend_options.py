@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from lalmtool.cli import main
 from lalmtool.models import backend_default, backend_options, check_backend_options, check_tap
+from lalmtool.store import StoreMeta
 
 
 def test_each_backend_declares_its_options_with_defaults():
@@ -67,8 +68,8 @@ def test_extract_records_every_backend_option_and_the_tap_check_reads_them(audio
     meta = Store(str(tmp_path / "f")).meta
     assert meta["backend_options"] == {"dtype": "float32", "trim": True, "language": "en",
                                        "task": "transcribe", "positions": "global"}
-    store = SimpleNamespace(path="P", meta={"stage": "pool", "source_meta": {
-        "backend": "qwen2-audio", "backend_options": {"tap": "prepool"}}})
+    store = SimpleNamespace(path="P", meta=StoreMeta({"stage": "pool", "source_meta": {
+        "backend": "qwen2-audio", "backend_options": {"tap": "prepool"}}}))
     with pytest.raises(ValueError, match=r"^tap mismatch: store 'prepool', decode 'pooled' "
                                          r"\(P\); fix it$"):
         check_tap(store, "qwen2-audio", {"decode": None}, "fix it")

@@ -11,7 +11,6 @@ from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.segment import segment
-from lalmtool.pool import condition_of
 from lalmtool.store import Store, StoreError
 
 @pytest.fixture(scope="module")
@@ -88,11 +87,11 @@ def test_resume_from_partial_hypotheses(stores, tiny_en, tmp_path):
 
 @pytest.mark.slow
 def test_condition_labels(stores, tmp_path):
-    assert condition_of(Store(stores["frames"]))[2] == "frames"
-    assert condition_of(Store(stores["pooled"]))[:2] == ("peaks", {"reduce": "mean"})
+    assert Store(stores["frames"]).meta.condition()[2] == "frames"
+    assert Store(stores["pooled"]).meta.condition()[:2] == ("peaks", {"reduce": "mean"})
     segment(stores["frames"], "uniform", str(tmp_path / "u"), k=3)
     p = pool_store(stores["frames"], str(tmp_path / "u"), "pick", str(tmp_path / "p"))["store"]
-    assert condition_of(Store(p))[2] == "uniform-pick-k3"
+    assert Store(p).meta.condition()[2] == "uniform-pick-k3"
 
 
 # -- fast checks on a random 1-layer Whisper with tiny.en's vocabulary ----------------------

@@ -275,14 +275,16 @@ def test_a_held_out_dir_refuses_a_second_finetune(train_set, tiny_whisper_lm, tm
 def test_tap_of_the_store_must_match_the_backend_options():
     from types import SimpleNamespace
 
-    pooled = SimpleNamespace(path="P", meta={"stage": "pool", "source_meta": {
+    from lalmtool.store import StoreMeta
+
+    pooled = SimpleNamespace(path="P", meta=StoreMeta({"stage": "pool", "source_meta": {
         "stage": "segment", "source_meta": {"stage": "extract",
-                                            "backend_opts": {"tap": "prepool"}}}})
+                                            "backend_opts": {"tap": "prepool"}}}}))
     with pytest.raises(ValueError, match=r"^tap mismatch: store 'prepool', training 'pooled' "
                                          r"\(P\); pass --backend-opt tap="):
         F._check_tap(pooled, F.TrainConfig(backend="qwen2-audio"))
     F._check_tap(pooled, F.TrainConfig(backend="qwen2-audio", extra={"tap": "prepool"}))
-    plain = SimpleNamespace(path="Q", meta={"stage": "extract", "backend_opts": {}})
+    plain = SimpleNamespace(path="Q", meta=StoreMeta({"stage": "extract", "backend_opts": {}}))
     F._check_tap(plain, F.TrainConfig(backend="qwen2-audio"))  # both the default tap
     with pytest.raises(ValueError, match="tap mismatch: store 'pooled', training 'prepool' "):
         F._check_tap(plain, F.TrainConfig(backend="qwen2-audio", extra={"tap": "prepool"}))

@@ -12,7 +12,7 @@ from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.compress import compress, pool_utterance
 from lalmtool.decode import decode
-from lalmtool.pool import condition_of, pool_store
+from lalmtool.pool import pool_store
 from lalmtool.pooler import LearntPooler, load
 from lalmtool.segment import segment
 from lalmtool.store import Store, StoreError
@@ -123,7 +123,7 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
         want = pooler(torch.from_numpy(frames[u].astype(np.float32)),
                       torch.from_numpy(seg[u].astype(np.int64))).detach().numpy()
         np.testing.assert_allclose(store[u].astype(np.float32), want, atol=2e-3, rtol=2e-3)
-    assert condition_of(store)[2] == "uniform-learnt-k3"
+    assert store.meta.condition()[2] == "uniform-learnt-k3"
     # the Python API gives the same tokens (batched, zero-padded)
     lengths = torch.tensor([len(frames[u]) for u in frames.ids])
     x = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(frames[u].astype(np.float32))

@@ -239,3 +239,33 @@ def test_records_of_another_fingerprint_or_racily_clean_shards_are_not_trusted(t
     rec.write_text("{damaged")
     calls.clear()
     assert StoreWriter(str(tmp_path / "s")).pending() == [] and len(calls) == 3
+
+
+def test_store_meta_answers_for_this_release_and_earlier_ones():
+    """StoreMeta reads the source chain, the frame rates, the backend options and the condition
+    one way: for a pooled store of this release, and for the previous release's stores (the
+    extract recorded only the options given, ``backend_opts``, and no ``source_frame_rate``)."""
+    from lalmtool.store import StoreMeta
+
+    extract = {"stage": "extract", "backend": "whisper", "model": "M", "trim": True,
+               "backend_opts": {"language": "en"}, "frame_rate": 50.0}
+    seg = {"stage": "segment", "method": "uniform", "params": {"k": 3}, "frame_rate": 50.0,
+           "source_meta": extract}
+    pooled = StoreMeta({"stage": "pool", "method": "uniform", "params": {"k": 3},
+                        "reduce": "mean", "frame_rate": 16.8, "source_meta": seg})
+    assert (pooled.stage, pooled.source.stage, pooled.extracted["model"]) == (
+        "pool", "segment", "M")
+    assert (pooled.frame_rate, pooled.source_frame_rate) == (16.8, 50.0)
+    assert (pooled.backend, pooled.backend_options, pooled.trim) == (
+        "whisper", {"language": "en"}, True)
+    assert pooled.condition() == ("uniform", {"k": 3, "reduce": "mean"}, "uniform-mean-k3")
+    assert pooled.compression_steps() == [
+        {"method": "uniform", "params": {"k": 3}, "reduce": "mean"}]
+    assert StoreMeta(seg).condition("learnt")[2] == "uniform-learnt-k3"
+    assert StoreMeta(seg).compression_steps("learnt") == [
+        {"method": "uniform", "params": {"k": 3}, "reduce": "learnt"}]
+    now = StoreMeta({**extract, "trim": False, "backend_options": {"language": "en", "trim": False},
+                     "source_frame_rate": 50.0})
+    assert now.condition() == ("native", {}, "native") and now.backend_options["trim"] is False
+    assert StoreMeta({"stage": "extract"}).frame_rate == 50.0  # the oldest: no rate recorded
+    assert json.loads(json.dumps(pooled)) == dict(pooled)  # still the JSON that stages write

@@ -93,9 +93,7 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
     The tap is what extract recorded in the store's ``backend_options`` (segment and pool keep
     their source's meta under ``source_meta``). Checked for backends with a ``tap`` option, on
     stores extracted with that backend."""
-    meta = store.meta
-    while "source_meta" in meta:
-        meta = meta["source_meta"]
+    meta = store.meta.extracted
     extracted = meta.get("backend", backend)
     if extracted != backend and {extracted, backend} & set(AUDIO_LLM_FAMILIES):
         raise ValueError(f"{store.path} holds the audio tokens of the {extracted} backend, not "
@@ -104,7 +102,7 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
     default = backend_default(backend, "tap")
     if default is None or meta.get("backend", backend) != backend:
         return
-    recorded = meta.get("backend_options") or meta.get("backend_opts") or {}
+    recorded = meta.backend_options
     found = {"store": recorded.get("tap") or default,
              **{where: tap or default for where, tap in taps.items()}}
     if len(set(found.values())) > 1:

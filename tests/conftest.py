@@ -16,6 +16,7 @@ Every test is in exactly one of two tiers, set at collection:
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -57,6 +58,11 @@ def _offline_tier(request, tmp_path_factory, monkeypatch):
     yield
 
 
+#: A subprocess's hang guard, not a speed limit: a whole recipe takes 1-4 minutes on 2 idle
+#: cores, several times that on a busy machine.
+HANG_GUARD_S = 3600
+
+
 def tone(seconds: float, sr: int = 16000, freq: float = 220.0, seed: int = 0) -> np.ndarray:
     """A tone with a little noise: real-valued, non-silent test audio."""
     t = np.arange(int(seconds * sr)) / sr
@@ -80,6 +86,58 @@ def tiny_whisper(tmp_path_factory) -> str:
     WhisperForConditionalGeneration(cfg).save_pretrained(path)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
     return path
+
+
+def write_frames_store(path, items: dict, shard_size: int = 2, fp: str = "a" * 64):
+    """A finished frames store at ``path``, as extract writes one (50 frames/s): ``items`` maps
+    each utterance id to (float16 [T, D] array, attributes); ``shard_size`` per shard. Returns
+    the writer."""
+    from lalmtool.store import ShardResult, StoreWriter, plan_shards
+
+    ids = list(items)
+    w = StoreWriter.create(str(path), "feats", fp, {"stage": "extract", "frame_rate": 50.0},
+                           plan_shards(ids, shard_size, "feats"))
+    for name in w.pending():
+        w.write_shard(name, ShardResult(items=[(u, *items[u]) for u in w.shards[name]]))
+    w.finish()
+    return w
+
+
+def write_tiny_llm(path, tokenizer_dir: str, layers: int = 2, positions: int = 1024) -> str:
+    """A random Llama (hidden 32, seed 0) with the tokenizer of ``tokenizer_dir`` (SmolLM2's:
+    49152 tokens, chat template), saved at ``path``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=positions, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(smollm2, tmp_path_factory) -> str:
+    """A random 2-layer Llama with SmolLM2's tokenizer (49152 tokens, chat template)."""
+    return write_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), smollm2)
+
+
+#: A tiny Qwen2-Audio architecture (config.json's sizes) for the benchmarks' CPU runs.
+TINY_QWEN2_AUDIO = {
+    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 16, "encoder_layers": 1,
+                     "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
+                     "max_source_positions": 1500},
+    "text_config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+                    "vocab_size": 512, "max_position_embeddings": 120},
+}
+#: The repository's root (benchmarks/, recipes/).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_manifest(path, rows: list[dict]) -> str:
@@ -161,4 +219,136 @@ def tiny_whisper_lm(tiny_en, tmp_path_factory) -> str:
     for f in glob.glob(os.path.join(tiny_en, "*.json")):
         if os.path.basename(f) not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, path)
+    return path
+
+
+# -- corpora in their real layouts (tiny, synthetic) ---------------------------------------
+# LibriSpeech: subset -> {utterance id: (seconds, transcript)}
+LIBRI = {
+    "dev-clean": {"84-121123-0000": (1.25, "GO DO YOU HEAR"),
+                  "84-121123-0001": (1.5, "BUT IN LESS THAN FIVE MINUTES THE STAIRCASE GROANED"),
+                  "174-50561-0000": (1.0, "FORGOTTEN TOO THE NAME OF GILLIAN")},
+    "train-clean-100": {"19-198-0000": (1.5, "NORTHANGER ABBEY"),
+                        "19-198-0001": (1.25, "THIS LITTLE WORK WAS FINISHED IN THE YEAR"),
+                        "26-495-0000": (1.0, "LET ME SEE"),
+                        "26-495-0001": (1.5, "THE HOUSE STOOD ON A HILL")},
+}
+
+# CoVoST 2 es_en rows: (clip, sentence, translation, split, seconds). The quotes are part of
+# the sentences (the TSV is read with QUOTE_NONE, as the official loader does).
+COVOST = [
+    ("common_voice_es_1.mp3", 'Dijo "hola" y se fue.', 'He said "hello" and left.', "train", 1.5),
+    ("common_voice_es_2.mp3", "La casa es grande.", "The house is big.", "train", 1.0),
+    ("common_voice_es_3.mp3", "Vamos a la playa.", "Let's go to the beach.", "train_covost", 1.25),
+    ("common_voice_es_4.mp3", "Hace frío hoy.", "It is cold today.", "dev", 1.0),
+    ("common_voice_es_5.mp3", "El perro duerme.", "The dog sleeps.", "test", 1.5),
+    ("common_voice_es_6.mp3", "Me gusta leer.", "I like reading.", "test", 1.0),
+]
+TSV_HEADER = "path\tsentence\ttranslation\tclient_id\tsplit\n"
+
+
+def make_librispeech(root, subsets=LIBRI) -> str:
+    """``root/<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` + ``<spk>-<chapter>.trans.txt``."""
+    for subset, utts in subsets.items():
+        chapters: dict[str, list[str]] = {}
+        for i, (utt, (sec, text)) in enumerate(sorted(utts.items())):
+            spk, ch, _ = utt.split("-")
+            d = os.path.join(root, subset, spk, ch)
+            os.makedirs(d, exist_ok=True)
+            sf.write(os.path.join(d, f"{utt}.flac"), tone(sec, freq=180 + 30 * i, seed=i), 16000)
+            chapters.setdefault(d, []).append(f"{utt} {text}")
+        for d, lines in chapters.items():
+            spk, ch = d.split(os.sep)[-2:]
+            with open(os.path.join(d, f"{spk}-{ch}.trans.txt"), "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+    return str(root)
+
+
+def make_covost(root, rows=COVOST, src="es", tgt="en") -> tuple[str, str]:
+    """``root/cv/clips/*.mp3`` (Common Voice) and ``root/covost/covost_v2.<src>_<tgt>.tsv``."""
+    cv, covost = os.path.join(root, "cv"), os.path.join(root, "covost")
+    os.makedirs(os.path.join(cv, "clips"), exist_ok=True)
+    os.makedirs(covost, exist_ok=True)
+    lines = [TSV_HEADER]
+    for i, (clip, sent, trans, split, sec) in enumerate(rows):
+        if sec:
+            sf.write(os.path.join(cv, "clips", clip), tone(sec, freq=200 + 25 * i, seed=i), 16000,
+                     format="MP3", subtype="MPEG_LAYER_III")
+        lines.append(f"{clip}\t{sent}\t{trans}\tclient{i % 2}\t{split}\n")
+    with open(os.path.join(covost, f"covost_v2.{src}_{tgt}.tsv"), "w") as fh:
+        fh.writelines(lines)
+    return cv, covost
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# -- Hugging Face datasets and lhotse cuts -----------------------------------------------------
+# (id, seconds, sample rate, format, text): the good rows of the dataset
+GOOD = [("a1", 1.0, 16000, "WAV", "the first clip"),
+        ("b2", 1.7, 22050, "FLAC", "a second  clip"),   # resampled by extract; spaces folded
+        ("c3", 0.6, 16000, "WAV", "third")]
+
+
+def audio_bytes(seconds: float, sr: int, fmt: str, seed: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, tone(seconds, sr=sr, freq=170 + 50 * seed, seed=seed), sr, format=fmt)
+    return buf.getvalue()
+
+
+def make_dataset(root) -> tuple[str, dict[str, bytes]]:
+    """A save_to_disk DatasetDict: split "test" with 3 good rows and 3 bad ones (no audio,
+    bytes that are not audio, empty text), split "train" with one good row."""
+    blobs = {u: audio_bytes(sec, sr, fmt, i) for i, (u, sec, sr, fmt, _) in enumerate(GOOD)}
+    rows = [{"key": u, "audio": {"bytes": blobs[u], "path": f"{u}.x"}, "sentence": t}
+            for u, _, _, _, t in GOOD]
+    rows.insert(1, {"key": "nothing", "audio": None, "sentence": "no audio here"})
+    rows.append({"key": "junk", "audio": {"bytes": b"not audio at all", "path": "j.wav"},
+                 "sentence": "junk bytes"})
+    rows.append({"key": "silent", "audio": {"bytes": blobs["a1"], "path": None},
+                 "sentence": "  "})
+    import datasets
+
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    test = datasets.Dataset.from_dict(cols).cast_column("audio", datasets.Audio())
+    train = datasets.Dataset.from_dict({k: v[:1] for k, v in cols.items()}).cast_column(
+        "audio", datasets.Audio())
+    path = str(root / "hfds")
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(path)
+    return path, blobs
+
+
+def prepare(path, out, **kw):
+    from lalmtool.corpora.hf_dataset import prepare_hf_dataset
+
+    return prepare_hf_dataset(path, "test", str(out), audio_column="audio",
+                              text_column="sentence", id_column="key", **kw)
+
+
+SPANS = [("s0", 0.0, 1.0, "zero"), ("s1", 1.25, 1.5, "one"), ("s2", 3.5, 0.75, "two")]
+
+
+@pytest.fixture
+def long_wav(tmp_path) -> str:
+    """A 5 s recording whose three parts differ (tones of 200, 300, 400 Hz)."""
+    wav = np.concatenate([tone(1.5, freq=200, seed=1), tone(2.0, freq=300, seed=2),
+                          tone(1.5, freq=400, seed=3)])
+    path = str(tmp_path / "long.wav")
+    sf.write(path, wav, 16000)
+    return path
+
+
+def cuts_file(path: str, long_wav: str, spans=SPANS) -> str:
+    """A lhotse CutSet file of ``spans`` (id, start, duration, text) of ``long_wav``."""
+    import lhotse
+
+    rec = lhotse.Recording.from_file(long_wav, recording_id="long")
+    cuts = [lhotse.MonoCut(id=u, start=s, duration=d, channel=0, recording=rec,
+                           supervisions=[lhotse.SupervisionSegment(
+                               id=u, recording_id="long", start=0.0, duration=d, text=t,
+                               language="en", speaker="spk1")])
+            for u, s, d, t in spans]
+    lhotse.CutSet.from_cuts(cuts).to_file(path)
     return path

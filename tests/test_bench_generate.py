@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
-from test_benchmarks import ROOT, TINY  # the same tiny Qwen2-Audio architecture
+from conftest import ROOT, TINY_QWEN2_AUDIO
 
-#: TINY's decoder as one step reads it: per layer q (32x32 + 32), k and v (16x32 + 16 each:
-#: 2 KV heads of 8), o (32x32), gate/up/down (3 x 32x64), two norms (2 x 32) = 9,344; two
-#: layers, the final norm (32) and the head (512x32): 35,104 float32 parameters.
+#: TINY_QWEN2_AUDIO's decoder as one step reads it: per layer q (32x32 + 32), k and v
+#: (16x32 + 16 each: 2 KV heads of 8), o (32x32), gate/up/down (3 x 32x64), two norms
+#: (2 x 32) = 9,344; two layers, the final norm (32) and the head (512x32): 35,104 float32
+#: parameters.
 TINY_STEP_WEIGHT_BYTES = 35_104 * 4
 
 
@@ -20,7 +21,7 @@ def bench(monkeypatch, tmp_path):
     import bench_generate
 
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(TINY_QWEN2_AUDIO))
     return bench_generate, str(cfg)
 
 

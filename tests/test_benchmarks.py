@@ -5,22 +5,13 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "audio_config": {"model_type": "qwen2_audio_encoder", "d_model": 16, "encoder_layers": 1,
-                     "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80,
-                     "max_source_positions": 1500},
-    "text_config": {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
-                    "vocab_size": 512, "max_position_embeddings": 120},
-}
-
+from conftest import ROOT, TINY_QWEN2_AUDIO
 
 @pytest.fixture
 def benchmarks(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg.write_text(json.dumps(TINY_QWEN2_AUDIO))
     return str(cfg)
 
 
@@ -43,7 +34,7 @@ def closed_form_parameters(spec: dict) -> int:
 def test_parameter_count_is_the_models_size_by_its_shapes(benchmarks):
     from archs import ARCHS, arch_config, parameter_count
 
-    assert parameter_count(arch_config(file=benchmarks)) == closed_form_parameters(TINY) == 82912
+    assert parameter_count(arch_config(file=benchmarks)) == closed_form_parameters(TINY_QWEN2_AUDIO) == 82912
     for name, spec in ARCHS.items():
         assert parameter_count(arch_config(name)) == closed_form_parameters(spec), name
     # the 7B architecture is the size of the real Qwen/Qwen2-Audio-7B checkpoint (8.4 B)

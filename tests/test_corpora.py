@@ -2,80 +2,17 @@
 Common Voice + CoVoST 2 trees in the real layouts, and every kind of bad corpus input."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from conftest import tone
+from conftest import COVOST, LIBRI, make_covost, make_librispeech, read_jsonl, tone
 from lalmtool.cli import main
 from lalmtool.corpora import CorpusError
 from lalmtool.corpora.covost2 import prepare_covost2
 from lalmtool.corpora.librispeech import prepare_librispeech
-
-# LibriSpeech: subset -> {utterance id: (seconds, transcript)}
-LIBRI = {
-    "dev-clean": {"84-121123-0000": (1.25, "GO DO YOU HEAR"),
-                  "84-121123-0001": (1.5, "BUT IN LESS THAN FIVE MINUTES THE STAIRCASE GROANED"),
-                  "174-50561-0000": (1.0, "FORGOTTEN TOO THE NAME OF GILLIAN")},
-    "train-clean-100": {"19-198-0000": (1.5, "NORTHANGER ABBEY"),
-                        "19-198-0001": (1.25, "THIS LITTLE WORK WAS FINISHED IN THE YEAR"),
-                        "26-495-0000": (1.0, "LET ME SEE"),
-                        "26-495-0001": (1.5, "THE HOUSE STOOD ON A HILL")},
-}
-
-# CoVoST 2 es_en rows: (clip, sentence, translation, split, seconds). The quotes are part of
-# the sentences (the TSV is read with QUOTE_NONE, as the official loader does).
-COVOST = [
-    ("common_voice_es_1.mp3", 'Dijo "hola" y se fue.', 'He said "hello" and left.', "train", 1.5),
-    ("common_voice_es_2.mp3", "La casa es grande.", "The house is big.", "train", 1.0),
-    ("common_voice_es_3.mp3", "Vamos a la playa.", "Let's go to the beach.", "train_covost", 1.25),
-    ("common_voice_es_4.mp3", "Hace frío hoy.", "It is cold today.", "dev", 1.0),
-    ("common_voice_es_5.mp3", "El perro duerme.", "The dog sleeps.", "test", 1.5),
-    ("common_voice_es_6.mp3", "Me gusta leer.", "I like reading.", "test", 1.0),
-]
-TSV_HEADER = "path\tsentence\ttranslation\tclient_id\tsplit\n"
-
-
-def make_librispeech(root, subsets=LIBRI) -> str:
-    """``root/<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` + ``<spk>-<chapter>.trans.txt``."""
-    for subset, utts in subsets.items():
-        chapters: dict[str, list[str]] = {}
-        for i, (utt, (sec, text)) in enumerate(sorted(utts.items())):
-            spk, ch, _ = utt.split("-")
-            d = os.path.join(root, subset, spk, ch)
-            os.makedirs(d, exist_ok=True)
-            sf.write(os.path.join(d, f"{utt}.flac"), tone(sec, freq=180 + 30 * i, seed=i), 16000)
-            chapters.setdefault(d, []).append(f"{utt} {text}")
-        for d, lines in chapters.items():
-            spk, ch = d.split(os.sep)[-2:]
-            with open(os.path.join(d, f"{spk}-{ch}.trans.txt"), "w") as fh:
-                fh.write("\n".join(lines) + "\n")
-    return str(root)
-
-
-def make_covost(root, rows=COVOST, src="es", tgt="en") -> tuple[str, str]:
-    """``root/cv/clips/*.mp3`` (Common Voice) and ``root/covost/covost_v2.<src>_<tgt>.tsv``."""
-    cv, covost = os.path.join(root, "cv"), os.path.join(root, "covost")
-    os.makedirs(os.path.join(cv, "clips"), exist_ok=True)
-    os.makedirs(covost, exist_ok=True)
-    lines = [TSV_HEADER]
-    for i, (clip, sent, trans, split, sec) in enumerate(rows):
-        if sec:
-            sf.write(os.path.join(cv, "clips", clip), tone(sec, freq=200 + 25 * i, seed=i), 16000,
-                     format="MP3", subtype="MPEG_LAYER_III")
-        lines.append(f"{clip}\t{sent}\t{trans}\tclient{i % 2}\t{split}\n")
-    with open(os.path.join(covost, f"covost_v2.{src}_{tgt}.tsv"), "w") as fh:
-        fh.writelines(lines)
-    return cv, covost
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
 
 # ------------------------------------------------------------------------------ LibriSpeech
 

@@ -10,11 +10,10 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_manifest
+from conftest import (SPANS, audio_bytes, cuts_file, make_dataset, prepare, read_jsonl,
+                      write_manifest)
 from lalmtool.cli import main
 from lalmtool.corpora import CorpusError
-from test_hf_lhotse import (SPANS, audio_bytes, cuts_file, long_wav, make_dataset,  # noqa: F401
-                            prepare, read_jsonl)
 
 datasets = pytest.importorskip("datasets")
 lhotse = pytest.importorskip("lhotse")

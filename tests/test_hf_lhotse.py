@@ -4,8 +4,6 @@ and CutSets built here from test audio, prepared, extracted and pooled, and comp
 value with the same utterances given as plain WAV files."""
 from __future__ import annotations
 
-import io
-import json
 import os
 import sys
 
@@ -14,7 +12,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from conftest import tone, write_manifest
+from conftest import GOOD, SPANS, cuts_file, make_dataset, prepare, read_jsonl, write_manifest
 from lalmtool.audio import AudioError, load_audio
 from lalmtool.cli import main
 from lalmtool.corpora import CorpusError
@@ -28,48 +26,7 @@ from lalmtool.store import Store
 datasets = pytest.importorskip("datasets")
 lhotse = pytest.importorskip("lhotse")
 
-# (id, seconds, sample rate, format, text): the good rows of the dataset
-GOOD = [("a1", 1.0, 16000, "WAV", "the first clip"),
-        ("b2", 1.7, 22050, "FLAC", "a second  clip"),   # resampled by extract; spaces folded
-        ("c3", 0.6, 16000, "WAV", "third")]
 
-
-def audio_bytes(seconds: float, sr: int, fmt: str, seed: int) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, tone(seconds, sr=sr, freq=170 + 50 * seed, seed=seed), sr, format=fmt)
-    return buf.getvalue()
-
-
-def make_dataset(root) -> tuple[str, dict[str, bytes]]:
-    """A save_to_disk DatasetDict: split "test" with 3 good rows and 3 bad ones (no audio,
-    bytes that are not audio, empty text), split "train" with one good row."""
-    blobs = {u: audio_bytes(sec, sr, fmt, i) for i, (u, sec, sr, fmt, _) in enumerate(GOOD)}
-    rows = [{"key": u, "audio": {"bytes": blobs[u], "path": f"{u}.x"}, "sentence": t}
-            for u, _, _, _, t in GOOD]
-    rows.insert(1, {"key": "nothing", "audio": None, "sentence": "no audio here"})
-    rows.append({"key": "junk", "audio": {"bytes": b"not audio at all", "path": "j.wav"},
-                 "sentence": "junk bytes"})
-    rows.append({"key": "silent", "audio": {"bytes": blobs["a1"], "path": None},
-                 "sentence": "  "})
-    cols = {k: [r[k] for r in rows] for k in rows[0]}
-    test = datasets.Dataset.from_dict(cols).cast_column("audio", datasets.Audio())
-    train = datasets.Dataset.from_dict({k: v[:1] for k, v in cols.items()}).cast_column(
-        "audio", datasets.Audio())
-    path = str(root / "hfds")
-    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(path)
-    return path, blobs
-
-
-def prepare(path, out, **kw):
-    from lalmtool.corpora.hf_dataset import prepare_hf_dataset
-
-    return prepare_hf_dataset(path, "test", str(out), audio_column="audio",
-                              text_column="sentence", id_column="key", **kw)
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
 
 
 def store_arrays(path) -> dict[str, np.ndarray]:
@@ -180,30 +137,6 @@ def test_cli_prepare_hf_dataset_row_ids_by_default(tmp_path):
 
 
 # -- spans and lhotse ----------------------------------------------------------------------
-SPANS = [("s0", 0.0, 1.0, "zero"), ("s1", 1.25, 1.5, "one"), ("s2", 3.5, 0.75, "two")]
-
-
-@pytest.fixture
-def long_wav(tmp_path) -> str:
-    """A 5 s recording whose three parts differ (tones of 200, 300, 400 Hz)."""
-    wav = np.concatenate([tone(1.5, freq=200, seed=1), tone(2.0, freq=300, seed=2),
-                          tone(1.5, freq=400, seed=3)])
-    path = str(tmp_path / "long.wav")
-    sf.write(path, wav, 16000)
-    return path
-
-
-def cuts_file(path: str, long_wav: str, spans=SPANS) -> str:
-    rec = lhotse.Recording.from_file(long_wav, recording_id="long")
-    cuts = [lhotse.MonoCut(id=u, start=s, duration=d, channel=0, recording=rec,
-                           supervisions=[lhotse.SupervisionSegment(
-                               id=u, recording_id="long", start=0.0, duration=d, text=t,
-                               language="en", speaker="spk1")])
-            for u, s, d, t in spans]
-    lhotse.CutSet.from_cuts(cuts).to_file(path)
-    return path
-
-
 def test_load_audio_reads_only_the_span_as_lhotse_does(tmp_path, long_wav):
     whole = load_audio(long_wav)
     span = load_audio(long_wav, 16000, offset=1.25, duration=1.5)

@@ -17,11 +17,12 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from conftest import write_frames_store
 from lalmtool import segment as S  # noqa: E402
 from lalmtool.pool import pool_store  # noqa: E402
 from lalmtool.report import (_plot_method_panel, make_row, method_curves_markdown,  # noqa: E402
                              method_key, methods_plot_path, report)
-from lalmtool.store import ShardResult, Store, StoreWriter, plan_shards  # noqa: E402
+from lalmtool.store import Store  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(REPO, "recipes", "mini")
@@ -283,14 +284,9 @@ def frames_store(path, n=6, seed=0) -> str:
     """A frames store of ``n`` random utterances of 150-400 frames (50 frames/s)."""
     rng = np.random.default_rng(seed)
     lens = [150 + 50 * i for i in range(n)]
-    ids = [f"u{i}" for i in range(n)]
-    w = StoreWriter.create(str(path), "feats", "f" * 64, {"stage": "extract", "frame_rate": 50.0},
-                           plan_shards(ids, 3, "feats"))
-    for name in w.pending():
-        w.write_shard(name, ShardResult(items=[
-            (u, rng.standard_normal((lens[int(u[1:])], 16)).astype(np.float16),
-             {"duration": lens[int(u[1:])] / 50.0}) for u in w.shards[name]]))
-    w.finish()
+    write_frames_store(path, {f"u{i}": (rng.standard_normal((lens[i], 16)).astype(np.float16),
+                                        {"duration": lens[i] / 50.0}) for i in range(n)},
+                       shard_size=3, fp="f" * 64)
     return str(path)
 
 

@@ -18,7 +18,7 @@ import yaml
 from lalmtool.models.audio_llm import FAMILIES
 from lalmtool.store import Store
 from lalmtool.testing import write_random_audio_llm
-from test_corpora import LIBRI, make_covost, make_librispeech, read_jsonl
+from conftest import HANG_GUARD_S, LIBRI, make_covost, make_librispeech, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def run(recipe: str, *args) -> subprocess.CompletedProcess:
     """The recipe run with this interpreter and this checkout's lalmtool."""
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(["bash", f"recipes/{recipe}/run.sh", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
                                "PYTHONPATH": path})
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from test_corpora import COVOST, LIBRI, make_covost, make_librispeech, read_jsonl
+from conftest import COVOST, HANG_GUARD_S, LIBRI, make_covost, make_librispeech, read_jsonl
 
 datasets = pytest.importorskip("datasets")
 lhotse = pytest.importorskip("lhotse")
@@ -47,7 +47,7 @@ def run(recipe: str, *args) -> subprocess.CompletedProcess:
     """The recipe run with this interpreter and this checkout's lalmtool."""
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(["bash", f"recipes/{recipe}/run.sh", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
                                "PYTHONPATH": path})
 

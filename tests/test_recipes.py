@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_corpora import LIBRI, make_covost, make_librispeech, read_jsonl
+from conftest import HANG_GUARD_S, LIBRI, make_covost, make_librispeech, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(recipe: str, *args, cwd: str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """The recipe run with this interpreter (PYTHON), whatever python3 and lalmtool on PATH are."""
     return subprocess.run(["bash", f"recipes/{recipe}/run.sh", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=900,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
                                **(env or {})})
 
@@ -240,6 +240,7 @@ def test_covost2_recipe_stages_0_to_3_on_mp3_clips(tmp_path):
             assert res["metric"] == metric, name
 
 
+@pytest.mark.slow
 @pytest.mark.assets  # the recipe fetches whisper-tiny.en and SmolLM2
 def test_mini_speechllm_smoke_run_end_to_end(tmp_path):
     """Every stage of the decoder-only recipe on a few utterances (real tiny.en and SmolLM2):

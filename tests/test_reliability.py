@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import h5py
 import numpy as np
@@ -20,23 +19,17 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from lalmtool.cli import main
-from lalmtool.store import ShardResult, StoreWriter, plan_shards
 
-from conftest import tone
+from conftest import tone, write_frames_store
 
 N_UTTS, PER_SHARD = 8, 2
 
 
 def feats_store(path, n=N_UTTS, dim=16, frames=60) -> str:
-    ids = [f"u{i}" for i in range(n)]
-    w = StoreWriter.create(str(path), "feats", "a" * 64, {"stage": "extract", "frame_rate": 50.0},
-                           plan_shards(ids, PER_SHARD, "feats"))
     rng = np.random.default_rng(0)
-    for name in w.pending():
-        w.write_shard(name, ShardResult(items=[
-            (u, rng.standard_normal((frames + 7 * int(u[1:]), dim)).astype(np.float16),
-             {"duration": (frames + 7 * int(u[1:])) / 50.0}) for u in w.shards[name]]))
-    w.finish()
+    write_frames_store(path, {f"u{i}": (rng.standard_normal((frames + 7 * i, dim)).astype(
+        np.float16), {"duration": (frames + 7 * i) / 50.0}) for i in range(n)},
+        shard_size=PER_SHARD)
     return str(path)
 
 

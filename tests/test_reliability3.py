@@ -92,7 +92,7 @@ def test_a_refused_forced_finetune_leaves_the_finished_run_byte_identical(  # T2
 
 def test_a_refused_re_prepare_leaves_the_set_prepared_before_whole(tmp_path):  # T1
     pytest.importorskip("datasets")
-    from test_hf_lhotse import make_dataset, prepare
+    from conftest import make_dataset, prepare
 
     from lalmtool.corpora import CorpusError
 
@@ -216,12 +216,20 @@ def test_a_pooler_is_refused_on_other_boundaries_or_when_damaged(  # T14, T18, T
     with open(weights, "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(ValueError, match=rf"--pooler {broken}: {weights} does not hold a pooler "
-                                         r"of the shape pooler.json gives .* or is damaged"):
+                                         r"of the shape lalmtool.json gives .* or is damaged"):
         pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)
-    with open(os.path.join(broken, "pooler.json"), "w") as fh:
-        fh.write("{heads: 3")
-    with pytest.raises(ValueError, match=rf"--pooler {broken}: .*pooler.json cannot be read as "
+    record = os.path.join(broken, "lalmtool.json")
+    with open(record) as fh:
+        held = json.load(fh)
+    with open(record, "w") as fh:
+        json.dump({**held, "pooler": {"heads": 3}}, fh)
+    with pytest.raises(ValueError, match=rf"--pooler {broken}: .*lalmtool.json cannot be read as "
                                          "the pooler's shape"):
+        pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)
+    with open(record, "w") as fh:
+        fh.write("{heads: 3")
+    with pytest.raises(ValueError, match=rf"^{record} is damaged \(.*\); copy the directory "
+                                         "again whole, or train it again"):
         pool_store(feats, str(tmp_path / "k3"), "learnt", str(tmp_path / "pb"), pooler=broken)
 
 

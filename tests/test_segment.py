@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy.signal import find_peaks
 
+from conftest import write_frames_store
 from lalmtool import segment as S
 from lalmtool.pool import pool
 
@@ -126,19 +127,13 @@ from click.testing import CliRunner  # noqa: E402
 
 from lalmtool.cli import main  # noqa: E402
 from lalmtool.pool import pool_store  # noqa: E402
-from lalmtool.store import ShardResult, Store, StoreError, StoreWriter, plan_shards  # noqa: E402
+from lalmtool.store import Store, StoreError, StoreWriter, plan_shards  # noqa: E402
 
 
 def feats_store(path, n=4, seed=0, fp="a" * 64) -> str:
     """A frames store of ``n`` random utterances (50 frames/s, 2 per shard)."""
-    ids = [f"u{i}" for i in range(n)]
-    w = StoreWriter.create(str(path), "feats", fp, {"stage": "extract", "frame_rate": 50.0},
-                           plan_shards(ids, 2, "feats"))
-    for name in w.pending():
-        w.write_shard(name, ShardResult(items=[
-            (u, rand(40 + 10 * i, seed=seed + i).astype(np.float16), {"duration": 0.8 + 0.2 * i})
-            for i, u in ((int(u[1:]), u) for u in w.shards[name])]))
-    w.finish()
+    write_frames_store(path, {f"u{i}": (rand(40 + 10 * i, seed=seed + i).astype(np.float16),
+                                        {"duration": 0.8 + 0.2 * i}) for i in range(n)}, fp=fp)
     return str(path)
 
 

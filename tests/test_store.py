@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import write_frames_store
 from lalmtool import store as store_mod
 from lalmtool.store import (ShardResult, Store, StoreError, StoreWriter, plan_shards,
                             shard_problem, verify_store)
@@ -23,14 +24,8 @@ def _arr(utt: str) -> np.ndarray:
 
 
 def make_store(path, n: int = 6, shard_size: int = 2, fp: str = FP) -> StoreWriter:
-    ids = [f"u{i}" for i in range(n)]
-    w = StoreWriter.create(str(path), "feats", fp, {"stage": "extract", "frame_rate": 50.0},
-                           plan_shards(ids, shard_size, "feats"))
-    for name in w.pending():
-        w.write_shard(name, ShardResult(items=[(u, _arr(u), {"duration": 1.0})
-                                               for u in w.shards[name]]))
-    w.finish()
-    return w
+    return write_frames_store(path, {f"u{i}": (_arr(f"u{i}"), {"duration": 1.0})
+                                     for i in range(n)}, shard_size, fp)
 
 
 def _flip_byte_in_data(file: str, utt: str) -> None:
@@ -52,7 +47,7 @@ def test_datasets_are_checksummed_and_plain_h5py_reads_them(tmp_path):
 
 
 def test_bit_flip_is_detected_on_read_and_redone_by_a_rerun(tmp_path):
-    w = make_store(tmp_path / "s")
+    make_store(tmp_path / "s")
     shard = str(tmp_path / "s" / "feats.00001.h5")
     _flip_byte_in_data(shard, "u3")
     st = Store(str(tmp_path / "s"))

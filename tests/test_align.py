@@ -13,11 +13,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import tone, write_manifest
+from conftest import tone, write_frames_store, write_manifest
 from lalmtool.align import AlignConfig, align, train_vocab
 from lalmtool.cli import main
 from lalmtool.ctc import ctc_boundaries, ctc_greedy, ctc_positions_needed
-from test_speechllm import tiny_llm  # noqa: F401  (module fixture)
 
 TEXTS = {"a": "the cat sat", "b": "hello world", "short": "a much longer sentence than its audio"}
 EXTRA = {"stack": 2, "hidden": 24}
@@ -27,17 +26,11 @@ def feats_store(path, frames: dict[str, int], dim: int = 16) -> str:
     """A frames store of random [T, dim] features (distinct in every frame, unlike a tone)."""
     import numpy as np
 
-    from lalmtool.store import ShardResult, StoreWriter, fingerprint, plan_shards
+    from lalmtool.store import fingerprint
 
-    ids = list(frames)
-    w = StoreWriter.create(str(path), "feats", fingerprint(frames),
-                           {"stage": "extract", "frame_rate": 50.0}, plan_shards(ids, 2, "feats"))
-    for name in w.pending():
-        w.write_shard(name, ShardResult(items=[
-            (u, np.random.default_rng(ids.index(u)).standard_normal(
-                (frames[u], dim)).astype(np.float16), {"duration": frames[u] / 50})
-            for u in w.shards[name]]))
-    w.finish()
+    write_frames_store(path, {u: (np.random.default_rng(i).standard_normal(
+        (frames[u], dim)).astype(np.float16), {"duration": frames[u] / 50})
+        for i, u in enumerate(frames)}, fp=fingerprint(frames))
     return str(path)
 
 

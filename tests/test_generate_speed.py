@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from conftest import write_tiny_llm
 from lalmtool.models import check_backend_options, load_backend
 from lalmtool.testing import write_random_qwen2_audio
 
@@ -113,17 +114,7 @@ def test_compile_is_a_backend_option_of_both_decoder_only_backends(tiny_qwen2_au
 
 
 def test_speechllm_compiled_generation_gives_the_eager_token_ids(tmp_path, tiny_whisper, smollm2):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llm")
-    tok.save_pretrained(tmp_path / "llm")
+    write_tiny_llm(tmp_path / "llm", smollm2)
     opts = {"encoder": tiny_whisper, "stack": 3, "hidden": 24}
     eager = load_backend("speechllm", str(tmp_path / "llm"), **opts)
     compiled = load_backend("speechllm", str(tmp_path / "llm"), compile=True, **opts)

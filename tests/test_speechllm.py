@@ -23,25 +23,6 @@ TEXTS = ["the cat sat on the mat", "hello world", "a b c d e f g"]
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(smollm2, tmp_path_factory) -> str:
-    """A random 2-layer Llama with SmolLM2's tokenizer (49152 tokens, chat template)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    real = smollm2
-    path = str(tmp_path_factory.mktemp("tiny-llm"))
-    tok = AutoTokenizer.from_pretrained(real)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def backend(tiny_llm, tiny_whisper) -> SpeechLLMBackend:
     return load_backend("speechllm", tiny_llm, encoder=tiny_whisper, stack=3, hidden=24)
 

@@ -47,8 +47,17 @@ class Examples:
         self.duration = {u: float(self.store.attrs(u).get("duration", 0.0)) for u in self.ids}
         #: the ids in the manifest's order (what "consecutive" means for long inputs)
         self.order = [u.id for u in utts if u.id in self.store]
-        self.group = field_values(manifest, group_field, self.order, "concat_group") \
-            if group_field else {}
+        self.group = self._windows(feats) if group_field == "pack" else \
+            field_values(manifest, group_field, self.order, "concat_group") if group_field else {}
+
+    def _windows(self, feats: str) -> dict[str, str]:
+        """Utterance → the encoder window a packed store (``extract --pack``) encoded it in
+        (named by its first utterance; an utterance alone in its window names its own)."""
+        if not self.store.meta.extracted.get("pack"):
+            raise ValueError(f"concat_group pack joins the utterances of one encoder window, "
+                             f"and {feats} was not extracted with --pack: extract the training "
+                             "set with --pack SECONDS")
+        return {u: self.store.attrs(u).get("pack", u) for u in self.order}
 
     def batch(self, items: list) -> tuple[list[torch.Tensor], list[str]]:
         feats, texts = [], []

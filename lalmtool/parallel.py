@@ -247,11 +247,18 @@ def new_stats() -> dict:
     return {"utterances": 0, "frames": 0, "tokens": 0, "audio_seconds": 0.0}
 
 
+#: Attributes of an utterance that every later store keeps: where a packed store's encoder
+#: window held it (``extract --pack``).
+CARRIED_ATTRS = ("pack", "pack_start")
+
+
 def add_utterance(result: ShardResult, stats: dict, utt: str, data, frames: int,
-                  duration: float) -> None:
+                  duration: float, source: dict | None = None) -> None:
     """Adds one utterance's output (``len(data)`` tokens from ``frames`` encoder frames) to a
-    shard's result and statistics."""
-    result.items.append((utt, data, {"duration": duration, "frames": frames}))
+    shard's result and statistics; ``source``: the attributes of its input (those in
+    ``CARRIED_ATTRS`` are kept)."""
+    kept = {k: source[k] for k in CARRIED_ATTRS if source and k in source}
+    result.items.append((utt, data, {"duration": duration, "frames": frames, **kept}))
     stats["utterances"] += 1
     stats["frames"] += frames
     stats["tokens"] += len(data)

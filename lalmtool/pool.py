@@ -140,7 +140,7 @@ def _worker(feats: str, segments: str, reduce: str, pooler: str | None):
             tick(1)
             z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
             pooled = for_utterance(utt, pool, z, starts, reduce, module).astype(np.float16)
-            add_utterance(result, stats, utt, pooled, len(z), float(attrs["duration"]))
+            add_utterance(result, stats, utt, pooled, len(z), float(attrs["duration"]), attrs)
         return result, stats
 
     return run

@@ -192,7 +192,8 @@ def _worker(feats: str, method: str, k, threshold, on_error: str):
                     raise
                 result.skipped.append({"id": utt, "error": str(e)})
                 continue
-            add_utterance(result, stats, utt, b, len(z), duration(src, src.attrs(utt), z))
+            attrs = src.attrs(utt)
+            add_utterance(result, stats, utt, b, len(z), duration(src, attrs, z), attrs)
         return result, stats
 
     return run

@@ -75,6 +75,26 @@ def test_a_packed_store_holds_each_utterances_rows_of_its_window(tiny_whisper, c
                               str(tmp_path / "pooled"))["store"])
     assert {u: len(pooled[u]) for u in pooled.ids} == {
         u: math.ceil(len(store[u]) / 3) for u in store.ids}
+    # every later store keeps where the window held each utterance
+    assert [pooled.attrs(u).get("pack") for u in pooled.ids] == \
+        [store.attrs(u).get("pack") for u in store.ids] == [*["u0"] * 4, *["u4"] * 3, None]
+    assert pooled.attrs("u5")["pack_start"] == pytest.approx(3.6)
+
+
+def test_joined_examples_of_one_window_are_the_windows_own_rows(tiny_whisper, clips, tmp_path):
+    """concat_group pack: a long training input is consecutive utterances of one encoder
+    window, whose rows join into the window's own frames."""
+    from lalmtool.examples import Examples, joined_examples
+    from lalmtool.finetune import TrainConfig
+
+    m, _ = clips
+    extract(m, tiny_whisper, str(tmp_path / "packed"), pack=10.0)
+    ex = Examples(str(tmp_path / "packed"), m, group_field="pack")
+    cfg = TrainConfig(concat_seconds=30.0, concat_group="pack")
+    assert joined_examples(ex, cfg, 0) == [("u0", "u1", "u2", "u3"), ("u4", "u5", "u6"), "u7"]
+    extract(m, tiny_whisper, str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="was not extracted with --pack"):
+        Examples(str(tmp_path / "plain"), m, group_field="pack")
 
 
 def test_pack_options_are_checked_and_group_fields_must_exist(tiny_whisper, clips, tmp_path):

@@ -41,7 +41,7 @@
 #
 # Usage: bash recipes/mini/run.sh [--stage N] [--stop_stage M] [--exp DIR] [--nj N]
 #                                 [--n_train N] [--steps N] [--conditions "frames peaks ..."]
-#                                 [--test_sets "test librivox unseen"] [--rates "5 10"]
+#                                 [--test_sets "test librivox unseen"] [--rates "5 10"] [--pack 30]
 # (every variable set at the top of this script is an option: --name value or --name=value;
 #  --config FILE reads such options from a file, one "name=value" per line; --help works from
 #  any directory)
@@ -63,6 +63,8 @@ n_unseen=36              # utterances of the unseen-voices set (when a set named
 rates="5 10"             # stage 7: whole tokens/s
 rate_conditions=         # stage 7: default derived from $rates (see rate_conditions_for)
 study_sets="test librivox unseen"
+pack=0                   # stage 1: seconds of consecutive training utterances per encoder window
+                         # (extract --pack; 0: one window per utterance); test sets: one each
 
 source ../utils/parse_options.sh
 mkdir -p "$exp"
@@ -102,7 +104,10 @@ model=$(cat "$exp/model_path" 2>/dev/null \
 
 if run_stage 1 "extract encoder frames"; then
   extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
-  extract_sets train dev $test_sets
+  [ "$pack" = 0 ] || extract_opts+=(--pack "$pack")
+  extract_sets train dev
+  extract_opts=(--model "$model" --nj "$nj" --batch-size 4)
+  extract_sets $test_sets
   # the native Whisper baseline: all 1500 frames of each padded 30 s window
   for set in $test_sets; do
     "$python" -m lalmtool extract --manifest "$data/$set/manifest.jsonl" --model "$model" \

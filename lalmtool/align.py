@@ -38,6 +38,9 @@ Output directory::
     OUT/checkpoints/step-N/              resumable (projector, blank, optimizer, RNG, position)
     OUT/projector.safetensors            the projector (best on validation WER, else last)
     OUT/ctc.safetensors                  blank vector, class token ids (``vocab``), scale
+    OUT/lalmtool.json                    its record (kind ctc-aligner: backend, options, base
+                                         model, the head's width, the training data;
+                                         ``lalmtool.trained``), what ``lalmtool ctc`` reads
     OUT/summary.json                     steps, best/initial validation WER, skipped utterances
 
 The run is the training core's (``lalmtool.trainer``, shared with ``lalmtool finetune``): a
@@ -71,7 +74,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from . import record, trainer
+from . import record, trained, trainer
 from .ctc import CTC_FILE, Aligner, ctc_positions_needed, load_init
 from .examples import Examples
 from .fileio import file_sha256, write_atomic
@@ -150,7 +153,7 @@ def _feasible(al: Aligner, ex: Examples) -> tuple[dict[str, list[int]], list[dic
 # -- the run -------------------------------------------------------------------------------
 #: What a run writes into OUT (removed when it starts over).
 RUN_OUTPUTS = ("checkpoints", "best", "last", "log.jsonl", "summary.json", PROJECTOR_FILE,
-               CTC_FILE, "inputs.json")
+               CTC_FILE, "inputs.json", trained.RECORD_FILE)
 
 
 def _backend(cfg: AlignConfig, model: str):
@@ -217,12 +220,26 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
         trainer.fit(run, lambda: trainer.train_step(run, loss_of, stream),
                     (lambda: _validate(run, valid)) if valid else None,
                     lambda: _save_checkpoint(run), "align", "utt_per_s")
+        _save_record(run, feats, manifest, model)
         return _export(run, feats, init, skipped, len(ids))
+
+
+def _save_record(run: trainer.Run, feats: str, manifest: str, model: str) -> None:
+    """OUT/lalmtool.json (``lalmtool.trained``): what ``lalmtool ctc`` loads the head with."""
+    cfg = run.cfg
+    compression = trained.compression(feats)
+    trained.write(run.out, "ctc-aligner", backend=cfg.backend, backend_options=cfg.extra,
+                  **trained.base(model), compression=compression,
+                  trained_on={"condition": compression["condition"],
+                              "feats": trained.store_ref(feats),
+                              "manifest": trained.manifest_ref(manifest)},
+                  ctc_head={"hidden": cfg.head_hidden})
 
 
 def _export(run: trainer.Run, feats: str, init: str | None, skipped: list[dict],
             used: int) -> dict:
-    """OUT/last; the best (by validation WER, else the last) weights copied to OUT; summary."""
+    """OUT/last; the best (by validation WER, else the last) weights copied to OUT; summary
+    (written last: a run is finished when it is there)."""
     out, al, state = run.out, run.job, run.state
     _save_weights(al, os.path.join(out, "last"))
     final = os.path.join(out, "best" if state["best_step"] is not None else "last")

@@ -680,7 +680,7 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
            max_new_tokens, too_long, chunk, device, dtype, backend_opt, force) -> None:
     """Generate transcripts (or translations) from stored features.
 
-    Backend options are those the adapter was trained with (adapter/backend.json), updated by
+    Backend options are those the adapter was trained with (adapter/lalmtool.json), updated by
     --backend-opt. Whisper on audio > 30 s: --chunk 1500 (frames) or 1500/k (pooled by k)
     decodes one 30 s window at a time. A rerun skips a finished decode of the same inputs and
     refuses one of other inputs (naming them) without --force.

@@ -5,7 +5,8 @@
 embeddings) or a linear map of Whisper's encoder frames onto its decoder's token embeddings,
 under a ``CosineCTCHead`` (logits ``scale · cos(p_t, e_v)`` against the frozen embedding rows
 ``e_v`` of its vocabulary, plus one learnt blank vector). ``load_aligner`` reads it back from
-align's output (``OUT/projector.safetensors``, ``OUT/ctc.safetensors``, ``OUT/config.yaml``).
+align's output (``OUT/projector.safetensors``, ``OUT/ctc.safetensors`` and its record,
+``OUT/lalmtool.json`` of kind ``ctc-aligner``: ``lalmtool.trained``).
 
 CTC-based compression, ``lalmtool ctc segment``: the aligned projector's best class per stacked
 position cuts the encoder frames into runs; each run of one token (``blank=join``: blank runs
@@ -30,10 +31,10 @@ import time
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from . import trained
 from .fileio import file_sha256
 from .lock import output_lock
 from .models import load_backend
@@ -180,26 +181,27 @@ def load_init(al: Aligner, init: str) -> None:
             al.head.blank.copy_(load_file(ctc)["blank"])
 
 
-def check_alignment(align_dir: str) -> None:
-    """FileNotFoundError unless ``align_dir`` holds a finished ``lalmtool align`` output."""
+def check_alignment(align_dir: str) -> trained.Record:
+    """The record of the finished ``lalmtool align`` output ``align_dir`` (its weights there);
+    FileNotFoundError when it holds none, ValueError when it holds another kind."""
     if not all(os.path.exists(os.path.join(align_dir, f)) for f in (CTC_FILE, PROJECTOR_FILE)):
         raise FileNotFoundError(f"{align_dir} holds no finished alignment ({PROJECTOR_FILE} and "
                                 f"{CTC_FILE}); run `lalmtool align --out {align_dir}` first")
+    return trained.read_kind(align_dir, "ctc-aligner", "--align",
+                             f"give the OUT of `lalmtool align`, or run `lalmtool align --out "
+                             f"{align_dir}` again")
 
 
 def load_aligner(align_dir: str, model: str) -> Aligner:
     """The aligned projector and CTC head of ``lalmtool align``'s output ``align_dir``."""
-    check_alignment(align_dir)
-    path = os.path.join(align_dir, CTC_FILE)
-    with open(os.path.join(align_dir, "config.yaml"), encoding="utf-8") as fh:
-        config = yaml.safe_load(fh) or {}
-    extra = dict(config.get("extra") or {})
+    record = check_alignment(align_dir)
+    extra = dict(record["backend_options"] or {})
     extra.pop("init_projector", None)
-    backend = config.get("backend", "speechllm")
+    backend = record["backend"] or "speechllm"
     be = load_backend(backend, model, **extra)
-    ctc = load_file(path)
+    ctc = load_file(os.path.join(align_dir, CTC_FILE))
     al = Aligner(be, backend, ctc["vocab"].tolist(), float(ctc["scale"]),
-                 int(config.get("head_hidden") or 0))
+                 int((record.get("ctc_head") or {}).get("hidden") or 0))
     load_init(al, align_dir)
     return al
 

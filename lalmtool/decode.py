@@ -161,7 +161,7 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
 def check(job: Job) -> None:
     """What must hold before anything in OUT is touched: the backend options, the references,
     the tap, and the adapter's base model."""
-    check_backend_options(job.backend, job.opts, "from the adapter's backend.json or "
+    check_backend_options(job.backend, job.opts, "from the adapter's lalmtool.json or "
                           "--backend-opt" if job.adapter else "from --backend-opt")
     if job.manifest:
         _check_references(job.store, job.manifest)
@@ -571,12 +571,10 @@ def _check_pooler(store: Store, adapter: str | None) -> None:
 
 def _adapter_condition(adapter: str | None, condition: str) -> str | None:
     """The condition the adapter was trained on when it is not ``condition`` (e.g. a frame-level
-    adapter decoding compressed features: not re-aligned), from its run's summary.json."""
-    path = os.path.join(os.path.dirname(os.path.abspath(adapter)), "summary.json") if adapter else ""
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        trained_on = json.load(fh).get("condition")
+    adapter decoding compressed features: not re-aligned), from its record."""
+    from .trained import read
+
+    trained_on = ((read(adapter) or {}).get("trained_on") or {}).get("condition")
     return trained_on if trained_on != condition else None
 
 

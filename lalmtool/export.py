@@ -2,8 +2,9 @@
 
 The LoRA adapter is merged into the base model's weights (in float32: the merged model's logits
 equal the unmerged adapter's to float tolerance, tested) and saved as a normal transformers
-checkpoint beside the base model's tokenizer and processor files; ``lalmtool.json`` holds the
-backend, its options and the compression the adapter was trained on (a learnt pooler's weights
+checkpoint beside the base model's tokenizer and processor files; ``lalmtool.json`` (its
+record, kind ``export``: ``lalmtool.trained``) holds the backend, its options, the base model,
+the compression the adapter was trained on and its learnt pooler's shape (the pooler's weights
 beside it). ``Transcriber(DIR)`` and ``lalmtool transcribe --model DIR`` use it without peft,
 the adapter or any store; transformers loads it as the base model's class.
 
@@ -14,27 +15,21 @@ memory goes straight into its ``generate``.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
-from .fileio import write_atomic
+from . import trained
 
-#: The file that makes a directory an exported lalmtool model.
-EXPORT_FILE = "lalmtool.json"
 #: Files of the base model that the merged weights replace (not copied).
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 FORMATS = ("transformers", "ct2")
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32")
 
 
-def read_export(model_dir: str) -> dict | None:
+def read_export(model_dir: str) -> trained.Record | None:
     """An exported model's record (``lalmtool.json``), or None for any other directory."""
-    path = os.path.join(model_dir, EXPORT_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    record = trained.read(model_dir) if os.path.isdir(model_dir) else None
+    return record if record and record["kind"] == "export" else None
 
 
 def export(adapter: str, out: str, model: str | None = None, force: bool = False,
@@ -47,15 +42,16 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
 
     from .decode import _model_dir
     from .models.ct2_whisper import CT2_KEY
-    from .transcribe import COMPRESSION_FILE, Transcriber, adapter_compression
+    from .transcribe import Transcriber
 
     if os.path.exists(out) and not force:
         raise ValueError(f"--out {out} exists; give another folder, or --force to replace it "
                          "(only once the export has succeeded)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file: give a folder")
-    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
-        base = model or json.load(fh).get("base_model_name_or_path")
+    held = trained.read_kind(adapter, "lora-adapter", "--adapter",
+                             "pass OUT/adapter of `lalmtool finetune`")
+    base = model or held["base_model"]
     if not base:
         raise ValueError(f"--adapter {adapter} does not name its base model: give --model")
     if format not in FORMATS:
@@ -63,9 +59,10 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
     if format == "ct2" and quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {quantization}: choose one of "
                          f"{', '.join(QUANTIZATIONS)}")
-    if adapter_compression(adapter) is None:
-        raise ValueError(f"--adapter {adapter} has no {COMPRESSION_FILE} (an adapter from "
-                         "before it was recorded): train it again to export it")
+    if held["compression"] is None:
+        raise ValueError(f"--adapter {adapter} does not record the compression it was trained "
+                         "on (an adapter from before compression.json): train it again to "
+                         "export it")
     t = Transcriber(base, adapter=adapter, device="cpu", dtype="float32")
     if t.backend == "speechllm":
         raise ValueError("a speechllm adapter is exported with `lalmtool export-speechllm` "
@@ -86,20 +83,20 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
         if os.path.isfile(path) and not name.endswith(_WEIGHTS) and \
                 not os.path.exists(os.path.join(tmp, name)):
             shutil.copy2(path, tmp)
-    for name in ("pooler.safetensors", "pooler.json"):
-        if os.path.exists(os.path.join(adapter, name)):
-            shutil.copy2(os.path.join(adapter, name), tmp)
-    with open(os.path.join(adapter, "backend.json"), encoding="utf-8") as fh:
-        options = {k: v for k, v in (json.load(fh).get("backend_options") or {}).items()
-                   if k not in ("dtype", "device_map")}
-    record = {"backend": t.backend, "backend_options": options,
-              "compression": adapter_compression(adapter), "base_model": base,
+    from .pooler import WEIGHTS_FILE
+
+    if held["pooler"] is not None:
+        shutil.copy2(os.path.join(adapter, WEIGHTS_FILE), tmp)
+    options = {k: v for k, v in (held["backend_options"] or {}).items()
+               if k not in ("dtype", "device_map")}
+    fields = {"backend": t.backend, "backend_options": options, "base_model": base,
+              **{k: held[k] for k in ("base_weights", "compression", "pooler", "trained_on")},
               "adapter": os.path.abspath(adapter), "format": format}
     if format == "ct2":
-        record[CT2_KEY] = {"quantization": quantization,
+        fields[CT2_KEY] = {"quantization": quantization,
                            "max_target_positions": merged.config.max_target_positions}
         tmp = _to_ct2(tmp, out.rstrip("/") + ".ct2-tmp", quantization)
-    write_atomic(os.path.join(tmp, EXPORT_FILE), json.dumps(record, indent=1))
+    record = trained.write(tmp, "export", **fields)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return record

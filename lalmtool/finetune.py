@@ -23,8 +23,10 @@ Output directory::
     OUT/config.yaml            the resolved training configuration
     OUT/log.jsonl              step, loss, lr, tokens/s, ... (and valid_loss when validating)
     OUT/checkpoints/step-N/    resumable checkpoints (the newest ``keep_checkpoints`` are kept)
-    OUT/adapter/               the final adapter (peft format, with a README.md) or, with
-                               validation, the best one
+    OUT/adapter/               the final adapter (peft format, with a README.md and
+                               lalmtool.json: backend, options, base model, compression, the
+                               learnt pooler's shape, the training data; ``lalmtool.trained``)
+                               or, with validation, the best one
     OUT/last/                  the adapter after the last step
     OUT/summary.json           steps, losses, condition, paths
 
@@ -45,7 +47,6 @@ The run, step by step: ``_distributed`` (set-up), ``_data`` (the examples and mi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -57,21 +58,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import record, trainer
+from . import record, trained, trainer
 from .examples import (Examples, concat_range, data_stream, epoch_batches,
                        joined_examples, segments_of)
 from .fileio import read_json, write_atomic
 from .lock import output_lock
 from .assets import resolve_model
-from .models import (BACKEND_FILE, BACKENDS, base_weights, check_adapter_base,
-                     check_backend_options, check_tap, concrete_backend, load_adapter,
-                     load_backend)
+from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
+                     concrete_backend, load_adapter, load_backend)
 from .options import option
 from .parallel import check_out
 from .pool import feature_store
 from .pooler import LearntPooler, has_pooler
 from .pooler import load as load_pooler
 from .pooler import save as save_pooler
+from .pooler import shape as pooler_shape
 from .store import Store
 from .trainer import TrainingOptions
 
@@ -109,7 +110,9 @@ class TrainConfig(TrainingOptions):
               "null: one utterance per example")
     concat_group: str | None = option(
         None, "with concat_seconds: the manifest field that joined utterances share (e.g. "
-              "speaker, chapter, recording); null: any consecutive utterances")
+              "speaker, chapter, recording; pack: the encoder window of a store extracted "
+              "with --pack, so a joined example is the window's own frames); null: any "
+              "consecutive utterances")
     # a learnt pooler (with --segments) and distillation (with --teacher)
     pooler_heads: int = option(8, "with --segments: heads of the learnt pooler (each weighs "
                                   "the frames of a segment for its slice of the dimensions)")
@@ -173,20 +176,14 @@ def _init_pooler_config(cfg: TrainConfig, init_adapter: str | None,
     (options that said another are named in a warning); its frames' dimension must be the
     features' (before OUT is made)."""
 
-    if not has_pooler(init_adapter):
+    shape = pooler_shape(init_adapter)
+    if shape is None:
         return cfg
-    from .pooler import CONFIG_FILE
-
-    path = os.path.join(init_adapter, CONFIG_FILE)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            shape = json.load(fh)
-        if not isinstance(shape, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--init-adapter {init_adapter}: {path} cannot be read as its learnt "
-                         f"pooler's shape ({type(e).__name__}: {str(e).splitlines()[0]}); copy "
-                         "the adapter again whole, or drop --init-adapter") from e
+    if not isinstance(shape, dict):
+        raise ValueError(f"--init-adapter {init_adapter}: "
+                         f"{trained.read(init_adapter).source('pooler')} cannot be read as its "
+                         "learnt pooler's shape (not a JSON object); copy the adapter again "
+                         "whole, or drop --init-adapter")
     given = {"pooler_heads": cfg.pooler_heads, "pooler_rank": cfg.pooler_rank,
              "pooler_width": cfg.pooler_width}
     held = {f"pooler_{k}": shape.get(k) for k in ("heads", "rank", "width")}
@@ -211,16 +208,15 @@ def _init_pooler_config(cfg: TrainConfig, init_adapter: str | None,
 
 def _check_teacher_frames(teacher: str) -> None:
     """The teacher of distillation reads the frames the learnt pooler pools: an adapter trained
-    on pooled tokens (its compression.json's ``steps`` not ``[]``) is refused by name;
-    adapters without compression.json are taken as they are."""
-    path = os.path.join(teacher, COMPRESSION_FILE)
-    if not os.path.exists(path):
+    on pooled tokens (its record's compression ``steps`` not ``[]``) is refused by name;
+    adapters that do not record their compression are taken as they are."""
+    held = trained.read(teacher)
+    record_, path = held.get("compression"), held.source("compression")
+    if record_ is None:
         return
     try:
-        with open(path, encoding="utf-8") as fh:
-            record_ = json.load(fh)
         steps = record_["steps"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"--teacher {teacher}: {path} cannot be read as the compression it "
                          f"was trained on ({type(e).__name__}: {str(e).splitlines()[0]}); copy "
                          "the adapter again whole") from e
@@ -299,14 +295,7 @@ def describe_inputs(feats: str, manifest: str, model: str, valid_feats: str | No
     the model, the initial adapter and projector (speechllm's ``extra.init_projector``), the
     teacher adapter by their identity (not their names or paths); ``segments``: the boundary
     stores (``train``, ``valid``) of a learnt pooler."""
-    def store(path):
-        return {"path": os.path.abspath(path), "fingerprint": Store(path).fingerprint}
-
-    def manifest_of(path):
-        with open(path, "rb") as fh:
-            return {"path": os.path.abspath(path),
-                    "sha256": hashlib.sha256(fh.read()).hexdigest()}
-
+    store, manifest_of = trained.store_ref, trained.manifest_ref
     segments = segments or {}
     return {
         "feats": store(feats), "manifest": manifest_of(manifest),
@@ -378,7 +367,8 @@ class Job:
     """finetune's side of the run: the backend (``be.model`` is the peft model, DDP-wrapped
     under torchrun; with shard=fsdp it stays the peft model, sharded in place), the unwrapped
     peft model, the long-input length check, the validation
-    examples, and with ``--segments`` the learnt pooler (with ``--teacher`` the teacher)."""
+    examples, with ``--segments`` the learnt pooler (with ``--teacher`` the teacher), and
+    (rank 0) the fields of the adapters' record (``_adapter_record``)."""
 
     be: typing.Any
     peft_model: torch.nn.Module
@@ -386,6 +376,7 @@ class Job:
     valid_items: list | None = None
     pooler: LearntPooler | None = None
     teacher: typing.Any = None
+    record: dict | None = None
 
     def loss(self, ex: Examples, items: list, distill: float = 0.0) -> tuple[torch.Tensor, int]:
         """The training loss of a micro-batch (mean over its target tokens, and their count):
@@ -495,9 +486,11 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         dist.barrier("the start of training")
         try:  # a forced run that fails puts back the run it replaced (OUT/.replaced)
             fits = length_check(be, train) if cfg.concat_seconds is not None else None
-            job = Job(be, peft_model, fits,
-                      pooler=_pooler(cfg, train, dist.device, init_adapter) if segments else None,
-                      teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None)
+            pooler = _pooler(cfg, train, dist.device, init_adapter) if segments else None
+            job = Job(be, peft_model, fits, pooler=pooler,
+                      teacher=_teacher(cfg, model, dist.device, teacher) if teacher else None,
+                      record=_adapter_record(cfg, model, feats, manifest, segments, pooler)
+                      if dist.rank == 0 else None)
             if job.pooler is not None:
                 log.info("finetune: a learnt pooler (%s, %d parameters) trained with the LoRA on %s"
                          "%s", job.pooler.config, job.pooler.size,
@@ -623,16 +616,35 @@ def _save_adapter(job: Job, path: str, weights: dict | None = None) -> None:
     job.peft_model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
     if job.pooler is not None:
         save_pooler(job.pooler, tmp)
+    _save_record(job, tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
+def _adapter_record(cfg: TrainConfig, model: str, feats: str, manifest: str,
+                    segments: str | None, pooler: LearntPooler | None) -> dict:
+    """The fields of the record (``lalmtool.trained``) of every adapter this run writes: the
+    backend and its options, the base model, the compression it is trained on (with the
+    longest training input: joined examples, ``concat_seconds``), the learnt pooler's shape
+    and the training data."""
+    joined = concat_range(cfg)[1] if cfg.concat_seconds is not None else None
+    compression = trained.compression(feats, segments, joined)
+    data = {"feats": trained.store_ref(feats), "manifest": trained.manifest_ref(manifest),
+            **({"segments": trained.store_ref(segments)} if segments else {})}
+    return {"backend": cfg.backend, "backend_options": cfg.extra, **trained.base(model),
+            "compression": compression, "pooler": pooler.config if pooler else None,
+            "trained_on": {"condition": compression["condition"], **data}}
+
+
+def _save_record(job: Job, directory: str) -> None:
+    trained.write(directory, "lora-adapter", **job.record)
+
+
 def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> dict:
     """OUT/last, OUT/adapter (the best by validation loss of this run, else the last) with a
-    README.md and the base model named as the user gave it; OUT/summary.json."""
+    README.md, the base model named as the user gave it and its record; OUT/summary.json."""
     out, state, rank = run.out, run.state, run.dist.rank
-    condition = Store(segments).meta.condition("learnt")[2] if segments else \
-        Store(feats).meta.condition()[2]
+    condition = trained.compression(feats, segments)["condition"]
     last = trainer.last_record(out)
     summary = {"out": out, "steps": state["step"], "last": last,
                "best_valid_loss": state["best"], "best_step": state["best_step"],
@@ -648,47 +660,16 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
         tmp = os.path.join(out, "adapter.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(final, tmp)
-        base = _portable_model_name(model)
+        base = run.job.record["base_model"]
         _set_base_model(tmp, base)
         write_atomic(os.path.join(tmp, "README.md"),
                      adapter_readme(run, summary, base, "best" if use_best else "last"))
-        write_atomic(os.path.join(tmp, BACKEND_FILE), json.dumps(
-            {"backend": run.cfg.backend, "backend_options": run.cfg.extra,
-             "base_weights": base_weights(resolve_model(model))}, indent=1))
-        write_atomic(os.path.join(tmp, COMPRESSION_FILE), json.dumps(
-            compression_record(run.cfg, feats, segments, condition), indent=1))
+        _save_record(run.job, tmp)  # (a best/ of an earlier release holds none)
         shutil.rmtree(summary["adapter"], ignore_errors=True)
         os.replace(tmp, summary["adapter"])
         write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     run.dist.barrier("the end of training")
     return summary
-
-
-#: Written into every adapter directory: the compression it was trained on (``transcribe``
-#: repeats it in memory; ``lalmtool.transcribe`` reads it).
-COMPRESSION_FILE = "compression.json"
-
-
-def compression_record(cfg: TrainConfig, feats: str, segments: str | None,
-                       condition: str) -> dict:
-    """The compression an adapter was trained on: the condition, the steps from the encoder's
-    frames (``StoreMeta.compression_steps``; a learnt pooler's is saved beside it), the
-    frames' rate, and the longest training input (seconds; joined examples:
-    ``concat_seconds``)."""
-    meta = (Store(segments) if segments else Store(feats)).meta
-    joined = concat_range(cfg)[1] if cfg.concat_seconds is not None else None
-    return {"condition": condition,
-            "steps": meta.compression_steps("learnt" if segments else None),
-            "frame_rate": meta.extracted.get("frame_rate"), "trim": meta.trim,
-            "input_seconds": joined}
-
-
-def _portable_model_name(model: str) -> str:
-    """The model as the user gave it: an asset name (also for its cache directory), a hub id,
-    or an absolute path to a local checkpoint."""
-    from .models.speechllm import portable_name
-
-    return portable_name(model)
 
 
 def _set_base_model(adapter: str, base: str) -> None:

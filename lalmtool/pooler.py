@@ -2,9 +2,10 @@
 module trained jointly with the LoRA.
 
 ``lalmtool finetune --segments SEG`` trains it (on frames and their boundaries, with the
-decoder's loss) and saves it into the adapter directory (``pooler.safetensors`` and
-``pooler.json``); ``lalmtool pool --reduce learnt --pooler ADAPTER`` then writes the pooled
-store that ``decode`` reads with that adapter, like any other condition.
+decoder's loss) and saves it into the adapter directory (its weights in ``pooler.safetensors``,
+its shape in the adapter's ``lalmtool.json``: ``lalmtool.trained``); ``lalmtool pool --reduce
+learnt --pooler ADAPTER`` then writes the pooled store that ``decode`` reads with that adapter,
+like any other condition.
 
 A segment's token is
 
@@ -20,16 +21,14 @@ segment's mean (``reduce="mean"``): training only moves away from uniform averag
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 
-from .fileio import write_atomic
+from . import trained
 
 WEIGHTS_FILE = "pooler.safetensors"
-CONFIG_FILE = "pooler.json"
 
 
 class LearntPooler(torch.nn.Module):
@@ -86,64 +85,67 @@ class LearntPooler(torch.nn.Module):
 
 
 def save(pooler: LearntPooler, directory: str) -> None:
-    """Writes the pooler's weights and shape into ``directory`` (an adapter's)."""
+    """Writes the pooler's weights into ``directory`` (an adapter's; its shape goes into the
+    adapter's record, ``pooler.config``)."""
     from safetensors.torch import save_file
 
     tmp = os.path.join(directory, WEIGHTS_FILE + ".tmp")
     save_file({k: v.detach().float().cpu().contiguous() for k, v in
                pooler.state_dict().items()}, tmp)
     os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
-    write_atomic(os.path.join(directory, CONFIG_FILE), json.dumps(pooler.config, indent=1))
+
+
+def shape(directory: str | None) -> dict | None:
+    """The shape of the learnt pooler the adapter ``directory`` holds (its record's
+    ``pooler``), or None when it holds none."""
+    record = trained.read(directory)
+    return record.get("pooler") if record else None
 
 
 def has_pooler(directory: str | None) -> bool:
-    return bool(directory) and os.path.isfile(os.path.join(directory, WEIGHTS_FILE))
+    return shape(directory) is not None
 
 
 def load(directory: str) -> LearntPooler:
     """The pooler a finetune run saved into ``directory`` (its adapter), in eval mode."""
     from safetensors.torch import load_file
 
-    if not has_pooler(directory):
-        raise ValueError(f"--pooler {directory}: no {WEIGHTS_FILE} there; give the adapter "
-                         "directory of a `lalmtool finetune --segments ...` run (it trains the "
-                         "learnt pooler)")
-    config, weights = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
+    record = trained.read(directory)
+    if not (record and record.get("pooler") is not None):
+        raise ValueError(f"--pooler {directory} holds no learnt pooler (none in its "
+                         f"{trained.RECORD_FILE}); give the adapter directory of a `lalmtool "
+                         "finetune --segments ...` run (it trains the learnt pooler)")
+    held, source = record["pooler"], record.source("pooler")
+    weights = os.path.join(directory, WEIGHTS_FILE)
     try:
-        with open(config, encoding="utf-8") as fh:
-            shape = json.load(fh)
-        pooler = LearntPooler(**shape)
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"--pooler {directory}: {config} cannot be read as the pooler's shape "
+        pooler = LearntPooler(**held)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--pooler {directory}: {source} cannot be read as the pooler's shape "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); copy the adapter "
                          "again whole, or train it again") from e
     try:
         pooler.load_state_dict(load_file(weights))
     except Exception as e:  # noqa: BLE001 - safetensors and torch raise several kinds
         raise ValueError(f"--pooler {directory}: {weights} does not hold a pooler of the shape "
-                         f"{CONFIG_FILE} gives ({shape}) or is damaged ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0]}); copy the adapter again whole, or "
-                         "train it again") from e
+                         f"{os.path.basename(source)} gives ({held}) or is damaged "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]}); copy the "
+                         "adapter again whole, or train it again") from e
     return pooler.eval()
 
 
 def check_boundaries(directory: str, seg_meta: dict, where: str) -> None:
     """Refuses boundaries of another kind or rate than the pooler in ``directory`` was trained
-    on (its adapter's compression.json; adapters from before it are taken as they are)."""
-    path = os.path.join(directory, "compression.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        steps = json.load(fh).get("steps") or []
+    on (its record's compression; adapters from before it are taken as they are)."""
+    steps = ((trained.read(directory) or {}).get("compression") or {}).get("steps") or []
     if not steps:
         return
-    trained = (steps[-1]["method"], {k: v for k, v in steps[-1].get("params", {}).items()})
+    trained_on = (steps[-1]["method"], {k: v for k, v in steps[-1].get("params", {}).items()})
     given = (seg_meta.get("method"), {k: v for k, v in (seg_meta.get("params") or {}).items()
                                       if k != "target_rate"})
-    if trained != given:
+    if trained_on != given:
         def name(method, params):
             return "-".join([method, *(f"{k}={v:g}" for k, v in sorted(params.items()))])
-        raise ValueError(f"the pooler of {directory} was trained on {name(*trained)} "
+        raise ValueError(f"the pooler of {directory} was trained on {name(*trained_on)} "
                          f"boundaries, {where} holds {name(*given)} ones: pool the boundaries "
                          "it was trained on (or train a pooler on these)")
 

@@ -3,10 +3,11 @@
 
 The stages (extract → segment → pool → decode) are the way to run experiments; this is the
 short way to use their result. It reads audio files (or arrays), encodes them with the backend,
-repeats in memory the compression the adapter was trained on (``adapter/compression.json``,
-written by ``lalmtool finetune``: the same boundaries and pooling functions as ``segment`` and
-``pool``, the same float16 rounding as their stores), and decodes with the adapter exactly as
-``decode`` does: the hypotheses are those of the stages on the same audio (tested).
+repeats in memory the compression the adapter was trained on (its record,
+``adapter/lalmtool.json``, written by ``lalmtool finetune``: the same boundaries and pooling
+functions as ``segment`` and ``pool``, the same float16 rounding as their stores), and decodes
+with the adapter exactly as ``decode`` does: the hypotheses are those of the stages on the same
+audio (tested).
 
 Long recordings are decoded in pieces of the length the adapter was trained on (its longest
 joined training input, ``concat_seconds``), else of 30 s; a recording that fits one piece is
@@ -27,12 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import trained as records
 from .audio import load_audio
 from .models import BACKENDS, training_options
 
 log = logging.getLogger("lalmtool")
 
-COMPRESSION_FILE = "compression.json"
 #: Piece length when the adapter was trained on single utterances (Whisper's window).
 PIECE_SECONDS = 30.0
 #: Audio files a folder is searched for (what soundfile reads).
@@ -87,16 +88,6 @@ def parse_condition(label: str) -> list[dict]:
     return steps
 
 
-def adapter_compression(adapter: str) -> dict | None:
-    """The adapter's compression record (``compression.json``), or None for an adapter from
-    before it was recorded."""
-    path = os.path.join(adapter, COMPRESSION_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def _step_label(steps: list[dict]) -> str:
     def one(s):
         extra = [f"k{s['params']['k']}" if "k" in s["params"] else
@@ -120,31 +111,28 @@ class Transcriber:
                  batch_size: int = 8, max_new_tokens: int | None = None,
                  piece_seconds: float | None = None, **backend_opts):
         from .decode import _load, _model_dir
-        from .models import (BACKEND_FILE, check_adapter_base, check_backend_options,
-                             concrete_backend)
+        from .models import check_adapter_base, check_backend_options, concrete_backend
         from .parallel import resolve_device
 
         from .export import read_export
 
         model_dir = _model_dir(model)  # resolved once (an asset name: its cache directory)
-        trained, exported = None, read_export(model_dir) if not adapter else None
+        exported = read_export(model_dir) if not adapter else None
+        if adapter and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+            raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no "
+                             "adapter_config.json); pass OUT/adapter of `lalmtool finetune`")
+        held = records.read(adapter) if adapter else exported  # what the model comes with
+        trained = held["backend"] if held else None
         if exported:  # a model written by `lalmtool export`: the adapter is in its weights
-            trained = exported["backend"]
             backend_opts = {**exported["backend_options"], **backend_opts}
-        if adapter:
-            if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-                raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no "
-                                 "adapter_config.json); pass OUT/adapter of `lalmtool finetune`")
-            with open(os.path.join(adapter, BACKEND_FILE), encoding="utf-8") as fh:
-                trained = json.load(fh).get("backend")
-            if backend and backend != trained:
-                raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
-                                 f"({BACKEND_FILE}); leave --backend out or give {trained}")
+        if adapter and backend and trained and backend != trained:
+            raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
+                             f"({held.source('backend')}); leave --backend out or give "
+                             f"{trained}")
         self.backend = concrete_backend(backend or trained or "whisper", model)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {sorted(BACKENDS)}")
-        record = adapter_compression(adapter) if adapter else \
-            exported["compression"] if exported else None
+        record = held["compression"] if held else None
         if backend and exported and backend != trained:
             raise ValueError(f"--model {model} is an exported {trained} model; leave --backend "
                              f"out or give {trained}")
@@ -156,9 +144,10 @@ class Transcriber:
         steps = parse_condition(compress) if compress is not None else \
             record["steps"] if record else []
         if record is not None and compress is not None and steps != record["steps"]:
-            raise ValueError(f"--compress {compress} contradicts --adapter {adapter}, trained "
-                             f"on {record['condition']} ({COMPRESSION_FILE}); leave --compress "
-                             "out")
+            given = f"--adapter {adapter}" if adapter else f"--model {model}"
+            raise ValueError(f"--compress {compress} contradicts {given}, trained on "
+                             f"{record['condition']} ({held.source('compression')}); leave "
+                             "--compress out")
         self.steps, self.adapter, self.model_name = steps, adapter, model
         self.condition = _step_label(steps)
         self.pooler = None

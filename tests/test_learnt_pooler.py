@@ -96,7 +96,7 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     assert "`lalmtool pool --reduce learnt --pooler <this directory>`" in \
         (tmp_path / "a" / "adapter" / "README.md").read_text()
     ref = pooler_weights(tmp_path / "a" / "adapter")
-    assert json.loads((tmp_path / "a" / "adapter" / "pooler.json").read_text()) == \
+    assert json.loads((tmp_path / "a" / "adapter" / "lalmtool.json").read_text())["pooler"] == \
         {"dim": 32, "heads": 4, "rank": 8, "width": 3}
     assert float(ref["score.weight"].abs().max()) > 1e-3  # trained away from the mean
     assert float(ref["up"].abs().max()) > 1e-3
@@ -145,7 +145,7 @@ def test_learnt_pooler_trains_resumes_to_the_same_weights_and_writes_the_store(
     # a pool store with another adapter's pooler is another store (not reused)
     with pytest.raises(ValueError, match="--reduce learnt and --pooler ADAPTER go together"):
         pool_store(feats, k3, "learnt", str(tmp_path / "p2"))
-    with pytest.raises(ValueError, match="no pooler.safetensors there"):
+    with pytest.raises(ValueError, match=r"holds no learnt pooler \(none in its lalmtool.json\)"):
         pool_store(feats, k3, "learnt", str(tmp_path / "p3"), pooler=str(tmp_path))
     other = frames_store(tmp_path / "f16")  # 16-dimensional frames of another model
     segment(other, "uniform", str(tmp_path / "s16"), k=3)
@@ -237,7 +237,7 @@ def test_cli_trains_a_pooler_and_pools_with_it(train_set, k3, tiny_whisper_lm,
                                   "--max-steps=2", "--pooler-heads=2", "--pooler-rank=0"])
     assert r.exit_code == 0, r.output
     assert "uniform-learnt-k3" in r.output
-    assert json.loads((out / "adapter" / "pooler.json").read_text()) == \
+    assert json.loads((out / "adapter" / "lalmtool.json").read_text())["pooler"] == \
         {"dim": 32, "heads": 2, "rank": 0, "width": 3}
     r = CliRunner().invoke(main, ["pool", "--feats", feats, "--segments", k3, "--reduce",
                                   "learnt", "--pooler", str(out / "adapter"), "--out",

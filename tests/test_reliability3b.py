@@ -49,7 +49,8 @@ def test_a_run_continued_from_a_pooler_records_the_shape_it_trains(  # T7
     with caplog.at_level(logging.WARNING, logger="lalmtool"):
         summary = finetune(feats, audio_set, tiny_whisper_lm, str(out),
                            TrainConfig(**CFG, pooler_heads=4), segments=seg, init_adapter=adapter)
-    width = json.loads((tmp_path / "learnt" / "adapter" / "pooler.json").read_text())["width"]
+    width = json.loads((tmp_path / "learnt" / "adapter" / "lalmtool.json").read_text())[
+        "pooler"]["width"]
     assert [r.getMessage() for r in caplog.records if "--init-adapter" in r.getMessage()] == [
         f"finetune: --init-adapter {adapter} holds a learnt pooler of pooler_heads=8, the "
         "training options said pooler_heads=4: a run continued from it trains that pooler as it "
@@ -79,7 +80,7 @@ def test_a_teacher_trained_on_pooled_tokens_is_refused_by_name(  # T9
                  segments=str(tmp_path / "seg"), teacher=adapter)
     assert str(err.value) == (
         f"--teacher {adapter} was trained on pooled tokens (uniform-mean-k2, "
-        f"{os.path.join(adapter, 'compression.json')}), not on frames: the teacher reads the "
+        f"{os.path.join(adapter, 'lalmtool.json')}), not on frames: the teacher reads the "
         "frames the learnt pooler pools; give the adapter of a finetune run on the frames (the "
         "frames condition's)")
     assert not out.exists()

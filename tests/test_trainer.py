@@ -166,11 +166,12 @@ def test_the_adapter_carries_its_backend_options_beside_its_weights(whisper_data
     shutil.copytree(s["adapter"], moved)
     from lalmtool.models import base_weights
 
-    assert json.loads((moved / "backend.json").read_text()) == {
-        "backend": "whisper", "backend_options": {"positions": "global"},
+    record = json.loads((moved / "lalmtool.json").read_text())
+    assert {k: record[k] for k in ("kind", "backend", "backend_options", "base_weights")} == {
+        "kind": "lora-adapter", "backend": "whisper", "backend_options": {"positions": "global"},
         "base_weights": base_weights(tiny_whisper_lm)}
     assert training_options(str(moved), "whisper") == {"positions": "global"}
-    with pytest.raises(ValueError, match=r"was trained with the whisper backend \(.*backend.json"
+    with pytest.raises(ValueError, match=r"was trained with the whisper backend \(.*lalmtool.json"
                                          r"\); decode it with --backend whisper"):
         training_options(str(moved), "qwen2-audio")
 

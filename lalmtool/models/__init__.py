@@ -6,7 +6,6 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-import yaml
 
 if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for --backend choices
     from .base import Backend
@@ -110,10 +109,6 @@ def check_tap(store, backend: str, taps: dict[str, str | None], fix: str) -> Non
                          f"({store.path}); {fix}")
 
 
-#: Written into every adapter directory by finetune: the backend and its options.
-BACKEND_FILE = "backend.json"
-
-
 def base_weights(model_dir: str) -> str:
     """The identity of a base model's weights, by content (their files' sizes and sha256,
     whatever the directory is called; a hub id as given where it is not a directory)."""
@@ -133,47 +128,35 @@ def base_weights(model_dir: str) -> str:
 
 def check_adapter_base(adapter: str, model: str, model_dir: str, flag: str = "--adapter") -> None:
     """Refuses an adapter trained on another base model than ``model`` (whose weights are in
-    ``model_dir``): ``backend.json`` records the weights' identity it was trained on (adapters
-    from before that record are taken as they are)."""
-    path = os.path.join(adapter, BACKEND_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        trained = json.load(fh).get("base_weights")
+    ``model_dir``): its record (``lalmtool.trained``) holds the weights' identity it was trained
+    on (adapters from before that record are taken as they are)."""
+    from ..trained import read
+
+    record = read(adapter) or {}
+    trained = record.get("base_weights")
     if trained and trained != base_weights(model_dir):
-        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as fh:
-            named = json.load(fh).get("base_model_name_or_path")
         raise ValueError(f"{flag} {adapter} was trained on another base model than {model} "
-                         f"(their weights differ; it names {named}): give the model it was "
-                         "trained on")
+                         f"(their weights differ; it names {record.get('base_model')}): give "
+                         "the model it was trained on")
 
 
 def training_options(adapter: str | None, backend: str) -> dict:
-    """The backend options the adapter was trained with: ``adapter/backend.json`` (beside its
-    weights), else the ``config.yaml`` of the finetune run around it (older adapters); refuses
-    an adapter that is missing or was trained for another backend."""
+    """The backend options the adapter was trained with (its record, ``lalmtool.trained``);
+    refuses an adapter that is missing or was trained for another backend."""
+    from ..trained import read
+
     if not adapter:
         return {}
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no adapter_config.json); "
                          "pass OUT/adapter of `lalmtool finetune`")
-    beside = os.path.join(adapter, BACKEND_FILE)
-    run_cfg = os.path.join(os.path.dirname(os.path.abspath(adapter)), "config.yaml")
-    if os.path.exists(beside):
-        with open(beside, encoding="utf-8") as fh:
-            run = json.load(fh)
-        source, options = beside, run.get("backend_options")
-    elif os.path.exists(run_cfg):
-        with open(run_cfg, encoding="utf-8") as fh:
-            run = yaml.safe_load(fh) or {}
-        source, options = run_cfg, run.get("extra")
-    else:
-        return {}
-    trained = run.get("backend", backend)
+    record = read(adapter)
+    trained = record.get("backend") or backend
     if trained != backend:
         raise ValueError(f"--adapter {adapter} was trained with the {trained} backend "
-                         f"({source}); decode it with --backend {trained}")
-    return {k: v for k, v in (options or {}).items() if k not in MOVED_OPTIONS}
+                         f"({record.source('backend')}); decode it with --backend {trained}")
+    return {k: v for k, v in (record.get("backend_options") or {}).items()
+            if k not in MOVED_OPTIONS}
 
 
 #: Backend options that became options of a stage (an older adapter may record them: ignored).

@@ -13,15 +13,14 @@ of equal length (the pieces of one long recording are equal but for the last). I
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import sinusoids
 
+from ..trained import read as read_record
 from .base import Backend
 from .whisper import HOP, WhisperBackend, WhisperOptions
 
@@ -38,8 +37,7 @@ class Ct2WhisperBackend(WhisperBackend):
         o = self.options = WhisperOptions(**{k: v for k, v in options.items() if k != "dtype"})
         Backend.__init__(self, model_path, device, torch.float32)
         self.positions, self.trim = o.positions, o.trim
-        with open(os.path.join(model_path, "lalmtool.json"), encoding="utf-8") as fh:
-            self.ct2 = json.load(fh)[CT2_KEY]
+        self.ct2 = read_record(model_path)[CT2_KEY]
         index = self.device.index or 0
         self.model = ctranslate2.models.Whisper(model_path, device=self.device.type,
                                                 device_index=index, compute_type="default")

@@ -56,9 +56,9 @@ The whole trained model as one directory::
     lalmtool decode --backend speechllm --model exp/speechllm/frames --feats ... --out ...
 
 Equally, ``lalmtool decode --backend speechllm --model <LLM> --adapter OUT/adapter`` works
-without exporting: the adapter holds the LoRA weights and the projector, and the finetune
-run's ``OUT/config.yaml`` holds the options (encoder, projector, stack, prompt) that decode
-reuses.
+without exporting: the adapter holds the LoRA weights and the projector, and its record
+(``OUT/adapter/lalmtool.json``, ``lalmtool.trained``) the options (encoder, projector, stack,
+prompt) that decode reuses.
 """
 from __future__ import annotations
 
@@ -521,8 +521,8 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     """Writes a finetune run's result as one speechllm directory ``out``; returns ``out``.
 
     ``adapter`` is ``OUT/adapter`` of ``lalmtool finetune --backend speechllm``: its LoRA
-    weights and projector (``modules_to_save``). The options come from ``OUT/config.yaml``
-    (``extra``, overridable by ``options``), the LLM from ``model`` or, by default, the base
+    weights and projector (``modules_to_save``). The options come from the adapter's record
+    (``lalmtool.json``; overridable by ``options``), the LLM from ``model`` or, by default, the base
     model the adapter records. ``out`` receives ``speechllm.json``, ``projector.safetensors``
     and ``lora/`` (the adapter without the projector); ``--model out`` then loads it all.
     """

@@ -250,13 +250,13 @@ def test_the_position_guard_names_what_fits_a_30_minute_recording(family, tmp_pa
         prompt = be.prompt_positions(0)
         fits = prompt + rows + new <= fam.context
         if fits:
-            [(start, end, cap)] = _pieces(be, store, "rec", None, "fail", path, {})
+            [(start, end, cap)] = _pieces(be, store, "rec", 0, None, "fail", path, {})
             assert (start, end) == (0, rows) and cap >= new
             return
         k = next(k for k in range(2, 100) if prompt + math.ceil(rows / k) + new <= fam.context)
         with pytest.raises(ValueError, match=rf"{k}x fewer audio tokens would fit \(uniform "
                                              rf"pooling of the frames by k={k}\)"):
-            _pieces(be, store, "rec", None, "fail", path, {})
+            _pieces(be, store, "rec", 0, None, "fail", path, {})
     finally:
         config.get_text_config().max_position_embeddings = 4096
         config.save_pretrained(path)

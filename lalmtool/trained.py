@@ -38,7 +38,7 @@ import os
 
 import yaml
 
-from .fileio import read_json, write_atomic
+from .fileio import file_sha256, read_json, write_atomic
 
 RECORD_FILE = "lalmtool.json"
 FORMAT_VERSION = 1
@@ -107,8 +107,6 @@ def store_ref(path: str) -> dict:
 
 def manifest_ref(path: str) -> dict:
     """A manifest as a run records it: its path and sha256."""
-    from .fileio import file_sha256
-
     return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
 
 

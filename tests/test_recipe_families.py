@@ -103,8 +103,8 @@ def test_covost2_en_de_with_a_family_translates_through_stage_5(checkpoint, tmp_
     assert conf["text_field"] == "target" and conf["extra"].items() >= prompt.items()
     lora = exp / "lora" / "st-uniform-mean-k3"
     assert json.loads((lora / "summary.json").read_text())["steps"] == 1
-    trained = json.loads((lora / "adapter" / "backend.json").read_text())
-    assert trained["backend"] == family
+    trained = json.loads((lora / "adapter" / "lalmtool.json").read_text())
+    assert (trained["kind"], trained["backend"]) == ("lora-adapter", family)
     assert trained["backend_options"]["gradient_checkpointing"] is True
     for name in ("st-uniform-mean-k3", "st-uniform-mean-k3-lora"):
         dec = json.loads((exp / "decode" / name / "train" / "decode.json").read_text())

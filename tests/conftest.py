@@ -352,3 +352,134 @@ def cuts_file(path: str, long_wav: str, spans=SPANS) -> str:
             for u, s, d, t in spans]
     lhotse.CutSet.from_cuts(cuts).to_file(path)
     return path
+
+
+# -- trained directories of the previous release -----------------------------------------------
+#: What an adapter directory held before lalmtool.json (beside peft's files).
+OLD_FILES = {"backend.json", "compression.json", "pooler.json"}
+
+
+def previous_release(adapter: str) -> dict:
+    """``adapter`` rewritten as the previous release wrote it: backend.json, compression.json
+    and (with a learnt pooler) pooler.json beside peft's files, no lalmtool.json; returns the
+    record it held."""
+    from lalmtool import trained
+
+    path = os.path.join(adapter, trained.RECORD_FILE)
+    with open(path) as fh:
+        record = json.load(fh)
+    os.remove(path)
+    files = {"backend.json": {k: record[k] for k in ("backend", "backend_options",
+                                                     "base_weights")},
+             "compression.json": record["compression"], "pooler.json": record["pooler"]}
+    for name, held in files.items():
+        if held is not None:
+            with open(os.path.join(adapter, name), "w") as fh:
+                json.dump(held, fh, indent=1)
+    return record
+
+
+def hyps_of(out) -> dict[str, str]:
+    with open(os.path.join(out, "hyp.jsonl")) as fh:
+        return {r["id"]: r["hyp"] for r in map(json.loads, fh)}
+
+
+# -- stores, training runs and decodes of the quick tests -------------------------------------
+def random_feats_store(path, frames: dict[str, int], dim: int = 16) -> str:
+    """A frames store of random [T, dim] features (distinct in every frame, unlike a tone)."""
+    import numpy as np
+
+    from lalmtool.store import fingerprint
+
+    write_frames_store(path, {u: (np.random.default_rng(i).standard_normal(
+        (frames[u], dim)).astype(np.float16), {"duration": frames[u] / 50})
+        for i, u in enumerate(frames)}, fp=fingerprint(frames))
+    return str(path)
+
+
+def frames_store(path, n=6, seed=0) -> str:
+    """A frames store of ``n`` random utterances of 150-400 frames (50 frames/s)."""
+    rng = np.random.default_rng(seed)
+    lens = [150 + 50 * i for i in range(n)]
+    write_frames_store(path, {f"u{i}": (rng.standard_normal((lens[i], 16)).astype(np.float16),
+                                        {"duration": lens[i] / 50.0}) for i in range(n)},
+                       shard_size=3, fp="f" * 64)
+    return str(path)
+
+
+def snapshot(path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            with open(full, "rb") as fh:
+                out[os.path.relpath(full, path)] = fh.read()
+    return out
+
+
+@pytest.fixture
+def decoded(audio_set, tiny_whisper_lm, tmp_path):
+    """Frames, a k=2 pooled store, and a scored decode of the frames in OUT."""
+    from lalmtool.decode import decode
+    from lalmtool.extract import extract
+    from lalmtool.pool import pool_store
+    from lalmtool.score import score
+    from lalmtool.segment import segment
+
+    feats = extract(audio_set, tiny_whisper_lm, str(tmp_path / "feats"))["store"]
+    segment(feats, "uniform", str(tmp_path / "seg"), k=2)
+    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "k2"))["store"]
+    out = str(tmp_path / "exp" / "dec")
+    decode(feats, tiny_whisper_lm, out, max_new_tokens=4, manifest=audio_set)
+    score(os.path.join(out, "hyp.jsonl"), audio_set, normalizer="none")
+    return feats, pooled, out
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_whisper_lm, tmp_path_factory):
+    """Frames of twelve short clips of a random 1-layer Whisper and their manifest."""
+    from lalmtool.extract import extract
+
+    d = tmp_path_factory.mktemp("train")
+    words = "the quick brown fox jumps over a lazy dog and then sleeps all day long".split()
+    rows = []
+    for i in range(12):
+        sf.write(d / f"{i}.wav", tone(0.5 + 0.1 * i, freq=150 + 30 * i, seed=i), 16000)
+        rows.append({"id": f"u{i:02d}", "audio": f"{i}.wav", "text": " ".join(words[i : i + 3])})
+    m = write_manifest(d / "m.jsonl", rows)
+    feats = extract(m, tiny_whisper_lm, str(d / "feats"))["store"]
+    return feats, m
+
+
+def adapter(path):
+    """An adapter directory's LoRA weights."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def assert_same(a, b, atol=0.0):
+    """Two state dicts hold the same tensors (to ``atol``)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4)
+
+
+def killed_at_step(step: int):
+    """finetune's checkpoint writer, killed when it would write step ``step``'s."""
+    from lalmtool import finetune as F
+
+    real_save = F._save_checkpoint
+
+    def save(run):
+        if run.state["step"] == step:
+            raise KeyboardInterrupt("killed")
+        real_save(run)
+    return save
+
+
+#: finetune's options in the quick training tests.
+CFG = dict(max_steps=8, batch_size=3, save_every=2, log_every=1, warmup_steps=2, lr=5e-3)

@@ -13,25 +13,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import tone, write_frames_store, write_manifest
+from conftest import random_feats_store, tone, write_manifest
+from lalmtool import trained
 from lalmtool.align import AlignConfig, align, train_vocab
 from lalmtool.cli import main
 from lalmtool.ctc import ctc_boundaries, ctc_greedy, ctc_positions_needed
+from lalmtool.fileio import file_sha256
+from lalmtool.store import Store
 
 TEXTS = {"a": "the cat sat", "b": "hello world", "short": "a much longer sentence than its audio"}
 EXTRA = {"stack": 2, "hidden": 24}
-
-
-def feats_store(path, frames: dict[str, int], dim: int = 16) -> str:
-    """A frames store of random [T, dim] features (distinct in every frame, unlike a tone)."""
-    import numpy as np
-
-    from lalmtool.store import fingerprint
-
-    write_frames_store(path, {u: (np.random.default_rng(i).standard_normal(
-        (frames[u], dim)).astype(np.float16), {"duration": frames[u] / 50})
-        for i, u in enumerate(frames)}, fp=fingerprint(frames))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +35,8 @@ def data(tiny_whisper, tmp_path_factory):
         rows.append({"id": uid, "audio": f"{uid}.wav", "text": TEXTS[uid]})
     m = write_manifest(d / "m.jsonl", rows)
     valid = write_manifest(d / "valid.jsonl", rows[:2])
-    return {"dir": d, "manifest": m, "feats": feats_store(d / "feats", frames),
-            "valid": valid, "valid_feats": feats_store(d / "valid-feats", {"a": 40, "b": 30}),
+    return {"dir": d, "manifest": m, "feats": random_feats_store(d / "feats", frames),
+            "valid": valid, "valid_feats": random_feats_store(d / "valid-feats", {"a": 40, "b": 30}),
             "extra": {"encoder": tiny_whisper, **EXTRA}}
 
 
@@ -319,3 +310,37 @@ def test_ctc_does_not_import_align():
             imported |= {module} | {f"{module}.{a.name}" for a in node.names}
     assert "lalmtool.segment" in imported  # relative imports are read as the package's
     assert not [m for m in imported if m == "lalmtool.align" or m.startswith("lalmtool.align.")]
+
+
+def test_align_writes_a_ctc_aligner_record_that_load_aligner_reads(data, tiny_llm, tmp_path):
+    import torch
+
+    from lalmtool.ctc import check_alignment, load_aligner
+
+    out = tmp_path / "al"
+    run(data, out, tiny_llm, max_steps=2)
+    record = trained.read(str(out))
+    assert (record["kind"], record["format_version"]) == ("ctc-aligner", 1)
+    assert (record["backend"], record["backend_options"]) == ("speechllm", data["extra"])
+    assert (record["ctc_head"], record["pooler"]) == ({"hidden": 0}, None)
+    assert record["compression"]["steps"] == [] and record["base_model"] == tiny_llm
+    assert record["trained_on"]["feats"] == {"path": data["feats"],
+                                             "fingerprint": Store(data["feats"]).fingerprint}
+    assert record["trained_on"]["manifest"]["sha256"] == file_sha256(data["manifest"])
+    al = load_aligner(str(out), tiny_llm)
+    # an alignment of the previous release (config.yaml, no lalmtool.json): the same aligner
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    os.remove(old / "lalmtool.json")
+    assert trained.read(str(old))["backend_options"] == data["extra"]
+    again = load_aligner(str(old), tiny_llm)
+    assert (again.backend, again.stack, again.vocab, again.head.scale) == \
+        (al.backend, al.stack, al.vocab, al.head.scale)
+    ours, theirs = al.weights(), again.weights()
+    assert torch.equal(ours["blank"], theirs["blank"])
+    assert all(torch.equal(v, theirs["projector"][k]) for k, v in ours["projector"].items())
+    # a directory of another kind is refused by name
+    trained.write(str(old), "lora-adapter")
+    with pytest.raises(ValueError, match=rf"^--align {old} is not a ctc-aligner directory "
+                                         r"\(its lalmtool.json says lora-adapter\)"):
+        check_alignment(str(old))

@@ -11,51 +11,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import CFG, adapter, assert_same, killed_at_step
 from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.extract import extract
-
-
-@pytest.fixture(scope="module")
-def train_set(tiny_whisper_lm, tmp_path_factory):
-    import soundfile as sf
-    from conftest import tone, write_manifest
-
-    d = tmp_path_factory.mktemp("train")
-    words = "the quick brown fox jumps over a lazy dog and then sleeps all day long".split()
-    rows = []
-    for i in range(12):
-        sf.write(d / f"{i}.wav", tone(0.5 + 0.1 * i, freq=150 + 30 * i, seed=i), 16000)
-        rows.append({"id": f"u{i:02d}", "audio": f"{i}.wav", "text": " ".join(words[i : i + 3])})
-    m = write_manifest(d / "m.jsonl", rows)
-    feats = extract(m, tiny_whisper_lm, str(d / "feats"))["store"]
-    return feats, m
-
-
-def adapter(path):
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def assert_same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4)
-
-
-def killed_at_step(step: int):
-    """finetune's checkpoint writer, killed when it would write step ``step``'s."""
-    real_save = F._save_checkpoint
-
-    def save(run):
-        if run.state["step"] == step:
-            raise KeyboardInterrupt("killed")
-        real_save(run)
-    return save
-
-
-CFG = dict(max_steps=8, batch_size=3, save_every=2, log_every=1, warmup_steps=2, lr=5e-3)
 
 
 def test_overrides_and_config_errors(tmp_path):

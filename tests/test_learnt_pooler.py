@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import CFG, adapter, assert_same, frames_store, killed_at_step
 from lalmtool import examples as E
 from lalmtool import finetune as F
 from lalmtool.compress import compress, pool_utterance
@@ -16,9 +17,6 @@ from lalmtool.pool import pool_store
 from lalmtool.pooler import LearntPooler, load
 from lalmtool.segment import segment
 from lalmtool.store import Store, StoreError
-from test_finetune import (CFG, adapter, assert_same, killed_at_step,  # noqa: F401
-                           train_set)
-from test_rates_study import frames_store
 
 
 def test_at_initialisation_the_learnt_pooler_is_the_mean():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner

@@ -1,6 +1,5 @@
 """extract --pack: several utterances per encoder window, each utterance's frames cut out of its
 window by time; the stages read a packed store as any other."""
-import json
 import math
 import os
 

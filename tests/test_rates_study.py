@@ -17,7 +17,7 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from conftest import write_frames_store
+from conftest import frames_store
 from lalmtool import segment as S  # noqa: E402
 from lalmtool.pool import pool_store  # noqa: E402
 from lalmtool.report import (_plot_method_panel, make_row, method_curves_markdown,  # noqa: E402
@@ -279,16 +279,6 @@ def test_a_failed_pool_stops_the_stage():
 
 
 # ------------------------------------------------------------- rate control
-
-def frames_store(path, n=6, seed=0) -> str:
-    """A frames store of ``n`` random utterances of 150-400 frames (50 frames/s)."""
-    rng = np.random.default_rng(seed)
-    lens = [150 + 50 * i for i in range(n)]
-    write_frames_store(path, {f"u{i}": (rng.standard_normal((lens[i], 16)).astype(np.float16),
-                                        {"duration": lens[i] / 50.0}) for i in range(n)},
-                       shard_size=3, fp="f" * 64)
-    return str(path)
-
 
 def tokens_per_s(store: str) -> float:
     st = Store(store)

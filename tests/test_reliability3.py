@@ -5,35 +5,13 @@ import os
 
 import pytest
 
+from conftest import snapshot
 from lalmtool.decode import decode
 from lalmtool.extract import extract
 from lalmtool.pool import pool_store
 from lalmtool.report import report
 from lalmtool.score import score
 from lalmtool.segment import segment
-
-
-def snapshot(path) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            with open(full, "rb") as fh:
-                out[os.path.relpath(full, path)] = fh.read()
-    return out
-
-
-@pytest.fixture
-def decoded(audio_set, tiny_whisper_lm, tmp_path):
-    """Frames, a k=2 pooled store, and a scored decode of the frames in OUT."""
-    feats = extract(audio_set, tiny_whisper_lm, str(tmp_path / "feats"))["store"]
-    segment(feats, "uniform", str(tmp_path / "seg"), k=2)
-    pooled = pool_store(feats, str(tmp_path / "seg"), "mean", str(tmp_path / "k2"))["store"]
-    out = str(tmp_path / "exp" / "dec")
-    decode(feats, tiny_whisper_lm, out, max_new_tokens=4, manifest=audio_set)
-    score(os.path.join(out, "hyp.jsonl"), audio_set, normalizer="none")
-    return feats, pooled, out
 
 
 def test_a_refused_forced_decode_leaves_out_byte_identical(decoded, tiny_whisper_lm):  # T4

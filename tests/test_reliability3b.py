@@ -11,13 +11,11 @@ import sys
 import pytest
 import soundfile as sf
 
-from conftest import tone, write_manifest
+from conftest import snapshot, tone, write_manifest
 from lalmtool.pool import pool_store
 from lalmtool.report import report
 from lalmtool.score import score
-from lalmtool.segment import segment
 from lalmtool.store import StoreError
-from test_reliability3 import decoded, snapshot  # noqa: F401 - a fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(max_steps=1, batch_size=2, warmup_steps=0, lora_r=2)

@@ -12,12 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import write_manifest
+from conftest import random_feats_store, write_manifest
 from lalmtool import record, trainer
 from lalmtool.align import AlignConfig, align
 from lalmtool.cli import main
 from lalmtool.ctc import ctc_boundaries, load_aligner
-from test_align import feats_store
 
 TEXTS = {"a": "the cat sat", "b": "hello world"}
 
@@ -27,7 +26,7 @@ def whisper_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("whisper-align")
     m = write_manifest(d / "m.jsonl", [{"id": u, "audio": f"{u}.wav", "text": t}
                                        for u, t in TEXTS.items()])
-    return {"manifest": m, "feats": feats_store(d / "feats", {"a": 40, "b": 30}, dim=32)}
+    return {"manifest": m, "feats": random_feats_store(d / "feats", {"a": 40, "b": 30}, dim=32)}
 
 
 def wcfg(**kw):

@@ -9,12 +9,15 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from conftest import librivox_rows, tone, write_manifest
+from conftest import OLD_FILES, hyps_of, librivox_rows, previous_release, tone, write_manifest
+from lalmtool import trained
 from lalmtool.cli import main
-from lalmtool.decode import decode
-from lalmtool.export import export
+from lalmtool.decode import _adapter_condition, decode
+from lalmtool.export import export, read_export
 from lalmtool.extract import extract
+from lalmtool.fileio import file_sha256
 from lalmtool.finetune import TrainConfig, finetune
+from lalmtool.models import base_weights
 from lalmtool.pool import pool_store
 from lalmtool.segment import segment
 from lalmtool.store import Store
@@ -126,7 +129,6 @@ def test_the_compression_comes_from_the_adapter_and_compress_must_agree(tiny_whi
     with pytest.raises(ValueError, match="--compress uniform-mean-k2 contradicts --adapter .* "
                                          "trained on uniform-mean-k3"):
         Transcriber(tiny_whisper_lm, adapter=adapter, compress="uniform-mean-k2")
-    from test_trained import previous_release
 
     previous_release(adapter)
     os.remove(os.path.join(adapter, "compression.json"))  # from before compression.json
@@ -266,3 +268,67 @@ def test_ct2_int8_export_of_real_whisper_keeps_the_adapters_wer(tiny_en, librivo
         export(adapter, str(tmp_path / q), format="ct2", quantization=q)
     assert wer(str(tmp_path / "float32"))[1] == texts
     assert wer(str(tmp_path / "int8"))[0] == pytest.approx(ours, abs=0.5)
+
+
+# -- the adapter's record, lalmtool.json (lalmtool.trained) ------------------------------
+def test_a_finetune_adapter_holds_one_record(tiny_whisper_lm, tmp_path):
+    adapter, _ = stages(tmp_path, tiny_whisper_lm, "whisper", "uniform", 3, learnt=True)
+    names = set(os.listdir(adapter))
+    assert {"lalmtool.json", "adapter_config.json", "adapter_model.safetensors",
+            "pooler.safetensors", "README.md"} <= names and not names & OLD_FILES
+    record = json.loads((tmp_path / "lora" / "adapter" / "lalmtool.json").read_text())
+    summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
+    assert record == {
+        "kind": "lora-adapter", "format_version": 1, "backend": "whisper",
+        "backend_options": {}, "base_model": tiny_whisper_lm,
+        "base_weights": base_weights(tiny_whisper_lm),
+        "compression": {"condition": "uniform-learnt-k3",
+                        "steps": [{"method": "uniform", "params": {"k": 3}, "reduce": "learnt"}],
+                        "frame_rate": 50.0, "trim": True, "input_seconds": None},
+        "pooler": {k: v for k, v in summary["pooler"].items() if k != "parameters"},
+        "trained_on": {
+            "condition": "uniform-learnt-k3",
+            "feats": {"path": str(tmp_path / "feats"),
+                      "fingerprint": Store(str(tmp_path / "feats")).fingerprint},
+            "manifest": {"path": str(tmp_path / "m.jsonl"),
+                         "sha256": file_sha256(str(tmp_path / "m.jsonl"))},
+            "segments": {"path": str(tmp_path / "seg"),
+                         "fingerprint": Store(str(tmp_path / "seg")).fingerprint}}}
+    assert trained.read(adapter) == record
+    # OUT/last is an adapter too: the same record
+    assert json.loads((tmp_path / "lora" / "last" / "lalmtool.json").read_text()) == record
+    assert _adapter_condition(adapter, "frames") == "uniform-learnt-k3"
+    assert _adapter_condition(adapter, "uniform-learnt-k3") is None
+
+
+def test_an_adapter_of_the_previous_release_decodes_transcribes_pools_and_exports_the_same(
+        tiny_whisper_lm, tmp_path):
+    adapter, hyps = stages(tmp_path, tiny_whisper_lm, "whisper", "uniform", 3, learnt=True)
+    new = previous_release(adapter)
+    assert OLD_FILES <= set(os.listdir(adapter)) and "lalmtool.json" not in os.listdir(adapter)
+    old = trained.read(adapter)
+    assert old == {**new, "format_version": 0, "trained_on": {"condition": "uniform-learnt-k3"}}
+    assert old.source("pooler") == os.path.join(adapter, "pooler.json")
+    assert _adapter_condition(adapter, "frames") == "uniform-learnt-k3"
+    # its pooler writes the same store, decode and transcribe give the same hypotheses
+    feats, seg = str(tmp_path / "feats"), str(tmp_path / "seg")
+    again = pool_store(feats, seg, "learnt", str(tmp_path / "pooled-old"), pooler=adapter)
+    assert Store(again["store"]).fingerprint == Store(str(tmp_path / "pooled")).fingerprint
+    decode(str(tmp_path / "pooled"), tiny_whisper_lm, str(tmp_path / "dec-old"), adapter=adapter,
+           max_new_tokens=8, batch_size=4)
+    assert hyps_of(tmp_path / "dec-old") == hyps
+    assert transcribed(tiny_whisper_lm, adapter, tmp_path) == hyps
+    # its export records what the adapter held
+    out = str(tmp_path / "exported")
+    record = export(adapter, out)
+    assert (record["kind"], record["pooler"], record["compression"]) == \
+        ("export", new["pooler"], new["compression"])
+    assert read_export(out) == record and transcribed(out, None, tmp_path) == hyps
+    # an export of the previous release (lalmtool.json without kind, pooler.json beside it)
+    with open(os.path.join(out, "lalmtool.json"), "w") as fh:
+        json.dump({k: record[k] for k in ("backend", "backend_options", "compression",
+                                          "base_model", "adapter", "format")}, fh)
+    with open(os.path.join(out, "pooler.json"), "w") as fh:
+        json.dump(new["pooler"], fh)
+    assert read_export(out)["pooler"] == new["pooler"]
+    assert transcribed(out, None, tmp_path) == hyps

@@ -10,8 +10,10 @@
 # recording is then decoded
 #   (a) whole, in one pass, with the long-form adapter of its condition;
 #   (b) in 30 s chunks (--chunk N: N positions per 30 s) with an adapter trained
-#       on joined utterances of 5-30 s (conf/chunk30.yaml), and with recipes/mini's
-#       short-utterance adapter;
+#       on joined utterances of 5-30 s (conf/chunk30.yaml), with the same trained on packed
+#       features (recipes/mini --pack 30: each 5-30 s example is the rows of one encoder
+#       window that held several utterances, as a recording's windows do), and with
+#       recipes/mini's short-utterance adapter;
 #   (c) by transformers' long-form generation on the audio (timestamps, sequential seeking):
 #       the anchor (local/anchor.py);
 #   (d) native Whisper (padded 30 s windows, no LoRA) chunked window by window.
@@ -24,18 +26,19 @@
 #   1  extract   → $exp/feats/{frames,native}/longform
 #   2  segment   → $exp/seg/<method>/longform
 #   3  pool      → $exp/pooled/<condition>/longform
-#   4  finetune  → $exp/lora/<condition>-{long,chunk}/adapter: recipes/mini's short-utterance
-#                  adapter trained further on its train stores joined into inputs of 10-120 s
-#                  (long) or 5-30 s (chunk) (its stages 0-4 are run first for the conditions
-#                  here when they are missing)
-#   5  decode    → $exp/decode/<condition>-{whole,chunk30s}[-short]/longform, native-chunk30s,
-#                  native-longform (the anchor)
+#   4  finetune  → $exp/lora/<condition>-{long,chunk,chunk-packed}/adapter: recipes/mini's
+#                  short-utterance adapter trained further on its train stores joined into
+#                  inputs of 10-120 s (long) or 5-30 s (chunk; chunk-packed: on its packed
+#                  stores, one window per example) (its stages are run first for the
+#                  conditions here when they are missing)
+#   5  decode    → $exp/decode/<condition>-{whole,chunk30s,chunk30s-packed,chunk30s-short}/
+#                  longform, native-chunk30s, native-longform (the anchor)
 #   6  score; local/table.py → $exp/longform.md (WER, positions, decode time and its ratio to
 #      the anchor's, peak memory) and $exp/longform.png (WER and decode time per recording)
 #
 # Usage: bash recipes/mini_longform/run.sh [--stage N] [--stop_stage M] [--exp DIR]
 #            [--seconds "60 80 100 120"] [--conditions "frames uniform-mean-k3 peaks"]
-#            [--steps N] [--mini_exp DIR] [--mini_data DIR]
+#            [--steps N] [--mini_exp DIR] [--mini_data DIR] [--mini_packed_exp DIR] [--pack S]
 # (every variable set at the top of this script is an option: --name value)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,6 +53,8 @@ conditions="frames uniform-mean-k3 peaks"
 steps=200                  # long-form LoRA steps per condition (batch 2 of 10-120 s)
 mini_exp=../mini/exp       # recipes/mini's feature stores (training data) and adapters
 mini_data=../mini/data
+mini_packed_exp=../mini/exp_packed  # recipes/mini's stores extracted with --pack $pack
+pack=30                    # seconds of consecutive training utterances per encoder window
 batch_size=1              # recordings per decode call: one, as the anchor decodes them
 
 source ../utils/parse_options.sh
@@ -84,8 +89,11 @@ if run_stage 3 "pool"; then
   end_stage 3 pool
 fi
 
-# a condition's store of recipes/mini (its train and dev sets)
-mini_feats() { [ "$1" = frames ] && echo "$mini_exp/feats/frames/$2" || echo "$mini_exp/pooled/$1/$2"; }
+# a condition's store of recipes/mini (its train and dev sets; $3: its experiment directory)
+mini_feats() {
+  local root=${3:-$mini_exp}
+  [ "$1" = frames ] && echo "$root/feats/frames/$2" || echo "$root/pooled/$1/$2"
+}
 
 if run_stage 4 "long-form LoRA on joined training utterances"; then
   for cond in $conditions; do
@@ -102,6 +110,16 @@ if run_stage 4 "long-form LoRA on joined training utterances"; then
     lalmtool finetune --feats "$(mini_feats "$cond" train)" --manifest "$mini_data/train/manifest.jsonl" \
       --valid-feats "$(mini_feats "$cond" dev)" --valid-manifest "$mini_data/dev/manifest.jsonl" \
       --model "$model" --config conf/chunk30.yaml --init-adapter "$short" --out "$exp/lora/$cond-chunk"
+    if [ ! -f "$(mini_feats "$cond" train "$mini_packed_exp")/store.json" ]; then
+      log "no packed $cond stores under $mini_packed_exp: recipes/mini's stages 1-3 with --pack $pack"
+      bash ../mini/run.sh --stage 1 --stop_stage 3 --pack "$pack" --conditions "$cond" \
+        --exp "$(realpath -m "$mini_packed_exp")" --data "$(realpath -m "$mini_data")"
+    fi
+    lalmtool finetune --feats "$(mini_feats "$cond" train "$mini_packed_exp")" \
+      --manifest "$mini_data/train/manifest.jsonl" \
+      --valid-feats "$(mini_feats "$cond" dev "$mini_packed_exp")" \
+      --valid-manifest "$mini_data/dev/manifest.jsonl" --model "$model" --config conf/chunk30.yaml \
+      --concat_group=pack --init-adapter "$short" --out "$exp/lora/$cond-chunk-packed"
   done
   end_stage 4 finetune
 fi
@@ -117,6 +135,9 @@ if run_stage 5 "decode (whole recordings, 30 s chunks, the anchor)"; then
     decode_condition "$cond" longform "$cond-chunk30s" --model "$model" \
       --adapter "$exp/lora/$cond-chunk/adapter" --batch-size "$batch_size" \
       --chunk "$(window_of "$cond")" --condition "$cond-chunk30s"
+    decode_condition "$cond" longform "$cond-chunk30s-packed" --model "$model" \
+      --adapter "$exp/lora/$cond-chunk-packed/adapter" --batch-size "$batch_size" \
+      --chunk "$(window_of "$cond")" --condition "$cond-chunk30s-packed"
     short="$mini_exp/lora/$cond/adapter"
     if [ -f "$short/adapter_config.json" ]; then
       decode_condition "$cond" longform "$cond-chunk30s-short" --model "$model" --adapter "$short" \

@@ -46,6 +46,8 @@ def adapter_of(name: str, info: dict) -> str:
         return "none"
     if name.endswith("-short"):
         return "short utterances (recipes/mini)"
+    if name.endswith("-packed"):
+        return "joined to 5-30 s, packed windows"
     return "joined to 5-30 s" if name.endswith("-chunk30s") else "joined to 10-120 s"
 
 

@@ -436,18 +436,25 @@ def decoded(audio_set, tiny_whisper_lm, tmp_path):
     return feats, pooled, out
 
 
+def word_clips(folder, n: int, ids: str = "u{i:02d}") -> str:
+    """``n`` short tones of 0.5 s and up in ``folder``, each with three words of a sentence as
+    its text; returns their manifest."""
+    words = "the quick brown fox jumps over a lazy dog and then sleeps all day long".split()
+    rows = []
+    for i in range(n):
+        sf.write(folder / f"{i}.wav", tone(0.5 + 0.1 * i, freq=150 + 30 * i, seed=i), 16000)
+        rows.append({"id": ids.format(i=i), "audio": f"{i}.wav",
+                     "text": " ".join(words[i : i + 3])})
+    return write_manifest(folder / "m.jsonl", rows)
+
+
 @pytest.fixture(scope="module")
 def train_set(tiny_whisper_lm, tmp_path_factory):
     """Frames of twelve short clips of a random 1-layer Whisper and their manifest."""
     from lalmtool.extract import extract
 
     d = tmp_path_factory.mktemp("train")
-    words = "the quick brown fox jumps over a lazy dog and then sleeps all day long".split()
-    rows = []
-    for i in range(12):
-        sf.write(d / f"{i}.wav", tone(0.5 + 0.1 * i, freq=150 + 30 * i, seed=i), 16000)
-        rows.append({"id": f"u{i:02d}", "audio": f"{i}.wav", "text": " ".join(words[i : i + 3])})
-    m = write_manifest(d / "m.jsonl", rows)
+    m = word_clips(d, 12)
     feats = extract(m, tiny_whisper_lm, str(d / "feats"))["store"]
     return feats, m
 

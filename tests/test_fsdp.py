@@ -10,11 +10,10 @@ import subprocess
 import sys
 
 import pytest
-import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from conftest import tone, write_manifest
+from conftest import word_clips
 from lalmtool import finetune as F
 from lalmtool import trainer
 from lalmtool.testing import write_random_audio_llm
@@ -72,12 +71,7 @@ def data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("fsdp")
     model = write_random_audio_llm(FAMILY, str(d / "model"))
-    words = "the quick brown fox jumps over a lazy dog and then sleeps all day long".split()
-    rows = []
-    for i in range(8):
-        sf.write(d / f"{i}.wav", tone(0.5 + 0.1 * i, freq=150 + 30 * i, seed=i), 16000)
-        rows.append({"id": f"u{i}", "audio": f"{i}.wav", "text": " ".join(words[i : i + 3])})
-    m = write_manifest(d / "m.jsonl", rows)
+    m = word_clips(d, 8, "u{i}")
     feats = extract(m, model, str(d / "feats"), backend=FAMILY)["store"]
     worker = d / "worker.py"
     worker.write_text(WORKER)

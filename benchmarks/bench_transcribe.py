@@ -42,15 +42,11 @@ def _run(way: str, model_dir: str, adapter: str | None, rows: list[dict], queue,
 
     torch.set_num_threads(torch.get_num_threads())
     audio = [sf.read(r["audio"], dtype="float32")[0] for r in rows]
-    if way == "transcribe":
+    if way in ("transcribe", "ct2"):  # the adapter, or its CTranslate2 export
         from lalmtool import Transcriber
 
-        t = Transcriber(model_dir, adapter=adapter, device="cpu")
-        run = lambda a: t.transcribe([a])[0].text  # noqa: E731
-    elif way == "ct2":
-        from lalmtool import Transcriber
-
-        t = Transcriber(ct2, device="cpu")
+        t = Transcriber(ct2, device="cpu") if way == "ct2" else \
+            Transcriber(model_dir, adapter=adapter, device="cpu")
         run = lambda a: t.transcribe([a])[0].text  # noqa: E731
     elif way == "pipeline":
         from transformers import pipeline

@@ -255,7 +255,7 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
                          "the alignment reads (from `lalmtool extract`)")
     check_alignment(align_dir)
     weights = {f: file_sha256(os.path.join(align_dir, f)) for f in (PROJECTOR_FILE, CTC_FILE)}
-    rate, params = float(src.meta["frame_rate"]), {"blank": blank}
+    rate, params = src.meta.frame_rate, {"blank": blank}
     fp = fingerprint({"stage": "ctc-segment", "version": CTC_SEGMENT_VERSION,
                       "segment_version": STAGE_VERSION, "source": src.fingerprint,
                       "align": weights, "params": params})

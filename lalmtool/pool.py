@@ -107,7 +107,7 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
                              f"{have}-dimensional ones: give the features the pooler was "
                              "trained on (the same model and tap)")
         used = {"path": os.path.abspath(pooler), "identity": learnt.weights_identity(pooler)}
-    rate = float(src.meta["frame_rate"])
+    rate = src.meta.frame_rate
     fp = fingerprint({"stage": "pool", "version": STAGE_VERSION, "source": src.fingerprint,
                       "segments": seg.fingerprint, "reduce": reduce,
                       **({"pooler": used["identity"]} if used else {})})

@@ -114,7 +114,7 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     if src.kind == "seg":
         raise StoreError(f"{feats} is a boundary store; give --feats a feature store "
                          "(from `lalmtool extract` or `pool`)")
-    rate = float(src.meta["frame_rate"])
+    rate = src.meta.frame_rate
     if target_rate is not None:
         if method == "uniform":
             if target_rate > rate:
@@ -173,7 +173,7 @@ def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
 
 def duration(store: Store, attrs: dict, z: np.ndarray) -> float:
     """Seconds of an utterance: its recorded duration, else its frames at the store's rate."""
-    return float(attrs.get("duration", len(z) / float(store.meta["frame_rate"])))
+    return float(attrs.get("duration", len(z) / store.meta.frame_rate))
 
 
 def _worker(feats: str, method: str, k, threshold, on_error: str):

@@ -13,8 +13,6 @@ of equal length (the pieces of one long recording are equal but for the last). I
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
@@ -22,7 +20,7 @@ from transformers.models.whisper.modeling_whisper import sinusoids
 
 from ..trained import read as read_record
 from .base import Backend
-from .whisper import HOP, WhisperBackend, WhisperOptions
+from .whisper import WhisperBackend, WhisperOptions
 
 #: What ``lalmtool export --format ct2`` records in ``lalmtool.json`` under this key.
 CT2_KEY = "ct2"
@@ -48,16 +46,14 @@ class Ct2WhisperBackend(WhisperBackend):
     def identity(self) -> dict:
         return {**super().identity(), "ct2": self.ct2["quantization"]}
 
-    def _encode_windows(self, pieces: list[np.ndarray]) -> list[torch.Tensor]:
+    def _encoder(self, mel: torch.Tensor) -> torch.Tensor:
         import ctranslate2
 
-        mel = self.features(pieces, sampling_rate=self.sample_rate,
-                            return_tensors="np").input_features.astype(np.float32)
-        hidden = self.model.encode(ctranslate2.StorageView.from_array(mel))
+        hidden = self.model.encode(ctranslate2.StorageView.from_array(
+            mel.numpy().astype(np.float32)))
         if self.device.type != "cpu":
             hidden = hidden.to_device(ctranslate2.Device.cpu)
-        hidden = torch.from_numpy(np.array(hidden).astype(np.float32))
-        return [h[: math.ceil(len(p) / (2 * HOP))] if self.trim else h for p, h in zip(pieces, hidden)]
+        return torch.from_numpy(np.array(hidden).astype(np.float32))
 
     def max_new_tokens_limit(self) -> int:
         return self.ct2["max_target_positions"] - len(self.tokenizer.prefix_tokens)
@@ -74,10 +70,7 @@ class Ct2WhisperBackend(WhisperBackend):
         generated together; each is cut at its own cap."""
         import ctranslate2
 
-        limit = self.max_new_tokens_limit()
-        if max(caps) > limit:
-            raise ValueError(f"max_new_tokens {max(caps)} is more than Whisper's decoder holds "
-                             f"after its prompt ({limit}); lower --max-new-tokens")
+        self.check_new_tokens(max(caps))
         prompt = list(self.tokenizer.prefix_tokens)
         out: list[tuple[str, bool] | None] = [None] * len(feats)
         for length in sorted({len(f) for f in feats}):

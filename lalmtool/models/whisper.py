@@ -110,10 +110,14 @@ class WhisperBackend(Backend):
         """Frames of ≤30 s pieces: those covering the audio (50 Hz), or all 1500 untrimmed."""
         mel = self.features(pieces, sampling_rate=self.sample_rate,
                             return_tensors="pt").input_features
-        hidden = self.model.model.encoder(
-            mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
+        hidden = self._encoder(mel)
         return [h[: math.ceil(len(p) / (2 * HOP))] if self.trim else h
                 for p, h in zip(pieces, hidden)]
+
+    def _encoder(self, mel: torch.Tensor) -> torch.Tensor:
+        """The encoder's output ``[B, 1500, D]`` (float32, on the CPU) for 30 s log-mel windows."""
+        return self.model.model.encoder(
+            mel.to(self.device, self.dtype)).last_hidden_state.float().cpu()
 
     # -- decoder -------------------------------------------------------------------------
     def _memory(self, feats: list[torch.Tensor]) -> tuple[BaseModelOutput, torch.Tensor]:
@@ -156,6 +160,13 @@ class WhisperBackend(Backend):
         """The most tokens the decoder can generate after the prompt."""
         return unwrap(self.model).config.max_target_positions - len(self.tokenizer.prefix_tokens)
 
+    def check_new_tokens(self, max_new_tokens: int) -> None:
+        """Refuses a cap of more new tokens than the decoder holds after its prompt."""
+        limit = self.max_new_tokens_limit()
+        if max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens} is more than Whisper's decoder "
+                             f"holds after its prompt ({limit}); lower --max-new-tokens")
+
     def new_token_room(self, frames: int) -> int:
         return self.max_new_tokens_limit()  # the memory's length does not take positions
 
@@ -172,10 +183,7 @@ class WhisperBackend(Backend):
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
                      max_new_tokens: int = 200) -> torch.Tensor:
         """Token ids (prompt included) for any number of encoder positions; see the module doc."""
-        limit = self.max_new_tokens_limit()
-        if max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens {max_new_tokens} is more than Whisper's decoder "
-                             f"holds after its prompt ({limit}); lower --max-new-tokens")
+        self.check_new_tokens(max_new_tokens)
         model = unwrap(self.model)
         memory, mask = self._memory(feats)
         config = copy.deepcopy(model.generation_config)

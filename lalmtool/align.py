@@ -74,16 +74,13 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-from . import record, trained, trainer
-from .ctc import CTC_FILE, Aligner, ctc_positions_needed, load_init
+from . import trained, trainer
+from .ctc import CTC_FILE, PROJECTOR_FILE, Aligner, ctc_positions_needed, load_init
 from .examples import Examples
-from .fileio import file_sha256, write_atomic
-from .lock import output_lock
-from .models import check_backend_options, load_backend
-from .models.speechllm import PROJECTOR_FILE
+from .fileio import atomic_dir, file_sha256, write_atomic
+from .models import check_backend_options, load_backend, model_identity
 from .options import option
 from .parallel import check_out
-from .store import fingerprint
 from .trainer import TrainingOptions
 
 log = logging.getLogger("lalmtool")
@@ -114,14 +111,6 @@ class AlignConfig(TrainingOptions):
         super().check()
         self.need(self.scale > 0, "scale", "> 0")
         self.need(self.head_hidden >= 0, "head_hidden", ">= 0")
-
-
-def wer(refs: list[str], hyps: list[str]) -> float:
-    """Corpus WER after Whisper's English normaliser (as ``lalmtool score``)."""
-    from .score import get_normalizer, wer_counts
-
-    norm = get_normalizer("whisper_english")
-    return wer_counts([norm(r) for r in refs], [norm(h) for h in hyps])[0]["wer"]
 
 
 def train_vocab(tokenizer, texts: list[str]) -> list[int]:
@@ -177,10 +166,8 @@ def align(feats: str, manifest: str, model: str, out: str, cfg: AlignConfig,
     def inputs() -> dict:
         return _inputs(train, manifest, model, cfg, valid, valid_manifest, init)
 
-    with output_lock(out):
-        done = None if force else trainer.finished(out, cfg, inputs, CTC_FILE)
+    with trainer.claimed(out, cfg, inputs, CTC_FILE, force) as done:
         if done is not None:
-            log.info("%s: finished with these inputs and settings, nothing to do", out)
             return done
         recorded = inputs()
         trainer.seed_all(cfg.seed)
@@ -259,17 +246,8 @@ def _export(run: trainer.Run, feats: str, init: str | None, skipped: list[dict],
 
 
 def _validate(run: trainer.Run, valid: Examples) -> float:
-    return trainer.validation(run, lambda: _valid_wer(run.job, valid),
+    return trainer.validation(run, lambda: run.job.wer(valid),
                               lambda path: _save_weights(run.job, path), "valid_wer")
-
-
-def _valid_wer(al: Aligner, ex: Examples, batch_size: int = 32) -> float:
-    refs, hyps = [], []
-    for i in range(0, len(ex.ids), batch_size):
-        fb, texts = ex.batch(ex.ids[i : i + batch_size])
-        refs += texts
-        hyps += al.transcribe(fb)
-    return wer(refs, hyps)
 
 
 def _save_checkpoint(run: trainer.Run) -> None:
@@ -280,20 +258,10 @@ def _save_checkpoint(run: trainer.Run) -> None:
 def _inputs(train: Examples, manifest: str, model: str, cfg: AlignConfig,
             valid: Examples | None, valid_manifest: str | None, init: str | None) -> dict:
     """What determines the result besides the options: stores, texts, model, init weights."""
-    if cfg.backend == "speechllm":
-        from .models.speechllm import read_spec
-
-        spec = read_spec(model, **{k: v for k, v in cfg.extra.items()
-                                   if k in ("encoder", "projector", "stack", "hidden", "norm")})
-        identity = {k: str(spec[k]) for k in ("llm", "encoder", "weights")}
-    else:
-        from .assets import resolve_model
-
-        identity = record.identity(resolve_model(model))
-    out = {"feats": train.store.fingerprint, "texts": fingerprint(train.text),
-           "model": identity,
+    out = {"feats": train.store.fingerprint, "texts": train.text_fingerprint,
+           "model": model_identity(cfg.backend, model, cfg.extra),
            "valid_feats": valid.store.fingerprint if valid else None,
-           "valid_texts": fingerprint(valid.text) if valid else None,
+           "valid_texts": valid.text_fingerprint if valid else None,
            "init": None}
     if init:
         out["init"] = {f: file_sha256(os.path.join(init, f)) for f in (PROJECTOR_FILE, CTC_FILE)
@@ -315,11 +283,7 @@ def _ctc_state(al: Aligner) -> dict[str, torch.Tensor]:
 
 
 def _save_weights(al: Aligner, path: str) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().contiguous() for k, v in al.projector.state_dict().items()},
-              os.path.join(tmp, PROJECTOR_FILE))
-    save_file(_ctc_state(al), os.path.join(tmp, CTC_FILE))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in al.projector.state_dict().items()},
+                  os.path.join(tmp, PROJECTOR_FILE))
+        save_file(_ctc_state(al), os.path.join(tmp, CTC_FILE))

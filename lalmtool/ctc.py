@@ -36,12 +36,11 @@ from torch import nn
 
 from . import trained
 from .fileio import file_sha256
-from .lock import output_lock
 from .models import load_backend
 from .models.speechllm import PROJECTOR_FILE, Projector, load_projector_weights, stack_frames
-from .parallel import add_utterance, check_out, new_stats, run_sharded, summarize
+from .parallel import check_out, each_utterance, write_stage
 from .segment import STAGE_VERSION, duration
-from .store import ShardResult, Store, StoreError, fingerprint
+from .store import Store, StoreError, fingerprint
 
 CTC_FILE = "ctc.safetensors"
 BLANK_RUNS = ("join", "keep")  # ctc segment: blank runs join the token before them, or not
@@ -156,6 +155,19 @@ class Aligner:
             blank=0, reduction="mean", zero_infinity=False)
 
     @torch.no_grad()
+    def wer(self, ex, batch_size: int = 32) -> float:
+        """Corpus WER of the greedy CTC transcripts of the examples ``ex``
+        (``lalmtool.examples.Examples``), after Whisper's English normaliser."""
+        from .score import get_normalizer, wer_counts
+
+        refs, hyps = [], []
+        for i in range(0, len(ex.ids), batch_size):
+            fb, texts = ex.batch(ex.ids[i : i + batch_size])
+            refs += texts
+            hyps += self.transcribe(fb)
+        norm = get_normalizer("whisper_english")
+        return wer_counts([norm(r) for r in refs], [norm(h) for h in hyps])[0]["wer"]
+
     def transcribe(self, feats: list[torch.Tensor]) -> list[str]:
         """CTC-greedy transcripts (the tokens decoded by the LLM's tokenizer)."""
         was = self.projector.training
@@ -265,10 +277,8 @@ def ctc_segment(align_dir: str, feats: str, model: str, out: str, blank: str = "
     shards = {name.replace("feats.", "seg.", 1): [u for u in ids if u in src]
               for name, ids in src.shards.items()}
     factory = functools.partial(_ctc_worker, align_dir, model, feats, blank, batch_size)
-    with output_lock(out):
-        stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, force=force,
-                                     desc="ctc-segment")
-    return summarize(stats, rate, out, skipped)
+    return write_stage(out, "seg", fp, meta, shards, factory, rate, force=force,
+                       desc="ctc-segment")
 
 
 def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: int):
@@ -276,17 +286,11 @@ def _ctc_worker(align_dir: str, model: str, feats: str, blank: str, batch_size: 
     al.train(False)
 
     @torch.no_grad()
-    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
-        result = ShardResult()
-        stats = new_stats()
-        for i in range(0, len(ids), batch_size):
-            batch = ids[i : i + batch_size]
-            frames = [src[u] for u in batch]
-            lps = al.log_probs([torch.from_numpy(z.astype(np.float32)) for z in frames])
-            for utt, z, lp in zip(batch, frames, lps):
-                add_utterance(result, stats, utt, ctc_boundaries(lp, al.stack, blank), len(z),
-                              duration(src, src.attrs(utt), z))
-            tick(len(batch))
-        return result, stats
+    def outputs(batch: list[str]):
+        frames = [src[u] for u in batch]
+        lps = al.log_probs([torch.from_numpy(z.astype(np.float32)) for z in frames])
+        for utt, z, lp in zip(batch, frames, lps):
+            yield (utt, ctc_boundaries(lp, al.stack, blank), len(z),
+                   duration(src, src.attrs(utt), z), None)
 
-    return run
+    return each_utterance(outputs, batch_size)

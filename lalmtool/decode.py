@@ -32,7 +32,8 @@ from .fileio import file_sha256, model_identity, read_json, write_atomic
 from .lock import output_lock
 from .manifest import read_manifest
 from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
-                     concrete_backend, load_adapter, load_backend, training_options)
+                     concrete_backend, load_for_decoding, model_directory,
+                     training_options)
 from .parallel import barrier, check_out, dist_info, progress, resolve_device
 from .store import Store, StoreError, fingerprint
 
@@ -112,8 +113,8 @@ class Job:
         return os.path.join(self.out, "hyp.jsonl")
 
     def load(self):
-        return _load(self.backend, self.model, self.model_dir, resolve_device(self.device),
-                     self.opts, self.adapter)
+        return load_for_decoding(self.backend, self.model, self.model_dir,
+                                 resolve_device(self.device), self.opts, self.adapter)
 
     def pieces(self, be, u: str) -> list[tuple[int, int, int]]:
         return _pieces(be, self.store, u, self.chunk, self.max_new_tokens, self.too_long,
@@ -141,7 +142,7 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
     check_out(out, feats)  # hypotheses never go into the store
     store = _feature_store(feats)
     _check_pooler(store, adapter)
-    model_dir = _model_dir(model)
+    model_dir = model_directory(model)
     opts = {**training_options(adapter, backend), **(backend_opts or {})}
     method, params, default_label = store.meta.condition()
     inputs = {"feats": store.fingerprint, "model": _content_id(model_dir),
@@ -231,19 +232,6 @@ def merge(job: Job) -> dict:
         "max_new_tokens": job.max_new_tokens or "auto", "too_long": job.too_long,
         "chunk": job.chunk}
     return _merge_parts(job.out, job.store, info, job.fp, job.inputs)
-
-
-def _load(backend: str, model: str, model_dir: str, device: str, opts: dict,
-          adapter: str | None):
-    """The backend on ``device`` in eval mode, with the adapter attached."""
-    try:
-        be = load_backend(backend, model_dir, device=device, **opts)
-    except OSError as e:
-        raise ValueError(f"--model {model}: cannot load it as a {backend} checkpoint ({e})") from e
-    if adapter:
-        attach_adapter(be, adapter)
-    be.model.eval()
-    return be
 
 
 def _references(manifest: str | None) -> dict[str, str]:
@@ -497,17 +485,6 @@ def _too_long_message(be, subject: str, rows: int, seconds: float, max_new_token
             f"(max_position_embeddings); {hint}")
 
 
-def attach_adapter(be, adapter: str) -> None:
-    """Puts the LoRA ``adapter`` on ``be.model``: merged into float32 weights; kept unmerged
-    (peft's LoRA layers computing in their own dtype) when the model is in bfloat16/float16,
-    where a merge would round the small LoRA update into the coarse weights."""
-    import torch
-
-    peft_model = load_adapter(be.model, adapter)
-    dtypes = {p.dtype for p in be.model.parameters()}
-    be.model = peft_model.merge_and_unload() if dtypes == {torch.float32} else peft_model
-
-
 def _feature_store(feats: str) -> Store:
     """The store to decode: frame-level or pooled features, not segment boundaries."""
     store = Store(feats)
@@ -517,18 +494,6 @@ def _feature_store(feats: str) -> Store:
                          f"segment starts, not features. Pool it first: lalmtool pool --feats "
                          f"{source} --segments {feats} --out <pooled store>, then decode that")
     return store
-
-
-def _model_dir(model: str) -> str:
-    """``--model`` resolved (asset name → its directory); an adapter directory is refused."""
-    from .assets import resolve_model
-
-    path = resolve_model(model)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")) \
-            and not os.path.exists(os.path.join(path, "config.json")):
-        raise ValueError(f"--model {model} is a LoRA adapter (adapter_config.json), not a model; "
-                         "pass it as --adapter and its base model as --model")
-    return path
 
 
 def _content_id(path: str):
@@ -601,9 +566,8 @@ def _previous(out: str, fp: str, inputs: dict, force: bool) -> dict | None:
         except json.JSONDecodeError:
             old = {"fingerprint": text.strip()}  # written by an older version: no inputs
     if _outputs(out) and not force and (old or {}).get("fingerprint") != fp:
-        differ = _differences((old or {}).get("inputs"), inputs)
-        raise StoreError(f"{out} holds a decode made with other inputs ({differ}); use another "
-                         "--out, or --force to decode again")
+        raise StoreError(record.refusal(out, "a decode", _differences((old or {}).get("inputs"),
+                                                                      inputs)))
     return old
 
 
@@ -621,12 +585,12 @@ _INPUT_WORDS = {"feats": "the store differs", "model": "its weights differ",
                 "adapter": "its weights differ", "manifest": "its content differs"}
 
 
-def _differences(old: dict | None, new: dict) -> str:
-    """Which inputs differ, e.g. ``--adapter: its weights differ; --beam: 1 there, 4 now``."""
+def _differences(old: dict | None, new: dict) -> list[str]:
+    """Which inputs differ, e.g. ``--adapter: its weights differ``, ``--beam: 1 there, 4 now``."""
     if old is None:
-        return "not recorded: made by an older lalmtool"
-    diffs = record.differences({"inputs": old}, {"inputs": new}, labels=_INPUT_WORDS)
-    return "; ".join(diffs) or "the same inputs, recorded differently"
+        return ["not recorded: made by an older lalmtool"]
+    return record.differences({"inputs": old}, {"inputs": new}, labels=_INPUT_WORDS) or [
+        "the same inputs, recorded differently"]
 
 
 def _read_part(path: str) -> dict[str, dict]:

@@ -16,7 +16,7 @@ import torch
 from . import trainer
 from .manifest import field_values, load_manifest
 from .pool import boundaries_of
-from .store import Store
+from .store import Store, fingerprint
 from .trainer import shuffled
 
 if typing.TYPE_CHECKING:
@@ -49,6 +49,11 @@ class Examples:
         self.order = [u.id for u in utts if u.id in self.store]
         self.group = self._windows(feats) if group_field == "pack" else \
             field_values(manifest, group_field, self.order, "concat_group") if group_field else {}
+
+    @property
+    def text_fingerprint(self) -> str:
+        """What identifies the texts by content (with ``store.fingerprint``, the examples)."""
+        return fingerprint(self.text)
 
     def _windows(self, feats: str) -> dict[str, str]:
         """Utterance → the encoder window a packed store (``extract --pack``) encoded it in

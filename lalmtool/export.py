@@ -19,6 +19,8 @@ import os
 import shutil
 
 from . import trained
+from .fileio import atomic_dir
+from .models import model_directory
 
 #: Files of the base model that the merged weights replace (not copied).
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
@@ -40,7 +42,6 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
     at the end (``force``); a failed export leaves it as it was."""
     import torch
 
-    from .decode import _model_dir
     from .models.ct2_whisper import CT2_KEY
     from .transcribe import Transcriber
 
@@ -74,46 +75,44 @@ def export(adapter: str, out: str, model: str | None = None, force: bool = False
     if not all(p.dtype == torch.float32 for p in merged.parameters()) or \
             hasattr(merged, "peft_config"):
         raise ValueError(f"{adapter} could not be merged into float32 weights")
-    tmp = out.rstrip("/") + ".export-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    source = _model_dir(base)
-    for name in os.listdir(source):  # tokenizer, processor, chat template ...
-        path = os.path.join(source, name)
-        if os.path.isfile(path) and not name.endswith(_WEIGHTS) and \
-                not os.path.exists(os.path.join(tmp, name)):
-            shutil.copy2(path, tmp)
     from .pooler import WEIGHTS_FILE
 
-    if held["pooler"] is not None:
-        shutil.copy2(os.path.join(adapter, WEIGHTS_FILE), tmp)
     options = {k: v for k, v in (held["backend_options"] or {}).items()
                if k not in ("dtype", "device_map")}
     fields = {"backend": t.backend, "backend_options": options, "base_model": base,
               **{k: held[k] for k in ("base_weights", "compression", "pooler", "trained_on")},
               "adapter": os.path.abspath(adapter), "format": format}
-    if format == "ct2":
-        fields[CT2_KEY] = {"quantization": quantization,
-                           "max_target_positions": merged.config.max_target_positions}
-        tmp = _to_ct2(tmp, out.rstrip("/") + ".ct2-tmp", quantization)
-    record = trained.write(tmp, "export", **fields)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return record
+    with atomic_dir(out) as tmp:  # a failed export leaves OUT as it was
+        merged_dir = out.rstrip("/") + ".merged-tmp" if format == "ct2" else tmp
+        try:
+            merged.save_pretrained(merged_dir)
+            source = model_directory(base)
+            for name in os.listdir(source):  # tokenizer, processor, chat template ...
+                path = os.path.join(source, name)
+                if os.path.isfile(path) and not name.endswith(_WEIGHTS) and \
+                        not os.path.exists(os.path.join(merged_dir, name)):
+                    shutil.copy2(path, merged_dir)
+            if held["pooler"] is not None:
+                shutil.copy2(os.path.join(adapter, WEIGHTS_FILE), merged_dir)
+            if format == "ct2":
+                fields[CT2_KEY] = {"quantization": quantization,
+                                   "max_target_positions": merged.config.max_target_positions}
+                _to_ct2(merged_dir, tmp, quantization)
+        finally:
+            if merged_dir != tmp:
+                shutil.rmtree(merged_dir, ignore_errors=True)
+        return trained.write(tmp, "export", **fields)
 
 
-def _to_ct2(merged: str, out: str, quantization: str) -> str:
-    """``merged`` (a transformers Whisper directory) converted to CTranslate2 in ``out``, with
-    its other files (tokenizer, processor, pooler); ``merged`` removed."""
+def _to_ct2(merged: str, out: str, quantization: str) -> None:
+    """``merged`` (a transformers Whisper directory) converted to CTranslate2 into the
+    directory ``out``, with its other files (tokenizer, processor, pooler)."""
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError as e:
         raise ValueError("--format ct2 needs CTranslate2: pip install ctranslate2") from e
-    shutil.rmtree(out, ignore_errors=True)
     keep = [n for n in os.listdir(merged) if n != "config.json"
             and not n.startswith(("model.safetensors", "model-", "pytorch_model"))]
-    TransformersConverter(merged).convert(out, quantization=quantization)
+    TransformersConverter(merged).convert(out, quantization=quantization, force=True)
     for name in keep:
         shutil.copy2(os.path.join(merged, name), out)
-    shutil.rmtree(merged)
-    return out

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,6 +45,44 @@ def write_atomic(path: str, data: str | bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+@contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """Yields an empty temporary directory beside ``path``; when the block succeeds it takes
+    ``path``'s place whole (``replace_dir``), when it fails it is removed: a reader, or a run
+    killed at any point, finds the old directory or the new one, never a mix."""
+    tmp = path.rstrip("/") + TMP_SUFFIX
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(new: str, path: str) -> None:
+    """Puts the complete directory ``new`` in ``path``'s place. The old one is moved aside
+    (``path.old``) and removed last, so a kill between the renames leaves both whole; the
+    next ``replace_dir`` or ``restore_dir`` finishes the job."""
+    path = path.rstrip("/")
+    old = path + ".old"
+    restore_dir(path)
+    if os.path.lexists(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_dir(path: str) -> None:
+    """Puts back ``path.old`` when a ``replace_dir`` was killed between its two renames."""
+    path = path.rstrip("/")
+    if not os.path.lexists(path) and os.path.isdir(path + ".old"):
+        os.replace(path + ".old", path)
+    else:
+        shutil.rmtree(path + ".old", ignore_errors=True)
 
 
 def file_sha256(path: str) -> str:

@@ -61,8 +61,7 @@ import torch
 from . import record, trained, trainer
 from .examples import (Examples, concat_range, data_stream, epoch_batches,
                        joined_examples, segments_of)
-from .fileio import read_json, write_atomic
-from .lock import output_lock
+from .fileio import atomic_dir, read_json, write_atomic
 from .assets import resolve_model
 from .models import (BACKENDS, check_adapter_base, check_backend_options, check_tap,
                      concrete_backend, load_adapter, load_backend)
@@ -469,10 +468,8 @@ def finetune(feats: str, manifest: str, model: str, out: str, cfg: TrainConfig,
         return describe_inputs(feats, manifest, model, valid_feats, valid_manifest,
                                init_adapter, cfg.extra.get("init_projector"), bounds, teacher)
 
-    with output_lock(out):
-        done = None if force else trainer.finished(out, cfg, inputs, "adapter")
+    with trainer.claimed(out, cfg, inputs, "adapter", force) as done:
         if done is not None:  # before the data checks, which import the backend: seconds
-            log.info("%s: finished with these inputs and settings, nothing to do", out)
             return done
         train, valid = _data(cfg, feats, manifest, valid_feats, valid_manifest, bounds)
         # the model and the adapters it starts from load before OUT is touched: a run that
@@ -611,14 +608,11 @@ def _restore(run: trainer.Run, ck: dict) -> None:
 def _save_adapter(job: Job, path: str, weights: dict | None = None) -> None:
     """The adapter (and the learnt pooler trained with it) into ``path``, whole or not at all;
     ``weights``: the trainable weights gathered from the ranks under FSDP (``_gathered``)."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    job.peft_model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
-    if job.pooler is not None:
-        save_pooler(job.pooler, tmp)
-    _save_record(job, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        job.peft_model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
+        if job.pooler is not None:
+            save_pooler(job.pooler, tmp)
+        _save_record(job, tmp)
 
 
 def _adapter_record(cfg: TrainConfig, model: str, feats: str, manifest: str,
@@ -657,16 +651,13 @@ def _export(run: trainer.Run, feats: str, model: str, segments: str | None) -> d
         _save_adapter(run.job, os.path.join(out, "last"), weights)
         use_best = state["best_step"] is not None and os.path.isdir(os.path.join(out, "best"))
         final = os.path.join(out, "best" if use_best else "last")
-        tmp = os.path.join(out, "adapter.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(final, tmp)
-        base = run.job.record["base_model"]
-        _set_base_model(tmp, base)
-        write_atomic(os.path.join(tmp, "README.md"),
-                     adapter_readme(run, summary, base, "best" if use_best else "last"))
-        _save_record(run.job, tmp)  # (a best/ of an earlier release holds none)
-        shutil.rmtree(summary["adapter"], ignore_errors=True)
-        os.replace(tmp, summary["adapter"])
+        with atomic_dir(summary["adapter"]) as tmp:
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
+            base = run.job.record["base_model"]
+            _set_base_model(tmp, base)
+            write_atomic(os.path.join(tmp, "README.md"),
+                         adapter_readme(run, summary, base, "best" if use_best else "last"))
+            _save_record(run.job, tmp)  # (a best/ of an earlier release holds none)
         write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     run.dist.barrier("the end of training")
     return summary

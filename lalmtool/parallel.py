@@ -15,10 +15,11 @@ import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
-from typing import Callable
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
+from .lock import output_lock
 from .store import ShardResult, StoreWriter
 
 log = logging.getLogger("lalmtool")
@@ -263,6 +264,37 @@ def add_utterance(result: ShardResult, stats: dict, utt: str, data, frames: int,
     stats["frames"] += frames
     stats["tokens"] += len(data)
     stats["audio_seconds"] += duration
+
+
+def each_utterance(outputs: Callable[[list[str]], Iterable[tuple]], batch_size: int = 1
+                   ) -> Worker:
+    """A worker's shard loop for a stage that writes one output per utterance (segment,
+    pool, ctc segment): ``outputs(batch)`` yields ``(utt, data, frames, seconds, attrs)`` for
+    each utterance of a batch of ids, or ``(utt, None, error)`` for one skipped."""
+    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
+        result, stats = ShardResult(), new_stats()
+        for i in range(0, len(ids), batch_size):
+            batch = ids[i : i + batch_size]
+            for utt, data, *rest in outputs(batch):
+                if data is None:
+                    result.skipped.append({"id": utt, "error": rest[0]})
+                else:
+                    add_utterance(result, stats, utt, data, *rest)
+            tick(len(batch))
+        return result, stats
+
+    return run
+
+
+def write_stage(out: str, kind: str, fp: str, meta: dict, shards: dict[str, list[str]],
+                factory: Callable[[], Worker], rate: float, nj: int = 1, force: bool = False,
+                desc: str = "") -> dict:
+    """Under ``out``'s lock, the store created or resumed and its missing shards written
+    (``run_sharded``); returns the summary of what was written now (``summarize``)."""
+    with output_lock(out):
+        stats, skipped = run_sharded(out, kind, fp, meta, shards, factory, nj=nj, force=force,
+                                     desc=desc)
+    return summarize(stats, rate, out, skipped)
 
 
 def for_utterance(utt: str, fn, *args):

@@ -14,11 +14,9 @@ import os
 
 import numpy as np
 
-from .lock import output_lock
 from .methods import REDUCERS
-from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
-                       summarize)
-from .store import ShardResult, Store, StoreError, fingerprint
+from .parallel import check_out, each_utterance, for_utterance, write_stage
+from .store import Store, StoreError, fingerprint
 
 STAGE_VERSION = 1
 
@@ -121,10 +119,8 @@ def pool_store(feats: str, segments: str, reduce: str, out: str, nj: int = 1,
     shards = {name.replace("seg.", "pooled.", 1): ids for name, ids in seg.shards.items()}
     shards = {name: [u for u in ids if u in seg] for name, ids in shards.items()}
     factory = functools.partial(_worker, feats, segments, reduce, pooler)
-    with output_lock(out):
-        stats, skipped = run_sharded(out, "pooled", fp, meta, shards, factory, nj=nj,
-                                     force=force, desc=f"pool {reduce}")
-    return summarize(stats, rate, out, skipped)
+    return write_stage(out, "pooled", fp, meta, shards, factory, rate, nj, force,
+                       f"pool {reduce}")
 
 
 def _worker(feats: str, segments: str, reduce: str, pooler: str | None):
@@ -133,17 +129,13 @@ def _worker(feats: str, segments: str, reduce: str, pooler: str | None):
     src, seg = Store(feats), Store(segments)
     module = learnt.load(pooler) if pooler else None
 
-    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
-        result = ShardResult()
-        stats = new_stats()
-        for utt in ids:
-            tick(1)
+    def outputs(batch: list[str]):
+        for utt in batch:
             z, starts, attrs = src[utt], seg[utt], seg.attrs(utt)
             pooled = for_utterance(utt, pool, z, starts, reduce, module).astype(np.float16)
-            add_utterance(result, stats, utt, pooled, len(z), float(attrs["duration"]), attrs)
-        return result, stats
+            yield utt, pooled, len(z), float(attrs["duration"]), attrs
 
-    return run
+    return each_utterance(outputs)
 
 
 def _check_pooler_base(pooler: str, src: Store) -> None:

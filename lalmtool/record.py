@@ -93,7 +93,11 @@ def check(path: str, new: dict, what: str, defaults: dict | None = None,
         return None
     diffs = differences(old, new, defaults, resumable)
     if diffs:
-        out = os.path.dirname(path) or "."
-        raise ValueError(f"{out} holds {what} with another configuration or other inputs "
-                         f"({'; '.join(diffs)}); use another --out, or --force to start over")
+        raise ValueError(refusal(os.path.dirname(path) or ".", what, diffs))
     return old
+
+
+def refusal(out: str, what: str, diffs: list[str]) -> str:
+    """The one message of a stage that will not replace ``what`` in ``out`` made otherwise."""
+    return (f"{out} holds {what} with another configuration or other inputs "
+            f"({'; '.join(diffs)}); use another --out, or --force to start over")

@@ -14,11 +14,9 @@ import os
 
 import numpy as np
 
-from .lock import output_lock
 from .methods import METHODS, THRESHOLD_METHODS
-from .parallel import (add_utterance, check_out, for_utterance, new_stats, run_sharded,
-                       summarize)
-from .store import ShardResult, Store, StoreError, fingerprint
+from .parallel import check_out, each_utterance, for_utterance, write_stage
+from .store import Store, StoreError, fingerprint
 
 log = logging.getLogger("lalmtool")
 STAGE_VERSION = 1
@@ -135,10 +133,8 @@ def segment(feats: str, method: str, out: str, k: int | None = None,
     shards = {name.replace("feats.", "seg.", 1): [u for u in ids if u in src]
               for name, ids in src.shards.items()}
     factory = functools.partial(_worker, feats, method, k, threshold, on_error)
-    with output_lock(out):
-        stats, skipped = run_sharded(out, "seg", fp, meta, shards, factory, nj=nj, force=force,
-                                     desc=f"segment {method}")
-    return summarize(stats, rate, out, skipped)
+    return write_stage(out, "seg", fp, meta, shards, factory, rate, nj, force,
+                       f"segment {method}")
 
 
 def check_options(method: str, k, threshold, target_rate, nj: int = 1) -> None:
@@ -179,21 +175,17 @@ def duration(store: Store, attrs: dict, z: np.ndarray) -> float:
 def _worker(feats: str, method: str, k, threshold, on_error: str):
     src = Store(feats)
 
-    def run(name: str, ids: list[str], tick) -> tuple[ShardResult, dict]:
-        result = ShardResult()
-        stats = new_stats()
-        for utt in ids:
-            tick(1)
+    def outputs(batch: list[str]):
+        for utt in batch:
             z = src[utt]
             try:
                 b = for_utterance(utt, boundaries, z, method, k, threshold)
             except ValueError as e:
                 if on_error == "fail":
                     raise
-                result.skipped.append({"id": utt, "error": str(e)})
+                yield utt, None, str(e)
                 continue
             attrs = src.attrs(utt)
-            add_utterance(result, stats, utt, b, len(z), duration(src, attrs, z), attrs)
-        return result, stats
+            yield utt, b, len(z), duration(src, attrs, z), attrs
 
-    return run
+    return each_utterance(outputs)

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from . import record
-from .fileio import read_json, write_atomic
+from .fileio import read_json, replace_dir, write_atomic
+from .lock import output_lock
 from .options import Options, option
 from .parallel import progress
 
@@ -367,6 +368,18 @@ def prepare_out(out: str, cfg: TrainingOptions, inputs: dict, force: bool, what:
     write_atomic(os.path.join(out, "config.yaml"), cfg.to_yaml())
 
 
+@contextlib.contextmanager
+def claimed(out: str, cfg: TrainingOptions, inputs, product: str, force: bool
+            ) -> typing.Iterator[dict | None]:
+    """Holds ``out``'s lock (``lalmtool.lock``) for a run; yields the summary of the run that
+    finished there with these options and ``inputs()`` (nothing to do), else None."""
+    with output_lock(out):
+        done = None if force else finished(out, cfg, inputs, product)
+        if done is not None:
+            log.info("%s: finished with these inputs and settings, nothing to do", out)
+        yield done
+
+
 def finished(out: str, cfg: TrainingOptions, inputs, product: str) -> dict | None:
     """The summary of the run that finished in ``out`` (``summary.json`` is written last,
     after ``product``) with these options and ``inputs()``, or None."""
@@ -643,8 +656,7 @@ def save_checkpoint(run: Run, weights) -> None:
             "sharded": sharded, "scheduler": run.sched.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "state": run.state})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for _, old in checkpoints(out)[: -run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier("a checkpoint")

@@ -110,13 +110,12 @@ class Transcriber:
                  device: str = "auto", compress: str | None = None, beam: int = 1,
                  batch_size: int = 8, max_new_tokens: int | None = None,
                  piece_seconds: float | None = None, **backend_opts):
-        from .decode import _load, _model_dir
-        from .models import check_adapter_base, check_backend_options, concrete_backend
+        from .export import read_export
+        from .models import (check_adapter_base, check_backend_options, concrete_backend,
+                             load_for_decoding, model_directory)
         from .parallel import resolve_device
 
-        from .export import read_export
-
-        model_dir = _model_dir(model)  # resolved once (an asset name: its cache directory)
+        model_dir = model_directory(model)  # resolved once (an asset name: its cache directory)
         exported = read_export(model_dir) if not adapter else None
         if adapter and not os.path.exists(os.path.join(adapter, "adapter_config.json")):
             raise ValueError(f"--adapter {adapter} is not a LoRA adapter (no "
@@ -179,8 +178,8 @@ class Transcriber:
 
             self.be = Ct2WhisperBackend(model_dir, resolve_device(device), **opts)
         else:
-            self.be = _load(self.backend, model, model_dir, resolve_device(device), opts,
-                            adapter)
+            self.be = load_for_decoding(self.backend, model, model_dir, resolve_device(device),
+                                        opts, adapter)
         if self.pooler is not None:
             self.pooler = self.pooler.to(self.be.device).eval()
 

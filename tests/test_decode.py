@@ -150,7 +150,10 @@ def test_other_inputs_are_refused_naming_what_differs(small, tmp_path):
     b = lora_adapter(small["model"], tmp_path / "b", seed=2)
     with_a = decode(small["feats"], small["model"], out, adapter=a, force=True, **kw)
     before = snapshot(small["out"])
-    with pytest.raises(StoreError, match=r"other inputs \(--adapter: its weights differ\)"):
+    # finetune's and align's refusal, word for word (``record.refusal``)
+    with pytest.raises(StoreError, match=r"holds a decode with another configuration or other "
+                       r"inputs \(--adapter: its weights differ\); use another --out, or "
+                       r"--force to start over"):
         decode(small["feats"], small["model"], out, adapter=b, **kw)
     assert snapshot(small["out"]) == before
     # the references changed: the manifest's content is an input
@@ -206,7 +209,7 @@ def test_a_finished_decode_reruns_without_the_backend(small, tmp_path, monkeypat
     import lalmtool.decode as dec
 
     first = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
-    for name in ("check_backend_options", "_check_tap", "_load"):  # what imports the backend
+    for name in ("check_backend_options", "_check_tap", "load_for_decoding"):  # what imports the backend
         monkeypatch.setattr(dec, name, lambda *a, **k: pytest.fail("the backend was needed"))
     again = decode(small["feats"], small["model"], str(tmp_path / "d"), max_new_tokens=3)
     assert again == first
@@ -219,7 +222,7 @@ def test_lora_stays_unmerged_in_bfloat16_and_decodes_as_the_unmerged_model(small
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from lalmtool.decode import attach_adapter
+    from lalmtool.models import attach_adapter
     from lalmtool.models.whisper import WhisperBackend
 
     adapter = lora_adapter(small["model"], tmp_path / "a", seed=3)
@@ -255,7 +258,7 @@ def test_a_failing_batch_is_named(small, tmp_path, monkeypatch):
 
 
 def test_cuda_means_the_local_rank_under_torchrun(small, tmp_path, monkeypatch):
-    import lalmtool.decode as stage
+    import lalmtool.models as stage
 
     seen = []
 

@@ -108,3 +108,26 @@ def test_a_wrong_option_is_found():  # the check itself can fail
         "here: `lalmtool decode` has no option --beams"]
     assert check(["finetune", "--max_steps=3", "--lr", "1"], "here") == []
     assert check(["segmnt"], "here") == ["here: `lalmtool segmnt` is not a command"]
+
+
+def test_the_architecture_page_shows_the_floors_of_the_code():
+    from lalmtool.floors import diagram
+
+    text = open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8").read()
+    shown = re.search(r"<!-- floors: python3 -m lalmtool.floors -->\n```\n(.*?)```", text, re.S)
+    assert shown.group(1) == diagram() + "\n", "run python3 -m lalmtool.floors and paste it"
+
+
+def test_floors_follow_load_time_imports_and_align_reads_eight_modules():
+    from lalmtool.floors import PACKAGE, floors, imports, modules
+
+    known = set(modules())
+    assert imports("align", os.path.join(PACKAGE, "align.py"), known) == {
+        "trained", "trainer", "ctc", "examples", "fileio", "models", "options", "parallel"}
+    assert imports("models.whisper", os.path.join(PACKAGE, "models", "whisper.py"), known) == {
+        "options", "models.base"}  # ``..options`` and ``.base`` from inside models/
+    assert imports("corpora.librispeech", os.path.join(PACKAGE, "corpora", "librispeech.py"),
+                   known) == {"corpora"}  # ``from . import name``: the package's __init__
+    f = floors()
+    assert f["fileio"] == 0 and f["align"] == 1 + max(f[m] for m in imports(
+        "align", os.path.join(PACKAGE, "align.py"), known))

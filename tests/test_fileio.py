@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lalmtool.fileio import atomic_path, iter_jsonl, write_atomic
+from lalmtool import fileio
+from lalmtool.fileio import atomic_dir, atomic_path, iter_jsonl, restore_dir, write_atomic
 
 
 def test_iter_jsonl_yields_records_and_named_problems(tmp_path):
@@ -105,3 +106,48 @@ def test_an_unwritable_weights_cache_is_a_warning_and_rehashing(tmp_path, monkey
         f"{tmp_path}/file/cache/weights-sha256.json ([Errno 20] Not a directory: "
         f"'{tmp_path}/file/cache'): weights are hashed again on every run; set LALMTOOL_CACHE "
         "to a writable folder"]
+
+
+def _tree(path) -> dict:
+    return {p.name: p.read_text() for p in sorted(path.iterdir())}
+
+
+def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "adapter"
+    with atomic_dir(str(out)) as tmp:
+        (tmp_path / "adapter.tmp" / "w").write_text("old")
+        assert tmp == str(tmp_path / "adapter.tmp")
+    assert _tree(out) == {"w": "old"}
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "w"), "w").write("half")
+            raise RuntimeError("killed")
+    assert _tree(out) == {"w": "old"}  # the failed write left the old directory as it was
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    with atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "x"), "w").write("new")
+    assert _tree(out) == {"x": "new"} and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_a_kill_between_the_renames_loses_neither_directory(tmp_path, monkeypatch):
+    """The old way (remove the old directory, then rename the new one in) lost the old one
+    when killed in between; now it waits beside as ``.old`` and comes back."""
+    out = tmp_path / "best"
+    out.mkdir()
+    (out / "w").write_text("old")
+    real, calls = os.replace, []
+
+    def killed_at_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", killed_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "w"), "w").write("new")
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert not out.exists() and _tree(tmp_path / "best.old") == {"w": "old"}
+    restore_dir(str(out))
+    assert _tree(out) == {"w": "old"} and not (tmp_path / "best.old").exists()

@@ -13,7 +13,6 @@ finished one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
+
+from ..fileio import file_sha256
 
 logger = logging.getLogger("lalmtool.assets")
 
@@ -172,17 +173,8 @@ def is_fetched(name: str) -> bool:
 # --------------------------------------------------------------------------- download and verify
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_sha(path: str, expected: str, what: str) -> None:
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise AssetError(
             f"sha256 mismatch for {what} ({os.path.basename(path)}): expected {expected}, got {actual}. "

@@ -189,3 +189,55 @@ def load_adapter(model, adapter: str, trainable: bool = False):
         raise ValueError(f"adapter {adapter} cannot be loaded ({type(e).__name__}: {first}); its "
                          "files are damaged (e.g. a truncated adapter_model.safetensors): copy "
                          "it again whole, or train it again") from e
+
+
+def model_directory(model: str) -> str:
+    """``--model`` resolved (asset name → its directory); an adapter directory is refused."""
+    from ..assets import resolve_model
+
+    path = resolve_model(model)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json")) \
+            and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {model} is a LoRA adapter (adapter_config.json), not a model; "
+                         "pass it as --adapter and its base model as --model")
+    return path
+
+
+def load_for_decoding(backend: str, model: str, model_dir: str, device: str, opts: dict,
+                      adapter: str | None):
+    """The backend ``backend`` of ``model`` (resolved: ``model_directory``) on ``device`` in eval
+    mode, with the adapter attached (``attach_adapter``)."""
+    try:
+        be = load_backend(backend, model_dir, device=device, **opts)
+    except OSError as e:
+        raise ValueError(f"--model {model}: cannot load it as a {backend} checkpoint ({e})") from e
+    if adapter:
+        attach_adapter(be, adapter)
+    be.model.eval()
+    return be
+
+
+def attach_adapter(be, adapter: str) -> None:
+    """Puts the LoRA ``adapter`` on ``be.model``: merged into float32 weights; kept unmerged
+    (peft's LoRA layers computing in their own dtype) when the model is in bfloat16/float16,
+    where a merge would round the small LoRA update into the coarse weights."""
+    import torch
+
+    peft_model = load_adapter(be.model, adapter)
+    dtypes = {p.dtype for p in be.model.parameters()}
+    be.model = peft_model.merge_and_unload() if dtypes == {torch.float32} else peft_model
+
+
+def model_identity(backend: str, model: str, opts: dict) -> dict:
+    """What identifies the base model by content: for speechllm its encoder, LLM and trained
+    weights (read from its spec with ``opts``), else the checkpoint directory's content."""
+    if backend == "speechllm":
+        from .speechllm import read_spec
+
+        spec = read_spec(model, **{k: v for k, v in opts.items()
+                                   if k in ("encoder", "projector", "stack", "hidden", "norm")})
+        return {k: str(spec[k]) for k in ("llm", "encoder", "weights")}
+    from ..assets import resolve_model
+    from ..record import identity
+
+    return identity(resolve_model(model))

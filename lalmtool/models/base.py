@@ -220,9 +220,26 @@ class DecoderOnlyBackend(Backend):
         return GenerationConfig(do_sample=False, num_beams=beam, max_new_tokens=max_new_tokens,
                                 eos_token_id=self.stop_ids(), pad_token_id=self._pad_id())
 
+    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Token-mean cross-entropy of the targets and end tokens (logits computed only where
+        a target token is predicted)."""
+        batch = self.build_inputs(feats, texts, padding_side="right")
+        predicts, targets = next_token_targets(batch.labels)
+        return token_mean_loss(self._target_logits(batch, predicts), targets)
+
+    @torch.inference_mode()
     def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
                      max_new_tokens: int = 200) -> torch.Tensor:
-        """New token ids ``[B, N]`` for a batch of feature sequences."""
+        """New token ids ``[B, N]`` (greedy or beam search on a left-padded batch)."""
+        batch = self.build_inputs(feats, padding_side="left")
+        return self._generate(batch, self.generation_config(beam, max_new_tokens))
+
+    def _target_logits(self, batch, predicts: torch.Tensor) -> torch.Tensor:
+        """The logits ``[T, vocab]`` at the positions ``predicts`` of a right-padded batch."""
+        raise NotImplementedError
+
+    def _generate(self, batch, config: GenerationConfig) -> torch.Tensor:
+        """``generate``'s new token ids for a left-padded batch (through ``_run_generate``)."""
         raise NotImplementedError
 
     #: ``compile`` option: decode steps with a static KV cache and a compiled forward
@@ -293,21 +310,12 @@ class SplicedBackend(DecoderOnlyBackend):
                      padding_side: str = "right") -> SplicedBatch:
         raise NotImplementedError
 
-    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
-        """Token-mean cross-entropy of the targets (logits computed only where one is predicted)."""
-        batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts, targets = next_token_targets(batch.labels)
+    def _target_logits(self, batch: SplicedBatch, predicts: torch.Tensor) -> torch.Tensor:
         with logits_only(self._core().get_output_embeddings(), lambda h: h[predicts]):
-            logits = self.model(**batch.model_inputs(), use_cache=False).logits
-        return token_mean_loss(logits, targets)
+            return self.model(**batch.model_inputs(), use_cache=False).logits
 
-    @torch.inference_mode()
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
-        """New token ids ``[B, N]`` (greedy or beam search; left-padded batch)."""
-        batch = self.build_inputs(feats, padding_side="left")
+    def _generate(self, batch: SplicedBatch, config: GenerationConfig) -> torch.Tensor:
         core = self._core()
-        config = self.generation_config(beam, max_new_tokens)
         with logits_only(core.get_output_embeddings(), lambda h: h[:, -1:]):
             return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
                                       attention_mask=batch.attention_mask)

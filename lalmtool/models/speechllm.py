@@ -68,7 +68,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import typing
 from dataclasses import dataclass
 
@@ -80,8 +79,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..fileio import model_identity
 from . import training_options
 from ..options import Options, option
-from .base import (DTYPES, DecoderOnlyBackend, check_choice, next_token_targets,
-                   resolve_dtype, token_mean_loss)
+from .base import (DTYPES, DecoderOnlyBackend, check_choice, resolve_dtype)
 
 log = logging.getLogger("lalmtool")
 
@@ -492,25 +490,15 @@ class SpeechLLMBackend(DecoderOnlyBackend):
                            lay.positions, lay.labels)
 
     # -- decoder -------------------------------------------------------------------------
-    def loss(self, feats: list[torch.Tensor], texts: list[str]) -> tuple[torch.Tensor, int]:
-        """Token-mean cross-entropy of the transcripts and end tokens (logits computed only
-        where a target token is predicted)."""
-        batch = self.build_inputs(feats, texts, padding_side="right")
-        predicts, targets = next_token_targets(batch.labels)
+    def _target_logits(self, batch: SpeechBatch, predicts: torch.Tensor) -> torch.Tensor:
         logits = self.model(**batch.model_inputs(), use_cache=False,
                             logits_to_keep=predicts).logits
-        if logits.ndim == 3:  # an LLM without logits_to_keep returned every position
-            logits = logits[predicts]
-        return token_mean_loss(logits, targets)
+        # an LLM without logits_to_keep returned every position
+        return logits[predicts] if logits.ndim == 3 else logits
 
-    @torch.inference_mode()
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
-        """New token ids ``[B, N]`` (greedy or beam search on a left-padded batch)."""
-        batch = self.build_inputs(feats, padding_side="left")
+    def _generate(self, batch: SpeechBatch, config) -> torch.Tensor:
         core = self._core()
         embeds = core.embed(batch.input_ids, batch.audio_mask, batch.audio)
-        config = self.generation_config(beam, max_new_tokens)
         return self._run_generate(core.llm, config, inputs_embeds=embeds,
                                   attention_mask=batch.attention_mask)
 
@@ -548,21 +536,22 @@ def export_speechllm(adapter: str, out: str, model: str | None = None,
     if not projector:
         raise ValueError(f"{adapter} holds no projector (trained with train_projector=false?); "
                          "nothing to export")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, LORA_DIR))
-    save_file({k: v.contiguous() for k, v in projector.items()}, os.path.join(tmp, PROJECTOR_FILE))
-    lora = {k: v for k, v in weights.items() if not k.startswith(prefix)}
-    save_file(lora, os.path.join(tmp, LORA_DIR, "adapter_model.safetensors"))
-    adapter_config["modules_to_save"] = None
-    with open(os.path.join(tmp, LORA_DIR, "adapter_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(adapter_config, fh, indent=1)
-    stored = {"encoder": portable_name(spec["encoder"]), "llm": portable_name(spec["llm"]),
-              **{k: spec[k] for k in ("projector", "stack", "hidden", "norm", "prompt")}}
-    with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as fh:
-        json.dump(stored, fh, indent=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    from ..fileio import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        os.makedirs(os.path.join(tmp, LORA_DIR))
+        save_file({k: v.contiguous() for k, v in projector.items()},
+                  os.path.join(tmp, PROJECTOR_FILE))
+        lora = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+        save_file(lora, os.path.join(tmp, LORA_DIR, "adapter_model.safetensors"))
+        adapter_config["modules_to_save"] = None
+        with open(os.path.join(tmp, LORA_DIR, "adapter_config.json"), "w",
+                  encoding="utf-8") as fh:
+            json.dump(adapter_config, fh, indent=1)
+        stored = {"encoder": portable_name(spec["encoder"]), "llm": portable_name(spec["llm"]),
+                  **{k: spec[k] for k in ("projector", "stack", "hidden", "norm", "prompt")}}
+        with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as fh:
+            json.dump(stored, fh, indent=1)
     return out
 
 

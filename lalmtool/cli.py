@@ -667,6 +667,11 @@ main.add_command(_renamed(ctc_segment, "ctc-segment"))
 @click.option("--chunk", type=click.IntRange(min=0), default=0, show_default=True,
               help="Decode every utterance N stored rows at a time and join the texts (0: "
                    "whole; 1500: one 30 s window of Whisper frames, 1500/k pooled by k).")
+@click.option("--min-tokens-per-s", type=click.FloatRange(min=0), default=0.0,
+              show_default=True,
+              help="A length-aware end: no end token before R new tokens per second of each "
+                   "utterance (or chunk), for a decoder that stops early on long inputs (0: "
+                   "off).")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:N, mps.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -677,7 +682,8 @@ main.add_command(_renamed(ctc_segment, "ctc-segment"))
 @click.option("--force", is_flag=True,
               help="Decode again, even if OUT holds a decode (finished or not) of other inputs.")
 def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, beam, batch_size,
-           max_new_tokens, too_long, chunk, device, dtype, backend_opt, force) -> None:
+           max_new_tokens, too_long, chunk, min_tokens_per_s, device, dtype, backend_opt,
+           force) -> None:
     """Generate transcripts (or translations) from stored features.
 
     Backend options are those the adapter was trained with (adapter/lalmtool.json), updated by
@@ -696,7 +702,7 @@ def decode(feats, model, adapter, out, manifest_path, set_name, label, backend, 
     s = _run(run, feats, model, out, adapter=adapter, backend=backend, beam=beam,
              batch_size=batch_size, max_new_tokens=max_new_tokens, too_long=too_long,
              chunk=chunk, manifest=manifest_path, set_name=set_name, device=device, force=force,
-             label=label, backend_opts=opts or None)
+             label=label, backend_opts=opts or None, min_tokens_per_s=min_tokens_per_s)
     if s:
         _print_table([s], ["set", "condition", "lora", "utterances", "tokens_per_s",
                            "compression_ratio", "utt_per_s"])

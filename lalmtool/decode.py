@@ -46,7 +46,7 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
            max_new_tokens: int | None = None, manifest: str | None = None,
            set_name: str | None = None, device: str = "cpu", force: bool = False,
            backend_opts: dict | None = None, label: str | None = None,
-           too_long: str = "fail", chunk: int = 0) -> dict:
+           too_long: str = "fail", chunk: int = 0, min_tokens_per_s: float = 0.0) -> dict:
     """Decodes every utterance of the store ``feats``; returns decode.json's content.
 
     ``backend_opts`` (prompt, task, language, ...) update those the adapter was trained with.
@@ -61,10 +61,12 @@ def decode(feats: str, model: str, out: str, adapter: str | None = None,
     one that cannot fit is refused, naming what would (``too_long="fail"``), or decoded
     ``CHUNK_SECONDS`` at a time (``"chunk"``). ``chunk`` N > 0 decodes every utterance N stored
     rows at a time (1500: one 30 s window of Whisper frames; 1500/k pooled by k) and joins the
-    pieces' texts.
+    pieces' texts. ``min_tokens_per_s`` R > 0: a length-aware end, no end token before
+    R x (a piece's seconds) new tokens (``EndNotBefore``; for decoders that stop early on long
+    inputs); 0, the default: off.
     """
     job = plan(feats, model, out, adapter, backend, beam, batch_size, max_new_tokens, manifest,
-               set_name, device, backend_opts, label, too_long, chunk)
+               set_name, device, backend_opts, label, too_long, chunk, min_tokens_per_s)
     if force or _fingerprint_of(job.info_path, job.hyp_path) != job.fp:
         check(job)  # before OUT is touched (a finished rerun skips it: it imports the backend)
     rank, world = dist_info()
@@ -95,6 +97,7 @@ class Job:
     max_new_tokens: int | None
     too_long: str
     chunk: int
+    min_tokens_per_s: float
     device: str
     set_name: str | None
     method: str
@@ -124,7 +127,7 @@ class Job:
 def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, beam: int,
          batch_size: int, max_new_tokens: int | None, manifest: str | None,
          set_name: str | None, device: str, backend_opts: dict | None, label: str | None,
-         too_long: str, chunk: int) -> Job:
+         too_long: str, chunk: int, min_tokens_per_s: float = 0.0) -> Job:
     """The decode's settings checked, its inputs resolved and fingerprinted; nothing loaded."""
     chunk, backend_opts = take_chunk(chunk, backend_opts)
     for name, value in (("beam", beam), ("batch_size", batch_size),
@@ -134,6 +137,9 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             option = "--" + name.replace("_", "-")
             raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
+    if not (isinstance(min_tokens_per_s, (int, float)) and not isinstance(min_tokens_per_s, bool)
+            and math.isfinite(min_tokens_per_s) and min_tokens_per_s >= 0):
+        raise ValueError(f"--min-tokens-per-s must be a number >= 0, not {min_tokens_per_s!r}")
     if too_long not in ("fail", "chunk"):
         raise ValueError(f"--too-long must be fail or chunk, not {too_long!r}")
     if backend not in BACKENDS:
@@ -152,10 +158,13 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
               "backend_opts": opts}
     if too_long != "fail":
         inputs["too_long"] = too_long
+    if min_tokens_per_s:  # (recorded only when on: earlier decodes match)
+        inputs["min_tokens_per_s"] = float(min_tokens_per_s)
     if chunk:  # where earlier releases recorded it (a backend option), so their decodes match
         inputs["backend_opts"] = {**opts, "chunk": chunk}
     return Job(feats, model, model_dir, out, adapter, backend, opts, store, manifest, beam,
-               batch_size, max_new_tokens, too_long, chunk, device, set_name, method, params,
+               batch_size, max_new_tokens, too_long, chunk, float(min_tokens_per_s), device,
+               set_name, method, params,
                label or default_label, default_label, inputs, fingerprint(inputs))
 
 
@@ -216,7 +225,7 @@ def run(job: Job, force: bool, rank: int, world: int) -> None:
         raise
     pieces = {u: pieces[u] if pieces else job.pieces(be, u) for u in todo}
     _decode_into(part, be, store, pieces, _references(job.manifest), job.batch_size, job.beam,
-                 show=rank == 0)
+                 show=rank == 0, min_tokens_per_s=job.min_tokens_per_s)
 
 
 def merge(job: Job) -> dict:
@@ -230,7 +239,7 @@ def merge(job: Job) -> dict:
         "adapter_condition": _adapter_condition(job.adapter, job.default_label),
         "backend": job.backend, "backend_opts": job.opts, "beam": job.beam,
         "max_new_tokens": job.max_new_tokens or "auto", "too_long": job.too_long,
-        "chunk": job.chunk}
+        "chunk": job.chunk, "min_tokens_per_s": job.min_tokens_per_s}
     return _merge_parts(job.out, job.store, info, job.fp, job.inputs)
 
 
@@ -254,10 +263,12 @@ def _check_references(store: Store, manifest: str) -> None:
 
 
 def _decode_into(part: str, be, store: Store, plan: dict[str, list[tuple[int, int, int]]],
-                 refs: dict[str, str], batch_size: int, beam: int, show: bool) -> None:
+                 refs: dict[str, str], batch_size: int, beam: int, show: bool,
+                 min_tokens_per_s: float = 0.0) -> None:
     """Appends one hyp.jsonl record per utterance of ``plan`` (id → its pieces: rows
     [start, end) and a token cap; one piece unless chunked) to ``part``, ``batch_size``
-    pieces per generation call; a chunked utterance's texts are joined with a space."""
+    pieces per generation call; a chunked utterance's texts are joined with a space.
+    ``min_tokens_per_s``: each piece's end floor, per second of its audio (``end_floor``)."""
     import torch  # here: a finished decode's rerun imports no torch
 
     todo = list(plan)
@@ -267,13 +278,17 @@ def _decode_into(part: str, be, store: Store, plan: dict[str, list[tuple[int, in
             ids = todo[b : b + batch_size]
             feats = {u: torch.from_numpy(store[u].astype(np.float32)) for u in ids}
             pieces = [(u, s, e, cap) for u in ids for s, e, cap in plan[u]]
+            floors = [end_floor(min_tokens_per_s, _seconds(store, u) * (e - s) /
+                                max(store.dataset(u).shape[0], 1), cap)
+                      for u, s, e, cap in pieces] if min_tokens_per_s else None
             t0 = time.perf_counter()
             results = []
             for p in range(0, len(pieces), batch_size):
                 group = pieces[p : p + batch_size]
                 try:
                     results += be.transcribe([feats[u][s:e] for u, s, e, _ in group], beam,
-                                             [cap for *_, cap in group])
+                                             [cap for *_, cap in group],
+                                             floors[p : p + batch_size] if floors else None)
                 except (RuntimeError, ValueError) as e:  # name the batch (e.g. out of memory)
                     raise type(e)(f"decoding {', '.join(map(repr, ids))} (the longest "
                                   f"{max(e - s for _, s, e, _ in group)} audio positions; lower "
@@ -353,6 +368,11 @@ AUTO_TOKENS_PER_S, AUTO_BASE = 8.0, 16
 CHUNK_SECONDS = 30.0
 
 
+def end_floor(min_tokens_per_s: float, seconds: float, cap: int) -> int:
+    """New tokens before which a piece of ``seconds`` may not end (below its cap)."""
+    return min(int(min_tokens_per_s * seconds), cap - 1)
+
+
 def auto_cap(seconds: float) -> int:
     """The new-token cap of an utterance of ``seconds`` when --max-new-tokens is not given."""
     return AUTO_BASE + math.ceil(AUTO_TOKENS_PER_S * seconds)
@@ -380,10 +400,15 @@ def _pieces(be, store: Store, u: str, chunk: int, max_new_tokens: int | None, to
             model: str, params: dict) -> list[tuple[int, int, int]]:
     """How utterance ``u`` of ``store`` is decoded (``plan_pieces``)."""
     rows = int(store.dataset(u).shape[0])
-    seconds = float(store.attrs(u).get("duration", 0.0)) or rows / store.meta.frame_rate
-    return plan_pieces(be, rows, seconds, chunk, max_new_tokens, too_long,
+    return plan_pieces(be, rows, _seconds(store, u), chunk, max_new_tokens, too_long,
                        model, f"utterance {u!r} of {store.path}",
                        params.get("k", 1) if "k" in params or store.kind == "feats" else None)
+
+
+def _seconds(store: Store, u: str) -> float:
+    """Seconds of audio of utterance ``u``: its duration, else its rows at the store's rate."""
+    return float(store.attrs(u).get("duration", 0.0)) or \
+        int(store.dataset(u).shape[0]) / store.meta.frame_rate
 
 
 def plan_pieces(be, rows: int, seconds: float, chunk: int, max_new_tokens: int | None,

@@ -257,6 +257,71 @@ def test_a_failing_batch_is_named(small, tmp_path, monkeypatch):
         decode(small["feats"], small["model"], str(tmp_path / "d"), batch_size=2)
 
 
+def test_end_not_before_is_transformers_min_new_tokens_when_every_floor_is_the_same():
+    import torch
+    from transformers import MinNewTokensLengthLogitsProcessor
+
+    from lalmtool.models.base import EndNotBefore
+
+    torch.manual_seed(0)
+    ids, scores = torch.randint(0, 50, (4, 12)), torch.randn(4, 50)
+    ours = EndNotBefore([3, 3], [7, 9], beams=2)  # 2 rows x 2 beams
+    ref = MinNewTokensLengthLogitsProcessor(5, 3, [7, 9])
+    for length in range(5, 12):  # the first call sees the 5 prompt tokens
+        assert torch.equal(ours(ids[:, :length], scores), ref(ids[:, :length], scores)), length
+    masked = EndNotBefore([1, 4], [7], beams=1)(ids[:2, :5], scores[:2])
+    assert masked[:, 7].tolist() == [-float("inf")] * 2 and torch.equal(masked[:, :7],
+                                                                         scores[:2, :7])
+
+
+def test_a_length_aware_end_keeps_each_row_going_to_its_own_floor(tiny_whisper_lm):
+    """A decoder that would end at once (its end token's logit raised by 100) ends exactly at
+    each row's floor: after 3 and 6 new tokens."""
+    import torch
+
+    from lalmtool.models.base import EndNotBefore
+    from lalmtool.models.whisper import WhisperBackend
+
+    be = WhisperBackend(tiny_whisper_lm)
+    eos = be.tokenizer.eos_token_id
+    push = torch.zeros(be.model.config.vocab_size)
+    push[eos] = 100.0
+    be.model.proj_out.register_forward_hook(lambda _m, _i, out: out + push)
+    feats = [torch.randn(40, 32), torch.randn(60, 32)]
+
+    def first_end(processors):
+        rows = be.new_token_ids(feats, 1, 10, processors).tolist()
+        return [row.index(eos) for row in rows]
+
+    assert first_end(None) == [1, 1]  # Whisper suppresses the end token at the first step only
+    assert first_end([EndNotBefore([3, 6], be.stop_ids())]) == [3, 6]
+    texts = be.transcribe(feats, 1, [10, 10], [3, 6])
+    assert [len(be.tokenizer.encode(t, add_special_tokens=False)) for t, _ in texts] == [3, 6]
+
+
+def test_decode_gives_each_piece_its_floor_from_its_seconds(small, tmp_path, monkeypatch):
+    from lalmtool.models.whisper import WhisperBackend
+
+    seen, real = [], WhisperBackend.transcribe
+
+    def spy(self, feats, beam, caps, floors=None):
+        seen.extend(zip(caps, floors))
+        return real(self, feats, beam, caps, floors)
+
+    monkeypatch.setattr(WhisperBackend, "transcribe", spy)
+    with pytest.raises(ValueError, match=r"--min-tokens-per-s must be a number >= 0, not -1"):
+        decode(small["feats"], small["model"], str(tmp_path / "d"), min_tokens_per_s=-1)
+    info = decode(small["feats"], small["model"], str(tmp_path / "d"), min_tokens_per_s=2.5)
+    store = Store(small["feats"])
+    seconds = sorted(float(store.attrs(u)["duration"]) for u in store.ids)
+    caps = [16 + int(-(-8 * s // 1)) for s in seconds]  # auto_cap
+    assert sorted(seen) == sorted(zip(caps, [min(int(2.5 * s), c - 1)
+                                             for s, c in zip(seconds, caps)]))
+    assert info["min_tokens_per_s"] == 2.5
+    before = json.load(open(tmp_path / "d" / "decode.fingerprint"))
+    assert before["inputs"]["min_tokens_per_s"] == 2.5  # another decode: not reused
+
+
 def test_cuda_means_the_local_rank_under_torchrun(small, tmp_path, monkeypatch):
     import lalmtool.models as stage
 

@@ -105,6 +105,27 @@ def test_batched_generation_equals_unbatched(backend, beam):
     assert len(backend.generate(feats[:2], max_new_tokens=4)) == 2
 
 
+def test_a_length_aware_end_reaches_a_decoder_only_generate(backend):
+    """The floors go through the LLM's own ``generate``: a model pushed to end at once ends
+    after exactly 2 and 4 new tokens."""
+    from lalmtool.models.base import EndNotBefore
+
+    head = backend._core().llm.get_output_embeddings()
+    push = torch.zeros(head.out_features)
+    push[backend.end_token_id] = 100.0
+    hook = head.register_forward_hook(lambda _m, _i, out: out + push)
+    try:
+        feats = feats_for([5, 9], seed=3)
+        ends = [row.index(backend.end_token_id) for row in backend.generate_ids(
+            feats, max_new_tokens=8, processors=[EndNotBefore([2, 4], backend.stop_ids())]
+        ).tolist()]
+        assert ends == [2, 4]
+        assert [row.index(backend.end_token_id) for row in
+                backend.generate_ids(feats, max_new_tokens=8).tolist()] == [0, 0]
+    finally:
+        hook.remove()
+
+
 def test_extract_reuses_the_whisper_encoder_without_loading_the_llm(tiny_llm, tiny_whisper,
                                                                     audio_set, tmp_path):
     from lalmtool.extract import extract

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from ..fileio import model_identity
 
@@ -93,12 +93,15 @@ class Backend(ABC):
         """Transcripts (or translations) for a batch of feature sequences."""
         return [text for text, _ in self.transcribe(feats, beam, [max_new_tokens] * len(feats))]
 
-    def transcribe(self, feats: list[torch.Tensor], beam: int,
-                   caps: list[int]) -> list[tuple[str, bool]]:
+    def transcribe(self, feats: list[torch.Tensor], beam: int, caps: list[int],
+                   floors: list[int] | None = None) -> list[tuple[str, bool]]:
         """(text, cut) per sequence: generation ends at an end token or after ``caps[i]`` new
         tokens; ``cut`` says it ended at the cap (the text may be incomplete, or a runaway).
-        Greedy texts are those of decoding each sequence alone with its own cap."""
-        ids = self.new_token_ids(feats, beam, max(caps)).tolist()
+        ``floors[i]``: no end token before that many new tokens (``EndNotBefore``). Greedy
+        texts are those of decoding each sequence alone with its own cap."""
+        processors = [EndNotBefore(floors, self.stop_ids(), beam)] if floors and any(floors) \
+            else None
+        ids = self.new_token_ids(feats, beam, max(caps), processors).tolist()
         stops = set(self.stop_ids())
         out = []
         for row, cap in zip(ids, caps):
@@ -109,13 +112,34 @@ class Backend(ABC):
         return out
 
     @abstractmethod
-    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
-                      max_new_tokens: int) -> torch.Tensor:
-        """Generated token ids ``[B, N]`` (the prompt left out; rows that ended early padded)."""
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int, max_new_tokens: int,
+                      processors: list | None = None) -> torch.Tensor:
+        """Generated token ids ``[B, N]`` (the prompt left out; rows that ended early padded);
+        ``processors``: logits processors ``generate`` applies as well."""
 
     @abstractmethod
     def stop_ids(self) -> list[int]:
         """The tokens that end generation."""
+
+
+class EndNotBefore(LogitsProcessor):
+    """Keeps row ``i`` of a batch from ending (its stop tokens' scores at -inf) until it holds
+    ``floors[i]`` new tokens: a decoder that stops early on a long input is made to go on (a
+    length-aware end; ``decode --min-tokens-per-s``)."""
+
+    def __init__(self, floors: list[int], stop_ids: list[int], beams: int = 1):
+        self.floors = torch.tensor(floors).repeat_interleave(beams)
+        self.stop_ids = torch.tensor(stop_ids)
+        self.start: int | None = None  # the length of the first call's ids: the prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        early = (self.floors.to(scores.device) > input_ids.shape[1] - self.start).nonzero()
+        if len(early):
+            scores = scores.clone()
+            scores[early, self.stop_ids.to(scores.device)] = -float("inf")
+        return scores
 
 
 @dataclass
@@ -167,9 +191,9 @@ class DecoderOnlyBackend(Backend):
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(config, "max_position_embeddings", None)
 
-    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
-                      max_new_tokens: int) -> torch.Tensor:
-        return self.generate_ids(feats, beam, max_new_tokens)
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int, max_new_tokens: int,
+                      processors: list | None = None) -> torch.Tensor:
+        return self.generate_ids(feats, beam, max_new_tokens, processors)
 
     def stop_ids(self) -> list[int]:
         """Tokens that end generation: the target's end token and the LM's eos tokens."""
@@ -228,18 +252,20 @@ class DecoderOnlyBackend(Backend):
         return token_mean_loss(self._target_logits(batch, predicts), targets)
 
     @torch.inference_mode()
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
+    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1, max_new_tokens: int = 200,
+                     processors: list | None = None) -> torch.Tensor:
         """New token ids ``[B, N]`` (greedy or beam search on a left-padded batch)."""
         batch = self.build_inputs(feats, padding_side="left")
-        return self._generate(batch, self.generation_config(beam, max_new_tokens))
+        return self._generate(batch, self.generation_config(beam, max_new_tokens),
+                              logits_processor=LogitsProcessorList(processors or []))
 
     def _target_logits(self, batch, predicts: torch.Tensor) -> torch.Tensor:
         """The logits ``[T, vocab]`` at the positions ``predicts`` of a right-padded batch."""
         raise NotImplementedError
 
-    def _generate(self, batch, config: GenerationConfig) -> torch.Tensor:
-        """``generate``'s new token ids for a left-padded batch (through ``_run_generate``)."""
+    def _generate(self, batch, config: GenerationConfig, **kwargs) -> torch.Tensor:
+        """``generate``'s new token ids for a left-padded batch (through ``_run_generate``,
+        with ``kwargs``)."""
         raise NotImplementedError
 
     #: ``compile`` option: decode steps with a static KV cache and a compiled forward
@@ -314,11 +340,11 @@ class SplicedBackend(DecoderOnlyBackend):
         with logits_only(self._core().get_output_embeddings(), lambda h: h[predicts]):
             return self.model(**batch.model_inputs(), use_cache=False).logits
 
-    def _generate(self, batch: SplicedBatch, config: GenerationConfig) -> torch.Tensor:
+    def _generate(self, batch: SplicedBatch, config: GenerationConfig, **kwargs) -> torch.Tensor:
         core = self._core()
         with logits_only(core.get_output_embeddings(), lambda h: h[:, -1:]):
             return self._run_generate(core, config, inputs_embeds=batch.inputs_embeds,
-                                      attention_mask=batch.attention_mask)
+                                      attention_mask=batch.attention_mask, **kwargs)
 
 
 def _reason(e: BaseException) -> str:

@@ -61,14 +61,18 @@ class Ct2WhisperBackend(WhisperBackend):
     def loss(self, feats, texts):
         raise NotImplementedError("a CTranslate2 export decodes only: train with the adapter")
 
-    def new_token_ids(self, feats, beam, max_new_tokens):
+    def new_token_ids(self, feats, beam, max_new_tokens, processors=None):
         raise NotImplementedError("CTranslate2 generates through transcribe()")
 
-    def transcribe(self, feats: list[torch.Tensor], beam: int,
-                   caps: list[int]) -> list[tuple[str, bool]]:
+    def transcribe(self, feats: list[torch.Tensor], beam: int, caps: list[int],
+                   floors: list[int] | None = None) -> list[tuple[str, bool]]:
         """(text, cut) per memory, as ``Backend.transcribe``: memories of one length are
-        generated together; each is cut at its own cap."""
+        generated together; each is cut at its own cap (``floors``: not supported)."""
         import ctranslate2
+
+        if floors and any(floors):
+            raise ValueError("a CTranslate2 export has no length-aware end (--min-tokens-per-s); "
+                             "decode with the transformers export or the adapter")
 
         self.check_new_tokens(max(caps))
         prompt = list(self.tokenizer.prefix_tokens)

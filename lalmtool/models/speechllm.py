@@ -496,11 +496,11 @@ class SpeechLLMBackend(DecoderOnlyBackend):
         # an LLM without logits_to_keep returned every position
         return logits[predicts] if logits.ndim == 3 else logits
 
-    def _generate(self, batch: SpeechBatch, config) -> torch.Tensor:
+    def _generate(self, batch: SpeechBatch, config, **kwargs) -> torch.Tensor:
         core = self._core()
         embeds = core.embed(batch.input_ids, batch.audio_mask, batch.audio)
         return self._run_generate(core.llm, config, inputs_embeds=embeds,
-                                  attention_mask=batch.attention_mask)
+                                  attention_mask=batch.attention_mask, **kwargs)
 
 
 # -- one directory for the trained model ---------------------------------------------------

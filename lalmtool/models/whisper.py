@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import (GenerationMixin, WhisperFeatureExtractor,
+from transformers import (GenerationMixin, LogitsProcessorList, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration, WhisperTokenizer)
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import sinusoids
@@ -176,12 +176,13 @@ class WhisperBackend(Backend):
     def stop_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id]
 
-    def new_token_ids(self, feats: list[torch.Tensor], beam: int,
-                      max_new_tokens: int) -> torch.Tensor:
-        return self.generate_ids(feats, beam, max_new_tokens)[:, len(self.tokenizer.prefix_tokens):]
+    def new_token_ids(self, feats: list[torch.Tensor], beam: int, max_new_tokens: int,
+                      processors: list | None = None) -> torch.Tensor:
+        ids = self.generate_ids(feats, beam, max_new_tokens, processors)
+        return ids[:, len(self.tokenizer.prefix_tokens):]
 
-    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1,
-                     max_new_tokens: int = 200) -> torch.Tensor:
+    def generate_ids(self, feats: list[torch.Tensor], beam: int = 1, max_new_tokens: int = 200,
+                     processors: list | None = None) -> torch.Tensor:
         """Token ids (prompt included) for any number of encoder positions; see the module doc."""
         self.check_new_tokens(max_new_tokens)
         model = unwrap(self.model)
@@ -193,7 +194,8 @@ class WhisperBackend(Backend):
                       return_timestamps=False)
         with torch.inference_mode(), cross_attention_mask(model, mask):
             return GenerationMixin.generate(model, encoder_outputs=memory,
-                                            decoder_input_ids=prompt, generation_config=config)
+                                            decoder_input_ids=prompt, generation_config=config,
+                                            logits_processor=LogitsProcessorList(processors or []))
 
 
 @contextlib.contextmanager

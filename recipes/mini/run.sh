@@ -138,9 +138,9 @@ if run_stage 5 "decode"; then
     "$python" -m lalmtool decode --feats "$exp/feats/native/$set" --model "$model" --set "$set" \
       --manifest "$data/$set/manifest.jsonl" --out "$exp/decode/native/$set"
     for cond in $conditions; do  # as it is, and with the condition's own adapter
-      decode_condition "$cond" "$set" "$cond" --model "$model" --max-new-tokens 120 \
+      decode_condition "$cond" "$set" "$cond" --model "$model" \
         --condition "$cond"
-      decode_condition "$cond" "$set" "$cond-lora" --model "$model" --max-new-tokens 120 \
+      decode_condition "$cond" "$set" "$cond-lora" --model "$model" \
         --adapter "$exp/lora/$cond/adapter" --condition "$cond"
     done
   done
@@ -177,7 +177,7 @@ if run_stage 7 "equal-rate study at $rates tokens/s"; then
         log "no adapter $exp/lora/$cond (stage 4 with --conditions $cond makes it): not decoded"
         continue
       fi
-      decode_condition "$cond" "$set" "$cond-lora" --model "$model" --max-new-tokens 120 \
+      decode_condition "$cond" "$set" "$cond-lora" --model "$model" \
         --adapter "$exp/lora/$cond/adapter" --condition "$cond"
     done
   done

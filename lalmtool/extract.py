@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 
@@ -75,6 +76,7 @@ def extract(manifest: str, model: str, out: str, backend: str = "whisper", nj: i
         groups = field_values(manifest, pack_group, list(by_id), "--pack-group") \
             if pack_group else None
         packing = Packing(float(pack), groups)
+        _say_spans_out_of_order(utts, manifest)
         fixed["pack"] = {"seconds": float(pack), "group": pack_group, "gap": 0.0,
                          "groups": groups}
     # What determines the store, known without loading the model: a finished store with the
@@ -230,17 +232,47 @@ class Packing:
     seconds: float
     groups: dict | None = None
 
-    def windows(self, ids: list[str], seconds: dict[str, float]) -> list[list[str]]:
-        """``ids`` (in the manifest's order) cut into runs that each fill one window."""
+    def windows(self, ids: list[str], seconds: dict[str, float],
+                encoder_window: float | None = None) -> list[list[str]]:
+        """``ids`` (in the manifest's order) cut into runs that each fill one window. With
+        ``encoder_window`` (seconds the encoder takes at once, when ``seconds`` exceeds it) no
+        utterance joins a run where one of the encoder's window boundaries would fall inside
+        it (its frames could not be cut exactly): it starts the next run."""
         runs, run, total = [], [], 0.0
         for u in ids:
             same = not run or self.groups is None or self.groups[u] == self.groups[run[-1]]
-            if run and (total + seconds[u] > self.seconds or not same):
+            if run and (total + seconds[u] > self.seconds or not same
+                        or _straddles(total, seconds[u], encoder_window)):
                 runs.append(run)
                 run, total = [], 0.0
             run.append(u)
             total += seconds[u]
         return runs + ([run] if run else [])
+
+
+def _say_spans_out_of_order(utts: list[Utterance], manifest: str) -> None:
+    """Warns once when spans of one recording (``offset``) are not in time order in the
+    manifest: packing joins them in the manifest's order, which is then not the audio's."""
+    last: dict[str, float] = {}
+    late = []
+    for u in utts:
+        if u.offset is not None:
+            if u.offset < last.get(u.audio, -1.0):
+                late.append(u.id)
+            last[u.audio] = max(u.offset, last.get(u.audio, -1.0))
+    if late:
+        log.warning("extract --pack: %d utterance(s) of %s come after a later part of their own "
+                    "recording (offsets out of time order, e.g. %s): packed in the manifest's "
+                    "order; sort the manifest by recording and offset to pack them as the audio "
+                    "runs", len(late), manifest, ", ".join(late[:3]))
+
+
+def _straddles(start: float, length: float, window: float | None) -> bool:
+    """Whether a multiple of ``window`` falls strictly inside [start, start + length)."""
+    if not window:
+        return False
+    boundary = (math.floor(start / window + 1e-9) + 1) * window
+    return start + length > boundary + 1e-9
 
 
 def cut_rows(frames, lengths: list[int], sample_rate: int, rate: float) -> list:
@@ -276,7 +308,7 @@ def _encode_shard(enc, by_id: dict[str, Utterance], batch_size: int, on_error: s
         runs = [[u] for u in waves]
     else:
         runs = packing.windows([u for u in ids if u in waves],
-                               {u: len(w) / sr for u, w in waves.items()})
+                               {u: len(w) / sr for u, w in waves.items()}, enc.window_seconds)
     joined = {tuple(run): np.concatenate([waves[u] for u in run]) for run in runs}
     order = sorted(joined, key=lambda r: len(joined[r]))  # similar lengths batch together
     frames = 0

@@ -105,3 +105,48 @@ def test_pack_options_are_checked_and_group_fields_must_exist(tiny_whisper, clip
     with pytest.raises(ValueError, match="--pack-group 'chapter': 8 utterance"):
         extract(m, tiny_whisper, str(tmp_path / "a"), pack=10.0, pack_group="chapter")
     assert not os.path.exists(tmp_path / "a")
+
+
+def test_no_utterance_straddles_an_encoder_window_boundary():
+    """--pack longer than the encoder's 30 s window: an utterance that a window boundary would
+    cut (its frames could not be cut out exactly) starts the next run instead."""
+    seconds = {f"s{i}": 7.0 for i in range(9)}
+    ids = list(seconds)
+    assert Packing(60.0).windows(ids, seconds) == [ids[:8], ids[8:]]  # s4 over 28-35 s
+    assert Packing(60.0).windows(ids, seconds, 30.0) == [ids[:4], ids[4:8], ids[8:]]
+    exact = {"a": 10.0, "b": 20.0, "c": 5.0, "d": 40.0, "e": 5.0}  # b ends on the boundary
+    assert Packing(60.0).windows(list("abc"), exact, 30.0) == [["a", "b", "c"]]
+    # one longer than the window starts at 0 (its own windows); the next may follow it
+    assert Packing(60.0).windows(list("de"), exact, 30.0) == [["d", "e"]]
+    assert Packing(10.0).windows(ids[:3], seconds, 30.0) == [[u] for u in ids[:3]]
+
+
+def test_mixed_sample_rates_are_resampled_before_they_share_a_window(tiny_whisper, tmp_path):
+    rows = []
+    for i, sr in enumerate([16000, 8000, 22050]):
+        wave = tone(2.0, freq=200 + 50 * i, seed=i, sr=sr)
+        sf.write(tmp_path / f"r{i}.wav", wave, sr)
+        rows.append({"id": f"r{i}", "audio": f"r{i}.wav", "text": "x"})
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    packed = extract(m, tiny_whisper, str(tmp_path / "packed"), pack=10.0)
+    store = Store(str(tmp_path / "packed"))
+    assert packed["windows"] == 1
+    assert [round(store.attrs(u)["duration"], 3) for u in store.ids] == [2.0, 2.0, 2.0]
+    assert [len(store[u]) for u in store.ids] == [100, 100, 100]
+    assert store.attrs("r2")["pack_start"] == pytest.approx(4.0)
+
+
+def test_spans_out_of_time_order_are_packed_in_manifest_order_said_once(tiny_whisper, tmp_path,
+                                                                        caplog):
+    wave = tone(6.0, freq=180, seed=1)
+    sf.write(tmp_path / "rec.wav", wave, 16000)
+    rows = [{"id": f"c{i}", "audio": "rec.wav", "offset": off, "duration": 1.5, "text": "x"}
+            for i, off in enumerate([0.0, 3.0, 1.5, 4.5])]
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    with caplog.at_level("WARNING", logger="lalmtool"):
+        extract(m, tiny_whisper, str(tmp_path / "packed"), pack=10.0)
+    said = [r.getMessage() for r in caplog.records if "out of time order" in r.getMessage()]
+    assert len(said) == 1 and "1 utterance(s)" in said[0] and "e.g. c2" in said[0]
+    store = Store(str(tmp_path / "packed"))
+    assert [store.attrs(u)["pack_start"] for u in ("c0", "c1", "c2", "c3")] == \
+        pytest.approx([0.0, 1.5, 3.0, 4.5])  # joined in the manifest's order

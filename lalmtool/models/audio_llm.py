@@ -355,6 +355,10 @@ class AudioLLMBackend(SplicedBackend):
 
     # -- encoder side ----------------------------------------------------------------------
     @torch.inference_mode()
+    @property
+    def window_seconds(self) -> float | None:
+        return self.family.window
+
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
         window = self.family.window
         window = int(window * self.sample_rate) if window else max(len(w) for w in waves) + 1

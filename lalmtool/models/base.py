@@ -24,6 +24,9 @@ log = logging.getLogger("lalmtool")
 class Backend(ABC):
     name: str = ""
     sample_rate: int = 16000
+    #: seconds of audio the encoder takes at once (longer audio: window by window); None:
+    #: any length in one pass
+    window_seconds: float | None = None
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.model_path, self.device, self.dtype = model_path, torch.device(device), dtype

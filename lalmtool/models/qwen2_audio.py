@@ -154,6 +154,7 @@ class Qwen2AudioOptions(Options):
 class Qwen2AudioBackend(SplicedBackend):
     Options = Qwen2AudioOptions
     name = "qwen2-audio"
+    window_seconds = float(WINDOW_SECONDS)
     #: q/k/v/o and gate/up/down of every decoder layer; the audio tower's layers never match.
     default_lora_targets = (r".*language_model\.layers\.\d+\."
                             r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)"

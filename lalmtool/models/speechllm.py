@@ -425,6 +425,10 @@ class SpeechLLMBackend(DecoderOnlyBackend):
                 "tap": "encoder.last_hidden_state", "trim": self.trim}
 
     # -- encoder -------------------------------------------------------------------------
+    @property
+    def window_seconds(self) -> float | None:
+        return self.encoder.window_seconds
+
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
         return self.encoder.encode(waves, batch_size=batch_size)
 

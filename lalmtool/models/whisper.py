@@ -72,6 +72,7 @@ class WhisperOptions(Options):
 class WhisperBackend(Backend):
     name = "whisper"
     Options = WhisperOptions
+    window_seconds = float(WINDOW_SECONDS)
     default_lora_targets = (r".*decoder\.layers\.\d+\."
                             r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)")
 

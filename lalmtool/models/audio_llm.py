@@ -354,11 +354,11 @@ class AudioLLMBackend(SplicedBackend):
         return ids[0] if ids and ids[0] in special else None
 
     # -- encoder side ----------------------------------------------------------------------
-    @torch.inference_mode()
     @property
     def window_seconds(self) -> float | None:
         return self.family.window
 
+    @torch.inference_mode()
     def encode(self, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
         window = self.family.window
         window = int(window * self.sample_rate) if window else max(len(w) for w in waves) + 1

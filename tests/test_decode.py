@@ -248,7 +248,7 @@ def test_lora_stays_unmerged_in_bfloat16_and_decodes_as_the_unmerged_model(small
 def test_a_failing_batch_is_named(small, tmp_path, monkeypatch):
     from lalmtool.models.whisper import WhisperBackend
 
-    def fail(self, feats, beam, caps):
+    def fail(self, feats, beam, caps, floors=None):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(WhisperBackend, "transcribe", fail)

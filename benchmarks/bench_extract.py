@@ -92,7 +92,10 @@ def compare_packed(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         first = os.path.join(tmp, "first.jsonl")  # warm-up: imports and first forward untimed
         with open(args.manifest, encoding="utf-8") as src, open(first, "w") as fh:
-            fh.write(next(line for line in src if line.strip()))
+            row = json.loads(next(line for line in src if line.strip()))
+            row["audio"] = os.path.join(os.path.dirname(os.path.abspath(args.manifest)),
+                                        row["audio"])  # (relative to its manifest)
+            fh.write(json.dumps(row) + "\n")
         extract(first, args.model, os.path.join(tmp, "warm-up"), batch_size=args.batch_size)
         for name, pack in (("one window per utterance", None), (f"--pack {args.pack:g}",
                                                                args.pack)):

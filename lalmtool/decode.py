@@ -164,8 +164,8 @@ def plan(feats: str, model: str, out: str, adapter: str | None, backend: str, be
         inputs["backend_opts"] = {**opts, "chunk": chunk}
     return Job(feats, model, model_dir, out, adapter, backend, opts, store, manifest, beam,
                batch_size, max_new_tokens, too_long, chunk, float(min_tokens_per_s), device,
-               set_name, method, params,
-               label or default_label, default_label, inputs, fingerprint(inputs))
+               set_name, method, params, label or default_label, default_label, inputs,
+               fingerprint(inputs))
 
 
 def check(job: Job) -> None:

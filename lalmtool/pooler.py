@@ -85,14 +85,12 @@ class LearntPooler(torch.nn.Module):
 
 
 def save(pooler: LearntPooler, directory: str) -> None:
-    """Writes the pooler's weights into ``directory`` (an adapter's; its shape goes into the
-    adapter's record, ``pooler.config``)."""
+    """Writes the pooler's weights into ``directory``: an adapter directory being written whole
+    (``fileio.atomic_dir``); its shape goes into the adapter's record, ``pooler.config``."""
     from safetensors.torch import save_file
 
-    tmp = os.path.join(directory, WEIGHTS_FILE + ".tmp")
     save_file({k: v.detach().float().cpu().contiguous() for k, v in
-               pooler.state_dict().items()}, tmp)
-    os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
+               pooler.state_dict().items()}, os.path.join(directory, WEIGHTS_FILE))
 
 
 def shape(directory: str | None) -> dict | None:

@@ -6,7 +6,6 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-
 if TYPE_CHECKING:  # the registry itself imports no torch: the CLI reads it for --backend choices
     from .base import Backend
 
